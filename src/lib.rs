@@ -1,7 +1,18 @@
 //! fhir-sync keeps a PostgreSQL analytics warehouse in sync with EHR FHIR servers.
 //!
 //! The library holds all the behaviour; the `fhir-sync` binary only parses its command line and
-//! dispatches here. See `ARCHITECTURE.md` for the map of modules and the invariants they keep.
+//! dispatches to [`app`]. See `ARCHITECTURE.md` for the map of modules and the invariants they
+//! keep.
 
+pub mod app;
+pub mod bulk;
+pub mod config;
+pub mod demo;
 pub mod fake;
+pub mod fhir;
 pub mod localpg;
+pub mod ops;
+pub mod smart;
+pub mod sync;
+pub mod transport;
+pub mod warehouse;

@@ -1,1 +1,149 @@
-fn main() {}
+//! The `fhir-sync` command line: parses arguments and dispatches to the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use fhir_sync::config::Settings;
+use fhir_sync::smart::SigningAlgorithm;
+use fhir_sync::{app, demo, ops};
+
+#[derive(Parser)]
+#[command(name = "fhir-sync", version, about = "Keep a PostgreSQL warehouse in sync with EHR FHIR servers (Bulk Data $export)")]
+struct Cli {
+    /// Directory with default.toml and {FHIR_SYNC_ENV}.toml.
+    #[arg(long, global = true, default_value = "config", env = "FHIR_SYNC_CONFIG_DIR")]
+    config_dir: PathBuf,
+    /// Directory of job files (overrides sync.jobs_dir).
+    #[arg(long, global = true)]
+    jobs_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a real sync against the embedded fake FHIR server into a local PostgreSQL.
+    Demo {
+        /// Synthetic patients (each brings 17 more resources).
+        #[arg(long, default_value_t = 200)]
+        patients: usize,
+        /// Seed of the synthetic data set.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Where to keep a PostgreSQL cluster if the demo has to start one.
+        #[arg(long, default_value = ".demo")]
+        state_dir: PathBuf,
+    },
+    /// Run one sync of a job now, in the foreground.
+    Run {
+        /// Job name: the file stem of jobs/<name>.toml.
+        job: String,
+    },
+    /// Create or update the database schema.
+    Migrate,
+    /// Manage client keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Validate configuration.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Show recent runs.
+    Status {
+        /// Only this job's runs.
+        #[arg(long)]
+        job: Option<String>,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new private key and print the public JWKS to register with the EHR.
+    Generate {
+        /// RS384 or ES384.
+        #[arg(long, default_value = "RS384", value_parser = parse_algorithm)]
+        alg: SigningAlgorithm,
+        /// Where to write the private key (PEM, mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Key id to publish (default: the key's RFC 7638 thumbprint).
+        #[arg(long)]
+        kid: Option<String>,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check config/ and every job file; report every problem with its file and field.
+    Check,
+}
+
+fn parse_algorithm(s: &str) -> Result<SigningAlgorithm, String> {
+    s.parse()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Config { command: ConfigCommand::Check } => {
+            return match app::config_check(&cli.config_dir, cli.jobs_dir.as_deref()) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => report(e),
+            };
+        }
+        Command::Keys { command: KeysCommand::Generate { alg, out, kid, force } } => {
+            return match app::keys_generate(*alg, out, kid.clone(), *force) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            };
+        }
+        _ => {}
+    }
+    let settings = match Settings::load(&cli.config_dir) {
+        Ok(settings) => settings,
+        Err(e) => return report(e.into()),
+    };
+    ops::init_logging(&settings.logging);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return report(e.into()),
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Demo { patients, seed, state_dir } => {
+                demo::run(&settings, &demo::DemoOptions { patients, seed, state_dir }).await
+            }
+            Command::Run { job } => app::run(&settings, cli.jobs_dir.as_deref(), &job).await,
+            Command::Migrate => app::migrate(&settings).await,
+            Command::Status { job, limit, json } => app::status(&settings, job.as_deref(), limit, json).await,
+            Command::Keys { .. } | Command::Config { .. } => unreachable!("handled before the runtime starts"),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(e),
+    }
+}
+
+/// Prints the error and its causes, one per line, and returns the failure exit code.
+fn report(error: anyhow::Error) -> ExitCode {
+    eprintln!("error: {error}");
+    for cause in error.chain().skip(1) {
+        eprintln!("  caused by: {cause}");
+    }
+    ExitCode::FAILURE
+}

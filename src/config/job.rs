@@ -1,0 +1,396 @@
+//! Sync job files: `jobs/<name>.toml`, one per sync job. The job's name is the file stem.
+//!
+//! A job file says which FHIR server to pull from, how to authenticate, what to export and when.
+//! It never holds a secret: the private key comes from a file path or an environment variable
+//! that the job names.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+use url::Url;
+
+use super::{ConfigError, Problem};
+use crate::fhir;
+use crate::smart::SigningAlgorithm;
+
+/// A validated sync job.
+#[derive(Debug, Clone)]
+pub struct JobConfig {
+    /// The job's name: its file stem. Also the `source` that its rows are keyed by.
+    pub name: String,
+    /// The file it was read from (for messages), or a placeholder for built-in jobs.
+    pub file: PathBuf,
+    pub description: Option<String>,
+    pub enabled: bool,
+    pub fhir: FhirConfig,
+    pub auth: AuthConfig,
+    pub export: ExportConfig,
+    pub schedule: Option<ScheduleConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JobFile {
+    description: Option<String>,
+    #[serde(default = "default_true")]
+    enabled: bool,
+    fhir: FhirConfig,
+    auth: AuthFile,
+    export: ExportConfig,
+    schedule: Option<ScheduleConfig>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirConfig {
+    /// The FHIR server's base URL (`https://ehr.example.org/api/FHIR/R4`). Required.
+    pub base_url: Url,
+    /// Allow plain `http://` to a host other than loopback. Default false; only for test rigs.
+    #[serde(default)]
+    pub allow_insecure_http: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    client_id: String,
+    private_key_file: Option<PathBuf>,
+    private_key_env: Option<String>,
+    #[serde(default = "default_algorithm")]
+    algorithm: String,
+    key_id: Option<String>,
+    #[serde(default)]
+    scopes: Vec<String>,
+}
+
+fn default_algorithm() -> String {
+    "RS384".into()
+}
+
+/// Where the private key comes from.
+#[derive(Clone)]
+pub enum KeySource {
+    /// A PEM file (path resolved against the job file's directory).
+    File(PathBuf),
+    /// An environment variable holding the PEM text.
+    Env(String),
+    /// PEM text held in memory (the built-in `demo` job); never read from a job file.
+    Inline(secrecy::SecretString),
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::File(path) => f.debug_tuple("File").field(path).finish(),
+            KeySource::Env(name) => f.debug_tuple("Env").field(name).finish(),
+            KeySource::Inline(_) => f.write_str("Inline([REDACTED])"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthConfig {
+    /// The client id the EHR assigned at registration.
+    pub client_id: String,
+    pub key: KeySource,
+    /// RS384 (default) or ES384.
+    pub algorithm: SigningAlgorithm,
+    /// The `kid` registered with the EHR. Default: the key's RFC 7638 thumbprint, which is what
+    /// `fhir-sync keys generate` prints in the JWKS.
+    pub key_id: Option<String>,
+    /// Scopes to request. Default: `system/<Type>.read` for each exported type.
+    pub scopes: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportLevel {
+    /// `[base]/$export`: everything the client may see (default).
+    #[default]
+    System,
+    /// `[base]/Patient/$export`: all patients' compartments.
+    Patient,
+    /// `[base]/Group/{group_id}/$export`: one group's patients.
+    Group,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// `system` (default), `patient` or `group`.
+    #[serde(default)]
+    pub level: ExportLevel,
+    /// Group id, required for (and only for) `level = "group"`.
+    pub group_id: Option<String>,
+    /// Resource types to export, sent as one comma-joined `_type`. Required, non-empty.
+    pub types: Vec<String>,
+    /// Shortest wait between status polls, whatever `Retry-After` says. Default 1.
+    #[serde(default = "default_poll_min")]
+    pub poll_min_interval_seconds: f64,
+    /// Longest wait between status polls, whatever `Retry-After` says. Default 300.
+    #[serde(default = "default_poll_max")]
+    pub poll_max_interval_seconds: f64,
+    /// Wait between polls when the server sends no `Retry-After`. Default 10.
+    #[serde(default = "default_poll_default")]
+    pub poll_default_interval_seconds: f64,
+    /// Give up on an export that is not ready after this long. Default 86400 (one day).
+    #[serde(default = "default_export_timeout")]
+    pub timeout_seconds: u64,
+}
+
+fn default_poll_min() -> f64 {
+    1.0
+}
+fn default_poll_max() -> f64 {
+    300.0
+}
+fn default_poll_default() -> f64 {
+    10.0
+}
+fn default_export_timeout() -> u64 {
+    86_400
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleConfig {
+    /// Cron expression, 5 fields or 6 with seconds first (`0 0 2 * * *` = 02:00 every day).
+    pub cron: String,
+    /// IANA time zone the cron expression is read in. Default `UTC`.
+    #[serde(default = "default_timezone")]
+    pub timezone: String,
+}
+
+fn default_timezone() -> String {
+    "UTC".into()
+}
+
+impl JobConfig {
+    /// Scopes to request: the configured ones, or `system/<Type>.read` per exported type.
+    pub fn requested_scopes(&self) -> Vec<String> {
+        if self.auth.scopes.is_empty() {
+            self.export.types.iter().map(|t| format!("system/{t}.read")).collect()
+        } else {
+            self.auth.scopes.clone()
+        }
+    }
+}
+
+/// Reads and validates every `*.toml` in `dir`, returning all problems of all files together.
+pub fn load_jobs(dir: &Path) -> Result<Vec<JobConfig>, ConfigError> {
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| ConfigError::single(dir, "", format!("cannot read the jobs directory: {e}")))?;
+    let mut paths: Vec<PathBuf> = entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
+    paths.sort();
+    let mut jobs = Vec::new();
+    let mut problems = Vec::new();
+    for path in paths {
+        match load_job(&path) {
+            Ok(job) => jobs.push(job),
+            Err(e) => problems.extend(e.problems),
+        }
+    }
+    if problems.is_empty() { Ok(jobs) } else { Err(ConfigError { problems }) }
+}
+
+/// Reads and validates one job file.
+pub fn load_job(path: &Path) -> Result<JobConfig, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::single(path, "", format!("cannot read: {e}")))?;
+    let deserializer = toml::Deserializer::parse(&text)
+        .map_err(|e| ConfigError::single(path, "", format!("invalid TOML: {}", e.message())))?;
+    let file: JobFile = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+        let field = e.path().to_string();
+        let field = if field == "." { String::new() } else { field };
+        ConfigError::single(path, field, e.inner().message().to_string())
+    })?;
+    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let base_dir = path.parent().unwrap_or(Path::new("."));
+    validate(path, base_dir, name, file)
+}
+
+fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result<JobConfig, ConfigError> {
+    let mut problems = Vec::new();
+    let mut problem = |field: String, message: String| {
+        problems.push(Problem { file: path.to_path_buf(), field, message });
+    };
+
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        problem(String::new(), "the file name must be letters, digits, '-' or '_' (it names the job)".into());
+    }
+
+    if let Err(message) = crate::transport::check_url(&file.fhir.base_url, file.fhir.allow_insecure_http) {
+        problem("fhir.base_url".into(), message);
+    }
+
+    let algorithm = match SigningAlgorithm::from_str(&file.auth.algorithm) {
+        Ok(alg) => Some(alg),
+        Err(message) => {
+            problem("auth.algorithm".into(), message);
+            None
+        }
+    };
+    if file.auth.client_id.trim().is_empty() {
+        problem("auth.client_id".into(), "must not be empty".into());
+    }
+    let key = match (&file.auth.private_key_file, &file.auth.private_key_env) {
+        (Some(_), Some(_)) => {
+            problem("auth".into(), "set one of private_key_file and private_key_env, not both".into());
+            None
+        }
+        (None, None) => {
+            problem("auth.private_key_file".into(), "required (or set auth.private_key_env)".into());
+            None
+        }
+        (Some(file_path), None) => {
+            let resolved = if file_path.is_absolute() { file_path.clone() } else { base_dir.join(file_path) };
+            Some(("auth.private_key_file", KeySource::File(resolved)))
+        }
+        (None, Some(var)) => Some(("auth.private_key_env", KeySource::Env(var.clone()))),
+    };
+    // Load the key now so that a missing file, an unset variable or a key of the wrong kind is a
+    // config error, reported with the others, rather than a failure at 2 a.m.
+    if let (Some((field, source)), Some(alg)) = (&key, algorithm) {
+        if let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone()) {
+            problem((*field).into(), e.to_string());
+        }
+    }
+    for (i, scope) in file.auth.scopes.iter().enumerate() {
+        if !scope.starts_with("system/") {
+            problem(format!("auth.scopes[{i}]"), format!("{scope:?} is not a system-level scope (system/<Type>.<access>)"));
+        }
+    }
+
+    if file.export.types.is_empty() {
+        problem("export.types".into(), "must list at least one resource type".into());
+    }
+    for (i, resource_type) in file.export.types.iter().enumerate() {
+        if !fhir::is_resource_type(resource_type) {
+            let hint = fhir::closest_resource_type(resource_type)
+                .map(|t| format!(" (did you mean {t:?}?)"))
+                .unwrap_or_default();
+            problem(format!("export.types[{i}]"), format!("{resource_type:?} is not a FHIR R4 resource type{hint}"));
+        }
+    }
+    match (file.export.level, &file.export.group_id) {
+        (ExportLevel::Group, None) => problem("export.group_id".into(), "required when level = \"group\"".into()),
+        (ExportLevel::Group, Some(id)) if !fhir::is_valid_id(id) => {
+            problem("export.group_id".into(), format!("{id:?} is not a valid FHIR id"))
+        }
+        (ExportLevel::System | ExportLevel::Patient, Some(_)) => {
+            problem("export.group_id".into(), "only allowed when level = \"group\"".into())
+        }
+        _ => {}
+    }
+    let export = &file.export;
+    if !(export.poll_min_interval_seconds > 0.0) {
+        problem("export.poll_min_interval_seconds".into(), "must be greater than 0".into());
+    }
+    if !(export.poll_max_interval_seconds >= export.poll_min_interval_seconds) {
+        problem("export.poll_max_interval_seconds".into(), "must be at least poll_min_interval_seconds".into());
+    }
+    if !(export.poll_default_interval_seconds > 0.0) {
+        problem("export.poll_default_interval_seconds".into(), "must be greater than 0".into());
+    }
+    if export.timeout_seconds == 0 {
+        problem("export.timeout_seconds".into(), "must be greater than 0".into());
+    }
+
+    if let Some(schedule) = &file.schedule {
+        if let Err(e) = croner::Cron::from_str(&schedule.cron) {
+            problem("schedule.cron".into(), format!("{:?} is not a valid cron expression: {e}", schedule.cron));
+        }
+        if schedule.timezone.parse::<chrono_tz::Tz>().is_err() {
+            problem("schedule.timezone".into(), format!("{:?} is not an IANA time zone", schedule.timezone));
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(ConfigError { problems });
+    }
+    // Both are Some here: a None pushed a problem above.
+    let (Some((_, key)), Some(algorithm)) = (key, algorithm) else {
+        unreachable!("missing key or algorithm was reported as a problem");
+    };
+    Ok(JobConfig {
+        name,
+        file: path.to_path_buf(),
+        description: file.description,
+        enabled: file.enabled,
+        fhir: file.fhir,
+        auth: AuthConfig {
+            client_id: file.auth.client_id,
+            key,
+            algorithm,
+            key_id: file.auth.key_id,
+            scopes: file.auth.scopes,
+        },
+        export: file.export,
+        schedule: file.schedule,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const VALID: &str = r#"
+        [fhir]
+        base_url = "https://ehr.example.org/fhir"
+        [auth]
+        client_id = "abc"
+        private_key_env = "FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET"
+        [export]
+        types = ["Patient"]
+    "#;
+
+    #[test]
+    fn unknown_field_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "j.toml", &VALID.replace("types =", "typo = 1\ntypes ="));
+        let err = load_job(&path).unwrap_err();
+        assert_eq!(err.problems.len(), 1);
+        assert_eq!(err.problems[0].field, "export.typo");
+        assert!(err.problems[0].message.contains("unknown field `typo`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_is_named_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "j.toml", &VALID.replace(r#"["Patient"]"#, r#"["Patient", 7]"#));
+        let err = load_job(&path).unwrap_err();
+        assert_eq!(err.problems[0].field, "export.types[1]", "{err}");
+    }
+
+    #[test]
+    fn reports_every_semantic_problem() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = VALID
+            .replace(r#"["Patient"]"#, r#"["Patient", "Obsrvation"]"#)
+            .replace("https://ehr.example.org", "http://ehr.example.org")
+            + "[schedule]\ncron = \"61 * * * *\"\ntimezone = \"Mars/Olympus\"\n";
+        let path = write(dir.path(), "j.toml", &text);
+        let err = load_job(&path).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["fhir.base_url", "auth.private_key_env", "export.types[1]", "schedule.cron", "schedule.timezone"],
+            "{err}"
+        );
+        assert!(err.to_string().contains("did you mean \"Observation\""), "{err}");
+    }
+}

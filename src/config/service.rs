@@ -1,0 +1,174 @@
+//! Service settings: `config/default.toml`, then `config/{FHIR_SYNC_ENV}.toml`, then environment
+//! variables prefixed `FHIR_SYNC_` with `__` separating nested keys
+//! (`FHIR_SYNC_DATABASE__URL`). Later layers override earlier ones.
+
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+
+use super::{ConfigError, Problem};
+
+/// How the service runs. Every field has a default, so an empty `config/` works on a developer
+/// machine with PostgreSQL on 127.0.0.1:5432.
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub logging: LoggingSettings,
+    pub sync: SyncSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// PostgreSQL URL. Default `postgres://postgres@127.0.0.1:5432/fhir_sync`. Keep passwords out
+    /// of files: use `password_file`, or set the whole URL through `FHIR_SYNC_DATABASE__URL`.
+    #[serde(serialize_with = "serialize_redacted")]
+    pub url: SecretString,
+    /// File holding the database password (e.g. a mounted secret). Default: none.
+    pub password_file: Option<PathBuf>,
+    /// Maximum pooled connections. Default 10.
+    pub max_connections: u32,
+    /// Seconds to wait for a connection before giving up. Default 10.
+    pub connect_timeout_seconds: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        DatabaseSettings {
+            url: SecretString::from("postgres://postgres@127.0.0.1:5432/fhir_sync"),
+            password_file: None,
+            max_connections: 10,
+            connect_timeout_seconds: 10,
+        }
+    }
+}
+
+fn serialize_redacted<S: serde::Serializer>(value: &SecretString, s: S) -> Result<S::Ok, S::Error> {
+    // Settings are only serialised to seed figment's defaults layer; the value must round-trip.
+    s.serialize_str(value.expose_secret())
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Human,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LoggingSettings {
+    /// `human` (default) or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter directive. Default `info`. `RUST_LOG`, when set, wins.
+    pub level: String,
+}
+
+impl Default for LoggingSettings {
+    fn default() -> Self {
+        LoggingSettings { format: LogFormat::Human, level: "info".into() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSettings {
+    /// Directory of job files, relative to the working directory. Default `jobs`.
+    pub jobs_dir: PathBuf,
+    /// Output files of one run downloaded and loaded at the same time. Default 4.
+    pub max_parallel_downloads: usize,
+    /// Seconds allowed to establish a connection to a FHIR server. Default 30.
+    pub connect_timeout_seconds: u64,
+    /// Seconds a single HTTP read may stall before the request fails. Default 300.
+    pub read_timeout_seconds: u64,
+    /// NDJSON lines per COPY batch (one transaction, one checkpoint). Default 5000.
+    pub batch_lines: usize,
+    /// Longest accepted NDJSON line in bytes; longer lines are rejected and recorded. Default 64 MiB.
+    pub max_line_bytes: usize,
+}
+
+impl Default for SyncSettings {
+    fn default() -> Self {
+        SyncSettings {
+            jobs_dir: PathBuf::from("jobs"),
+            max_parallel_downloads: 4,
+            connect_timeout_seconds: 30,
+            read_timeout_seconds: 300,
+            batch_lines: 5000,
+            max_line_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads `dir/default.toml`, `dir/{env}.toml` (env from `FHIR_SYNC_ENV`, default `development`)
+    /// and `FHIR_SYNC_*` variables, then validates. Missing files are fine; unknown keys are not.
+    pub fn load(dir: &Path) -> Result<Settings, ConfigError> {
+        let env_name = std::env::var("FHIR_SYNC_ENV").unwrap_or_else(|_| "development".into());
+        let default_file = dir.join("default.toml");
+        let env_file = dir.join(format!("{env_name}.toml"));
+        let figment = Figment::from(Serialized::defaults(Settings::default()))
+            .merge(Toml::file(&default_file))
+            .merge(Toml::file(&env_file))
+            .merge(Env::prefixed("FHIR_SYNC_").ignore(&["env"]).split("__"));
+        let settings: Settings = figment.extract().map_err(|error| {
+            let problems = error
+                .into_iter()
+                .map(|e| {
+                    let file = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                        Some(figment::Source::File(path)) => path.clone(),
+                        Some(other) => PathBuf::from(other.to_string()),
+                        None => default_file.clone(),
+                    };
+                    let field = e.path.join(".");
+                    Problem { file, field, message: e.kind.to_string() }
+                })
+                .collect();
+            ConfigError { problems }
+        })?;
+        settings.validate(&default_file)?;
+        Ok(settings)
+    }
+
+    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, field: &str, message: &str| {
+            if !ok {
+                problems.push(Problem { file: file.to_path_buf(), field: field.into(), message: message.into() });
+            }
+        };
+        let url = self.database.url.expose_secret();
+        check(
+            url.starts_with("postgres://") || url.starts_with("postgresql://"),
+            "database.url",
+            "must be a postgres:// URL",
+        );
+        check(self.database.max_connections >= 2, "database.max_connections", "must be at least 2");
+        check(self.sync.max_parallel_downloads >= 1, "sync.max_parallel_downloads", "must be at least 1");
+        check(self.sync.batch_lines >= 1, "sync.batch_lines", "must be at least 1");
+        check(self.sync.max_line_bytes >= 1024, "sync.max_line_bytes", "must be at least 1024");
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError { problems }) }
+    }
+
+    /// The database URL with the password from `password_file` filled in, if one is configured.
+    pub fn database_url(&self) -> Result<SecretString, ConfigError> {
+        let Some(path) = &self.database.password_file else {
+            return Ok(self.database.url.clone());
+        };
+        let password = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::single(path, "database.password_file", format!("cannot read: {e}"))
+        })?;
+        let mut url = url::Url::parse(self.database.url.expose_secret())
+            .map_err(|e| ConfigError::single(path, "database.url", format!("not a valid URL: {e}")))?;
+        url.set_password(Some(password.trim_end_matches(['\r', '\n'])))
+            .map_err(|()| ConfigError::single(path, "database.url", "cannot carry a password"))?;
+        Ok(SecretString::from(url.to_string()))
+    }
+}

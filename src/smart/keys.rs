@@ -1,0 +1,268 @@
+//! Client keys for SMART Backend Services: loading a private key, signing the one-time client
+//! assertion, publishing the public JWKS, and generating new key pairs.
+//!
+//! Private key material stays inside [`SigningKey`] (whose `Debug` is redacted) and the PEM
+//! strings handed out by [`generate`] are `SecretString`s. Nothing here logs.
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use jsonwebtoken::jwk::{Jwk, JwkSet, KeyOperations, PublicKeyUse, ThumbprintHash};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use secrecy::{ExposeSecret, SecretString};
+use serde::Serialize;
+
+use crate::config::KeySource;
+
+/// The two algorithms SMART requires a client to support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningAlgorithm {
+    RS384,
+    ES384,
+}
+
+impl SigningAlgorithm {
+    fn jwt(self) -> Algorithm {
+        match self {
+            SigningAlgorithm::RS384 => Algorithm::RS384,
+            SigningAlgorithm::ES384 => Algorithm::ES384,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SigningAlgorithm::RS384 => "RS384",
+            SigningAlgorithm::ES384 => "ES384",
+        }
+    }
+}
+
+impl FromStr for SigningAlgorithm {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "RS384" => Ok(SigningAlgorithm::RS384),
+            "ES384" => Ok(SigningAlgorithm::ES384),
+            other => Err(format!("{other:?} is not supported (use \"RS384\" or \"ES384\")")),
+        }
+    }
+}
+
+impl fmt::Display for SigningAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why a key could not be loaded. Messages name the file or variable, never key material.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read private key file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("environment variable {0} is not set")]
+    EnvMissing(String),
+    #[error("{origin} does not hold {expected}")]
+    WrongKind { origin: String, expected: &'static str },
+    #[error("cannot sign with the key from {origin}: {message}")]
+    Sign { origin: String, message: String },
+}
+
+/// A loaded private key with its `kid` and public JWK.
+pub struct SigningKey {
+    algorithm: SigningAlgorithm,
+    kid: String,
+    encoding: EncodingKey,
+    public: Jwk,
+}
+
+impl fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("algorithm", &self.algorithm)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Serialize)]
+struct AssertionClaims<'a> {
+    iss: &'a str,
+    sub: &'a str,
+    aud: &'a str,
+    exp: i64,
+    iat: i64,
+    jti: String,
+}
+
+/// Lifetime of a client assertion. SMART caps `exp` at five minutes ahead; staying a minute
+/// under leaves room for clock skew between us and the authorization server.
+const ASSERTION_LIFETIME_SECONDS: i64 = 240;
+
+impl SigningKey {
+    /// Loads the key from its configured source. `kid` defaults to the RFC 7638 thumbprint.
+    pub fn load(source: &KeySource, algorithm: SigningAlgorithm, kid: Option<String>) -> Result<Self, KeyError> {
+        let (pem, origin) = match source {
+            KeySource::File(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+                (SecretString::from(text), path.display().to_string())
+            }
+            KeySource::Env(var) => {
+                let text = std::env::var(var).map_err(|_| KeyError::EnvMissing(var.clone()))?;
+                (SecretString::from(text), format!("environment variable {var}"))
+            }
+            KeySource::Inline(pem) => (pem.clone(), "the built-in key".to_string()),
+        };
+        Self::from_pem(&pem, algorithm, kid, &origin)
+    }
+
+    /// Builds a key from PEM text; `origin` names where it came from in error messages.
+    pub fn from_pem(
+        pem: &SecretString,
+        algorithm: SigningAlgorithm,
+        kid: Option<String>,
+        origin: &str,
+    ) -> Result<Self, KeyError> {
+        let bytes = pem.expose_secret().as_bytes();
+        let (encoding, expected) = match algorithm {
+            SigningAlgorithm::RS384 => (EncodingKey::from_rsa_pem(bytes), "an RSA private key in PEM (PKCS#1 or PKCS#8)"),
+            SigningAlgorithm::ES384 => (EncodingKey::from_ec_pem(bytes), "a P-384 EC private key in PKCS#8 PEM"),
+        };
+        let wrong_kind = || KeyError::WrongKind { origin: origin.to_string(), expected };
+        let encoding = encoding.map_err(|_| wrong_kind())?;
+        let mut public = Jwk::from_encoding_key(&encoding, algorithm.jwt()).map_err(|_| wrong_kind())?;
+        let kid = match kid {
+            Some(kid) => kid,
+            None => public.thumbprint(ThumbprintHash::SHA256).map_err(|_| wrong_kind())?,
+        };
+        public.common.key_id = Some(kid.clone());
+        public.common.public_key_use = Some(PublicKeyUse::Signature);
+        public.common.key_operations = Some(vec![KeyOperations::Verify]);
+        let key = SigningKey { algorithm, kid, encoding, public };
+        // Sign once now: a key that parses but cannot sign (wrong curve, truncated) should fail
+        // at load time, not at the first token request.
+        key.sign_assertion("probe", "https://probe.invalid/token")
+            .map_err(|e| KeyError::Sign { origin: origin.to_string(), message: e.to_string() })?;
+        Ok(key)
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    pub fn algorithm(&self) -> SigningAlgorithm {
+        self.algorithm
+    }
+
+    /// The public key as a JWK Set, ready to register with an EHR.
+    pub fn public_jwks(&self) -> JwkSet {
+        JwkSet { keys: vec![self.public.clone()] }
+    }
+
+    /// Signs a fresh client assertion for one token request: `iss` = `sub` = client id,
+    /// `aud` = the token URL, a new random `jti` every call, `exp` four minutes ahead.
+    pub fn sign_assertion(&self, client_id: &str, token_url: &str) -> Result<SecretString, jsonwebtoken::errors::Error> {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = AssertionClaims {
+            iss: client_id,
+            sub: client_id,
+            aud: token_url,
+            exp: now + ASSERTION_LIFETIME_SECONDS,
+            iat: now,
+            jti: uuid::Uuid::new_v4().to_string(),
+        };
+        let mut header = Header::new(self.algorithm.jwt());
+        header.typ = Some("JWT".into());
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.encoding).map(SecretString::from)
+    }
+}
+
+/// Generates a new private key (RSA 3072 for RS384, P-384 for ES384) as PKCS#8 PEM.
+pub fn generate(algorithm: SigningAlgorithm) -> anyhow::Result<SecretString> {
+    use pkcs8::EncodePrivateKey;
+    let pem = match algorithm {
+        SigningAlgorithm::RS384 => {
+            use rsa::Generate;
+            rsa::PrivateKey::generate().to_pkcs8_pem(pkcs8::LineEnding::LF)?
+        }
+        SigningAlgorithm::ES384 => {
+            use p384::elliptic_curve::Generate;
+            p384::SecretKey::generate().to_pkcs8_pem(pkcs8::LineEnding::LF)?
+        }
+    };
+    Ok(SecretString::from(pem.as_str()))
+}
+
+/// Writes `pem` to `path` readable by the owner only (mode 0600), refusing to overwrite unless
+/// `overwrite` is set.
+pub fn write_private_key(path: &Path, pem: &SecretString, overwrite: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(pem.expose_secret().as_bytes())?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{DecodingKey, Validation};
+
+    fn round_trip(algorithm: SigningAlgorithm) {
+        let pem = generate(algorithm).unwrap();
+        let key = SigningKey::from_pem(&pem, algorithm, None, "test").unwrap();
+        let jwks = key.public_jwks();
+        let jwk = &jwks.keys[0];
+        assert_eq!(jwk.common.key_id.as_deref(), Some(key.kid()));
+        let assertion = key.sign_assertion("client-1", "https://auth.example.org/token").unwrap();
+        let header = jsonwebtoken::decode_header(assertion.expose_secret()).unwrap();
+        assert_eq!(header.kid.as_deref(), Some(key.kid()));
+        assert_eq!(header.typ.as_deref(), Some("JWT"));
+        let mut validation = Validation::new(algorithm.jwt());
+        validation.set_audience(&["https://auth.example.org/token"]);
+        validation.set_issuer(&["client-1"]);
+        let data = jsonwebtoken::decode::<serde_json::Value>(
+            assertion.expose_secret(),
+            &DecodingKey::from_jwk(jwk).unwrap(),
+            &validation,
+        )
+        .unwrap();
+        assert_eq!(data.claims["sub"], "client-1");
+        let exp = data.claims["exp"].as_i64().unwrap();
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        assert!(exp > now && exp - now <= 300);
+        let second = key.sign_assertion("client-1", "https://auth.example.org/token").unwrap();
+        let jti = |a: &SecretString| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a.expose_secret()).unwrap().claims["jti"].clone();
+        assert_ne!(jti(&assertion), jti(&second), "every assertion needs a fresh jti");
+    }
+
+    #[test]
+    fn rs384_round_trip() {
+        round_trip(SigningAlgorithm::RS384);
+    }
+
+    #[test]
+    fn es384_round_trip() {
+        round_trip(SigningAlgorithm::ES384);
+    }
+
+    #[test]
+    fn wrong_kind_of_key_is_named_without_key_material() {
+        let ec = generate(SigningAlgorithm::ES384).unwrap();
+        let err = SigningKey::from_pem(&ec, SigningAlgorithm::RS384, None, "keys/x.pem").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("keys/x.pem") && message.contains("RSA"), "{message}");
+        assert!(!message.contains("PRIVATE KEY"));
+        let debug = format!("{:?}", SigningKey::from_pem(&ec, SigningAlgorithm::ES384, None, "t").unwrap());
+        assert!(!debug.contains("PRIVATE") && !debug.contains("encoding"), "{debug}");
+    }
+}
