@@ -67,13 +67,13 @@ pub enum LogFormat {
 pub struct LoggingSettings {
     /// `human` (default) or `json`.
     pub format: LogFormat,
-    /// A `tracing` filter directive. Default `info`. `RUST_LOG`, when set, wins.
+    /// A `tracing` filter directive. Default `info,sqlx=warn`. `RUST_LOG`, when set, wins.
     pub level: String,
 }
 
 impl Default for LoggingSettings {
     fn default() -> Self {
-        LoggingSettings { format: LogFormat::Human, level: "info".into() }
+        LoggingSettings { format: LogFormat::Human, level: "info,sqlx=warn".into() }
     }
 }
 
