@@ -1,0 +1,33 @@
+# The fhir-sync service image: `docker build -t fhir-sync .`, then `docker run fhir-sync` runs `serve`.
+#
+# Two stages: the Rust toolchain builds a release binary, and a slim Debian of the same release
+# (bookworm, so the binary's glibc matches) runs it as an unprivileged user. The image holds no
+# credentials: private keys, database passwords and API tokens are mounted or passed at run time.
+
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+# sqlx's query macros must use the prepared query data in the repository, never a live database
+# (.cargo/config.toml says the same; this keeps it true if that file is ever left out).
+ENV SQLX_OFFLINE=true
+COPY . .
+# Migrations are embedded in the binary at compile time, which is why they are not copied below.
+RUN cargo build --release --locked --bin fhir-sync
+
+FROM debian:bookworm-slim
+# reqwest verifies TLS with the platform verifier, which reads the operating system's CA bundle.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+RUN groupadd --gid 10001 fhir-sync \
+    && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin fhir-sync
+COPY --from=build /src/target/release/fhir-sync /usr/local/bin/fhir-sync
+# How the service runs (config/) and what it syncs (jobs/); both can be replaced by mounts.
+COPY config/ /app/config/
+COPY jobs/ /app/jobs/
+WORKDIR /app
+USER 10001:10001
+# The ops API (health, metrics, runs).
+EXPOSE 8080
+ENTRYPOINT ["fhir-sync"]
+CMD ["serve"]
