@@ -1,4 +1,4 @@
-# The fhir-sync service image: `docker build -t fhir-sync .`, then `docker run fhir-sync` runs `serve`.
+# The fhir-sync image: `docker build -t fhir-sync .`, then e.g. `docker run fhir-sync run <job>`.
 #
 # Two stages: the Rust toolchain builds a release binary, and a slim Debian of the same release
 # (bookworm, so the binary's glibc matches) runs it as an unprivileged user. The image holds no
@@ -27,7 +27,7 @@ COPY config/ /app/config/
 COPY jobs/ /app/jobs/
 WORKDIR /app
 USER 10001:10001
-# The ops API (health, metrics, runs).
-EXPOSE 8080
 ENTRYPOINT ["fhir-sync"]
-CMD ["serve"]
+# Until the long-running `serve` command lands, the default only validates the mounted
+# configuration; pass `run <job>` (or `status`, `migrate`) to do work.
+CMD ["config", "check"]

@@ -59,7 +59,7 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
 }
 
 pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<()> {
-    let local = localpg::find_or_start(&options.state_dir.join("postgres")).await?;
+    let local = localpg::find_or_start(&options.state_dir.join("pg")).await?;
     let database_url = localpg::ensure_database(&local.admin_url, DATABASE).await?;
     let mut settings = settings.clone();
     settings.database.url = SecretString::from(database_url.clone());
