@@ -1,17 +1,507 @@
-//! TEMPORARY stub, replaced by the real fake server on merge.
-#![allow(dead_code, unused_variables)]
-pub const RESOURCE_TYPES: [&str; 4] = ["Patient", "Encounter", "Observation", "Condition"];
-#[derive(Clone, Debug)] pub struct Dataset { pub seed: u64, pub patients: usize }
-impl Dataset {
-    pub fn new(seed: u64, patients: usize) -> Self { Dataset { seed, patients } }
-    pub fn counts(&self) -> std::collections::BTreeMap<String, usize> { todo!() }
-    pub fn total(&self) -> usize { todo!() }
+//! The fake FHIR server that tests and the `demo` command run in-process: a SMART Backend
+//! Services token endpoint and a Bulk Data `$export` server over deterministic synthetic data.
+//!
+//! It is meant to be as strict as a real EHR: it verifies client assertions against registered
+//! JWK sets, requires the spec's headers and parameters, and answers with the spec's status codes,
+//! headers and OperationOutcomes, so that a client that passes against it has a fair chance
+//! against Epic or Oracle. It records every request and token attempt for tests to inspect, but
+//! must never log a token, an assertion, a key or a resource body. It is not a FHIR server in
+//! general: there are no reads or searches, only discovery, tokens and export.
+//!
+//! All mutable state lives in one [`state::ServerState`] behind an `Arc`, and all knobs in
+//! [`FakeOptions`], so that scripted faults can be added later in one place.
+
+mod auth;
+pub mod data;
+mod discovery;
+mod export;
+mod outcome;
+mod state;
+#[cfg(test)]
+mod test_client;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use jsonwebtoken::jwk::JwkSet;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use url::Url;
+
+pub use data::{Dataset, RESOURCE_TYPES};
+pub use export::ALL_PATIENTS_GROUP_ID;
+
+use state::ServerState;
+
+/// How long `shutdown` waits for open connections (a client still reading a file) to finish
+/// before it stops the server anyway.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// How the fake server behaves. Every field has a default chosen for fast tests.
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    /// Status polls answered with 202 before the manifest is returned. Default 1.
+    pub polls_before_ready: u32,
+    /// `Retry-After` seconds on an in-progress status response. Default 1.
+    pub retry_after_seconds: u64,
+    /// At most this many resources per NDJSON file (0 is treated as 1). Default 1000.
+    pub resources_per_file: usize,
+    /// `expires_in` of issued access tokens; tokens stop working after it. Default 300.
+    pub token_lifetime_seconds: u64,
+    /// The manifest's `requiresAccessToken`, and whether file downloads need the bearer token.
+    /// Default true.
+    pub requires_access_token: bool,
 }
-#[derive(Default)] pub struct FakeOptions { pub polls_before_ready: u32 }
-pub struct FakeFhirServer;
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            polls_before_ready: 1,
+            retry_after_seconds: 1,
+            resources_per_file: 1000,
+            token_lifetime_seconds: 300,
+            requires_access_token: true,
+        }
+    }
+}
+
+/// One token request and how the fake answered it.
+#[derive(Clone, Debug)]
+pub struct TokenAttempt {
+    /// The assertion's `iss`, if the request got far enough to read it.
+    pub client_id: Option<String>,
+    /// The assertion header's `kid`, if the request got far enough to read it.
+    pub kid: Option<String>,
+    pub outcome: Result<(), TokenRefusal>,
+}
+
+/// Why a token request was refused: the OAuth error code (e.g. `invalid_client`) and the
+/// specific reason sent as `error_description`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenRefusal {
+    pub error: String,
+    pub description: String,
+}
+
+/// One HTTP request the fake answered. Header values that could carry credentials are never
+/// kept, only whether an `Authorization` header was present.
+#[derive(Clone, Debug)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub accept: Option<String>,
+    pub prefer: Option<String>,
+    pub had_authorization: bool,
+    pub status: u16,
+}
+
+/// A running fake FHIR server on `127.0.0.1` with an OS-chosen port. Dropping it aborts the
+/// server task; [`FakeFhirServer::shutdown`] stops it gracefully.
+pub struct FakeFhirServer {
+    state: Arc<ServerState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
 impl FakeFhirServer {
-    pub async fn start(d: Dataset, o: FakeOptions) -> anyhow::Result<Self> { todo!() }
-    pub fn fhir_base_url(&self) -> url::Url { todo!() }
-    pub fn register_client(&self, c: &str, j: jsonwebtoken::jwk::JwkSet) { todo!() }
-    pub async fn shutdown(self) {}
+    /// Binds `127.0.0.1:0` and starts serving on a spawned task.
+    pub async fn start(dataset: Dataset, options: FakeOptions) -> anyhow::Result<FakeFhirServer> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the fake fhir server to 127.0.0.1:0")?;
+        let address = listener
+            .local_addr()
+            .context("reading the fake fhir server's bound address")?;
+        let origin = Url::parse(&format!("http://{address}"))
+            .context("building the fake fhir server's url")?;
+        let state = Arc::new(ServerState::new(options, dataset, origin));
+        let app = router(state.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                // A dropped sender means the handle is gone; stop either way.
+                let _ = stopped.await;
+            });
+            if let Err(err) = serve.await {
+                tracing::warn!(error = %err, "fake fhir server stopped with an error");
+            }
+        });
+        tracing::debug!(server.port = address.port(), "fake fhir server started");
+        Ok(FakeFhirServer {
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    /// The FHIR base, e.g. `http://127.0.0.1:PORT/fhir` (no trailing slash).
+    pub fn fhir_base_url(&self) -> Url {
+        self.state.fhir_base_url()
+    }
+
+    /// The token endpoint, `http://127.0.0.1:PORT/auth/token`; assertions' `aud` must equal it.
+    pub fn token_url(&self) -> Url {
+        self.state.token_url()
+    }
+
+    /// Registers (or replaces) a client's public JWK set, as an EHR administrator would.
+    pub fn register_client(&self, client_id: &str, jwks: JwkSet) {
+        self.state
+            .lock()
+            .clients
+            .insert(client_id.to_string(), jwks);
+    }
+
+    /// Every token request so far, in order, with its outcome.
+    pub fn token_attempts(&self) -> Vec<TokenAttempt> {
+        self.state.lock().token_attempts.clone()
+    }
+
+    /// Every access token handed out, for tests that check no token leaked into logs.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.state.lock().issued_tokens.clone()
+    }
+
+    /// Every raw `client_assertion` received, for tests that check none leaked into logs.
+    pub fn received_assertions(&self) -> Vec<String> {
+        self.state.lock().received_assertions.clone()
+    }
+
+    /// Every HTTP request the server answered, in the order the responses were produced.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.state.lock().requests.clone()
+    }
+
+    pub fn dataset(&self) -> &Dataset {
+        &self.state.dataset
+    }
+
+    /// The options the server was started with.
+    pub fn options(&self) -> &FakeOptions {
+        &self.state.options
+    }
+
+    /// How many exports are known (kicked off and not deleted).
+    pub fn export_count(&self) -> usize {
+        self.state.lock().exports.len()
+    }
+
+    /// Stops accepting connections, lets in-flight requests finish (for at most a few seconds),
+    /// and waits for the server task to end.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(mut task) = self.task.take()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+                .await
+                .is_err()
+        {
+            tracing::warn!("fake fhir server did not stop in time; aborting it");
+            task.abort();
+        }
+    }
+}
+
+impl Drop for FakeFhirServer {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+fn router(state: Arc<ServerState>) -> Router {
+    Router::new()
+        .route(
+            "/fhir/.well-known/smart-configuration",
+            get(discovery::smart_configuration),
+        )
+        .route("/fhir/metadata", get(discovery::metadata))
+        .route("/auth/token", post(auth::token))
+        .route("/fhir/$export", get(export::kick_off))
+        .route("/fhir/Patient/$export", get(export::kick_off))
+        .route("/fhir/Group/{id}/$export", get(export::group_kick_off))
+        .route(
+            "/fhir/bulkstatus/{id}",
+            get(export::status).delete(export::delete),
+        )
+        .route("/fhir/bulkfiles/{id}/{file}", get(export::file))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), record))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    outcome::error(StatusCode::NOT_FOUND, "not-found", "no such endpoint")
+}
+
+/// Records every request with the status it got. Only the presence of `Authorization` is
+/// kept, and only the method, path and status are logged.
+async fn record(State(state): State<Arc<ServerState>>, request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    let accept = header_text(headers, header::ACCEPT);
+    let prefer = header_text(headers, header::HeaderName::from_static("prefer"));
+    let had_authorization = headers.contains_key(header::AUTHORIZATION);
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let query = request.uri().query().map(str::to_string);
+
+    let response = next.run(request).await;
+
+    let status = response.status().as_u16();
+    tracing::debug!(
+        http.method = %method,
+        http.path = %path,
+        http.status = status,
+        "fake fhir server answered a request"
+    );
+    state.lock().requests.push(RecordedRequest {
+        method,
+        path,
+        query,
+        accept,
+        prefer,
+        had_authorization,
+        status,
+    });
+    response
+}
+
+fn header_text(headers: &axum::http::HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use serde_json::Value;
+
+    use super::test_client::Harness;
+    use super::*;
+
+    #[tokio::test]
+    async fn discovery_documents_need_no_token() {
+        let h = Harness::start(Dataset::new(1, 1), FakeOptions::default()).await;
+        let base = h.server.fhir_base_url();
+        assert!(!base.as_str().ends_with('/'));
+        assert_eq!(base.path(), "/fhir");
+        assert_eq!(h.server.token_url().path(), "/auth/token");
+
+        let config = h
+            .get(&format!("{base}/.well-known/smart-configuration"), None)
+            .await;
+        assert_eq!(config.status(), 200);
+        assert_eq!(config.headers()["content-type"], "application/json");
+        let config: Value = config.json().await.unwrap();
+        assert_eq!(config["token_endpoint"], h.server.token_url().as_str());
+        assert_eq!(
+            config["token_endpoint_auth_methods_supported"],
+            serde_json::json!(["private_key_jwt"])
+        );
+        assert_eq!(
+            config["token_endpoint_auth_signing_alg_values_supported"],
+            serde_json::json!(["RS384", "ES384"])
+        );
+        assert_eq!(
+            config["grant_types_supported"],
+            serde_json::json!(["client_credentials"])
+        );
+        let capabilities = config["capabilities"].as_array().unwrap();
+        for capability in [
+            "client-confidential-asymmetric",
+            "permission-v1",
+            "permission-v2",
+        ] {
+            assert!(capabilities.iter().any(|c| c == capability), "{capability}");
+        }
+        let scopes = config["scopes_supported"].as_array().unwrap();
+        assert!(scopes.iter().any(|s| s == "system/*.read"));
+        assert!(scopes.iter().any(|s| s == "system/*.rs"));
+
+        let metadata = h.get(&format!("{base}/metadata"), None).await;
+        assert_eq!(metadata.status(), 200);
+        assert_eq!(metadata.headers()["content-type"], "application/fhir+json");
+        let metadata: Value = metadata.json().await.unwrap();
+        assert_eq!(metadata["resourceType"], "CapabilityStatement");
+        assert_eq!(metadata["fhirVersion"], "4.0.1");
+        assert_eq!(
+            metadata["instantiates"][0],
+            "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+        );
+        let rest = &metadata["rest"][0];
+        let oauth = &rest["security"]["extension"][0];
+        assert_eq!(
+            oauth["url"],
+            "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+        );
+        assert_eq!(oauth["extension"][0]["url"], "token");
+        assert_eq!(
+            oauth["extension"][0]["valueUri"],
+            h.server.token_url().as_str()
+        );
+        assert_eq!(rest["operation"][0]["name"], "export");
+        assert_eq!(
+            rest["operation"][0]["definition"],
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"
+        );
+        let resource_export = |t: &str| {
+            rest["resource"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["type"] == t)
+                .map(|r| r["operation"][0]["definition"].clone())
+        };
+        assert_eq!(
+            resource_export("Patient").unwrap(),
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"
+        );
+        assert_eq!(
+            resource_export("Group").unwrap(),
+            "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"
+        );
+    }
+
+    #[tokio::test]
+    async fn every_request_is_recorded_without_header_values() {
+        let h = Harness::start(Dataset::new(1, 1), FakeOptions::default()).await;
+        let token = h.token().await;
+        let kick_off = h.kick_off("$export?_type=Patient", &token).await;
+        assert_eq!(kick_off.status(), 202);
+        let missing = h
+            .get(&format!("{}/Patient/123", h.server.fhir_base_url()), None)
+            .await;
+        assert_eq!(missing.status(), 404);
+        assert_eq!(missing.headers()["content-type"], "application/fhir+json");
+
+        let requests = h.server.requests();
+        assert_eq!(requests.len(), 3);
+        let token_request = &requests[0];
+        assert_eq!(
+            (token_request.method.as_str(), token_request.path.as_str()),
+            ("POST", "/auth/token")
+        );
+        assert_eq!(token_request.status, 200);
+        assert!(!token_request.had_authorization);
+
+        let export = &requests[1];
+        assert_eq!(export.method, "GET");
+        assert_eq!(export.path, "/fhir/$export");
+        assert_eq!(export.query.as_deref(), Some("_type=Patient"));
+        assert_eq!(export.accept.as_deref(), Some("application/fhir+json"));
+        assert_eq!(export.prefer.as_deref(), Some("respond-async"));
+        assert!(export.had_authorization);
+        assert_eq!(export.status, 202);
+
+        assert_eq!(requests[2].status, 404);
+        assert!(!format!("{requests:?}").contains(&token));
+    }
+
+    #[tokio::test]
+    async fn shutdown_stops_serving() {
+        let h = Harness::start(Dataset::new(1, 1), FakeOptions::default()).await;
+        let url = format!("{}/metadata", h.server.fhir_base_url());
+        assert_eq!(h.get(&url, None).await.status(), 200);
+        // A fresh client, so no pooled connection to the old server is reused.
+        let Harness { server, .. } = h;
+        server.shutdown().await;
+        assert!(reqwest::Client::new().get(&url).send().await.is_err());
+    }
+
+    /// Collects everything a tracing subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    // A current-thread runtime, so the subscriber set for this thread also sees the server task.
+    #[tokio::test(flavor = "current_thread")]
+    async fn logs_never_contain_tokens_or_assertions() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        // With exactly one live dispatcher, tracing-core computes a new callsite's interest from
+        // the registering thread's default, so a callsite first hit by another test's thread
+        // would be cached as "never" and this test would miss its events. A second live
+        // dispatcher makes it consult every dispatcher instead.
+        let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+        let _guard = tracing::subscriber::set_default(subscriber);
+        tracing::callsite::rebuild_interest_cache();
+
+        let options = FakeOptions {
+            polls_before_ready: 0,
+            resources_per_file: 5,
+            ..FakeOptions::default()
+        };
+        let h = Harness::start(Dataset::new(3, 2), options).await;
+        let token = h.token().await;
+        let refused = test_client::post_token(&h.http, &h.server, "a.b.c", "system/*.read").await;
+        assert_eq!(refused.status(), 401);
+        let kick_off = h.kick_off("$export", &token).await;
+        let status_url = kick_off.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let manifest: Value = h.get(&status_url, Some(&token)).await.json().await.unwrap();
+        for entry in manifest["output"].as_array().unwrap() {
+            let body = h
+                .get(entry["url"].as_str().unwrap(), Some(&token))
+                .await
+                .text()
+                .await
+                .unwrap();
+            assert!(!body.is_empty());
+        }
+        assert_eq!(
+            h.get(&status_url, Some("forged-token-value"))
+                .await
+                .status(),
+            401
+        );
+
+        let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            logs.contains("fake fhir server answered a request"),
+            "logging is captured"
+        );
+        assert!(logs.contains("fake token endpoint issued an access token"));
+        let secrets = h
+            .server
+            .issued_tokens()
+            .into_iter()
+            .chain(h.server.received_assertions())
+            .chain(["forged-token-value".to_string()]);
+        for secret in secrets {
+            assert!(!logs.contains(&secret), "a secret reached the logs");
+        }
+        let some_resource_id = h.server.dataset().id("Patient", 0);
+        assert!(
+            !logs.contains(&some_resource_id),
+            "resource bodies reached the logs"
+        );
+    }
 }

@@ -1,0 +1,855 @@
+//! The fake authorization server: the SMART Backend Services token endpoint that verifies
+//! `private_key_jwt` client assertions against registered JWK sets, and the bearer check every
+//! protected FHIR route goes through.
+//!
+//! It is as strict as the spec lets a real EHR be (exact `aud`, `exp` at most five minutes ahead,
+//! one-time `jti`, `kid` matched in the registered set) and every refusal names its reason, so
+//! that client tests can tell which rule they broke. It must never log a token, an assertion, a
+//! key, the form body or the `Authorization` header; only outcomes and reasons are logged.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use jsonwebtoken::jwk::{
+    AlgorithmParameters, EllipticCurve, Jwk, KeyAlgorithm, KeyOperations, PublicKeyUse,
+};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rand::Rng;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::outcome;
+use super::state::{IssuedToken, ServerState};
+use super::{TokenAttempt, TokenRefusal};
+
+const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// SMART: the assertion's `exp` "SHALL be no more than five minutes in the future".
+const MAX_ASSERTION_LIFETIME_SECONDS: i64 = 300;
+
+/// A failed token request: the HTTP status and the RFC 6749 §5.2 error body.
+struct Refusal {
+    status: StatusCode,
+    error: &'static str,
+    description: String,
+}
+
+impl Refusal {
+    fn bad_request(error: &'static str, description: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::BAD_REQUEST,
+            error,
+            description: description.into(),
+        }
+    }
+
+    /// Client authentication failed; SMART requires `invalid_client` for every such case.
+    fn invalid_client(description: impl Into<String>) -> Self {
+        Refusal {
+            status: StatusCode::UNAUTHORIZED,
+            error: "invalid_client",
+            description: description.into(),
+        }
+    }
+}
+
+/// Who a token request claimed to be, filled in as far as the request got.
+#[derive(Default)]
+struct Caller {
+    client_id: Option<String>,
+    kid: Option<String>,
+}
+
+/// `POST /auth/token`.
+pub(crate) async fn token(
+    State(state): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let mut caller = Caller::default();
+    let result = issue_token(&state, &headers, &body, &mut caller);
+    let outcome = match &result {
+        Ok(_) => Ok(()),
+        Err(refusal) => Err(TokenRefusal {
+            error: refusal.error.to_string(),
+            description: refusal.description.clone(),
+        }),
+    };
+    state.lock().token_attempts.push(TokenAttempt {
+        client_id: caller.client_id,
+        kid: caller.kid,
+        outcome,
+    });
+    match result {
+        Ok(body) => {
+            tracing::debug!(
+                outcome = "issued",
+                "fake token endpoint issued an access token"
+            );
+            token_json(StatusCode::OK, body)
+        }
+        Err(refusal) => {
+            tracing::debug!(
+                outcome = "refused",
+                error = refusal.error,
+                reason = %refusal.description,
+                "fake token endpoint refused a token request"
+            );
+            let body = json!({ "error": refusal.error, "error_description": refusal.description });
+            token_json(refusal.status, body)
+        }
+    }
+}
+
+/// RFC 6749 §5.1: token responses are JSON and must not be cached.
+fn token_json(status: StatusCode, body: Value) -> Response {
+    (
+        status,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (header::PRAGMA, HeaderValue::from_static("no-cache")),
+        ],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn issue_token(
+    state: &ServerState,
+    headers: &HeaderMap,
+    body: &[u8],
+    caller: &mut Caller,
+) -> Result<Value, Refusal> {
+    let form = parse_form(headers, body)?;
+    let param = |name: &str| form.get(name).map(String::as_str);
+    if let Some(assertion) = param("client_assertion") {
+        // Kept before any check so leak tests can look for every assertion that was sent.
+        state.lock().received_assertions.push(assertion.to_string());
+    }
+    match param("grant_type") {
+        None => {
+            return Err(Refusal::bad_request(
+                "invalid_request",
+                "grant_type is required",
+            ));
+        }
+        Some("client_credentials") => {}
+        Some(_) => {
+            return Err(Refusal::bad_request(
+                "unsupported_grant_type",
+                "only grant_type=client_credentials is supported",
+            ));
+        }
+    }
+    if param("client_assertion_type") != Some(ASSERTION_TYPE) {
+        return Err(Refusal::bad_request(
+            "invalid_request",
+            format!("client_assertion_type must be {ASSERTION_TYPE}"),
+        ));
+    }
+    let assertion = match param("client_assertion") {
+        Some(a) if !a.is_empty() => a,
+        _ => {
+            return Err(Refusal::bad_request(
+                "invalid_request",
+                "client_assertion is required",
+            ));
+        }
+    };
+    let requested_scope = match param("scope") {
+        Some(s) if !s.trim().is_empty() => s,
+        _ => return Err(Refusal::bad_request("invalid_scope", "scope is required")),
+    };
+    let client_id = verify_assertion(state, assertion, param("client_id"), caller)
+        .map_err(Refusal::invalid_client)?;
+    let scopes = grant_scopes(requested_scope);
+    if scopes.is_empty() {
+        return Err(Refusal::bad_request(
+            "invalid_scope",
+            "no requested scope is a system/<type>.<permissions> scope this server grants",
+        ));
+    }
+
+    let access_token = random_token();
+    let lifetime = state.options.token_lifetime_seconds;
+    let expires_at = OffsetDateTime::now_utc()
+        + time::Duration::seconds(i64::try_from(lifetime).unwrap_or(i64::MAX / 2));
+    let scope = scopes.join(" ");
+    let mut inner = state.lock();
+    inner.issued_tokens.push(access_token.clone());
+    inner.tokens.insert(
+        access_token.clone(),
+        IssuedToken {
+            client_id,
+            scopes,
+            expires_at,
+        },
+    );
+    Ok(json!({
+        "access_token": access_token,
+        "token_type": "bearer",
+        "expires_in": lifetime,
+        "scope": scope,
+    }))
+}
+
+/// Parses an `application/x-www-form-urlencoded` body. Repeated parameters are refused, as
+/// RFC 6749 §3.2 requires ("parameters MUST NOT be included more than once").
+fn parse_form(headers: &HeaderMap, body: &[u8]) -> Result<HashMap<String, String>, Refusal> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let media_type = content_type.split(';').next().unwrap_or("").trim();
+    if !media_type.eq_ignore_ascii_case("application/x-www-form-urlencoded") {
+        return Err(Refusal::bad_request(
+            "invalid_request",
+            "the token request must be application/x-www-form-urlencoded",
+        ));
+    }
+    let mut form = HashMap::new();
+    for (name, value) in url::form_urlencoded::parse(body) {
+        if form.insert(name.to_string(), value.into_owned()).is_some() {
+            return Err(Refusal::bad_request(
+                "invalid_request",
+                format!("parameter {name} is repeated"),
+            ));
+        }
+    }
+    Ok(form)
+}
+
+/// Checks the client assertion and returns the authenticated client id, or the reason it was
+/// refused. The checks follow SMART's "Signature Verification" steps in order; claims are read
+/// unverified first only to pick the key, and nothing from them is trusted until the signature
+/// has been verified with that key.
+fn verify_assertion(
+    state: &ServerState,
+    assertion: &str,
+    form_client_id: Option<&str>,
+    caller: &mut Caller,
+) -> Result<String, String> {
+    let header = jsonwebtoken::decode_header(assertion)
+        .map_err(|_| "client_assertion is not a JWS signed with RS384 or ES384".to_string())?;
+    caller.kid = header.kid.clone();
+    if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384) {
+        return Err(format!(
+            "alg {:?} is not accepted; sign with RS384 or ES384",
+            header.alg
+        ));
+    }
+    if header.typ.as_deref() != Some("JWT") {
+        return Err("typ must be JWT".to_string());
+    }
+    let Some(kid) = header.kid.clone() else {
+        return Err("kid is required in the assertion header".to_string());
+    };
+    if header.jku.is_some() {
+        return Err("jku is not accepted: this client registered a static JWK set".to_string());
+    }
+
+    let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(assertion)
+        .map_err(|_| "client_assertion claims are not a JSON object".to_string())?
+        .claims;
+    let Some(iss) = claims.get("iss").and_then(Value::as_str) else {
+        return Err("iss is required".to_string());
+    };
+    caller.client_id = Some(iss.to_string());
+    let Some(jwks) = state.lock().clients.get(iss).cloned() else {
+        return Err("unknown client".to_string());
+    };
+    let matching: Vec<&Jwk> = jwks
+        .keys
+        .iter()
+        .filter(|k| k.common.key_id.as_deref() == Some(kid.as_str()))
+        .collect();
+    let jwk = match matching.as_slice() {
+        [] => return Err(format!("no registered key with kid {kid}")),
+        [one] => *one,
+        // SMART 2: "if no keys match, or more than one key matches, the verification fails".
+        _ => return Err(format!("more than one registered key has kid {kid}")),
+    };
+    check_key_fits(jwk, header.alg).map_err(|why| format!("registered key {kid} {why}"))?;
+    let key = DecodingKey::from_jwk(jwk)
+        .map_err(|_| format!("registered key {kid} is not a usable public key"))?;
+
+    // Only the signature is checked here; every claim is checked below so that each failure
+    // gets its own reason instead of the library's generic one.
+    let mut validation = Validation::new(header.alg);
+    validation.required_spec_claims.clear();
+    validation.validate_exp = false;
+    validation.validate_nbf = false;
+    validation.validate_aud = false;
+    let verified = jsonwebtoken::decode::<Value>(assertion, &key, &validation)
+        .map_err(|_| "signature does not verify against the registered key".to_string())?
+        .claims;
+
+    let token_url = state.token_url();
+    let aud_ok = match verified.get("aud") {
+        Some(Value::String(aud)) => aud == token_url.as_str(),
+        Some(Value::Array(auds)) => auds.iter().any(|a| a.as_str() == Some(token_url.as_str())),
+        _ => false,
+    };
+    if !aud_ok {
+        return Err(format!(
+            "aud does not match the token endpoint {}",
+            token_url.as_str()
+        ));
+    }
+    if verified.get("sub").and_then(Value::as_str) != Some(iss) {
+        return Err("sub must equal iss (the client_id)".to_string());
+    }
+    if form_client_id.is_some_and(|id| id != iss) {
+        return Err("client_id does not match the assertion iss".to_string());
+    }
+    let Some(exp) = verified.get("exp").and_then(Value::as_i64) else {
+        return Err("exp is required and must be an integer number of seconds".to_string());
+    };
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    if exp <= now {
+        return Err("exp is in the past: the assertion has expired".to_string());
+    }
+    if exp - now > MAX_ASSERTION_LIFETIME_SECONDS {
+        return Err(format!(
+            "exp is more than {MAX_ASSERTION_LIFETIME_SECONDS} seconds in the future"
+        ));
+    }
+    let jti = match verified.get("jti").and_then(Value::as_str) {
+        Some(jti) if !jti.is_empty() => jti,
+        _ => return Err("jti is required".to_string()),
+    };
+    // The jti is spent only by an assertion that passed every other check, so a forged or
+    // malformed assertion cannot burn a legitimate client's nonce.
+    if !state
+        .lock()
+        .used_jtis
+        .insert((iss.to_string(), jti.to_string()))
+    {
+        return Err("jti has already been used".to_string());
+    }
+    Ok(iss.to_string())
+}
+
+/// Whether a registered JWK may verify an assertion signed with `alg`.
+fn check_key_fits(jwk: &Jwk, alg: Algorithm) -> Result<(), &'static str> {
+    let family_fits = match (&jwk.algorithm, alg) {
+        (AlgorithmParameters::RSA(_), Algorithm::RS384) => true,
+        (AlgorithmParameters::EllipticCurve(ec), Algorithm::ES384) => {
+            ec.curve == EllipticCurve::P384
+        }
+        _ => false,
+    };
+    if !family_fits {
+        return Err("is not of a type that verifies this alg");
+    }
+    if jwk
+        .common
+        .key_algorithm
+        .is_some_and(|registered| registered != KeyAlgorithm::from(alg))
+    {
+        return Err("is registered for a different alg");
+    }
+    if jwk.common.public_key_use == Some(PublicKeyUse::Encryption)
+        || jwk
+            .common
+            .key_operations
+            .as_ref()
+            .is_some_and(|ops| !ops.contains(&KeyOperations::Verify))
+    {
+        return Err("is not registered for signature verification");
+    }
+    Ok(())
+}
+
+/// The requested scopes this server grants, in request order without duplicates: SMART v1
+/// (`system/Patient.read`) and v2 (`system/*.rs`) system scopes. Anything else (user or
+/// patient scopes, granular `?` constraints, out-of-order permissions) is silently dropped,
+/// which SMART allows; the client must look at the granted list.
+fn grant_scopes(requested: &str) -> Vec<String> {
+    let mut granted: Vec<String> = Vec::new();
+    for scope in requested.split_whitespace() {
+        if is_system_scope(scope) && !granted.iter().any(|g| g == scope) {
+            granted.push(scope.to_string());
+        }
+    }
+    granted
+}
+
+fn is_system_scope(scope: &str) -> bool {
+    let Some(rest) = scope.strip_prefix("system/") else {
+        return false;
+    };
+    let Some((resource_type, permissions)) = rest.split_once('.') else {
+        return false;
+    };
+    (resource_type == "*" || is_resource_type_name(resource_type))
+        && (matches!(permissions, "read" | "write" | "*") || is_cruds(permissions))
+}
+
+/// A SMART v2 permission string: a non-empty subsequence of `cruds`, in that order.
+fn is_cruds(permissions: &str) -> bool {
+    let mut rest = "cruds";
+    !permissions.is_empty()
+        && permissions.chars().all(|c| match rest.find(c) {
+            Some(at) => {
+                rest = &rest[at + 1..];
+                true
+            }
+            None => false,
+        })
+}
+
+/// Whether `name` is shaped like a FHIR resource type name (`Patient`, `MedicationRequest`).
+pub(crate) fn is_resource_type_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_uppercase()) && chars.all(|c| c.is_ascii_alphanumeric())
+}
+
+/// Whether a granted scope lets its holder read resources of `resource_type`.
+pub(crate) fn scope_allows_read(scope: &str, resource_type: &str) -> bool {
+    let Some((scope_type, permissions)) = scope
+        .strip_prefix("system/")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return false;
+    };
+    (scope_type == "*" || scope_type == resource_type)
+        && (matches!(permissions, "read" | "*")
+            || (is_cruds(permissions) && permissions.contains('r')))
+}
+
+/// An opaque access token: 256 random bits, hex-encoded.
+fn random_token() -> String {
+    let bytes: [u8; 32] = rand::rng().random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Why a protected request was refused; it becomes a 401 with a `WWW-Authenticate` challenge.
+/// Expired and unknown tokens get `error="invalid_token"` (RFC 6750 §3.1) so that a client can
+/// tell "fetch a new token" from "you sent nothing".
+#[derive(Debug)]
+pub(crate) struct Unauthorized {
+    error: Option<&'static str>,
+    diagnostics: &'static str,
+}
+
+impl IntoResponse for Unauthorized {
+    fn into_response(self) -> Response {
+        let challenge = match self.error {
+            None => "Bearer".to_string(),
+            Some(error) => format!(
+                "Bearer error=\"{error}\", error_description=\"{}\"",
+                self.diagnostics
+            ),
+        };
+        let mut response = outcome::error(StatusCode::UNAUTHORIZED, "login", self.diagnostics);
+        // The challenge is built from fixed strings, so it is always a valid header value.
+        if let Ok(value) = HeaderValue::from_str(&challenge) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
+    }
+}
+
+/// The checked bearer token of a protected request, as an extractor: a handler that takes it
+/// only runs for a valid, unexpired token and otherwise answers 401.
+pub(crate) struct Bearer(pub(crate) IssuedToken);
+
+impl FromRequestParts<Arc<ServerState>> for Bearer {
+    type Rejection = Unauthorized;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ServerState>,
+    ) -> Result<Self, Self::Rejection> {
+        authorize(state, &parts.headers).map(Bearer)
+    }
+}
+
+/// Checks the bearer token of a protected request and returns what it grants.
+pub(crate) fn authorize(
+    state: &ServerState,
+    headers: &HeaderMap,
+) -> Result<IssuedToken, Unauthorized> {
+    let mut values = headers.get_all(header::AUTHORIZATION).iter();
+    let (Some(value), None) = (values.next(), values.next()) else {
+        return Err(Unauthorized {
+            error: None,
+            diagnostics: "an Authorization: Bearer token is required",
+        });
+    };
+    let token = value.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        (scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()).then(|| token.trim())
+    });
+    let Some(token) = token else {
+        return Err(Unauthorized {
+            error: Some("invalid_request"),
+            diagnostics: "the Authorization header must be Bearer <token>",
+        });
+    };
+    let issued = state.lock().tokens.get(token).cloned();
+    match issued {
+        None => Err(Unauthorized {
+            error: Some("invalid_token"),
+            diagnostics: "the access token is not one this server issued",
+        }),
+        Some(issued) if issued.expires_at <= OffsetDateTime::now_utc() => Err(Unauthorized {
+            error: Some("invalid_token"),
+            diagnostics: "the access token has expired",
+        }),
+        Some(issued) => Ok(issued),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::test_client::{
+        ASSERTION_TYPE, CLIENT_ID, TestKey, claims, good_claims, post_token,
+    };
+    use crate::fake::{Dataset, FakeFhirServer, FakeOptions};
+    use jsonwebtoken::Header;
+
+    async fn server_with(key: &TestKey) -> FakeFhirServer {
+        let server = FakeFhirServer::start(Dataset::new(1, 1), FakeOptions::default())
+            .await
+            .unwrap();
+        server.register_client(CLIENT_ID, key.jwks());
+        server
+    }
+
+    async fn assert_issued(server: &FakeFhirServer, key: &TestKey) {
+        let http = reqwest::Client::new();
+        let assertion = key.sign(&good_claims(server));
+        let response = post_token(&http, server, &assertion, "system/*.read launch").await;
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        assert!(
+            response.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("application/json")
+        );
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["token_type"], "bearer");
+        assert_eq!(body["expires_in"], 300);
+        assert_eq!(body["scope"], "system/*.read");
+        let token = body["access_token"].as_str().unwrap();
+        assert!(token.len() >= 32);
+        assert_eq!(server.issued_tokens(), [token]);
+        assert_eq!(server.received_assertions(), [assertion]);
+        let attempts = server.token_attempts();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].client_id.as_deref(), Some(CLIENT_ID));
+        assert_eq!(attempts[0].kid.as_deref(), Some(key.kid.as_str()));
+        assert_eq!(attempts[0].outcome, Ok(()));
+    }
+
+    #[tokio::test]
+    async fn rs384_assertion_gets_a_token() {
+        let key = TestKey::rsa(0, "rsa-key-1");
+        let server = server_with(&key).await;
+        assert_issued(&server, &key).await;
+    }
+
+    #[tokio::test]
+    async fn es384_assertion_gets_a_token() {
+        let key = TestKey::ec("ec-key-1");
+        let server = server_with(&key).await;
+        assert_issued(&server, &key).await;
+    }
+
+    /// Posts `assertion` and checks it is refused with `invalid_client` and a reason containing
+    /// `reason`, both in the response and in `token_attempts`.
+    async fn assert_refused(server: &FakeFhirServer, assertion: &str, reason: &str) {
+        let http = reqwest::Client::new();
+        let response = post_token(&http, server, assertion, "system/*.read").await;
+        assert_eq!(response.status(), 401, "{reason}");
+        assert_eq!(response.headers()["cache-control"], "no-store");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_client", "{reason}");
+        let description = body["error_description"].as_str().unwrap();
+        assert!(
+            description.contains(reason),
+            "{description:?} should say {reason:?}"
+        );
+        let last = server.token_attempts().pop().unwrap();
+        assert_eq!(
+            last.outcome,
+            Err(TokenRefusal {
+                error: "invalid_client".to_string(),
+                description: description.to_string(),
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn bad_assertions_are_refused_with_their_reason() {
+        let key = TestKey::rsa(0, "registered");
+        let server = server_with(&key).await;
+        let aud = server.token_url().to_string();
+        let other_key_same_kid = TestKey::rsa(1, "registered");
+        let ec_same_kid = TestKey::ec("registered");
+        let unknown_kid = TestKey::rsa(0, "not-registered");
+        let with = |edit: &dyn Fn(&mut Value)| {
+            let mut c = good_claims(&server);
+            edit(&mut c);
+            c
+        };
+        let mut no_typ = Header::new(Algorithm::RS384);
+        no_typ.kid = Some("registered".to_string());
+        no_typ.typ = None;
+        let mut hs256 = Header::new(Algorithm::HS256);
+        hs256.kid = Some("registered".to_string());
+        let hs256_assertion = jsonwebtoken::encode(
+            &hs256,
+            &good_claims(&server),
+            &jsonwebtoken::EncodingKey::from_secret(b"shared secret").unwrap(),
+        )
+        .unwrap();
+
+        let cases: Vec<(String, &str)> = vec![
+            (
+                other_key_same_kid.sign(&good_claims(&server)),
+                "signature does not verify against the registered key",
+            ),
+            (
+                key.sign(&claims(CLIENT_ID, &aud, -60)),
+                "exp is in the past",
+            ),
+            (
+                key.sign(&claims(CLIENT_ID, &aud, 600)),
+                "exp is more than 300 seconds in the future",
+            ),
+            (
+                key.sign(&claims(CLIENT_ID, &format!("{aud}/"), 60)),
+                "aud does not match the token endpoint",
+            ),
+            (
+                key.sign(&claims(
+                    CLIENT_ID,
+                    &aud.replace("127.0.0.1", "localhost"),
+                    60,
+                )),
+                "aud does not match the token endpoint",
+            ),
+            (
+                key.sign(&claims("someone-else", &aud, 60)),
+                "unknown client",
+            ),
+            (
+                unknown_kid.sign(&good_claims(&server)),
+                "no registered key with kid not-registered",
+            ),
+            (
+                key.sign(&with(&|c| c["sub"] = json!("someone-else"))),
+                "sub must equal iss",
+            ),
+            (
+                key.sign(&with(&|c| {
+                    c.as_object_mut().unwrap().remove("jti");
+                })),
+                "jti is required",
+            ),
+            (
+                key.sign(&with(&|c| {
+                    c.as_object_mut().unwrap().remove("exp");
+                })),
+                "exp is required",
+            ),
+            (
+                ec_same_kid.sign(&good_claims(&server)),
+                "is not of a type that verifies this alg",
+            ),
+            (
+                key.sign_with_header(&no_typ, &good_claims(&server)),
+                "typ must be JWT",
+            ),
+            (hs256_assertion, "alg HS256 is not accepted"),
+            ("not a jwt".to_string(), "is not a JWS"),
+        ];
+        for (assertion, reason) in &cases {
+            assert_refused(&server, assertion, reason).await;
+        }
+        assert!(server.issued_tokens().is_empty());
+        assert_eq!(server.received_assertions().len(), cases.len());
+    }
+
+    #[tokio::test]
+    async fn a_reused_jti_is_refused() {
+        let key = TestKey::ec("ec");
+        let server = server_with(&key).await;
+        let http = reqwest::Client::new();
+        let assertion = key.sign(&good_claims(&server));
+        let first = post_token(&http, &server, &assertion, "system/*.read").await;
+        assert_eq!(first.status(), 200);
+        assert_refused(&server, &assertion, "jti has already been used").await;
+
+        // The same jti in a newly signed assertion is just as spent.
+        let mut again = good_claims(&server);
+        again["jti"] = jsonwebtoken::dangerous::insecure_decode::<Value>(&assertion)
+            .unwrap()
+            .claims["jti"]
+            .clone();
+        assert_refused(&server, &key.sign(&again), "jti has already been used").await;
+    }
+
+    #[tokio::test]
+    async fn malformed_token_requests_get_oauth_errors() {
+        let key = TestKey::ec("ec");
+        let server = server_with(&key).await;
+        let http = reqwest::Client::new();
+        let assertion = key.sign(&good_claims(&server));
+        let cases: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (
+                vec![
+                    ("grant_type", "authorization_code"),
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", &assertion),
+                    ("scope", "system/*.read"),
+                ],
+                "unsupported_grant_type",
+            ),
+            (
+                vec![
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", &assertion),
+                    ("scope", "system/*.read"),
+                ],
+                "invalid_request",
+            ),
+            (
+                vec![
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion", &assertion),
+                    ("scope", "system/*.read"),
+                ],
+                "invalid_request",
+            ),
+            (
+                vec![
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("scope", "system/*.read"),
+                ],
+                "invalid_request",
+            ),
+            (
+                vec![
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", &assertion),
+                ],
+                "invalid_scope",
+            ),
+            (
+                vec![
+                    ("grant_type", "client_credentials"),
+                    ("grant_type", "client_credentials"),
+                    ("client_assertion_type", ASSERTION_TYPE),
+                    ("client_assertion", &assertion),
+                    ("scope", "system/*.read"),
+                ],
+                "invalid_request",
+            ),
+        ];
+        for (form, error) in cases {
+            let response = http
+                .post(server.token_url())
+                .form(&form)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 400, "{form:?}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"], error, "{form:?}");
+            let last = server.token_attempts().pop().unwrap();
+            assert_eq!(last.outcome.unwrap_err().error, error);
+        }
+
+        let json_body = http
+            .post(server.token_url())
+            .json(&json!({ "grant_type": "client_credentials" }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(json_body.status(), 400);
+
+        // A valid assertion asking only for scopes this server never grants.
+        let fresh = key.sign(&good_claims(&server));
+        let response = post_token(&http, &server, &fresh, "patient/*.read openid").await;
+        assert_eq!(response.status(), 400);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"], "invalid_scope");
+        assert!(server.issued_tokens().is_empty());
+    }
+
+    #[test]
+    fn system_scopes_in_v1_and_v2_syntax_are_granted() {
+        let granted = grant_scopes(
+            "system/*.read system/Patient.rs system/Observation.cruds system/*.rs system/*.read",
+        );
+        assert_eq!(
+            granted,
+            [
+                "system/*.read",
+                "system/Patient.rs",
+                "system/Observation.cruds",
+                "system/*.rs"
+            ]
+        );
+    }
+
+    #[test]
+    fn other_scopes_are_dropped() {
+        for scope in [
+            "patient/*.read",
+            "user/Patient.rs",
+            "system/Patient",
+            "system/patient.read",
+            "system/Patient.sr",
+            "system/Patient.rr",
+            "system/Patient.",
+            "system/Observation.rs?category=laboratory",
+            "launch",
+            "openid",
+        ] {
+            assert!(
+                grant_scopes(scope).is_empty(),
+                "{scope} should not be granted"
+            );
+        }
+    }
+
+    #[test]
+    fn read_access_follows_the_scope() {
+        assert!(scope_allows_read("system/*.read", "Observation"));
+        assert!(scope_allows_read("system/*.rs", "Observation"));
+        assert!(scope_allows_read("system/Observation.cruds", "Observation"));
+        assert!(scope_allows_read("system/*.*", "Condition"));
+        assert!(!scope_allows_read("system/Patient.read", "Observation"));
+        assert!(!scope_allows_read("system/*.s", "Observation"));
+        assert!(!scope_allows_read("system/*.write", "Observation"));
+    }
+
+    #[test]
+    fn resource_type_names_are_recognised() {
+        for ok in ["Patient", "MedicationRequest", "Observation", "X1"] {
+            assert!(is_resource_type_name(ok), "{ok}");
+        }
+        for bad in ["", "patient", "Patient-1", "Obs ervation", "Zoë", "*"] {
+            assert!(!is_resource_type_name(bad), "{bad}");
+        }
+    }
+}

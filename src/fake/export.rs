@@ -1,0 +1,1035 @@
+//! The fake server's Bulk Data export: kick-off (system, Patient and Group level), status
+//! polling with `Retry-After`, the completion manifest, cancellation, and NDJSON file downloads.
+//!
+//! An export is planned at kick-off as a list of files, each a run of data set indices, so the
+//! manifest's counts are fixed before anything is served and always equal the lines a download
+//! yields. Files are generated chunk by chunk while streaming; this module must never build a
+//! whole file, or the whole data set, in memory.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::auth::{self, Bearer, is_resource_type_name, scope_allows_read};
+use super::data::{Dataset, RESOURCE_TYPES, format_instant};
+use super::outcome;
+use super::state::{IssuedToken, ServerState};
+
+/// The one Group the fake knows: every patient in the data set.
+pub const ALL_PATIENTS_GROUP_ID: &str = "all-patients";
+
+const NDJSON: &str = "application/fhir+ndjson";
+/// The `_outputFormat` values the Bulk Data spec says a server SHALL accept.
+const OUTPUT_FORMATS: [&str; 3] = ["application/fhir+ndjson", "application/ndjson", "ndjson"];
+/// File bodies are produced in chunks of about this size.
+const CHUNK_BYTES: usize = 64 * 1024;
+
+/// One kicked-off export, from kick-off until it is deleted.
+pub(crate) struct Export {
+    /// Status and files are only served to tokens of the client that kicked the export off.
+    pub(crate) client_id: String,
+    pub(crate) transaction_time: OffsetDateTime,
+    /// The kick-off URL exactly as received, for the manifest's `request`.
+    pub(crate) request: String,
+    pub(crate) since: Option<OffsetDateTime>,
+    pub(crate) status_polls: u32,
+    pub(crate) files: Vec<ExportFile>,
+}
+
+/// One output file: `count` resources of one type that pass the export's `_since`, starting the
+/// scan at data set index `first_index`.
+#[derive(Clone, Debug)]
+pub(crate) struct ExportFile {
+    pub(crate) resource_type: String,
+    pub(crate) name: String,
+    pub(crate) first_index: usize,
+    pub(crate) count: usize,
+}
+
+/// `GET /fhir/$export` and `GET /fhir/Patient/$export`. All four types are in the Patient
+/// compartment, so both levels export the same data.
+pub(crate) async fn kick_off(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    start_export(state, token, uri, headers, None).await
+}
+
+/// `GET /fhir/Group/{id}/$export`; only [`ALL_PATIENTS_GROUP_ID`] exists.
+pub(crate) async fn group_kick_off(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    Path(group): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    start_export(state, token, uri, headers, Some(group)).await
+}
+
+async fn start_export(
+    state: Arc<ServerState>,
+    token: IssuedToken,
+    uri: Uri,
+    headers: HeaderMap,
+    group: Option<String>,
+) -> Response {
+    if group.is_some_and(|g| g != ALL_PATIENTS_GROUP_ID) {
+        return outcome::error(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "no Group with this id exists",
+        );
+    }
+    if let Err(diagnostics) = check_kick_off_headers(&headers) {
+        return outcome::error(StatusCode::BAD_REQUEST, "invalid", diagnostics);
+    }
+    let params = match KickOffParams::parse(uri.query().unwrap_or("")) {
+        Ok(params) => params,
+        Err(diagnostics) => {
+            return outcome::error(StatusCode::BAD_REQUEST, "invalid", &diagnostics);
+        }
+    };
+    let types = match authorised_types(&token, params.types) {
+        Ok(types) => types,
+        Err(diagnostics) => {
+            return outcome::error(StatusCode::FORBIDDEN, "forbidden", &diagnostics);
+        }
+    };
+
+    let transaction_time = OffsetDateTime::now_utc();
+    let since = params.since;
+    let dataset = state.dataset.clone();
+    let per_file = state.options.resources_per_file.max(1);
+    // With `_since` the planner reads every resource's lastUpdated, which is CPU work
+    // proportional to the data set; keep it off the async worker threads.
+    let files =
+        match tokio::task::spawn_blocking(move || plan_files(&dataset, &types, since, per_file))
+            .await
+        {
+            Ok(files) => files,
+            Err(_) => {
+                return outcome::error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "exception",
+                    "planning the export failed",
+                );
+            }
+        };
+
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let origin = state.origin.as_str().trim_end_matches('/');
+    let request = match uri.path_and_query() {
+        Some(pq) => format!("{origin}{pq}"),
+        None => format!("{origin}{}", uri.path()),
+    };
+    let file_count = files.len();
+    state.lock().exports.insert(
+        id.clone(),
+        Export {
+            client_id: token.client_id,
+            transaction_time,
+            request,
+            since,
+            status_polls: 0,
+            files,
+        },
+    );
+    tracing::debug!(
+        export.files = file_count,
+        "fake fhir server accepted an export kick-off"
+    );
+    let status_url = state.url(&format!("/fhir/bulkstatus/{id}"));
+    let mut response = StatusCode::ACCEPTED.into_response();
+    // A `Url` never contains bytes that are invalid in a header value.
+    if let Ok(value) = HeaderValue::from_str(status_url.as_str()) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_LOCATION, value);
+    }
+    response
+}
+
+/// Bulk Data kick-off requires `Accept: application/fhir+json` and `Prefer: respond-async`.
+/// Like the reference server, anything other than exactly that media type is refused.
+fn check_kick_off_headers(headers: &HeaderMap) -> Result<(), &'static str> {
+    let accept: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    if !matches!(accept.as_slice(), [one] if one.trim().eq_ignore_ascii_case(outcome::FHIR_JSON)) {
+        return Err("the Accept header must be application/fhir+json");
+    }
+    let respond_async = headers
+        .get_all("prefer")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|preference| {
+            let token = preference.split([';', '=']).next().unwrap_or("");
+            token.trim().eq_ignore_ascii_case("respond-async")
+        });
+    if !respond_async {
+        return Err("the Prefer header must contain respond-async");
+    }
+    Ok(())
+}
+
+/// The kick-off parameters the fake understands; the spec lets a server ignore the rest.
+#[derive(Debug, PartialEq)]
+struct KickOffParams {
+    /// `None` when `_type` was absent: every type the token may read.
+    types: Option<Vec<String>>,
+    since: Option<OffsetDateTime>,
+}
+
+impl KickOffParams {
+    /// Parses the raw query. Decoding is form-style, so an unencoded `+` in `_since` or
+    /// `_outputFormat` becomes a space and is refused, as on a real server.
+    fn parse(query: &str) -> Result<Self, String> {
+        let mut types: Option<Vec<String>> = None;
+        let mut since = None;
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            match name.as_ref() {
+                // Repeated `_type` parameters are treated as if comma-joined (Bulk Data v2).
+                "_type" => {
+                    let list = types.get_or_insert_with(Vec::new);
+                    for resource_type in value.split(',') {
+                        if !is_resource_type_name(resource_type) {
+                            return Err(format!(
+                                "_type entry {resource_type:?} is not a FHIR resource type"
+                            ));
+                        }
+                        if !list.iter().any(|t| t == resource_type) {
+                            list.push(resource_type.to_string());
+                        }
+                    }
+                }
+                "_outputFormat" if !OUTPUT_FORMATS.contains(&value.as_ref()) => {
+                    return Err(format!(
+                        "_outputFormat {value:?} is not supported; use application/fhir+ndjson"
+                    ));
+                }
+                "_since" => {
+                    if since.is_some() {
+                        return Err("_since may be given only once".to_string());
+                    }
+                    let parsed = OffsetDateTime::parse(&value, &Rfc3339).map_err(|_| {
+                        format!(
+                            "_since {value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00Z)"
+                        )
+                    })?;
+                    if parsed > OffsetDateTime::now_utc() {
+                        return Err("_since is in the future".to_string());
+                    }
+                    since = Some(parsed);
+                }
+                _ => {}
+            }
+        }
+        Ok(KickOffParams { types, since })
+    }
+}
+
+/// The types to export: the requested ones, each of which the token must be allowed to read
+/// (the caller answers 403 otherwise, as SMART's "enforce authorization" asks), or by default
+/// every known type the token may read.
+fn authorised_types(
+    token: &IssuedToken,
+    requested: Option<Vec<String>>,
+) -> Result<Vec<String>, String> {
+    let readable = |t: &str| token.scopes.iter().any(|s| scope_allows_read(s, t));
+    match requested {
+        Some(types) => match types.iter().find(|t| !readable(t)) {
+            Some(denied) => Err(format!(
+                "the access token's scopes do not allow reading {denied}"
+            )),
+            None => Ok(types),
+        },
+        None => {
+            let types: Vec<String> = RESOURCE_TYPES
+                .iter()
+                .filter(|t| readable(t))
+                .map(|t| t.to_string())
+                .collect();
+            if types.is_empty() {
+                Err("the access token's scopes do not allow reading any resource type".to_string())
+            } else {
+                Ok(types)
+            }
+        }
+    }
+}
+
+/// Splits each type's matching resources into files of at most `per_file`, in type order.
+/// Types with no matching resources get no file.
+fn plan_files(
+    dataset: &Dataset,
+    types: &[String],
+    since: Option<OffsetDateTime>,
+    per_file: usize,
+) -> Vec<ExportFile> {
+    let mut files = Vec::new();
+    for resource_type in types {
+        let total = dataset.count(resource_type);
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        match since {
+            None => {
+                runs.extend(
+                    (0..total)
+                        .step_by(per_file)
+                        .map(|first| (first, per_file.min(total - first))),
+                );
+            }
+            Some(since) => {
+                for index in 0..total {
+                    if dataset.last_updated(resource_type, index) <= since {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some((_, count)) if *count < per_file => *count += 1,
+                        _ => runs.push((index, 1)),
+                    }
+                }
+            }
+        }
+        files.extend(
+            runs.into_iter()
+                .enumerate()
+                .map(|(n, (first_index, count))| ExportFile {
+                    resource_type: resource_type.clone(),
+                    name: format!("{resource_type}-{}.ndjson", n + 1),
+                    first_index,
+                    count,
+                }),
+        );
+    }
+    files
+}
+
+/// `GET /fhir/bulkstatus/{id}`.
+pub(crate) async fn status(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    Path(id): Path<String>,
+) -> Response {
+    let options = &state.options;
+    let manifest = {
+        let mut inner = state.lock();
+        let Some(export) = inner
+            .exports
+            .get_mut(&id)
+            .filter(|e| e.client_id == token.client_id)
+        else {
+            return unknown_export();
+        };
+        export.status_polls += 1;
+        if export.status_polls <= options.polls_before_ready {
+            let progress = format!(
+                "in progress ({}/{})",
+                export.status_polls, options.polls_before_ready
+            );
+            return in_progress(options.retry_after_seconds, &progress);
+        }
+        manifest(&state, &id, export)
+    };
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        manifest.to_string(),
+    )
+        .into_response()
+}
+
+fn in_progress(retry_after_seconds: u64, progress: &str) -> Response {
+    let mut response = StatusCode::ACCEPTED.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+    if let Ok(value) = HeaderValue::from_str(progress) {
+        headers.insert("x-progress", value);
+    }
+    response
+}
+
+fn manifest(state: &ServerState, id: &str, export: &Export) -> serde_json::Value {
+    let output: Vec<serde_json::Value> = export
+        .files
+        .iter()
+        .map(|file| {
+            json!({
+                "type": file.resource_type,
+                "url": state.url(&format!("/fhir/bulkfiles/{id}/{}", file.name)).as_str(),
+                "count": file.count,
+            })
+        })
+        .collect();
+    json!({
+        "transactionTime": format_instant(export.transaction_time),
+        "request": export.request,
+        "requiresAccessToken": state.options.requires_access_token,
+        "output": output,
+        "error": [],
+    })
+}
+
+/// `DELETE /fhir/bulkstatus/{id}`: cancel, or clean up after a completed export.
+pub(crate) async fn delete(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    Path(id): Path<String>,
+) -> Response {
+    let mut inner = state.lock();
+    let owned = inner
+        .exports
+        .get(&id)
+        .is_some_and(|e| e.client_id == token.client_id);
+    if !owned {
+        return unknown_export();
+    }
+    inner.exports.remove(&id);
+    outcome::operation_outcome(
+        StatusCode::ACCEPTED,
+        "information",
+        "informational",
+        "the export has been deleted",
+    )
+}
+
+/// An export that does not exist, was deleted, or belongs to another client. The last case
+/// gets a 404 too, so that one client cannot probe for another's exports.
+fn unknown_export() -> Response {
+    outcome::error(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no export with this id exists",
+    )
+}
+
+/// `GET /fhir/bulkfiles/{id}/{file}`.
+pub(crate) async fn file(
+    State(state): State<Arc<ServerState>>,
+    Path((id, name)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    // When the manifest says no token is needed the files behave like presigned URLs: any
+    // Authorization header is ignored rather than refused.
+    let client_id = if state.options.requires_access_token {
+        match auth::authorize(&state, &headers) {
+            Ok(token) => Some(token.client_id),
+            Err(unauthorized) => return unauthorized.into_response(),
+        }
+    } else {
+        None
+    };
+    let found = {
+        let inner = state.lock();
+        inner
+            .exports
+            .get(&id)
+            .filter(|e| client_id.as_ref().is_none_or(|c| *c == e.client_id))
+            .and_then(|e| {
+                let file = e.files.iter().find(|f| f.name == name)?;
+                Some((file.clone(), e.since))
+            })
+    };
+    let Some((file, since)) = found else {
+        return outcome::error(StatusCode::NOT_FOUND, "not-found", "no such export file");
+    };
+    tracing::debug!(
+        resource.type = %file.resource_type,
+        file.lines = file.count,
+        "fake fhir server streaming an export file"
+    );
+    let lines = FileLines {
+        dataset: state.dataset.clone(),
+        file,
+        since,
+        next_index: 0,
+        written: 0,
+    };
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON))],
+        Body::from_stream(lines.into_stream()),
+    )
+        .into_response()
+}
+
+/// The lines of one export file, generated on demand.
+struct FileLines {
+    dataset: Dataset,
+    file: ExportFile,
+    since: Option<OffsetDateTime>,
+    /// Offset from `file.first_index` of the next resource to consider.
+    next_index: usize,
+    written: usize,
+}
+
+impl FileLines {
+    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
+        futures::stream::unfold(self, |mut lines| async move {
+            let chunk = lines.next_chunk();
+            (!chunk.is_empty()).then_some((Ok(chunk), lines))
+        })
+    }
+
+    /// The next run of whole lines, about [`CHUNK_BYTES`] long; empty once the file is done.
+    fn next_chunk(&mut self) -> Bytes {
+        let total = self.dataset.count(&self.file.resource_type);
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4 * 1024);
+        while self.written < self.file.count && chunk.len() < CHUNK_BYTES {
+            let index = self.file.first_index + self.next_index;
+            if index >= total {
+                // The plan never points past the data set; stopping short is the safe way to
+                // fail if it ever does.
+                break;
+            }
+            self.next_index += 1;
+            let wanted = self.since.is_none_or(|since| {
+                self.dataset.last_updated(&self.file.resource_type, index) > since
+            });
+            if wanted {
+                chunk.extend_from_slice(
+                    self.dataset
+                        .ndjson_line(&self.file.resource_type, index)
+                        .as_bytes(),
+                );
+                chunk.push(b'\n');
+                self.written += 1;
+            }
+        }
+        Bytes::from(chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::test_client::Harness;
+    use crate::fake::{FakeOptions, RESOURCE_TYPES};
+    use serde_json::Value;
+    use std::collections::BTreeMap;
+
+    fn fast_options() -> FakeOptions {
+        FakeOptions {
+            polls_before_ready: 2,
+            retry_after_seconds: 0,
+            resources_per_file: 25,
+            ..FakeOptions::default()
+        }
+    }
+
+    async fn outcome_of(response: reqwest::Response) -> Value {
+        assert_eq!(response.headers()["content-type"], "application/fhir+json");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        body
+    }
+
+    /// Kicks off, polls until the manifest, and returns the status URL and the manifest.
+    async fn run_export(h: &Harness, path_and_query: &str, token: &str) -> (String, Value) {
+        let kick_off = h.kick_off(path_and_query, token).await;
+        assert_eq!(kick_off.status(), 202, "{path_and_query}");
+        let status_url = kick_off.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let ready = h.server.options().polls_before_ready;
+        for _ in 0..ready {
+            let poll = h.get(&status_url, Some(token)).await;
+            assert_eq!(poll.status(), 202);
+        }
+        let done = h.get(&status_url, Some(token)).await;
+        assert_eq!(done.status(), 200);
+        assert_eq!(done.headers()["content-type"], "application/json");
+        (status_url, done.json().await.unwrap())
+    }
+
+    /// Downloads every file of a manifest and returns the lines per type, checking each file's
+    /// line count against its manifest entry.
+    async fn download_all(
+        h: &Harness,
+        manifest: &Value,
+        token: Option<&str>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let mut lines: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for entry in manifest["output"].as_array().unwrap() {
+            let url = entry["url"].as_str().unwrap();
+            let response = h.get(url, token).await;
+            assert_eq!(response.status(), 200, "{url}");
+            assert_eq!(response.headers()["content-type"], NDJSON);
+            let body = response.text().await.unwrap();
+            assert!(body.is_empty() || body.ends_with('\n'));
+            let file_lines: Vec<String> = body.lines().map(str::to_string).collect();
+            assert_eq!(
+                file_lines.len() as u64,
+                entry["count"].as_u64().unwrap(),
+                "{url}"
+            );
+            let resource_type = entry["type"].as_str().unwrap().to_string();
+            for line in &file_lines {
+                let resource: Value = serde_json::from_str(line).unwrap();
+                assert_eq!(resource["resourceType"], resource_type.as_str());
+            }
+            lines.entry(resource_type).or_default().extend(file_lines);
+        }
+        lines
+    }
+
+    #[tokio::test]
+    async fn a_full_export_serves_the_whole_data_set() {
+        let h = Harness::start(Dataset::new(77, 9), fast_options()).await;
+        let token = h.token().await;
+        let kick_off = h.kick_off("$export", &token).await;
+        assert_eq!(kick_off.status(), 202);
+        let status_url = kick_off.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        let base = h.server.fhir_base_url().to_string();
+        assert!(
+            status_url.starts_with(&format!("{base}/bulkstatus/")),
+            "{status_url}"
+        );
+
+        for k in 1..=2 {
+            let poll = h.get(&status_url, Some(&token)).await;
+            assert_eq!(poll.status(), 202);
+            assert_eq!(poll.headers()["retry-after"], "0");
+            assert_eq!(
+                poll.headers()["x-progress"],
+                format!("in progress ({k}/2)").as_str()
+            );
+        }
+        let done = h.get(&status_url, Some(&token)).await;
+        assert_eq!(done.status(), 200);
+        let manifest: Value = done.json().await.unwrap();
+        assert_eq!(manifest["request"], format!("{base}/$export"));
+        assert_eq!(manifest["requiresAccessToken"], true);
+        assert_eq!(manifest["error"], serde_json::json!([]));
+        let transaction_time = manifest["transactionTime"].as_str().unwrap();
+        OffsetDateTime::parse(transaction_time, &Rfc3339).unwrap();
+        let output = manifest["output"].as_array().unwrap();
+        let counted: u64 = output.iter().map(|o| o["count"].as_u64().unwrap()).sum();
+        assert_eq!(counted as usize, h.server.dataset().total());
+        assert!(output.iter().all(|o| o["count"].as_u64().unwrap() <= 25));
+        let order: Vec<&str> = output.iter().map(|o| o["type"].as_str().unwrap()).collect();
+        let mut deduped = order.clone();
+        deduped.dedup();
+        assert_eq!(deduped, RESOURCE_TYPES);
+
+        // Polling again keeps returning the manifest.
+        assert_eq!(h.get(&status_url, Some(&token)).await.status(), 200);
+
+        let lines = download_all(&h, &manifest, Some(&token)).await;
+        let d = h.server.dataset();
+        for t in RESOURCE_TYPES {
+            let expected: Vec<String> = (0..d.count(t)).map(|i| d.ndjson_line(t, i)).collect();
+            assert_eq!(lines[t], expected, "{t}");
+        }
+    }
+
+    /// The first issue's diagnostics of an OperationOutcome response.
+    async fn diagnostics_of(response: reqwest::Response) -> String {
+        let body = outcome_of(response).await;
+        assert_eq!(body["issue"][0]["severity"], "error");
+        body["issue"][0]["diagnostics"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[tokio::test]
+    async fn kick_off_requires_the_async_headers() {
+        let h = Harness::start(Dataset::new(1, 2), fast_options()).await;
+        let token = h.token().await;
+        let fhir_json = Some("application/fhir+json");
+        let cases = [
+            (fhir_json, None, "Prefer"),
+            (fhir_json, Some("handling=lenient"), "Prefer"),
+            (None, Some("respond-async"), "Accept"),
+            (Some("application/json"), Some("respond-async"), "Accept"),
+            (
+                Some("application/fhir+json, application/json"),
+                Some("respond-async"),
+                "Accept",
+            ),
+        ];
+        for (accept, prefer, named) in cases {
+            let response = h
+                .kick_off_with("$export", accept, prefer, Some(&token))
+                .await;
+            assert_eq!(response.status(), 400, "{accept:?} {prefer:?}");
+            let diagnostics = diagnostics_of(response).await;
+            assert!(diagnostics.contains(named), "{diagnostics}");
+        }
+        let lenient = h
+            .kick_off_with(
+                "$export",
+                fhir_json,
+                Some("respond-async, handling=lenient"),
+                Some(&token),
+            )
+            .await;
+        assert_eq!(lenient.status(), 202);
+    }
+
+    #[tokio::test]
+    async fn protected_routes_need_a_valid_bearer() {
+        let h = Harness::start(Dataset::new(1, 2), fast_options()).await;
+        let anonymous = h
+            .kick_off_with(
+                "$export",
+                Some("application/fhir+json"),
+                Some("respond-async"),
+                None,
+            )
+            .await;
+        assert_eq!(anonymous.status(), 401);
+        assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+        outcome_of(anonymous).await;
+
+        let forged = h.kick_off("$export", "not-a-token-we-issued").await;
+        assert_eq!(forged.status(), 401);
+        assert!(
+            forged.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("invalid_token")
+        );
+
+        let token = h.token().await;
+        let (status_url, manifest) = run_export(&h, "$export?_type=Patient", &token).await;
+        assert_eq!(h.get(&status_url, None).await.status(), 401);
+        let file_url = manifest["output"][0]["url"].as_str().unwrap();
+        assert_eq!(h.get(file_url, None).await.status(), 401);
+        assert_eq!(h.get(file_url, Some("nope")).await.status(), 401);
+    }
+
+    #[tokio::test]
+    async fn expired_tokens_are_refused() {
+        let options = FakeOptions {
+            token_lifetime_seconds: 0,
+            ..fast_options()
+        };
+        let h = Harness::start(Dataset::new(1, 2), options).await;
+        let token = h.token().await;
+        let response = h.kick_off("$export", &token).await;
+        assert_eq!(response.status(), 401);
+        let challenge = response.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert!(challenge.contains("invalid_token"), "{challenge}");
+        assert!(diagnostics_of(response).await.contains("expired"));
+    }
+
+    #[tokio::test]
+    async fn type_and_format_parameters_shape_the_export() {
+        let h = Harness::start(Dataset::new(5, 4), fast_options()).await;
+        let token = h.token().await;
+        let (_, manifest) = run_export(
+            &h,
+            "$export?_type=Condition,Patient&_outputFormat=application%2Ffhir%2Bndjson&_elements=id",
+            &token,
+        )
+        .await;
+        let types: Vec<&str> = manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Condition", "Patient"]);
+
+        let (_, empty) =
+            run_export(&h, "$export?_type=Medication&_outputFormat=ndjson", &token).await;
+        assert_eq!(empty["output"], serde_json::json!([]));
+
+        for bad in [
+            "$export?_type=patient",
+            "$export?_type=Patient,Not-A-Type",
+            "$export?_outputFormat=text%2Fcsv",
+            "$export?_outputFormat=application/fhir+ndjson",
+            "$export?_since=yesterday",
+        ] {
+            let response = h.kick_off(bad, &token).await;
+            assert_eq!(response.status(), 400, "{bad}");
+            let body = outcome_of(response).await;
+            assert_eq!(body["issue"][0]["code"], "invalid");
+        }
+    }
+
+    #[tokio::test]
+    async fn since_exports_only_newer_resources() {
+        let h = Harness::start(Dataset::new(8, 12), fast_options()).await;
+        let token = h.token().await;
+        // 2025-01-01T02:00:00+02:00 is midnight UTC; the offset must arrive percent-encoded.
+        let since = OffsetDateTime::parse("2025-01-01T00:00:00Z", &Rfc3339).unwrap();
+        let (_, manifest) =
+            run_export(&h, "$export?_since=2025-01-01T02:00:00%2B02:00", &token).await;
+        let lines = download_all(&h, &manifest, Some(&token)).await;
+        let d = h.server.dataset();
+        let mut filtered_total = 0;
+        for t in RESOURCE_TYPES {
+            let expected: Vec<String> = (0..d.count(t))
+                .filter(|i| d.last_updated(t, *i) > since)
+                .map(|i| d.ndjson_line(t, i))
+                .collect();
+            assert!(!expected.is_empty() && expected.len() < d.count(t), "{t}");
+            filtered_total += expected.len();
+            assert_eq!(lines.get(t).cloned().unwrap_or_default(), expected, "{t}");
+        }
+        let counted: u64 = manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["count"].as_u64().unwrap())
+            .sum();
+        assert_eq!(counted as usize, filtered_total);
+    }
+
+    #[tokio::test]
+    async fn delete_forgets_the_export() {
+        let h = Harness::start(Dataset::new(3, 2), fast_options()).await;
+        let token = h.token().await;
+        let (status_url, manifest) = run_export(&h, "$export", &token).await;
+        assert_eq!(h.server.export_count(), 1);
+        let deleted = h.delete(&status_url, &token).await;
+        assert_eq!(deleted.status(), 202);
+        assert_eq!(h.server.export_count(), 0);
+        let gone = h.get(&status_url, Some(&token)).await;
+        assert_eq!(gone.status(), 404);
+        outcome_of(gone).await;
+        let file_url = manifest["output"][0]["url"].as_str().unwrap();
+        assert_eq!(h.get(file_url, Some(&token)).await.status(), 404);
+        let again = h.delete(&status_url, &token).await;
+        assert_eq!(again.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn unknown_exports_and_files_are_not_found() {
+        let h = Harness::start(Dataset::new(3, 2), fast_options()).await;
+        let token = h.token().await;
+        let base = h.server.fhir_base_url();
+        let unknown = h
+            .get(&format!("{base}/bulkstatus/no-such-export"), Some(&token))
+            .await;
+        assert_eq!(unknown.status(), 404);
+        outcome_of(unknown).await;
+        let (status_url, _) = run_export(&h, "$export?_type=Patient", &token).await;
+        let id = status_url.rsplit('/').next().unwrap();
+        for name in ["Patient-2.ndjson", "Observation-1.ndjson", "Patient-1.json"] {
+            let response = h
+                .get(&format!("{base}/bulkfiles/{id}/{name}"), Some(&token))
+                .await;
+            assert_eq!(response.status(), 404, "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn files_without_required_token_accept_any_or_no_bearer() {
+        let options = FakeOptions {
+            requires_access_token: false,
+            ..fast_options()
+        };
+        let h = Harness::start(Dataset::new(6, 3), options).await;
+        let token = h.token().await;
+        let (_, manifest) = run_export(&h, "$export", &token).await;
+        assert_eq!(manifest["requiresAccessToken"], false);
+        let without = download_all(&h, &manifest, None).await;
+        let with = download_all(&h, &manifest, Some(&token)).await;
+        assert_eq!(without, with);
+        assert_eq!(
+            without.values().map(Vec::len).sum::<usize>(),
+            h.server.dataset().total()
+        );
+    }
+
+    #[tokio::test]
+    async fn scopes_limit_what_can_be_exported() {
+        let h = Harness::start(Dataset::new(2, 2), fast_options()).await;
+        let patients_only = h.token_with_scope("system/Patient.rs").await;
+        let denied = h
+            .kick_off("$export?_type=Patient,Observation", &patients_only)
+            .await;
+        assert_eq!(denied.status(), 403);
+        assert!(diagnostics_of(denied).await.contains("Observation"));
+        let (_, manifest) = run_export(&h, "$export", &patients_only).await;
+        let types: Vec<&str> = manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(types, ["Patient"]);
+    }
+
+    #[tokio::test]
+    async fn another_clients_token_cannot_see_an_export() {
+        use crate::fake::test_client::{TestKey, claims, post_token};
+        let h = Harness::start(Dataset::new(2, 2), fast_options()).await;
+        let token = h.token().await;
+        let other = TestKey::ec("other");
+        h.server.register_client("other-client", other.jwks());
+        let assertion = other.sign(&claims("other-client", h.server.token_url().as_str(), 60));
+        let response = post_token(&h.http, &h.server, &assertion, "system/*.read").await;
+        let other_token = response.json::<Value>().await.unwrap()["access_token"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let kick_off = h.kick_off("$export", &token).await;
+        let status_url = kick_off.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(h.get(&status_url, Some(&other_token)).await.status(), 404);
+        assert_eq!(h.get(&status_url, Some(&token)).await.status(), 202);
+    }
+
+    #[tokio::test]
+    async fn patient_and_group_level_exports_work() {
+        let h = Harness::start(Dataset::new(2, 3), fast_options()).await;
+        let token = h.token().await;
+        let group = format!("Group/{ALL_PATIENTS_GROUP_ID}/$export?_type=Patient");
+        for path in ["Patient/$export?_type=Patient", group.as_str()] {
+            let (_, manifest) = run_export(&h, path, &token).await;
+            assert_eq!(manifest["output"][0]["count"], 3, "{path}");
+            assert_eq!(
+                manifest["request"],
+                format!("{}/{path}", h.server.fhir_base_url())
+            );
+        }
+        let missing = h.kick_off("Group/nope/$export", &token).await;
+        assert_eq!(missing.status(), 404);
+    }
+
+    #[test]
+    fn plans_split_by_file_size_in_type_order() {
+        let d = Dataset::new(1, 10);
+        let types = vec!["Observation".to_string(), "Patient".to_string()];
+        let files = plan_files(&d, &types, None, 50);
+        let summary: Vec<(&str, &str, usize, usize)> = files
+            .iter()
+            .map(|f| {
+                (
+                    f.resource_type.as_str(),
+                    f.name.as_str(),
+                    f.first_index,
+                    f.count,
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("Observation", "Observation-1.ndjson", 0, 50),
+                ("Observation", "Observation-2.ndjson", 50, 50),
+                ("Observation", "Observation-3.ndjson", 100, 20),
+                ("Patient", "Patient-1.ndjson", 0, 10),
+            ]
+        );
+    }
+
+    #[test]
+    fn types_without_data_get_no_file() {
+        let d = Dataset::new(1, 3);
+        let files = plan_files(&d, &["Medication".to_string()], None, 10);
+        assert!(files.is_empty());
+        assert!(plan_files(&Dataset::new(1, 0), &["Patient".to_string()], None, 10).is_empty());
+    }
+
+    #[test]
+    fn since_plans_count_only_newer_resources() {
+        let d = Dataset::new(4, 20);
+        let since = OffsetDateTime::parse("2025-01-01T00:00:00Z", &Rfc3339).unwrap();
+        let expected = (0..d.count("Encounter"))
+            .filter(|i| d.last_updated("Encounter", *i) > since)
+            .count();
+        assert!(expected > 0 && expected < d.count("Encounter"));
+        let files = plan_files(&d, &["Encounter".to_string()], Some(since), 7);
+        assert_eq!(files.iter().map(|f| f.count).sum::<usize>(), expected);
+        assert!(files.iter().all(|f| f.count <= 7));
+    }
+
+    #[test]
+    fn streamed_chunks_hold_exactly_the_planned_lines() {
+        let d = Dataset::new(2, 40);
+        let since = OffsetDateTime::parse("2024-09-01T00:00:00+02:00", &Rfc3339).unwrap();
+        for since in [None, Some(since)] {
+            for file in plan_files(&d, &["Observation".to_string()], since, 200) {
+                let mut lines = FileLines {
+                    dataset: d.clone(),
+                    file: file.clone(),
+                    since,
+                    next_index: 0,
+                    written: 0,
+                };
+                let mut body = Vec::new();
+                let mut chunks = 0;
+                loop {
+                    let chunk = lines.next_chunk();
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    assert!(chunk.len() < CHUNK_BYTES + 4 * 1024);
+                    assert!(chunk.ends_with(b"\n"), "chunks end on a line boundary");
+                    chunks += 1;
+                    body.extend_from_slice(&chunk);
+                }
+                let text = String::from_utf8(body).unwrap();
+                assert_eq!(text.lines().count(), file.count);
+                assert!(
+                    file.count < 200 || chunks > 1,
+                    "a full file spans several chunks"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn kick_off_parameters_are_validated() {
+        let ok = KickOffParams::parse("_type=Patient,Observation&_type=Patient&_outputFormat=application%2Ffhir%2Bndjson&_elements=id&foo=bar").unwrap();
+        assert_eq!(ok.types.unwrap(), ["Patient", "Observation"]);
+        let since = KickOffParams::parse("_since=2024-06-01T00:00:00%2B05:00").unwrap();
+        assert_eq!(
+            since.since,
+            Some(OffsetDateTime::parse("2024-06-01T00:00:00+05:00", &Rfc3339).unwrap())
+        );
+        assert_eq!(
+            KickOffParams::parse("").unwrap(),
+            KickOffParams {
+                types: None,
+                since: None
+            }
+        );
+        for bad in [
+            "_type=patient",
+            "_type=Patient,,Observation",
+            "_type=Obs%20ervation",
+            "_outputFormat=application/fhir+ndjson",
+            "_outputFormat=application/json",
+            "_since=2024-06-01",
+            "_since=2024-06-01T00:00:00+05:00",
+            "_since=2999-01-01T00:00:00Z",
+            "_since=2024-06-01T00:00:00Z&_since=2024-06-02T00:00:00Z",
+        ] {
+            assert!(
+                KickOffParams::parse(bad).is_err(),
+                "{bad} should be refused"
+            );
+        }
+    }
+}

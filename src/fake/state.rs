@@ -1,0 +1,83 @@
+//! The fake server's shared state: registered clients, issued tokens, running exports and the
+//! record of everything it saw, behind one `Arc<ServerState>` with one mutex.
+//!
+//! Keeping all mutable state in one place is what lets later tests script faults (expire tokens,
+//! fail a file once) by reaching into a single struct. The mutex is a std one and must never be
+//! held across an `.await` or while generating file contents; handlers copy what they need and
+//! let go. Nothing here may log secrets: tokens and assertions are stored only so that leak tests
+//! can search logs for them.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use jsonwebtoken::jwk::JwkSet;
+use time::OffsetDateTime;
+use url::Url;
+
+use super::data::Dataset;
+use super::export::Export;
+use super::{FakeOptions, RecordedRequest, TokenAttempt};
+
+pub(crate) struct ServerState {
+    pub(crate) options: FakeOptions,
+    pub(crate) dataset: Dataset,
+    /// `http://127.0.0.1:PORT`, known once the listener is bound and fixed from then on.
+    pub(crate) origin: Url,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+pub(crate) struct Inner {
+    pub(crate) clients: HashMap<String, JwkSet>,
+    /// `(iss, jti)` pairs already presented; SMART requires each assertion be used once.
+    pub(crate) used_jtis: HashSet<(String, String)>,
+    pub(crate) tokens: HashMap<String, IssuedToken>,
+    pub(crate) token_attempts: Vec<TokenAttempt>,
+    pub(crate) issued_tokens: Vec<String>,
+    pub(crate) received_assertions: Vec<String>,
+    pub(crate) exports: HashMap<String, Export>,
+    pub(crate) requests: Vec<RecordedRequest>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct IssuedToken {
+    pub(crate) client_id: String,
+    pub(crate) scopes: Vec<String>,
+    pub(crate) expires_at: OffsetDateTime,
+}
+
+impl ServerState {
+    pub(crate) fn new(options: FakeOptions, dataset: Dataset, origin: Url) -> Self {
+        ServerState {
+            options,
+            dataset,
+            origin,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    /// Locks the shared state. A panic while holding the lock (a failing assertion in a test
+    /// that reached in) must not make every later request fail too, so poisoning is ignored:
+    /// each critical section leaves the state consistent before anything can panic.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// `http://127.0.0.1:PORT/fhir`, without a trailing slash.
+    pub(crate) fn fhir_base_url(&self) -> Url {
+        self.url("/fhir")
+    }
+
+    pub(crate) fn token_url(&self) -> Url {
+        self.url("/auth/token")
+    }
+
+    /// An absolute URL on this server for `path` (which starts with `/`).
+    pub(crate) fn url(&self, path: &str) -> Url {
+        let mut url = self.origin.clone();
+        url.set_path(path);
+        url
+    }
+}
