@@ -320,12 +320,11 @@ async fn load_file(
             Ok(stats) => {
                 runs.file_loaded(target.file_id, read).await?;
                 let accounted = stats.resumed_after_line + stats.lines;
-                if let Some(count) = file.count {
-                    if stats.resumed_after_line == 0 && stats.loaded + stats.rejected != count {
+                if let Some(count) = file.count
+                    && stats.resumed_after_line == 0 && stats.loaded + stats.rejected != count {
                         tracing::warn!(manifest.count = count, loaded = stats.loaded, rejected = stats.rejected,
                             "the file's line count differs from the manifest's count");
                     }
-                }
                 tracing::info!(lines = accounted, loaded = stats.loaded, rejected = stats.rejected, bytes = read, "file loaded");
                 return Ok(());
             }

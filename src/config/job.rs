@@ -258,11 +258,10 @@ fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result
     };
     // Load the key now so that a missing file, an unset variable or a key of the wrong kind is a
     // config error, reported with the others, rather than a failure at 2 a.m.
-    if let (Some((field, source)), Some(alg)) = (&key, algorithm) {
-        if let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone()) {
+    if let (Some((field, source)), Some(alg)) = (&key, algorithm)
+        && let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone()) {
             problem((*field).into(), e.to_string());
         }
-    }
     for (i, scope) in file.auth.scopes.iter().enumerate() {
         if !scope.starts_with("system/") {
             problem(format!("auth.scopes[{i}]"), format!("{scope:?} is not a system-level scope (system/<Type>.<access>)"));
@@ -291,13 +290,14 @@ fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result
         _ => {}
     }
     let export = &file.export;
-    if !(export.poll_min_interval_seconds > 0.0) {
+    let positive = |seconds: f64| seconds.is_finite() && seconds > 0.0;
+    if !positive(export.poll_min_interval_seconds) {
         problem("export.poll_min_interval_seconds".into(), "must be greater than 0".into());
     }
-    if !(export.poll_max_interval_seconds >= export.poll_min_interval_seconds) {
+    if !positive(export.poll_max_interval_seconds) || export.poll_max_interval_seconds < export.poll_min_interval_seconds {
         problem("export.poll_max_interval_seconds".into(), "must be at least poll_min_interval_seconds".into());
     }
-    if !(export.poll_default_interval_seconds > 0.0) {
+    if !positive(export.poll_default_interval_seconds) {
         problem("export.poll_default_interval_seconds".into(), "must be greater than 0".into());
     }
     if export.timeout_seconds == 0 {

@@ -81,22 +81,20 @@ impl TokenManager {
     /// A token valid for a while yet, renewing first if the cached one is near expiry.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
         let mut state = self.state.lock().await;
-        if let Some(cached) = &state.cached {
-            if Instant::now() < cached.renew_at {
+        if let Some(cached) = &state.cached
+            && Instant::now() < cached.renew_at {
                 return Ok(cached.token.clone());
             }
-        }
         self.renew(&mut state).await
     }
 
     /// After a 401: renews unless another task already replaced the refused token.
     pub async fn token_after_rejection(&self, refused: &AccessToken) -> Result<AccessToken, AuthError> {
         let mut state = self.state.lock().await;
-        if let Some(cached) = &state.cached {
-            if cached.token.generation != refused.generation && Instant::now() < cached.renew_at {
+        if let Some(cached) = &state.cached
+            && cached.token.generation != refused.generation && Instant::now() < cached.renew_at {
                 return Ok(cached.token.clone());
             }
-        }
         tracing::info!(token.generation = refused.generation, "access token refused by the server, renewing");
         self.renew(&mut state).await
     }
@@ -169,11 +167,10 @@ impl TokenManager {
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| AuthError::BadResponse(format!("not a token response: {e}")))?;
-        if let Some(kind) = &parsed.token_type {
-            if !kind.eq_ignore_ascii_case("bearer") {
+        if let Some(kind) = &parsed.token_type
+            && !kind.eq_ignore_ascii_case("bearer") {
                 return Err(AuthError::BadResponse(format!("token_type {kind:?} is not bearer")));
             }
-        }
         let lifetime = match &parsed.expires_in {
             None => DEFAULT_LIFETIME,
             Some(value) => parse_expires_in(value)

@@ -174,17 +174,15 @@ fn classify(target: &FileTarget, line_number: u64, line: &[u8], batch: &mut Batc
             }
             let meta = parsed.meta.as_ref();
             let version_id = meta.and_then(|m| m.version_id.as_deref());
-            if let Some(version) = version_id {
-                if !fhir::is_valid_id(version) {
+            if let Some(version) = version_id
+                && !fhir::is_valid_id(version) {
                     return batch.reject(line_number, format!("meta.versionId {version:?} is not a valid id"), line);
                 }
-            }
             let last_updated = meta.and_then(|m| m.last_updated.as_deref());
-            if let Some(instant) = last_updated {
-                if fhir::parse_instant(instant).is_none() {
+            if let Some(instant) = last_updated
+                && fhir::parse_instant(instant).is_none() {
                     return batch.reject(line_number, format!("meta.lastUpdated {instant:?} is not a FHIR instant"), line);
                 }
-            }
             // Columns: line, id, version_id, last_updated, resource. Empty unquoted = NULL.
             let copy = &mut batch.copy;
             copy.extend_from_slice(line_number.to_string().as_bytes());

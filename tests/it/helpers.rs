@@ -16,6 +16,8 @@ fn admin_url() -> String {
 }
 
 /// A database created for one test and dropped (with its connections) when the value drops.
+// The database name is generated here from a UUID, never from input, so formatting it into
+// DDL (which cannot take bind parameters) is safe.
 pub struct TestDb {
     pub pool: PgPool,
     name: String,
@@ -28,7 +30,7 @@ impl TestDb {
         let mut conn = sqlx::PgConnection::connect_with(&admin)
             .await
             .expect("cannot reach PostgreSQL: set DATABASE_URL or run scripts/test.sh");
-        sqlx::query(&format!("CREATE DATABASE {name}")).execute(&mut conn).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
         conn.close().await.unwrap();
         let pool = PgPoolOptions::new().max_connections(8).connect_with(admin.database(&name)).await.unwrap();
         warehouse::migrate(&pool).await.unwrap();
@@ -46,7 +48,7 @@ impl Drop for TestDb {
             runtime.block_on(async {
                 let admin = PgConnectOptions::from_str(&admin_url()).unwrap();
                 if let Ok(mut conn) = sqlx::PgConnection::connect_with(&admin).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)")).execute(&mut conn).await;
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
                 }
             });
         });
