@@ -20,12 +20,15 @@ use crate::warehouse::{self, Runs};
 /// Opens the pool described by `settings`.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let options = PgConnectOptions::from_str(url.expose_secret()).context("database.url is not a valid PostgreSQL URL")?;
+    let options = PgConnectOptions::from_str(url.expose_secret())
+        .context("database.url is not a valid PostgreSQL URL")?;
     let host = options.get_host().to_string();
     let database = options.get_database().unwrap_or("postgres").to_string();
     PgPoolOptions::new()
         .max_connections(settings.database.max_connections)
-        .acquire_timeout(Duration::from_secs(settings.database.connect_timeout_seconds))
+        .acquire_timeout(Duration::from_secs(
+            settings.database.connect_timeout_seconds,
+        ))
         .connect_with(options)
         .await
         .with_context(|| format!("cannot connect to PostgreSQL database {database:?} on {host}"))
@@ -34,26 +37,42 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 /// `fhir-sync migrate`.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = connect(settings).await?;
-    warehouse::migrate(&pool).await.context("applying migrations failed")?;
+    warehouse::migrate(&pool)
+        .await
+        .context("applying migrations failed")?;
     println!("database schema is up to date");
     Ok(())
 }
 
 fn jobs_dir(settings: &Settings, override_dir: Option<&Path>) -> PathBuf {
-    override_dir.map(Path::to_path_buf).unwrap_or_else(|| settings.sync.jobs_dir.clone())
+    override_dir
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| settings.sync.jobs_dir.clone())
 }
 
 /// `fhir-sync run <job>`: one full sync now, in the foreground.
-pub async fn run(settings: &Settings, jobs_dir_override: Option<&Path>, job_name: &str) -> anyhow::Result<()> {
+pub async fn run(
+    settings: &Settings,
+    jobs_dir_override: Option<&Path>,
+    job_name: &str,
+) -> anyhow::Result<()> {
     let dir = jobs_dir(settings, jobs_dir_override);
     let path = dir.join(format!("{job_name}.toml"));
     if !path.exists() {
-        anyhow::bail!("no job named {job_name:?}: {} does not exist", path.display());
+        anyhow::bail!(
+            "no job named {job_name:?}: {} does not exist",
+            path.display()
+        );
     }
     let job = config::load_job(&path)?;
     let pool = connect(settings).await?;
-    warehouse::migrate(&pool).await.context("applying migrations failed")?;
-    let ctx = SyncContext { pool, settings: settings.sync.clone() };
+    warehouse::migrate(&pool)
+        .await
+        .context("applying migrations failed")?;
+    let ctx = SyncContext {
+        pool,
+        settings: settings.sync.clone(),
+    };
     let report = sync::run_job(&ctx, &job).await?;
     print_report(&job.name, &report);
     Ok(())
@@ -69,25 +88,55 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
         report.bytes as f64 / 1_000_000.0,
         report.elapsed.as_secs_f64()
     );
-    println!("  {:<22} {:>6} {:>10} {:>9}", "resource type", "files", "loaded", "rejected");
+    println!(
+        "  {:<22} {:>6} {:>10} {:>9}",
+        "resource type", "files", "loaded", "rejected"
+    );
     for t in &report.types {
-        println!("  {:<22} {:>6} {:>10} {:>9}", t.resource_type, t.files, t.resources_loaded, t.lines_rejected);
+        println!(
+            "  {:<22} {:>6} {:>10} {:>9}",
+            t.resource_type, t.files, t.resources_loaded, t.lines_rejected
+        );
     }
-    println!("  {:<22} {:>6} {:>10} {:>9}", "total", report.output_files, report.resources_loaded(), report.lines_rejected());
+    println!(
+        "  {:<22} {:>6} {:>10} {:>9}",
+        "total",
+        report.output_files,
+        report.resources_loaded(),
+        report.lines_rejected()
+    );
     if report.error_files > 0 {
-        println!("  the server reported {} export errors in {} error files (fhir_sync.export_error)", report.export_errors, report.error_files);
+        println!(
+            "  the server reported {} export errors in {} error files (fhir_sync.export_error)",
+            report.export_errors, report.error_files
+        );
     }
     println!("  export transactionTime: {}", report.transaction_time);
 }
 
 /// `fhir-sync keys generate`: writes a new private key (mode 0600) and prints its public JWKS.
-pub fn keys_generate(algorithm: SigningAlgorithm, out: &Path, kid: Option<String>, force: bool) -> anyhow::Result<()> {
+pub fn keys_generate(
+    algorithm: SigningAlgorithm,
+    out: &Path,
+    kid: Option<String>,
+    force: bool,
+) -> anyhow::Result<()> {
     let pem = smart::generate(algorithm)?;
     let key = SigningKey::from_pem(&pem, algorithm, kid, &out.display().to_string())?;
-    smart::write_private_key(out, &pem, force)
-        .with_context(|| format!("cannot write {} (use --force to overwrite an existing file)", out.display()))?;
-    eprintln!("wrote the {algorithm} private key to {} (mode 0600); keep it secret", out.display());
-    eprintln!("register this public JWKS with the EHR (kid {}):", key.kid());
+    smart::write_private_key(out, &pem, force).with_context(|| {
+        format!(
+            "cannot write {} (use --force to overwrite an existing file)",
+            out.display()
+        )
+    })?;
+    eprintln!(
+        "wrote the {algorithm} private key to {} (mode 0600); keep it secret",
+        out.display()
+    );
+    eprintln!(
+        "register this public JWKS with the EHR (kid {}):",
+        key.kid()
+    );
     println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
     Ok(())
 }
@@ -102,7 +151,10 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
             None
         }
     };
-    let dir = jobs_dir(settings.as_ref().unwrap_or(&Settings::default()), jobs_dir_override);
+    let dir = jobs_dir(
+        settings.as_ref().unwrap_or(&Settings::default()),
+        jobs_dir_override,
+    );
     let jobs = match config::load_jobs(&dir) {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -113,8 +165,18 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
     if problems.is_empty() {
         println!("configuration in {} is valid", config_dir.display());
         for job in &jobs {
-            let schedule = job.schedule.as_ref().map_or("no schedule".to_string(), |s| format!("{} ({})", s.cron, s.timezone));
-            println!("  job {}: {} types from {}, {schedule}", job.name, job.export.types.len(), job.fhir.base_url);
+            let schedule = job
+                .schedule
+                .as_ref()
+                .map_or("no schedule".to_string(), |s| {
+                    format!("{} ({})", s.cron, s.timezone)
+                });
+            println!(
+                "  job {}: {} types from {}, {schedule}",
+                job.name,
+                job.export.types.len(),
+                job.fhir.base_url
+            );
         }
         Ok(true)
     } else {
@@ -124,9 +186,17 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
 }
 
 /// `fhir-sync status`: recent runs.
-pub async fn status(settings: &Settings, job: Option<&str>, limit: i64, json: bool) -> anyhow::Result<()> {
+pub async fn status(
+    settings: &Settings,
+    job: Option<&str>,
+    limit: i64,
+    json: bool,
+) -> anyhow::Result<()> {
     let pool = connect(settings).await?;
-    let runs = Runs::new(pool).recent(job, limit).await.context("cannot read the run history (has `fhir-sync migrate` run?)")?;
+    let runs = Runs::new(pool)
+        .recent(job, limit)
+        .await
+        .context("cannot read the run history (has `fhir-sync migrate` run?)")?;
     if json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
     } else {

@@ -37,7 +37,10 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
         file: PathBuf::from("(built-in demo job)"),
         description: Some("the embedded fake FHIR server".into()),
         enabled: true,
-        fhir: FhirConfig { base_url: server.fhir_base_url(), allow_insecure_http: false },
+        fhir: FhirConfig {
+            base_url: server.fhir_base_url(),
+            allow_insecure_http: false,
+        },
         auth: AuthConfig {
             client_id: CLIENT_ID.into(),
             key: KeySource::Inline(key_pem),
@@ -48,7 +51,10 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
         export: ExportConfig {
             level: ExportLevel::System,
             group_id: None,
-            types: crate::fake::RESOURCE_TYPES.iter().map(|t| t.to_string()).collect(),
+            types: crate::fake::RESOURCE_TYPES
+                .iter()
+                .map(|t| t.to_string())
+                .collect(),
             poll_min_interval_seconds: 0.1,
             poll_max_interval_seconds: 5.0,
             poll_default_interval_seconds: 1.0,
@@ -65,12 +71,20 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     settings.database.url = SecretString::from(database_url.clone());
     settings.database.password_file = None;
     let pool = app::connect(&settings).await?;
-    warehouse::migrate(&pool).await.context("applying migrations failed")?;
+    warehouse::migrate(&pool)
+        .await
+        .context("applying migrations failed")?;
 
     let dataset = Dataset::new(options.seed, options.patients);
-    let server = FakeFhirServer::start(dataset.clone(), FakeOptions { polls_before_ready: 2, ..FakeOptions::default() })
-        .await
-        .context("cannot start the fake FHIR server")?;
+    let server = FakeFhirServer::start(
+        dataset.clone(),
+        FakeOptions {
+            polls_before_ready: 2,
+            ..FakeOptions::default()
+        },
+    )
+    .await
+    .context("cannot start the fake FHIR server")?;
     let pem = smart::generate(SigningAlgorithm::RS384)?;
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "the demo key")?;
     server.register_client(CLIENT_ID, key.public_jwks());
@@ -82,7 +96,10 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     );
 
     let job = demo_job(&server, pem);
-    let ctx = SyncContext { pool: pool.clone(), settings: settings.sync.clone() };
+    let ctx = SyncContext {
+        pool: pool.clone(),
+        settings: settings.sync.clone(),
+    };
     let report = sync::run_job(&ctx, &job).await?;
     app::print_report(&job.name, &report);
 
@@ -94,11 +111,19 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     .await?
     .into_iter()
     .collect();
-    let expected: BTreeMap<String, i64> = dataset.counts().into_iter().map(|(t, n)| (t, n as i64)).collect();
+    let expected: BTreeMap<String, i64> = dataset
+        .counts()
+        .into_iter()
+        .map(|(t, n)| (t, n as i64))
+        .collect();
     if landed != expected {
-        anyhow::bail!("the database holds {landed:?} from this run but the fake server generated {expected:?}");
+        anyhow::bail!(
+            "the database holds {landed:?} from this run but the fake server generated {expected:?}"
+        );
     }
-    println!("\nverified: the rows in PostgreSQL match what the fake server generated, type by type");
+    println!(
+        "\nverified: the rows in PostgreSQL match what the fake server generated, type by type"
+    );
     println!("\nlook at the data:");
     println!(
         "  psql '{}' -c \"select resource_type, count(*) from fhir_sync.resource where source = 'demo' group by 1\"",

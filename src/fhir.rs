@@ -56,7 +56,8 @@ pub fn closest_resource_type(name: &str) -> Option<&'static str> {
     R4_RESOURCE_TYPES
         .iter()
         .map(|candidate| {
-            let distance = strsim::levenshtein(&name.to_ascii_lowercase(), &candidate.to_ascii_lowercase());
+            let distance =
+                strsim::levenshtein(&name.to_ascii_lowercase(), &candidate.to_ascii_lowercase());
             (distance, *candidate)
         })
         .filter(|(distance, _)| *distance <= 3)
@@ -67,7 +68,9 @@ pub fn closest_resource_type(name: &str) -> Option<&'static str> {
 /// FHIR `id` syntax: `[A-Za-z0-9\-\.]{1,64}`.
 pub fn is_valid_id(id: &str) -> bool {
     (1..=64).contains(&id.len())
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// Parses a FHIR `instant` (RFC 3339 with a mandatory offset, e.g. `2024-05-01T10:00:00.123Z`).

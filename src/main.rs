@@ -9,10 +9,19 @@ use fhir_sync::smart::SigningAlgorithm;
 use fhir_sync::{app, demo, ops};
 
 #[derive(Parser)]
-#[command(name = "fhir-sync", version, about = "Keep a PostgreSQL warehouse in sync with EHR FHIR servers (Bulk Data $export)")]
+#[command(
+    name = "fhir-sync",
+    version,
+    about = "Keep a PostgreSQL warehouse in sync with EHR FHIR servers (Bulk Data $export)"
+)]
 struct Cli {
     /// Directory with default.toml and {FHIR_SYNC_ENV}.toml.
-    #[arg(long, global = true, default_value = "config", env = "FHIR_SYNC_CONFIG_DIR")]
+    #[arg(
+        long,
+        global = true,
+        default_value = "config",
+        env = "FHIR_SYNC_CONFIG_DIR"
+    )]
     config_dir: PathBuf,
     /// Directory of job files (overrides sync.jobs_dir).
     #[arg(long, global = true)]
@@ -98,14 +107,24 @@ fn parse_algorithm(s: &str) -> Result<SigningAlgorithm, String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match &cli.command {
-        Command::Config { command: ConfigCommand::Check } => {
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
             return match app::config_check(&cli.config_dir, cli.jobs_dir.as_deref()) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => report(e),
             };
         }
-        Command::Keys { command: KeysCommand::Generate { alg, out, kid, force } } => {
+        Command::Keys {
+            command:
+                KeysCommand::Generate {
+                    alg,
+                    out,
+                    kid,
+                    force,
+                },
+        } => {
             return match app::keys_generate(*alg, out, kid.clone(), *force) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => report(e),
@@ -124,13 +143,29 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Demo { patients, seed, state_dir } => {
-                demo::run(&settings, &demo::DemoOptions { patients, seed, state_dir }).await
+            Command::Demo {
+                patients,
+                seed,
+                state_dir,
+            } => {
+                demo::run(
+                    &settings,
+                    &demo::DemoOptions {
+                        patients,
+                        seed,
+                        state_dir,
+                    },
+                )
+                .await
             }
             Command::Run { job } => app::run(&settings, cli.jobs_dir.as_deref(), &job).await,
             Command::Migrate => app::migrate(&settings).await,
-            Command::Status { job, limit, json } => app::status(&settings, job.as_deref(), limit, json).await,
-            Command::Keys { .. } | Command::Config { .. } => unreachable!("handled before the runtime starts"),
+            Command::Status { job, limit, json } => {
+                app::status(&settings, job.as_deref(), limit, json).await
+            }
+            Command::Keys { .. } | Command::Config { .. } => {
+                unreachable!("handled before the runtime starts")
+            }
         }
     });
     match result {

@@ -18,7 +18,9 @@ use crate::bulk::{BulkClient, ExportError, ExportRequest, Manifest, ManifestFile
 use crate::config::{JobConfig, SyncSettings};
 use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
 use crate::transport::{self, HttpOptions};
-use crate::warehouse::{self, FileKind, FileTarget, LoadError, LoadLimits, RunOutcome, Runs, TypeCount};
+use crate::warehouse::{
+    self, FileKind, FileTarget, LoadError, LoadLimits, RunOutcome, Runs, TypeCount,
+};
 
 /// What a run needs from the service: the database and the sync settings.
 #[derive(Clone)]
@@ -107,21 +109,37 @@ pub struct RunFailed {
 
 /// Runs one full (non-incremental) export of `job` now and records it.
 pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, RunFailed> {
-    let failed = |run_id, error| RunFailed { job: job.name.clone(), run_id, error };
+    let failed = |run_id, error| RunFailed {
+        job: job.name.clone(),
+        run_id,
+        error,
+    };
     let runs = Runs::new(ctx.pool.clone());
     let run_id = runs
-        .start(&job.name, &job.name, &transport::redacted(&job.fhir.base_url), None)
+        .start(
+            &job.name,
+            &job.name,
+            &transport::redacted(&job.fhir.base_url),
+            None,
+        )
         .await
         .map_err(|e| failed(None, e.into()))?;
     let span = tracing::info_span!("run", job.name = %job.name, run.id = run_id);
     let started = Instant::now();
-    let result = execute(ctx, job, &runs, run_id).instrument(span.clone()).await;
+    let result = execute(ctx, job, &runs, run_id)
+        .instrument(span.clone())
+        .await;
     let _entered = span.enter();
     match result {
         Ok(mut report) => {
-            runs.finish(run_id, &RunOutcome::Succeeded).await.map_err(|e| failed(Some(run_id), e.into()))?;
+            runs.finish(run_id, &RunOutcome::Succeeded)
+                .await
+                .map_err(|e| failed(Some(run_id), e.into()))?;
             report.elapsed = started.elapsed();
-            report.types = runs.type_counts(run_id).await.map_err(|e| failed(Some(run_id), e.into()))?;
+            report.types = runs
+                .type_counts(run_id)
+                .await
+                .map_err(|e| failed(Some(run_id), e.into()))?;
             tracing::info!(
                 resources = report.resources_loaded(),
                 rejected = report.lines_rejected(),
@@ -132,7 +150,10 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
             Ok(report)
         }
         Err(error) => {
-            let outcome = RunOutcome::Failed { error: error_chain(&error), retryable: error.is_retryable() };
+            let outcome = RunOutcome::Failed {
+                error: error_chain(&error),
+                retryable: error.is_retryable(),
+            };
             tracing::error!(error = %error_chain(&error), retryable = error.is_retryable(), "run failed");
             if let Err(e) = runs.finish(run_id, &outcome).await {
                 tracing::error!(error = %e, "could not record the failed run");
@@ -142,7 +163,12 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
     }
 }
 
-async fn execute(ctx: &SyncContext, job: &JobConfig, runs: &Runs, run_id: i64) -> Result<RunReport, SyncError> {
+async fn execute(
+    ctx: &SyncContext,
+    job: &JobConfig,
+    runs: &Runs,
+    run_id: i64,
+) -> Result<RunReport, SyncError> {
     let settings = &ctx.settings;
     let allow_insecure_http = job.fhir.allow_insecure_http;
     let http = transport::client(HttpOptions {
@@ -155,7 +181,10 @@ async fn execute(ctx: &SyncContext, job: &JobConfig, runs: &Runs, run_id: i64) -
     let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
     let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
     if !discovered.signing_algorithms.is_empty()
-        && !discovered.signing_algorithms.iter().any(|a| a == job.auth.algorithm.as_str())
+        && !discovered
+            .signing_algorithms
+            .iter()
+            .any(|a| a == job.auth.algorithm.as_str())
     {
         tracing::warn!(
             auth.algorithm = %job.auth.algorithm,
@@ -179,7 +208,12 @@ async fn execute(ctx: &SyncContext, job: &JobConfig, runs: &Runs, run_id: i64) -
         since: None,
     };
     let kick_off = bulk.kick_off(&request).await?;
-    runs.kicked_off(run_id, kick_off.request_url.as_str(), kick_off.status_url.as_str()).await?;
+    runs.kicked_off(
+        run_id,
+        kick_off.request_url.as_str(),
+        kick_off.status_url.as_str(),
+    )
+    .await?;
     tracing::info!(export.status_url = %transport::redacted(&kick_off.status_url), "export started");
 
     let policy = PollPolicy {
@@ -218,7 +252,10 @@ async fn execute(ctx: &SyncContext, job: &JobConfig, runs: &Runs, run_id: i64) -
 
     let files = register_files(runs, run_id, &manifest).await?;
     let bytes = AtomicU64::new(0);
-    let limits = LoadLimits { batch_lines: settings.batch_lines, max_line_bytes: settings.max_line_bytes };
+    let limits = LoadLimits {
+        batch_lines: settings.batch_lines,
+        max_line_bytes: settings.max_line_bytes,
+    };
     let results: Vec<Result<(), SyncError>> = futures::stream::iter(files.iter())
         .map(|(record, file, kind)| {
             let target = FileTarget {
@@ -247,10 +284,12 @@ async fn execute(ctx: &SyncContext, job: &JobConfig, runs: &Runs, run_id: i64) -
     if let Err(e) = bulk.delete(&kick_off.status_url).await {
         tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
     }
-    let export_errors = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM fhir_sync.export_error WHERE run_id = $1")
-        .bind(run_id)
-        .fetch_one(&ctx.pool)
-        .await? as u64;
+    let export_errors = sqlx::query_scalar::<_, i64>(
+        "SELECT count(*) FROM fhir_sync.export_error WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&ctx.pool)
+    .await? as u64;
     Ok(RunReport {
         run_id,
         transaction_time: manifest.transaction_time.clone(),
@@ -277,11 +316,22 @@ async fn register_files<'m>(
     let rows: Vec<(&str, &str, String, Option<u64>)> = listed
         .iter()
         .map(|(f, kind)| {
-            let kind = if *kind == FileKind::Output { "output" } else { "error" };
-            (kind, f.resource_type.as_str(), transport::redacted(&f.url), f.count)
+            let kind = if *kind == FileKind::Output {
+                "output"
+            } else {
+                "error"
+            };
+            (
+                kind,
+                f.resource_type.as_str(),
+                transport::redacted(&f.url),
+                f.count,
+            )
         })
         .collect();
-    let records = runs.manifest(run_id, &manifest.transaction_time, &rows).await?;
+    let records = runs
+        .manifest(run_id, &manifest.transaction_time, &rows)
+        .await?;
     // Rows come back in insertion order, which is manifest order.
     if records.len() != listed.len() {
         return Err(SyncError::Unsupported(format!(
@@ -290,7 +340,11 @@ async fn register_files<'m>(
             records.len()
         )));
     }
-    Ok(records.into_iter().zip(listed).map(|(record, (file, kind))| (record, file, kind)).collect())
+    Ok(records
+        .into_iter()
+        .zip(listed)
+        .map(|(record, (file, kind))| (record, file, kind))
+        .collect())
 }
 
 /// Attempts per file for retryable failures; each attempt resumes after the committed lines.
@@ -313,7 +367,16 @@ async fn load_file(
     loop {
         attempt += 1;
         let bytes = AtomicU64::new(0);
-        let result = download_and_load(pool, bulk, &target, file, requires_access_token, limits, &bytes).await;
+        let result = download_and_load(
+            pool,
+            bulk,
+            &target,
+            file,
+            requires_access_token,
+            limits,
+            &bytes,
+        )
+        .await;
         let read = bytes.load(Ordering::Relaxed);
         total_bytes.fetch_add(read, Ordering::Relaxed);
         let error = match result {
@@ -321,11 +384,23 @@ async fn load_file(
                 runs.file_loaded(target.file_id, read).await?;
                 let accounted = stats.resumed_after_line + stats.lines;
                 if let Some(count) = file.count
-                    && stats.resumed_after_line == 0 && stats.loaded + stats.rejected != count {
-                        tracing::warn!(manifest.count = count, loaded = stats.loaded, rejected = stats.rejected,
-                            "the file's line count differs from the manifest's count");
-                    }
-                tracing::info!(lines = accounted, loaded = stats.loaded, rejected = stats.rejected, bytes = read, "file loaded");
+                    && stats.resumed_after_line == 0
+                    && stats.loaded + stats.rejected != count
+                {
+                    tracing::warn!(
+                        manifest.count = count,
+                        loaded = stats.loaded,
+                        rejected = stats.rejected,
+                        "the file's line count differs from the manifest's count"
+                    );
+                }
+                tracing::info!(
+                    lines = accounted,
+                    loaded = stats.loaded,
+                    rejected = stats.rejected,
+                    bytes = read,
+                    "file loaded"
+                );
                 return Ok(());
             }
             Err(error) => error,
@@ -337,7 +412,8 @@ async fn load_file(
             tokio::time::sleep(delay).await;
             continue;
         }
-        runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+        runs.file_failed(target.file_id, read, &error_chain(&error))
+            .await?;
         tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
         return Err(error);
     }
@@ -356,7 +432,10 @@ async fn download_and_load(
     let response = bulk
         .open_file(file, requires_access_token)
         .await
-        .map_err(|source| SyncError::Download { file: name.clone(), source })?;
+        .map_err(|source| SyncError::Download {
+            file: name.clone(),
+            source,
+        })?;
     let stream = response
         .bytes_stream()
         .inspect_ok(|chunk| {

@@ -72,7 +72,11 @@ pub fn same_origin(a: &Url, b: &Url) -> bool {
 /// Unlike `Url::join`, this keeps the base's last path segment when it has no trailing slash.
 pub fn append_path(base: &Url, path: &str) -> Url {
     let mut url = base.clone();
-    let joined = format!("{}/{}", base.path().trim_end_matches('/'), path.trim_start_matches('/'));
+    let joined = format!(
+        "{}/{}",
+        base.path().trim_end_matches('/'),
+        path.trim_start_matches('/')
+    );
     url.set_path(&joined);
     url.set_query(None);
     url
@@ -105,30 +109,56 @@ mod tests {
             ("ftp://ehr.example.org/fhir", true, false),
         ];
         for (url, opt_in, allowed) in cases {
-            assert_eq!(check_url(&Url::parse(url).unwrap(), opt_in).is_ok(), allowed, "{url} opt_in={opt_in}");
+            assert_eq!(
+                check_url(&Url::parse(url).unwrap(), opt_in).is_ok(),
+                allowed,
+                "{url} opt_in={opt_in}"
+            );
         }
     }
 
     #[test]
     fn redaction_drops_query_and_credentials() {
-        let url = Url::parse("https://u:p@files.example.org/a.ndjson?X-Amz-Signature=secret#x").unwrap();
+        let url =
+            Url::parse("https://u:p@files.example.org/a.ndjson?X-Amz-Signature=secret#x").unwrap();
         assert_eq!(redacted(&url), "https://files.example.org/a.ndjson");
     }
 
     #[test]
     fn append_keeps_the_base_path() {
-        for base in ["https://h.example/apis/fhir", "https://h.example/apis/fhir/"] {
-            let url = append_path(&Url::parse(base).unwrap(), ".well-known/smart-configuration");
-            assert_eq!(url.as_str(), "https://h.example/apis/fhir/.well-known/smart-configuration");
+        for base in [
+            "https://h.example/apis/fhir",
+            "https://h.example/apis/fhir/",
+        ] {
+            let url = append_path(
+                &Url::parse(base).unwrap(),
+                ".well-known/smart-configuration",
+            );
+            assert_eq!(
+                url.as_str(),
+                "https://h.example/apis/fhir/.well-known/smart-configuration"
+            );
         }
-        assert_eq!(append_path(&Url::parse("https://h.example").unwrap(), "$export").as_str(), "https://h.example/$export");
+        assert_eq!(
+            append_path(&Url::parse("https://h.example").unwrap(), "$export").as_str(),
+            "https://h.example/$export"
+        );
     }
 
     #[test]
     fn origins() {
         let a = Url::parse("https://ehr.example.org/fhir").unwrap();
-        assert!(same_origin(&a, &Url::parse("https://ehr.example.org/files/1").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://ehr.example.org:8443/fhir").unwrap()));
-        assert!(!same_origin(&a, &Url::parse("https://cdn.example.org/fhir").unwrap()));
+        assert!(same_origin(
+            &a,
+            &Url::parse("https://ehr.example.org/files/1").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://ehr.example.org:8443/fhir").unwrap()
+        ));
+        assert!(!same_origin(
+            &a,
+            &Url::parse("https://cdn.example.org/fhir").unwrap()
+        ));
     }
 }

@@ -61,8 +61,18 @@ pub struct BulkClient {
 }
 
 impl BulkClient {
-    pub fn new(http: reqwest::Client, base: Url, tokens: Arc<TokenManager>, allow_insecure_http: bool) -> Self {
-        BulkClient { http, base, tokens, allow_insecure_http }
+    pub fn new(
+        http: reqwest::Client,
+        base: Url,
+        tokens: Arc<TokenManager>,
+        allow_insecure_http: bool,
+    ) -> Self {
+        BulkClient {
+            http,
+            base,
+            tokens,
+            allow_insecure_http,
+        }
     }
 
     /// The kick-off URL for `request`: `_type` as one comma-joined value (some servers accept
@@ -72,7 +82,9 @@ impl BulkClient {
             (ExportLevel::System, _) => "$export".to_string(),
             (ExportLevel::Patient, _) => "Patient/$export".to_string(),
             (ExportLevel::Group, Some(id)) => format!("Group/{id}/$export"),
-            (ExportLevel::Group, None) => unreachable!("config validation requires group_id for group exports"),
+            (ExportLevel::Group, None) => {
+                unreachable!("config validation requires group_id for group exports")
+            }
         };
         let mut url = transport::append_path(&self.base, &path);
         {
@@ -92,9 +104,16 @@ impl BulkClient {
         let request_url = self.kick_off_url(request);
         let context = "export kick-off";
         let response = self
-            .send(Method::GET, &request_url, Bearer::FhirOrigin, context, |r| {
-                r.header(ACCEPT, "application/fhir+json").header("Prefer", "respond-async")
-            })
+            .send(
+                Method::GET,
+                &request_url,
+                Bearer::FhirOrigin,
+                context,
+                |r| {
+                    r.header(ACCEPT, "application/fhir+json")
+                        .header("Prefer", "respond-async")
+                },
+            )
             .await?;
         let status = response.status();
         if status == StatusCode::ACCEPTED {
@@ -102,17 +121,30 @@ impl BulkClient {
                 .headers()
                 .get(CONTENT_LOCATION)
                 .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| ExportError::BadResponse("the kick-off answered 202 without Content-Location".into()))?;
-            let status_url = request_url
-                .join(location)
-                .map_err(|e| ExportError::BadResponse(format!("Content-Location {location:?} is not a URL: {e}")))?;
-            return Ok(KickOff { request_url, status_url });
+                .ok_or_else(|| {
+                    ExportError::BadResponse(
+                        "the kick-off answered 202 without Content-Location".into(),
+                    )
+                })?;
+            let status_url = request_url.join(location).map_err(|e| {
+                ExportError::BadResponse(format!("Content-Location {location:?} is not a URL: {e}"))
+            })?;
+            return Ok(KickOff {
+                request_url,
+                status_url,
+            });
         }
         let body = response.bytes().await.unwrap_or_default();
         if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
-            return Err(ExportError::Refused { status: status.as_u16(), diagnostics: outcome_text(&body) });
+            return Err(ExportError::Refused {
+                status: status.as_u16(),
+                diagnostics: outcome_text(&body),
+            });
         }
-        Err(ExportError::Status { context, status: status.as_u16() })
+        Err(ExportError::Status {
+            context,
+            status: status.as_u16(),
+        })
     }
 
     /// Polls the status URL until the manifest is ready, honouring `Retry-After` within the
@@ -127,18 +159,26 @@ impl BulkClient {
         let mut errors = 0u32;
         loop {
             let context = "export status";
-            let response = self.send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| r.header(ACCEPT, "application/json")).await;
+            let response = self
+                .send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| {
+                    r.header(ACCEPT, "application/json")
+                })
+                .await;
             let delay = match response {
                 Ok(response) if response.status() == StatusCode::OK => {
-                    let body = response
-                        .bytes()
-                        .await
-                        .map_err(|e| ExportError::Transport { context, source: e.without_url() })?;
+                    let body = response.bytes().await.map_err(|e| ExportError::Transport {
+                        context,
+                        source: e.without_url(),
+                    })?;
                     return Manifest::parse(&body, status_url);
                 }
                 Ok(response) if response.status() == StatusCode::ACCEPTED => {
                     errors = 0;
-                    if let Some(value) = response.headers().get("x-progress").and_then(|v| v.to_str().ok()) {
+                    if let Some(value) = response
+                        .headers()
+                        .get("x-progress")
+                        .and_then(|v| v.to_str().ok())
+                    {
                         progress(value);
                     }
                     retry_after(&response).unwrap_or(policy.default_interval)
@@ -148,16 +188,27 @@ impl BulkClient {
                     let hinted = retry_after(&response);
                     let body = response.bytes().await.unwrap_or_default();
                     let transient = status == StatusCode::TOO_MANY_REQUESTS
-                        || (status.is_server_error() && (body.is_empty() || outcome_is_transient(&body)))
+                        || (status.is_server_error()
+                            && (body.is_empty() || outcome_is_transient(&body)))
                         || outcome_is_transient(&body);
                     if !transient {
-                        return Err(ExportError::Failed { status: status.as_u16(), diagnostics: outcome_text(&body) });
+                        return Err(ExportError::Failed {
+                            status: status.as_u16(),
+                            diagnostics: outcome_text(&body),
+                        });
                     }
                     errors += 1;
                     if errors > MAX_POLL_ERRORS {
-                        return Err(ExportError::Status { context, status: status.as_u16() });
+                        return Err(ExportError::Status {
+                            context,
+                            status: status.as_u16(),
+                        });
                     }
-                    tracing::warn!(http.status = status.as_u16(), attempt = errors, "export status poll failed, will poll again");
+                    tracing::warn!(
+                        http.status = status.as_u16(),
+                        attempt = errors,
+                        "export status poll failed, will poll again"
+                    );
                     hinted.unwrap_or(policy.default_interval * 2u32.pow(errors.min(6)))
                 }
                 Err(e) if e.is_retryable() && errors < MAX_POLL_ERRORS => {
@@ -168,24 +219,40 @@ impl BulkClient {
                 Err(e) => return Err(e),
             };
             if started.elapsed() > policy.timeout {
-                return Err(ExportError::TimedOut { seconds: policy.timeout.as_secs() });
+                return Err(ExportError::TimedOut {
+                    seconds: policy.timeout.as_secs(),
+                });
             }
             tokio::time::sleep(delay.clamp(policy.min_interval, policy.max_interval)).await;
         }
     }
 
     /// Opens one output file for streaming. The body is not read here.
-    pub async fn open_file(&self, file: &ManifestFile, requires_access_token: bool) -> Result<Response, ExportError> {
-        transport::check_url(&file.url, self.allow_insecure_http)
-            .map_err(|m| ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url))))?;
+    pub async fn open_file(
+        &self,
+        file: &ManifestFile,
+        requires_access_token: bool,
+    ) -> Result<Response, ExportError> {
+        transport::check_url(&file.url, self.allow_insecure_http).map_err(|m| {
+            ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
+        })?;
         let context = "file download";
-        let bearer = if requires_access_token { Bearer::ManifestFile } else { Bearer::None };
+        let bearer = if requires_access_token {
+            Bearer::ManifestFile
+        } else {
+            Bearer::None
+        };
         let response = self
-            .send(Method::GET, &file.url, bearer, context, |r| r.header(ACCEPT, "application/fhir+ndjson"))
+            .send(Method::GET, &file.url, bearer, context, |r| {
+                r.header(ACCEPT, "application/fhir+ndjson")
+            })
             .await?;
         let status = response.status();
         if status != StatusCode::OK {
-            return Err(ExportError::Status { context, status: status.as_u16() });
+            return Err(ExportError::Status {
+                context,
+                status: status.as_u16(),
+            });
         }
         Ok(response)
     }
@@ -193,12 +260,23 @@ impl BulkClient {
     /// Tells the server the export's files are no longer needed. 404/410 mean it is gone already.
     pub async fn delete(&self, status_url: &Url) -> Result<(), ExportError> {
         let context = "export delete";
-        let response = self.send(Method::DELETE, status_url, Bearer::FhirOrigin, context, |r| r).await?;
+        let response = self
+            .send(
+                Method::DELETE,
+                status_url,
+                Bearer::FhirOrigin,
+                context,
+                |r| r,
+            )
+            .await?;
         let status = response.status();
         if status.is_success() || status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             Ok(())
         } else {
-            Err(ExportError::Status { context, status: status.as_u16() })
+            Err(ExportError::Status {
+                context,
+                status: status.as_u16(),
+            })
         }
     }
 
@@ -212,22 +290,30 @@ impl BulkClient {
         context: &'static str,
         build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Response, ExportError> {
-        transport::check_url(url, self.allow_insecure_http)
-            .map_err(|m| ExportError::Policy(format!("{context} at {}: {m}", transport::redacted(url))))?;
+        transport::check_url(url, self.allow_insecure_http).map_err(|m| {
+            ExportError::Policy(format!("{context} at {}: {m}", transport::redacted(url)))
+        })?;
         if bearer == Bearer::FhirOrigin && !transport::same_origin(url, &self.base) {
             return Err(ExportError::Policy(format!(
                 "{context} URL {} is not on the FHIR server's origin; refusing to send it the access token",
                 transport::redacted(url)
             )));
         }
-        let mut token = if bearer != Bearer::None { Some(self.tokens.token().await?) } else { None };
+        let mut token = if bearer != Bearer::None {
+            Some(self.tokens.token().await?)
+        } else {
+            None
+        };
         let mut renewed = false;
         loop {
             let mut request = build(self.http.request(method.clone(), url.clone()));
             if let Some(token) = &token {
                 request = request.header(reqwest::header::AUTHORIZATION, token.authorization());
             }
-            let response = request.send().await.map_err(|e| ExportError::Transport { context, source: e.without_url() })?;
+            let response = request.send().await.map_err(|e| ExportError::Transport {
+                context,
+                source: e.without_url(),
+            })?;
             tracing::debug!(
                 http.method = %method,
                 http.url = %transport::redacted(url),
@@ -255,5 +341,8 @@ fn retry_after(response: &Response) -> Option<Duration> {
         return Some(Duration::from_secs(seconds));
     }
     let when = httpdate::parse_http_date(value).ok()?;
-    Some(when.duration_since(std::time::SystemTime::now()).unwrap_or(Duration::ZERO))
+    Some(
+        when.duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
 }

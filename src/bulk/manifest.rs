@@ -55,8 +55,9 @@ struct RawFile {
 impl Manifest {
     /// Parses a manifest body; `status_url` resolves relative file URLs.
     pub fn parse(body: &[u8], status_url: &Url) -> Result<Manifest, ExportError> {
-        let raw: RawManifest = serde_json::from_slice(body)
-            .map_err(|e| ExportError::BadResponse(format!("the export manifest is malformed: {e}")))?;
+        let raw: RawManifest = serde_json::from_slice(body).map_err(|e| {
+            ExportError::BadResponse(format!("the export manifest is malformed: {e}"))
+        })?;
         if crate::fhir::parse_instant(&raw.transaction_time).is_none() {
             return Err(ExportError::BadResponse(format!(
                 "the export manifest's transactionTime {:?} is not a FHIR instant",
@@ -68,16 +69,25 @@ impl Manifest {
             serde_json::Value::String(s) => s.eq_ignore_ascii_case("true"),
             serde_json::Value::Null => false,
             other => {
-                return Err(ExportError::BadResponse(format!("requiresAccessToken {other} is not a boolean")));
+                return Err(ExportError::BadResponse(format!(
+                    "requiresAccessToken {other} is not a boolean"
+                )));
             }
         };
         let files = |raw: Vec<RawFile>, list: &str| -> Result<Vec<ManifestFile>, ExportError> {
             raw.into_iter()
                 .map(|f| {
                     let url = status_url.join(&f.url).map_err(|e| {
-                        ExportError::BadResponse(format!("manifest {list} url {:?} is not a URL: {e}", f.url))
+                        ExportError::BadResponse(format!(
+                            "manifest {list} url {:?} is not a URL: {e}",
+                            f.url
+                        ))
                     })?;
-                    Ok(ManifestFile { resource_type: f.resource_type, url, count: f.count })
+                    Ok(ManifestFile {
+                        resource_type: f.resource_type,
+                        url,
+                        count: f.count,
+                    })
                 })
                 .collect()
         };
@@ -108,7 +118,10 @@ mod tests {
         let m = Manifest::parse(body, &status()).unwrap();
         assert_eq!(m.transaction_time, "2024-05-01T10:00:00.000+02:00");
         assert!(m.requires_access_token);
-        assert_eq!(m.output[0].url.as_str(), "https://ehr.example.org/fhir/files/p1.ndjson");
+        assert_eq!(
+            m.output[0].url.as_str(),
+            "https://ehr.example.org/fhir/files/p1.ndjson"
+        );
         assert_eq!(m.output[0].count, Some(3));
         assert_eq!(m.error.len(), 1);
         assert!(m.deleted.is_empty());

@@ -28,7 +28,10 @@ pub enum ExportError {
     #[error("{context}: the access token was refused again after renewing it")]
     Unauthorized { context: &'static str },
     #[error("{context}: request failed")]
-    Transport { context: &'static str, source: reqwest::Error },
+    Transport {
+        context: &'static str,
+        source: reqwest::Error,
+    },
     #[error("{0}")]
     BadResponse(String),
     #[error("{0}")]
@@ -61,7 +64,11 @@ pub(crate) fn outcome_text(body: &[u8]) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .filter_map(|issue| issue["diagnostics"].as_str().or_else(|| issue["details"]["text"].as_str()))
+            .filter_map(|issue| {
+                issue["diagnostics"]
+                    .as_str()
+                    .or_else(|| issue["details"]["text"].as_str())
+            })
             .collect();
         if !texts.is_empty() {
             return texts.join("; ");
@@ -69,15 +76,19 @@ pub(crate) fn outcome_text(body: &[u8]) -> String {
     }
     let text = String::from_utf8_lossy(body);
     let excerpt: String = text.chars().take(300).collect();
-    if excerpt.trim().is_empty() { "no details given".into() } else { excerpt }
+    if excerpt.trim().is_empty() {
+        "no details given".into()
+    } else {
+        excerpt
+    }
 }
 
 /// Whether an OperationOutcome reports only transient issues (worth polling again).
 pub(crate) fn outcome_is_transient(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|outcome| {
-        outcome["issue"]
-            .as_array()
-            .is_some_and(|issues| !issues.is_empty() && issues.iter().all(|i| i["code"] == "transient"))
+        outcome["issue"].as_array().is_some_and(|issues| {
+            !issues.is_empty() && issues.iter().all(|i| i["code"] == "transient")
+        })
     })
 }
 
@@ -96,7 +107,9 @@ mod tests {
     #[test]
     fn transient_outcomes() {
         assert!(outcome_is_transient(br#"{"issue":[{"code":"transient"}]}"#));
-        assert!(!outcome_is_transient(br#"{"issue":[{"code":"transient"},{"code":"exception"}]}"#));
+        assert!(!outcome_is_transient(
+            br#"{"issue":[{"code":"transient"},{"code":"exception"}]}"#
+        ));
         assert!(!outcome_is_transient(b"not json"));
     }
 }

@@ -174,7 +174,11 @@ impl JobConfig {
     /// Scopes to request: the configured ones, or `system/<Type>.read` per exported type.
     pub fn requested_scopes(&self) -> Vec<String> {
         if self.auth.scopes.is_empty() {
-            self.export.types.iter().map(|t| format!("system/{t}.read")).collect()
+            self.export
+                .types
+                .iter()
+                .map(|t| format!("system/{t}.read"))
+                .collect()
         } else {
             self.auth.scopes.clone()
         }
@@ -183,8 +187,9 @@ impl JobConfig {
 
 /// Reads and validates every `*.toml` in `dir`, returning all problems of all files together.
 pub fn load_jobs(dir: &Path) -> Result<Vec<JobConfig>, ConfigError> {
-    let entries = std::fs::read_dir(dir)
-        .map_err(|e| ConfigError::single(dir, "", format!("cannot read the jobs directory: {e}")))?;
+    let entries = std::fs::read_dir(dir).map_err(|e| {
+        ConfigError::single(dir, "", format!("cannot read the jobs directory: {e}"))
+    })?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|ext| ext == "toml"))
@@ -198,7 +203,11 @@ pub fn load_jobs(dir: &Path) -> Result<Vec<JobConfig>, ConfigError> {
             Err(e) => problems.extend(e.problems),
         }
     }
-    if problems.is_empty() { Ok(jobs) } else { Err(ConfigError { problems }) }
+    if problems.is_empty() {
+        Ok(jobs)
+    } else {
+        Err(ConfigError { problems })
+    }
 }
 
 /// Reads and validates one job file.
@@ -212,22 +221,44 @@ pub fn load_job(path: &Path) -> Result<JobConfig, ConfigError> {
         let field = if field == "." { String::new() } else { field };
         ConfigError::single(path, field, e.inner().message().to_string())
     })?;
-    let name = path.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or_default()
+        .to_string();
     let base_dir = path.parent().unwrap_or(Path::new("."));
     validate(path, base_dir, name, file)
 }
 
-fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result<JobConfig, ConfigError> {
+fn validate(
+    path: &Path,
+    base_dir: &Path,
+    name: String,
+    file: JobFile,
+) -> Result<JobConfig, ConfigError> {
     let mut problems = Vec::new();
     let mut problem = |field: String, message: String| {
-        problems.push(Problem { file: path.to_path_buf(), field, message });
+        problems.push(Problem {
+            file: path.to_path_buf(),
+            field,
+            message,
+        });
     };
 
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        problem(String::new(), "the file name must be letters, digits, '-' or '_' (it names the job)".into());
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        problem(
+            String::new(),
+            "the file name must be letters, digits, '-' or '_' (it names the job)".into(),
+        );
     }
 
-    if let Err(message) = crate::transport::check_url(&file.fhir.base_url, file.fhir.allow_insecure_http) {
+    if let Err(message) =
+        crate::transport::check_url(&file.fhir.base_url, file.fhir.allow_insecure_http)
+    {
         problem("fhir.base_url".into(), message);
     }
 
@@ -243,15 +274,25 @@ fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result
     }
     let key = match (&file.auth.private_key_file, &file.auth.private_key_env) {
         (Some(_), Some(_)) => {
-            problem("auth".into(), "set one of private_key_file and private_key_env, not both".into());
+            problem(
+                "auth".into(),
+                "set one of private_key_file and private_key_env, not both".into(),
+            );
             None
         }
         (None, None) => {
-            problem("auth.private_key_file".into(), "required (or set auth.private_key_env)".into());
+            problem(
+                "auth.private_key_file".into(),
+                "required (or set auth.private_key_env)".into(),
+            );
             None
         }
         (Some(file_path), None) => {
-            let resolved = if file_path.is_absolute() { file_path.clone() } else { base_dir.join(file_path) };
+            let resolved = if file_path.is_absolute() {
+                file_path.clone()
+            } else {
+                base_dir.join(file_path)
+            };
             Some(("auth.private_key_file", KeySource::File(resolved)))
         }
         (None, Some(var)) => Some(("auth.private_key_env", KeySource::Env(var.clone()))),
@@ -259,57 +300,92 @@ fn validate(path: &Path, base_dir: &Path, name: String, file: JobFile) -> Result
     // Load the key now so that a missing file, an unset variable or a key of the wrong kind is a
     // config error, reported with the others, rather than a failure at 2 a.m.
     if let (Some((field, source)), Some(alg)) = (&key, algorithm)
-        && let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone()) {
-            problem((*field).into(), e.to_string());
-        }
+        && let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone())
+    {
+        problem((*field).into(), e.to_string());
+    }
     for (i, scope) in file.auth.scopes.iter().enumerate() {
         if !scope.starts_with("system/") {
-            problem(format!("auth.scopes[{i}]"), format!("{scope:?} is not a system-level scope (system/<Type>.<access>)"));
+            problem(
+                format!("auth.scopes[{i}]"),
+                format!("{scope:?} is not a system-level scope (system/<Type>.<access>)"),
+            );
         }
     }
 
     if file.export.types.is_empty() {
-        problem("export.types".into(), "must list at least one resource type".into());
+        problem(
+            "export.types".into(),
+            "must list at least one resource type".into(),
+        );
     }
     for (i, resource_type) in file.export.types.iter().enumerate() {
         if !fhir::is_resource_type(resource_type) {
             let hint = fhir::closest_resource_type(resource_type)
                 .map(|t| format!(" (did you mean {t:?}?)"))
                 .unwrap_or_default();
-            problem(format!("export.types[{i}]"), format!("{resource_type:?} is not a FHIR R4 resource type{hint}"));
+            problem(
+                format!("export.types[{i}]"),
+                format!("{resource_type:?} is not a FHIR R4 resource type{hint}"),
+            );
         }
     }
     match (file.export.level, &file.export.group_id) {
-        (ExportLevel::Group, None) => problem("export.group_id".into(), "required when level = \"group\"".into()),
-        (ExportLevel::Group, Some(id)) if !fhir::is_valid_id(id) => {
-            problem("export.group_id".into(), format!("{id:?} is not a valid FHIR id"))
-        }
-        (ExportLevel::System | ExportLevel::Patient, Some(_)) => {
-            problem("export.group_id".into(), "only allowed when level = \"group\"".into())
-        }
+        (ExportLevel::Group, None) => problem(
+            "export.group_id".into(),
+            "required when level = \"group\"".into(),
+        ),
+        (ExportLevel::Group, Some(id)) if !fhir::is_valid_id(id) => problem(
+            "export.group_id".into(),
+            format!("{id:?} is not a valid FHIR id"),
+        ),
+        (ExportLevel::System | ExportLevel::Patient, Some(_)) => problem(
+            "export.group_id".into(),
+            "only allowed when level = \"group\"".into(),
+        ),
         _ => {}
     }
     let export = &file.export;
     let positive = |seconds: f64| seconds.is_finite() && seconds > 0.0;
     if !positive(export.poll_min_interval_seconds) {
-        problem("export.poll_min_interval_seconds".into(), "must be greater than 0".into());
+        problem(
+            "export.poll_min_interval_seconds".into(),
+            "must be greater than 0".into(),
+        );
     }
-    if !positive(export.poll_max_interval_seconds) || export.poll_max_interval_seconds < export.poll_min_interval_seconds {
-        problem("export.poll_max_interval_seconds".into(), "must be at least poll_min_interval_seconds".into());
+    if !positive(export.poll_max_interval_seconds)
+        || export.poll_max_interval_seconds < export.poll_min_interval_seconds
+    {
+        problem(
+            "export.poll_max_interval_seconds".into(),
+            "must be at least poll_min_interval_seconds".into(),
+        );
     }
     if !positive(export.poll_default_interval_seconds) {
-        problem("export.poll_default_interval_seconds".into(), "must be greater than 0".into());
+        problem(
+            "export.poll_default_interval_seconds".into(),
+            "must be greater than 0".into(),
+        );
     }
     if export.timeout_seconds == 0 {
-        problem("export.timeout_seconds".into(), "must be greater than 0".into());
+        problem(
+            "export.timeout_seconds".into(),
+            "must be greater than 0".into(),
+        );
     }
 
     if let Some(schedule) = &file.schedule {
         if let Err(e) = croner::Cron::from_str(&schedule.cron) {
-            problem("schedule.cron".into(), format!("{:?} is not a valid cron expression: {e}", schedule.cron));
+            problem(
+                "schedule.cron".into(),
+                format!("{:?} is not a valid cron expression: {e}", schedule.cron),
+            );
         }
         if schedule.timezone.parse::<chrono_tz::Tz>().is_err() {
-            problem("schedule.timezone".into(), format!("{:?} is not an IANA time zone", schedule.timezone));
+            problem(
+                "schedule.timezone".into(),
+                format!("{:?} is not an IANA time zone", schedule.timezone),
+            );
         }
     }
 
@@ -361,17 +437,28 @@ mod tests {
     #[test]
     fn unknown_field_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "j.toml", &VALID.replace("types =", "typo = 1\ntypes ="));
+        let path = write(
+            dir.path(),
+            "j.toml",
+            &VALID.replace("types =", "typo = 1\ntypes ="),
+        );
         let err = load_job(&path).unwrap_err();
         assert_eq!(err.problems.len(), 1);
         assert_eq!(err.problems[0].field, "export.typo");
-        assert!(err.problems[0].message.contains("unknown field `typo`"), "{err}");
+        assert!(
+            err.problems[0].message.contains("unknown field `typo`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn wrong_type_is_named_with_its_path() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(dir.path(), "j.toml", &VALID.replace(r#"["Patient"]"#, r#"["Patient", 7]"#));
+        let path = write(
+            dir.path(),
+            "j.toml",
+            &VALID.replace(r#"["Patient"]"#, r#"["Patient", 7]"#),
+        );
         let err = load_job(&path).unwrap_err();
         assert_eq!(err.problems[0].field, "export.types[1]", "{err}");
     }
@@ -388,9 +475,18 @@ mod tests {
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["fhir.base_url", "auth.private_key_env", "export.types[1]", "schedule.cron", "schedule.timezone"],
+            [
+                "fhir.base_url",
+                "auth.private_key_env",
+                "export.types[1]",
+                "schedule.cron",
+                "schedule.timezone"
+            ],
             "{err}"
         );
-        assert!(err.to_string().contains("did you mean \"Observation\""), "{err}");
+        assert!(
+            err.to_string().contains("did you mean \"Observation\""),
+            "{err}"
+        );
     }
 }

@@ -12,7 +12,7 @@ pub use job::{
     AuthConfig, ExportConfig, ExportLevel, FhirConfig, JobConfig, KeySource, ScheduleConfig,
     load_job, load_jobs,
 };
-pub use service::{DatabaseSettings, LoggingSettings, LogFormat, Settings, SyncSettings};
+pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -33,7 +33,13 @@ impl fmt::Display for Problem {
         if self.field.is_empty() {
             write!(f, "{}: {}", self.file.display(), self.message)
         } else {
-            write!(f, "{}: {}: {}", self.file.display(), self.field, self.message)
+            write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.field,
+                self.message
+            )
         }
     }
 }
@@ -47,7 +53,11 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let count = self.problems.len();
-        write!(f, "{count} configuration problem{}:", if count == 1 { "" } else { "s" })?;
+        write!(
+            f,
+            "{count} configuration problem{}:",
+            if count == 1 { "" } else { "s" }
+        )?;
         for problem in &self.problems {
             write!(f, "\n  {problem}")?;
         }
@@ -56,9 +66,17 @@ impl fmt::Display for ConfigError {
 }
 
 impl ConfigError {
-    pub(crate) fn single(file: &Path, field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn single(
+        file: &Path,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         ConfigError {
-            problems: vec![Problem { file: file.to_path_buf(), field: field.into(), message: message.into() }],
+            problems: vec![Problem {
+                file: file.to_path_buf(),
+                field: field.into(),
+                message: message.into(),
+            }],
         }
     }
 }

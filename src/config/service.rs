@@ -73,7 +73,10 @@ pub struct LoggingSettings {
 
 impl Default for LoggingSettings {
     fn default() -> Self {
-        LoggingSettings { format: LogFormat::Human, level: "info,sqlx=warn".into() }
+        LoggingSettings {
+            format: LogFormat::Human,
+            level: "info,sqlx=warn".into(),
+        }
     }
 }
 
@@ -128,7 +131,11 @@ impl Settings {
                         None => default_file.clone(),
                     };
                     let field = e.path.join(".");
-                    Problem { file, field, message: e.kind.to_string() }
+                    Problem {
+                        file,
+                        field,
+                        message: e.kind.to_string(),
+                    }
                 })
                 .collect();
             ConfigError { problems }
@@ -141,7 +148,11 @@ impl Settings {
         let mut problems = Vec::new();
         let mut check = |ok: bool, field: &str, message: &str| {
             if !ok {
-                problems.push(Problem { file: file.to_path_buf(), field: field.into(), message: message.into() });
+                problems.push(Problem {
+                    file: file.to_path_buf(),
+                    field: field.into(),
+                    message: message.into(),
+                });
             }
         };
         let url = self.database.url.expose_secret();
@@ -150,11 +161,31 @@ impl Settings {
             "database.url",
             "must be a postgres:// URL",
         );
-        check(self.database.max_connections >= 2, "database.max_connections", "must be at least 2");
-        check(self.sync.max_parallel_downloads >= 1, "sync.max_parallel_downloads", "must be at least 1");
-        check(self.sync.batch_lines >= 1, "sync.batch_lines", "must be at least 1");
-        check(self.sync.max_line_bytes >= 1024, "sync.max_line_bytes", "must be at least 1024");
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError { problems }) }
+        check(
+            self.database.max_connections >= 2,
+            "database.max_connections",
+            "must be at least 2",
+        );
+        check(
+            self.sync.max_parallel_downloads >= 1,
+            "sync.max_parallel_downloads",
+            "must be at least 1",
+        );
+        check(
+            self.sync.batch_lines >= 1,
+            "sync.batch_lines",
+            "must be at least 1",
+        );
+        check(
+            self.sync.max_line_bytes >= 1024,
+            "sync.max_line_bytes",
+            "must be at least 1024",
+        );
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems })
+        }
     }
 
     /// The database URL with the password from `password_file` filled in, if one is configured.
@@ -165,8 +196,9 @@ impl Settings {
         let password = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::single(path, "database.password_file", format!("cannot read: {e}"))
         })?;
-        let mut url = url::Url::parse(self.database.url.expose_secret())
-            .map_err(|e| ConfigError::single(path, "database.url", format!("not a valid URL: {e}")))?;
+        let mut url = url::Url::parse(self.database.url.expose_secret()).map_err(|e| {
+            ConfigError::single(path, "database.url", format!("not a valid URL: {e}"))
+        })?;
         url.set_password(Some(password.trim_end_matches(['\r', '\n'])))
             .map_err(|()| ConfigError::single(path, "database.url", "cannot carry a password"))?;
         Ok(SecretString::from(url.to_string()))

@@ -12,7 +12,9 @@ use crate::warehouse::RunSummary;
 pub fn init_logging(settings: &LoggingSettings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A second call (tests, or a library user with their own subscriber) keeps the first one.
     let _ = match settings.format {
         LogFormat::Human => builder.try_init(),
@@ -45,11 +47,25 @@ pub fn write_runs_table(out: &mut impl Write, runs: &[RunSummary]) -> std::io::R
             .finished_at
             .map(|end| format!("{:.1}s", (end - run.started_at).as_seconds_f64()))
             .unwrap_or_else(|| "-".into());
-        let error: String = run.error.as_deref().unwrap_or("").chars().take(100).collect();
+        let error: String = run
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .chars()
+            .take(100)
+            .collect();
         writeln!(
             out,
             "{:>6}  {:<20}  {:<9}  {:<20}  {:>9}  {:>10}  {:>8}  {:>5}  {}",
-            run.id, run.job, run.status, started, duration, run.resources_loaded, run.lines_rejected, run.files, error
+            run.id,
+            run.job,
+            run.status,
+            started,
+            duration,
+            run.resources_loaded,
+            run.lines_rejected,
+            run.files,
+            error
         )?;
     }
     Ok(())

@@ -39,7 +39,11 @@ struct WellKnown {
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
 /// Discovers the authorization endpoints of the FHIR server at `base`.
-pub async fn discover(http: &reqwest::Client, base: &Url, allow_insecure_http: bool) -> Result<SmartConfiguration, AuthError> {
+pub async fn discover(
+    http: &reqwest::Client,
+    base: &Url,
+    allow_insecure_http: bool,
+) -> Result<SmartConfiguration, AuthError> {
     let well_known = transport::append_path(base, ".well-known/smart-configuration");
     let first_failure = match fetch_json::<WellKnown>(http, &well_known).await {
         Ok(doc) => match doc.token_endpoint {
@@ -69,7 +73,12 @@ pub async fn discover(http: &reqwest::Client, base: &Url, allow_insecure_http: b
         .as_array()
         .into_iter()
         .flatten()
-        .flat_map(|rest| rest["security"]["extension"].as_array().into_iter().flatten())
+        .flat_map(|rest| {
+            rest["security"]["extension"]
+                .as_array()
+                .into_iter()
+                .flatten()
+        })
         .filter(|ext| ext["url"] == OAUTH_URIS)
         .flat_map(|ext| ext["extension"].as_array().into_iter().flatten())
         .find(|ext| ext["url"] == "token")
@@ -94,7 +103,12 @@ pub async fn discover(http: &reqwest::Client, base: &Url, allow_insecure_http: b
 
 /// Resolves a possibly relative endpoint against the FHIR base (as SMART says clients should)
 /// and applies the transport policy to it.
-fn resolve(base: &Url, endpoint: &str, allow_insecure_http: bool, from: &Url) -> Result<Url, AuthError> {
+fn resolve(
+    base: &Url,
+    endpoint: &str,
+    allow_insecure_http: bool,
+    from: &Url,
+) -> Result<Url, AuthError> {
     let url = match Url::parse(endpoint) {
         Ok(url) => url,
         Err(url::ParseError::RelativeUrlWithoutBase) => transport::append_path(base, endpoint),
@@ -114,8 +128,15 @@ fn resolve(base: &Url, endpoint: &str, allow_insecure_http: bool, from: &Url) ->
     Ok(url)
 }
 
-async fn fetch_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &Url) -> Result<T, AuthError> {
-    let failure = |message: String, retryable: bool| AuthError::Discovery { url: url.to_string(), message, retryable };
+async fn fetch_json<T: serde::de::DeserializeOwned>(
+    http: &reqwest::Client,
+    url: &Url,
+) -> Result<T, AuthError> {
+    let failure = |message: String, retryable: bool| AuthError::Discovery {
+        url: url.to_string(),
+        message,
+        retryable,
+    };
     let response = http
         .get(url.clone())
         .header(reqwest::header::ACCEPT, "application/json")
@@ -127,6 +148,9 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url:
         let retryable = status.as_u16() == 429 || status.is_server_error();
         return Err(failure(format!("HTTP {status}"), retryable));
     }
-    let body = response.bytes().await.map_err(|e| failure(e.without_url().to_string(), true))?;
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| failure(e.without_url().to_string(), true))?;
     serde_json::from_slice(&body).map_err(|e| failure(format!("not the expected JSON: {e}"), false))
 }

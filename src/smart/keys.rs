@@ -44,7 +44,9 @@ impl FromStr for SigningAlgorithm {
         match s {
             "RS384" => Ok(SigningAlgorithm::RS384),
             "ES384" => Ok(SigningAlgorithm::ES384),
-            other => Err(format!("{other:?} is not supported (use \"RS384\" or \"ES384\")")),
+            other => Err(format!(
+                "{other:?} is not supported (use \"RS384\" or \"ES384\")"
+            )),
         }
     }
 }
@@ -59,11 +61,17 @@ impl fmt::Display for SigningAlgorithm {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     #[error("cannot read private key file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("environment variable {0} is not set")]
     EnvMissing(String),
     #[error("{origin} does not hold {expected}")]
-    WrongKind { origin: String, expected: &'static str },
+    WrongKind {
+        origin: String,
+        expected: &'static str,
+    },
     #[error("cannot sign with the key from {origin}: {message}")]
     Sign { origin: String, message: String },
 }
@@ -101,16 +109,25 @@ const ASSERTION_LIFETIME_SECONDS: i64 = 240;
 
 impl SigningKey {
     /// Loads the key from its configured source. `kid` defaults to the RFC 7638 thumbprint.
-    pub fn load(source: &KeySource, algorithm: SigningAlgorithm, kid: Option<String>) -> Result<Self, KeyError> {
+    pub fn load(
+        source: &KeySource,
+        algorithm: SigningAlgorithm,
+        kid: Option<String>,
+    ) -> Result<Self, KeyError> {
         let (pem, origin) = match source {
             KeySource::File(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+                let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
+                    path: path.display().to_string(),
+                    source,
+                })?;
                 (SecretString::from(text), path.display().to_string())
             }
             KeySource::Env(var) => {
                 let text = std::env::var(var).map_err(|_| KeyError::EnvMissing(var.clone()))?;
-                (SecretString::from(text), format!("environment variable {var}"))
+                (
+                    SecretString::from(text),
+                    format!("environment variable {var}"),
+                )
             }
             KeySource::Inline(pem) => (pem.clone(), "the built-in key".to_string()),
         };
@@ -126,24 +143,44 @@ impl SigningKey {
     ) -> Result<Self, KeyError> {
         let bytes = pem.expose_secret().as_bytes();
         let (encoding, expected) = match algorithm {
-            SigningAlgorithm::RS384 => (EncodingKey::from_rsa_pem(bytes), "an RSA private key in PEM (PKCS#1 or PKCS#8)"),
-            SigningAlgorithm::ES384 => (EncodingKey::from_ec_pem(bytes), "a P-384 EC private key in PKCS#8 PEM"),
+            SigningAlgorithm::RS384 => (
+                EncodingKey::from_rsa_pem(bytes),
+                "an RSA private key in PEM (PKCS#1 or PKCS#8)",
+            ),
+            SigningAlgorithm::ES384 => (
+                EncodingKey::from_ec_pem(bytes),
+                "a P-384 EC private key in PKCS#8 PEM",
+            ),
         };
-        let wrong_kind = || KeyError::WrongKind { origin: origin.to_string(), expected };
+        let wrong_kind = || KeyError::WrongKind {
+            origin: origin.to_string(),
+            expected,
+        };
         let encoding = encoding.map_err(|_| wrong_kind())?;
-        let mut public = Jwk::from_encoding_key(&encoding, algorithm.jwt()).map_err(|_| wrong_kind())?;
+        let mut public =
+            Jwk::from_encoding_key(&encoding, algorithm.jwt()).map_err(|_| wrong_kind())?;
         let kid = match kid {
             Some(kid) => kid,
-            None => public.thumbprint(ThumbprintHash::SHA256).map_err(|_| wrong_kind())?,
+            None => public
+                .thumbprint(ThumbprintHash::SHA256)
+                .map_err(|_| wrong_kind())?,
         };
         public.common.key_id = Some(kid.clone());
         public.common.public_key_use = Some(PublicKeyUse::Signature);
         public.common.key_operations = Some(vec![KeyOperations::Verify]);
-        let key = SigningKey { algorithm, kid, encoding, public };
+        let key = SigningKey {
+            algorithm,
+            kid,
+            encoding,
+            public,
+        };
         // Sign once now: a key that parses but cannot sign (wrong curve, truncated) should fail
         // at load time, not at the first token request.
         key.sign_assertion("probe", "https://probe.invalid/token")
-            .map_err(|e| KeyError::Sign { origin: origin.to_string(), message: e.to_string() })?;
+            .map_err(|e| KeyError::Sign {
+                origin: origin.to_string(),
+                message: e.to_string(),
+            })?;
         Ok(key)
     }
 
@@ -157,12 +194,18 @@ impl SigningKey {
 
     /// The public key as a JWK Set, ready to register with an EHR.
     pub fn public_jwks(&self) -> JwkSet {
-        JwkSet { keys: vec![self.public.clone()] }
+        JwkSet {
+            keys: vec![self.public.clone()],
+        }
     }
 
     /// Signs a fresh client assertion for one token request: `iss` = `sub` = client id,
     /// `aud` = the token URL, a new random `jti` every call, `exp` four minutes ahead.
-    pub fn sign_assertion(&self, client_id: &str, token_url: &str) -> Result<SecretString, jsonwebtoken::errors::Error> {
+    pub fn sign_assertion(
+        &self,
+        client_id: &str,
+        token_url: &str,
+    ) -> Result<SecretString, jsonwebtoken::errors::Error> {
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         let claims = AssertionClaims {
             iss: client_id,
@@ -223,7 +266,9 @@ mod tests {
         let jwks = key.public_jwks();
         let jwk = &jwks.keys[0];
         assert_eq!(jwk.common.key_id.as_deref(), Some(key.kid()));
-        let assertion = key.sign_assertion("client-1", "https://auth.example.org/token").unwrap();
+        let assertion = key
+            .sign_assertion("client-1", "https://auth.example.org/token")
+            .unwrap();
         let header = jsonwebtoken::decode_header(assertion.expose_secret()).unwrap();
         assert_eq!(header.kid.as_deref(), Some(key.kid()));
         assert_eq!(header.typ.as_deref(), Some("JWT"));
@@ -240,9 +285,20 @@ mod tests {
         let exp = data.claims["exp"].as_i64().unwrap();
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
         assert!(exp > now && exp - now <= 300);
-        let second = key.sign_assertion("client-1", "https://auth.example.org/token").unwrap();
-        let jti = |a: &SecretString| jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a.expose_secret()).unwrap().claims["jti"].clone();
-        assert_ne!(jti(&assertion), jti(&second), "every assertion needs a fresh jti");
+        let second = key
+            .sign_assertion("client-1", "https://auth.example.org/token")
+            .unwrap();
+        let jti = |a: &SecretString| {
+            jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(a.expose_secret())
+                .unwrap()
+                .claims["jti"]
+                .clone()
+        };
+        assert_ne!(
+            jti(&assertion),
+            jti(&second),
+            "every assertion needs a fresh jti"
+        );
     }
 
     #[test]
@@ -258,11 +314,21 @@ mod tests {
     #[test]
     fn wrong_kind_of_key_is_named_without_key_material() {
         let ec = generate(SigningAlgorithm::ES384).unwrap();
-        let err = SigningKey::from_pem(&ec, SigningAlgorithm::RS384, None, "keys/x.pem").unwrap_err();
+        let err =
+            SigningKey::from_pem(&ec, SigningAlgorithm::RS384, None, "keys/x.pem").unwrap_err();
         let message = err.to_string();
-        assert!(message.contains("keys/x.pem") && message.contains("RSA"), "{message}");
+        assert!(
+            message.contains("keys/x.pem") && message.contains("RSA"),
+            "{message}"
+        );
         assert!(!message.contains("PRIVATE KEY"));
-        let debug = format!("{:?}", SigningKey::from_pem(&ec, SigningAlgorithm::ES384, None, "t").unwrap());
-        assert!(!debug.contains("PRIVATE") && !debug.contains("encoding"), "{debug}");
+        let debug = format!(
+            "{:?}",
+            SigningKey::from_pem(&ec, SigningAlgorithm::ES384, None, "t").unwrap()
+        );
+        assert!(
+            !debug.contains("PRIVATE") && !debug.contains("encoding"),
+            "{debug}"
+        );
     }
 }

@@ -16,9 +16,17 @@ pub use token::{AccessToken, TokenManager};
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
     #[error("discovery at {url} failed: {message}")]
-    Discovery { url: String, message: String, retryable: bool },
+    Discovery {
+        url: String,
+        message: String,
+        retryable: bool,
+    },
     #[error("the token endpoint refused the request: {error}: {description} (hint: {hint})")]
-    Refused { error: String, description: String, hint: String },
+    Refused {
+        error: String,
+        description: String,
+        hint: String,
+    },
     #[error("token endpoint answered HTTP {status}")]
     Status { status: u16 },
     #[error("token request failed")]

@@ -74,28 +74,50 @@ struct OAuthError {
 }
 
 impl TokenManager {
-    pub fn new(http: reqwest::Client, token_url: Url, client_id: String, key: SigningKey, scopes: Vec<String>) -> Self {
-        TokenManager { http, token_url, client_id, key, scopes, state: tokio::sync::Mutex::new(State::default()) }
+    pub fn new(
+        http: reqwest::Client,
+        token_url: Url,
+        client_id: String,
+        key: SigningKey,
+        scopes: Vec<String>,
+    ) -> Self {
+        TokenManager {
+            http,
+            token_url,
+            client_id,
+            key,
+            scopes,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
     }
 
     /// A token valid for a while yet, renewing first if the cached one is near expiry.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
-            && Instant::now() < cached.renew_at {
-                return Ok(cached.token.clone());
-            }
+            && Instant::now() < cached.renew_at
+        {
+            return Ok(cached.token.clone());
+        }
         self.renew(&mut state).await
     }
 
     /// After a 401: renews unless another task already replaced the refused token.
-    pub async fn token_after_rejection(&self, refused: &AccessToken) -> Result<AccessToken, AuthError> {
+    pub async fn token_after_rejection(
+        &self,
+        refused: &AccessToken,
+    ) -> Result<AccessToken, AuthError> {
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
-            && cached.token.generation != refused.generation && Instant::now() < cached.renew_at {
-                return Ok(cached.token.clone());
-            }
-        tracing::info!(token.generation = refused.generation, "access token refused by the server, renewing");
+            && cached.token.generation != refused.generation
+            && Instant::now() < cached.renew_at
+        {
+            return Ok(cached.token.clone());
+        }
+        tracing::info!(
+            token.generation = refused.generation,
+            "access token refused by the server, renewing"
+        );
         self.renew(&mut state).await
     }
 
@@ -111,13 +133,23 @@ impl TokenManager {
             match self.request().await {
                 Ok((secret, lifetime, scope)) => {
                     state.generation += 1;
-                    let token = AccessToken { secret, generation: state.generation };
+                    let token = AccessToken {
+                        secret,
+                        generation: state.generation,
+                    };
                     // Renew when a fifth of the lifetime (at most a minute) is left, so a token
                     // never expires between being handed out and being used.
                     let margin = (lifetime / 5).min(Duration::from_secs(60));
-                    state.cached = Some(Cached { token: token.clone(), renew_at: Instant::now() + lifetime - margin });
+                    state.cached = Some(Cached {
+                        token: token.clone(),
+                        renew_at: Instant::now() + lifetime - margin,
+                    });
                     state.granted_scope = scope;
-                    tracing::debug!(token.generation = state.generation, token.lifetime_s = lifetime.as_secs(), "access token obtained");
+                    tracing::debug!(
+                        token.generation = state.generation,
+                        token.lifetime_s = lifetime.as_secs(),
+                        "access token obtained"
+                    );
                     return Ok(token);
                 }
                 Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
@@ -139,7 +171,10 @@ impl TokenManager {
         let scope = self.scopes.join(" ");
         let form = [
             ("grant_type", "client_credentials"),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
             ("client_assertion", assertion.expose_secret()),
             ("scope", scope.as_str()),
         ];
@@ -152,31 +187,50 @@ impl TokenManager {
             .await
             .map_err(|e| AuthError::Transport(e.without_url()))?;
         let status = response.status();
-        let body = response.bytes().await.map_err(|e| AuthError::Transport(e.without_url()))?;
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| AuthError::Transport(e.without_url()))?;
         if status.is_client_error() && status.as_u16() != 429 {
             return Err(match serde_json::from_slice::<OAuthError>(&body) {
                 Ok(e) => {
                     let hint = self.hint(&e.error);
-                    AuthError::Refused { error: e.error, description: e.error_description.unwrap_or_default(), hint }
+                    AuthError::Refused {
+                        error: e.error,
+                        description: e.error_description.unwrap_or_default(),
+                        hint,
+                    }
                 }
-                Err(_) => AuthError::Status { status: status.as_u16() },
+                Err(_) => AuthError::Status {
+                    status: status.as_u16(),
+                },
             });
         }
         if !status.is_success() {
-            return Err(AuthError::Status { status: status.as_u16() });
+            return Err(AuthError::Status {
+                status: status.as_u16(),
+            });
         }
         let parsed: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| AuthError::BadResponse(format!("not a token response: {e}")))?;
         if let Some(kind) = &parsed.token_type
-            && !kind.eq_ignore_ascii_case("bearer") {
-                return Err(AuthError::BadResponse(format!("token_type {kind:?} is not bearer")));
-            }
+            && !kind.eq_ignore_ascii_case("bearer")
+        {
+            return Err(AuthError::BadResponse(format!(
+                "token_type {kind:?} is not bearer"
+            )));
+        }
         let lifetime = match &parsed.expires_in {
             None => DEFAULT_LIFETIME,
-            Some(value) => parse_expires_in(value)
-                .ok_or_else(|| AuthError::BadResponse(format!("expires_in {value} is not a number of seconds")))?,
+            Some(value) => parse_expires_in(value).ok_or_else(|| {
+                AuthError::BadResponse(format!("expires_in {value} is not a number of seconds"))
+            })?,
         };
-        Ok((SecretString::from(parsed.access_token), lifetime, parsed.scope))
+        Ok((
+            SecretString::from(parsed.access_token),
+            lifetime,
+            parsed.scope,
+        ))
     }
 
     fn hint(&self, error: &str) -> String {
@@ -211,8 +265,14 @@ mod tests {
 
     #[test]
     fn expires_in_forms() {
-        assert_eq!(parse_expires_in(&json!(300)), Some(Duration::from_secs(300)));
-        assert_eq!(parse_expires_in(&json!("3600")), Some(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_expires_in(&json!(300)),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            parse_expires_in(&json!("3600")),
+            Some(Duration::from_secs(3600))
+        );
         assert_eq!(parse_expires_in(&json!(0)), None);
         assert_eq!(parse_expires_in(&json!("soon")), None);
         assert_eq!(parse_expires_in(&json!(null)), None);

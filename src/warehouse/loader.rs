@@ -92,7 +92,11 @@ impl Batch {
 
     fn reject(&mut self, line_number: u64, reason: String, raw: &[u8]) {
         let text = String::from_utf8_lossy(raw);
-        let excerpt: String = text.chars().take(EXCERPT_CHARS).map(|c| if c == '\0' { '\u{fffd}' } else { c }).collect();
+        let excerpt: String = text
+            .chars()
+            .take(EXCERPT_CHARS)
+            .map(|c| if c == '\0' { '\u{fffd}' } else { c })
+            .collect();
         self.reject_lines.push(line_number as i64);
         self.reject_reasons.push(reason);
         self.reject_excerpts.push(excerpt);
@@ -100,21 +104,32 @@ impl Batch {
 }
 
 /// Loads one NDJSON file from `reader`, resuming after the file's committed checkpoint.
-pub async fn load_ndjson<R>(pool: &PgPool, target: &FileTarget, mut reader: R, limits: LoadLimits) -> Result<LoadStats, LoadError>
+pub async fn load_ndjson<R>(
+    pool: &PgPool,
+    target: &FileTarget,
+    mut reader: R,
+    limits: LoadLimits,
+) -> Result<LoadStats, LoadError>
 where
     R: AsyncBufRead + Unpin,
 {
-    let committed: i64 = sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
-        .bind(target.file_id)
-        .fetch_one(pool)
-        .await?;
+    let committed: i64 =
+        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
+            .bind(target.file_id)
+            .fetch_one(pool)
+            .await?;
     let mut checkpoint = committed as u64;
-    let mut stats = LoadStats { resumed_after_line: checkpoint, ..LoadStats::default() };
+    let mut stats = LoadStats {
+        resumed_after_line: checkpoint,
+        ..LoadStats::default()
+    };
     let mut line_number = 0u64;
     let mut line = Vec::new();
     let mut batch = Batch::default();
     loop {
-        let read = next_line(&mut reader, &mut line, limits.max_line_bytes).await.map_err(LoadError::Read)?;
+        let read = next_line(&mut reader, &mut line, limits.max_line_bytes)
+            .await
+            .map_err(LoadError::Read)?;
         let Some(read) = read else { break };
         line_number += 1;
         if line_number <= checkpoint {
@@ -123,18 +138,41 @@ where
         stats.lines += 1;
         match read {
             LineRead::TooLong { bytes } => {
-                batch.reject(line_number, format!("line is {bytes} bytes, over the {} byte limit", limits.max_line_bytes), &line);
+                batch.reject(
+                    line_number,
+                    format!(
+                        "line is {bytes} bytes, over the {} byte limit",
+                        limits.max_line_bytes
+                    ),
+                    &line,
+                );
             }
             LineRead::Complete => classify(target, line_number, trim_line_end(&line), &mut batch),
         }
         if batch.len() >= limits.batch_lines || batch.copy.len() >= BATCH_BYTES {
-            flush(pool, target, &mut batch, &mut checkpoint, line_number, &mut stats).await?;
+            flush(
+                pool,
+                target,
+                &mut batch,
+                &mut checkpoint,
+                line_number,
+                &mut stats,
+            )
+            .await?;
         }
     }
     // Always commit the final checkpoint, even for an empty batch: a file that ends in blank
     // lines must still be seen as complete.
     if line_number > checkpoint {
-        flush(pool, target, &mut batch, &mut checkpoint, line_number, &mut stats).await?;
+        flush(
+            pool,
+            target,
+            &mut batch,
+            &mut checkpoint,
+            line_number,
+            &mut stats,
+        )
+        .await?;
     }
     Ok(stats)
 }
@@ -157,32 +195,53 @@ fn classify(target: &FileTarget, line_number: u64, line: &[u8], batch: &mut Batc
         let reason = if resource_type.is_empty() {
             "no resourceType".to_string()
         } else {
-            format!("resourceType {resource_type:?} in a file of {:?}", target.resource_type)
+            format!(
+                "resourceType {resource_type:?} in a file of {:?}",
+                target.resource_type
+            )
         };
         return batch.reject(line_number, reason, line);
     }
     // PostgreSQL's jsonb cannot hold U+0000; such a line would fail the whole COPY batch.
     if memchr::memmem::find(line, b"\\u0000").is_some() {
-        return batch.reject(line_number, "contains \\u0000, which PostgreSQL jsonb cannot store".into(), line);
+        return batch.reject(
+            line_number,
+            "contains \\u0000, which PostgreSQL jsonb cannot store".into(),
+            line,
+        );
     }
     match target.kind {
         FileKind::Output => {
             let id = parsed.id.as_deref().unwrap_or_default();
             if !fhir::is_valid_id(id) {
-                let reason = if id.is_empty() { "no id".to_string() } else { format!("id {id:?} is not a valid FHIR id") };
+                let reason = if id.is_empty() {
+                    "no id".to_string()
+                } else {
+                    format!("id {id:?} is not a valid FHIR id")
+                };
                 return batch.reject(line_number, reason, line);
             }
             let meta = parsed.meta.as_ref();
             let version_id = meta.and_then(|m| m.version_id.as_deref());
             if let Some(version) = version_id
-                && !fhir::is_valid_id(version) {
-                    return batch.reject(line_number, format!("meta.versionId {version:?} is not a valid id"), line);
-                }
+                && !fhir::is_valid_id(version)
+            {
+                return batch.reject(
+                    line_number,
+                    format!("meta.versionId {version:?} is not a valid id"),
+                    line,
+                );
+            }
             let last_updated = meta.and_then(|m| m.last_updated.as_deref());
             if let Some(instant) = last_updated
-                && fhir::parse_instant(instant).is_none() {
-                    return batch.reject(line_number, format!("meta.lastUpdated {instant:?} is not a FHIR instant"), line);
-                }
+                && fhir::parse_instant(instant).is_none()
+            {
+                return batch.reject(
+                    line_number,
+                    format!("meta.lastUpdated {instant:?} is not a FHIR instant"),
+                    line,
+                );
+            }
             // Columns: line, id, version_id, last_updated, resource. Empty unquoted = NULL.
             let copy = &mut batch.copy;
             copy.extend_from_slice(line_number.to_string().as_bytes());
@@ -229,7 +288,8 @@ const MERGE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
         last_run_id = EXCLUDED.last_run_id
     WHERE r.last_updated IS NULL OR EXCLUDED.last_updated IS NULL OR EXCLUDED.last_updated >= r.last_updated";
 
-const STORE_OUTCOMES: &str = "INSERT INTO fhir_sync.export_error (file_id, line_number, run_id, outcome)
+const STORE_OUTCOMES: &str =
+    "INSERT INTO fhir_sync.export_error (file_id, line_number, run_id, outcome)
     SELECT $1, line, $2, resource FROM fhir_sync_staging
     ON CONFLICT (file_id, line_number) DO NOTHING";
 
@@ -257,7 +317,11 @@ async fn flush(
                     .await?;
             }
             FileKind::Error => {
-                sqlx::query(STORE_OUTCOMES).bind(target.file_id).bind(target.run_id).execute(&mut *tx).await?;
+                sqlx::query(STORE_OUTCOMES)
+                    .bind(target.file_id)
+                    .bind(target.run_id)
+                    .execute(&mut *tx)
+                    .await?;
             }
         }
     }
@@ -315,7 +379,11 @@ enum LineRead {
 
 /// Reads the next line into `buf` without ever holding more than `max` bytes of it.
 /// Returns `None` at the end of input. A last line without `\n` still counts.
-async fn next_line<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> std::io::Result<Option<LineRead>> {
+async fn next_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> std::io::Result<Option<LineRead>> {
     buf.clear();
     let mut total = 0usize;
     let mut saw_bytes = false;
@@ -391,33 +459,65 @@ mod tests {
     }
 
     fn target() -> FileTarget {
-        FileTarget { run_id: 1, file_id: 1, source: "s".into(), kind: FileKind::Output, resource_type: "Patient".into() }
+        FileTarget {
+            run_id: 1,
+            file_id: 1,
+            source: "s".into(),
+            kind: FileKind::Output,
+            resource_type: "Patient".into(),
+        }
     }
 
     #[test]
     fn classification() {
         let cases: &[(&str, Option<&str>)] = &[
-            (r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2024-01-01T00:00:00Z"}}"#, None),
+            (
+                r#"{"resourceType":"Patient","id":"p1","meta":{"versionId":"2","lastUpdated":"2024-01-01T00:00:00Z"}}"#,
+                None,
+            ),
             (r#"{"resourceType":"Patient","id":"p1"}"#, None),
             ("   ", None),
             ("{not json", Some("not valid JSON")),
             (r#"{"resourceType":"Patient"}"#, Some("no id")),
-            (r#"{"resourceType":"Patient","id":"a b"}"#, Some("is not a valid FHIR id")),
-            (r#"{"resourceType":"Observation","id":"o1"}"#, Some("in a file of \"Patient\"")),
+            (
+                r#"{"resourceType":"Patient","id":"a b"}"#,
+                Some("is not a valid FHIR id"),
+            ),
+            (
+                r#"{"resourceType":"Observation","id":"o1"}"#,
+                Some("in a file of \"Patient\""),
+            ),
             (r#"{"id":"o1"}"#, Some("no resourceType")),
-            (r#"{"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"yesterday"}}"#, Some("not a FHIR instant")),
-            (r#"{"resourceType":"Patient","id":"p1","name":"a\u0000b"}"#, Some("\\u0000")),
-            (r#"{"resourceType":"Patient","id":"p1"} trailing"#, Some("not valid JSON")),
+            (
+                r#"{"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"yesterday"}}"#,
+                Some("not a FHIR instant"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","name":"a\u0000b"}"#,
+                Some("\\u0000"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1"} trailing"#,
+                Some("not valid JSON"),
+            ),
         ];
         for (line, expected) in cases {
             let mut batch = Batch::default();
             classify(&target(), 7, line.as_bytes(), &mut batch);
             match expected {
-                None => assert!(batch.reject_reasons.is_empty(), "{line}: {:?}", batch.reject_reasons),
+                None => assert!(
+                    batch.reject_reasons.is_empty(),
+                    "{line}: {:?}",
+                    batch.reject_reasons
+                ),
                 Some(reason) => {
                     assert_eq!(batch.rows, 0, "{line}");
                     assert_eq!(batch.reject_lines, [7], "{line}");
-                    assert!(batch.reject_reasons[0].contains(reason), "{line}: {}", batch.reject_reasons[0]);
+                    assert!(
+                        batch.reject_reasons[0].contains(reason),
+                        "{line}: {}",
+                        batch.reject_reasons[0]
+                    );
                 }
             }
         }

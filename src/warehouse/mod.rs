@@ -8,7 +8,7 @@
 mod loader;
 mod runs;
 
-pub use loader::{FileTarget, FileKind, LoadLimits, LoadStats, load_ndjson};
+pub use loader::{FileKind, FileTarget, LoadLimits, LoadStats, load_ndjson};
 pub use runs::{FileRecord, RunOutcome, RunSummary, Runs, TypeCount};
 
 /// The migrations in `migrations/`, embedded in the binary.
@@ -29,13 +29,24 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LoadError::Read(_) => true,
-            LoadError::Database(e) => matches!(
-                e,
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed
-            ) || e.as_database_error().and_then(|d| d.code()).is_some_and(|code| {
-                // 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown, 08xxx connection.
-                code == "40001" || code == "40P01" || code == "57P01" || code.starts_with("08")
-            }),
+            LoadError::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    .is_some_and(|code| {
+                        // 40001 serialization failure, 40P01 deadlock, 57P01 admin shutdown, 08xxx connection.
+                        code == "40001"
+                            || code == "40P01"
+                            || code == "57P01"
+                            || code.starts_with("08")
+                    })
+            }
         }
     }
 }

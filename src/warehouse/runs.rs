@@ -60,7 +60,13 @@ impl Runs {
         Runs { pool }
     }
 
-    pub async fn start(&self, job: &str, source: &str, fhir_base_url: &str, since: Option<&str>) -> sqlx::Result<i64> {
+    pub async fn start(
+        &self,
+        job: &str,
+        source: &str,
+        fhir_base_url: &str,
+        since: Option<&str>,
+    ) -> sqlx::Result<i64> {
         sqlx::query_scalar(
             "INSERT INTO fhir_sync.run (job, source, fhir_base_url, since) VALUES ($1, $2, $3, $4) RETURNING id",
         )
@@ -74,7 +80,12 @@ impl Runs {
 
     /// Stored before anything else happens with the export, so a restart can resume polling
     /// instead of starting a second export.
-    pub async fn kicked_off(&self, run_id: i64, request_url: &str, status_url: &str) -> sqlx::Result<()> {
+    pub async fn kicked_off(
+        &self,
+        run_id: i64,
+        request_url: &str,
+        status_url: &str,
+    ) -> sqlx::Result<()> {
         sqlx::query("UPDATE fhir_sync.run SET export_request = $2, status_url = $3 WHERE id = $1")
             .bind(run_id)
             .bind(request_url)
@@ -103,11 +114,13 @@ impl Runs {
         files: &[(&str, &str, String, Option<u64>)],
     ) -> sqlx::Result<Vec<FileRecord>> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE fhir_sync.run SET transaction_time = $2, progress = NULL WHERE id = $1")
-            .bind(run_id)
-            .bind(transaction_time)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE fhir_sync.run SET transaction_time = $2, progress = NULL WHERE id = $1",
+        )
+        .bind(run_id)
+        .bind(transaction_time)
+        .execute(&mut *tx)
+        .await?;
         let kinds: Vec<&str> = files.iter().map(|f| f.0).collect();
         let types: Vec<&str> = files.iter().map(|f| f.1).collect();
         let urls: Vec<&str> = files.iter().map(|f| f.2.as_str()).collect();
@@ -135,7 +148,12 @@ impl Runs {
         tx.commit().await?;
         Ok(rows
             .into_iter()
-            .map(|(id, kind, resource_type, manifest_count)| FileRecord { id, kind, resource_type, manifest_count })
+            .map(|(id, kind, resource_type, manifest_count)| FileRecord {
+                id,
+                kind,
+                resource_type,
+                manifest_count,
+            })
             .collect())
     }
 
@@ -176,7 +194,9 @@ impl Runs {
     pub async fn finish(&self, run_id: i64, outcome: &RunOutcome) -> sqlx::Result<()> {
         let (status, error, retryable) = match outcome {
             RunOutcome::Succeeded => ("succeeded", None, None),
-            RunOutcome::Failed { error, retryable } => ("failed", Some(error.as_str()), Some(*retryable)),
+            RunOutcome::Failed { error, retryable } => {
+                ("failed", Some(error.as_str()), Some(*retryable))
+            }
         };
         sqlx::query(
             "UPDATE fhir_sync.run r SET status = $2, error = $3, error_retryable = $4, finished_at = now(), progress = NULL,

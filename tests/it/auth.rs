@@ -14,11 +14,17 @@ struct Rig {
 }
 
 async fn rig() -> Rig {
-    let fake = FakeFhirServer::start(Dataset::new(1, 1), FakeOptions::default()).await.unwrap();
+    let fake = FakeFhirServer::start(Dataset::new(1, 1), FakeOptions::default())
+        .await
+        .unwrap();
     let pem = smart::generate(SigningAlgorithm::RS384).unwrap();
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "test").unwrap();
     fake.register_client("client-1", key.public_jwks());
-    Rig { fake, pem, kid: key.kid().to_string() }
+    Rig {
+        fake,
+        pem,
+        kid: key.kid().to_string(),
+    }
 }
 
 fn assertion(pem: &secrecy::SecretString, kid: &str, claims: serde_json::Value) -> String {
@@ -40,7 +46,10 @@ async fn request_token(rig: &Rig, assertion: &str) -> (u16, Option<String>) {
         .post(rig.fake.token_url())
         .form(&[
             ("grant_type", "client_credentials"),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
             ("client_assertion", assertion),
             ("scope", "system/Patient.read"),
         ])
@@ -53,13 +62,20 @@ async fn request_token(rig: &Rig, assertion: &str) -> (u16, Option<String>) {
 }
 
 fn last_refusal(attempts: &[TokenAttempt]) -> String {
-    attempts.last().unwrap().outcome.clone().expect_err("the last attempt was refused").description
+    attempts
+        .last()
+        .unwrap()
+        .outcome
+        .clone()
+        .expect_err("the last attempt was refused")
+        .description
 }
 
 #[tokio::test]
 async fn a_valid_assertion_gets_a_token() {
     let rig = rig().await;
-    let (status, error) = request_token(&rig, &assertion(&rig.pem, &rig.kid, claims(&rig, 240, "a"))).await;
+    let (status, error) =
+        request_token(&rig, &assertion(&rig.pem, &rig.kid, claims(&rig, 240, "a"))).await;
     assert_eq!((status, error), (200, None));
 }
 
@@ -68,7 +84,8 @@ async fn an_assertion_signed_by_another_key_is_refused() {
     let rig = rig().await;
     let other = smart::generate(SigningAlgorithm::RS384).unwrap();
     // Same kid as the registered key, different key material.
-    let (status, error) = request_token(&rig, &assertion(&other, &rig.kid, claims(&rig, 240, "b"))).await;
+    let (status, error) =
+        request_token(&rig, &assertion(&other, &rig.kid, claims(&rig, 240, "b"))).await;
     assert_eq!(status, 401);
     assert_eq!(error.as_deref(), Some("invalid_client"));
     assert!(last_refusal(&rig.fake.token_attempts()).contains("signature"));
@@ -77,7 +94,11 @@ async fn an_assertion_signed_by_another_key_is_refused() {
 #[tokio::test]
 async fn an_expired_assertion_is_refused() {
     let rig = rig().await;
-    let (status, error) = request_token(&rig, &assertion(&rig.pem, &rig.kid, claims(&rig, -120, "c"))).await;
+    let (status, error) = request_token(
+        &rig,
+        &assertion(&rig.pem, &rig.kid, claims(&rig, -120, "c")),
+    )
+    .await;
     assert_eq!((status, error.as_deref()), (401, Some("invalid_client")));
     assert!(last_refusal(&rig.fake.token_attempts()).contains("exp"));
 }
@@ -85,7 +106,8 @@ async fn an_expired_assertion_is_refused() {
 #[tokio::test]
 async fn an_assertion_living_longer_than_five_minutes_is_refused() {
     let rig = rig().await;
-    let (status, error) = request_token(&rig, &assertion(&rig.pem, &rig.kid, claims(&rig, 600, "d"))).await;
+    let (status, error) =
+        request_token(&rig, &assertion(&rig.pem, &rig.kid, claims(&rig, 600, "d"))).await;
     assert_eq!((status, error.as_deref()), (401, Some("invalid_client")));
     assert!(last_refusal(&rig.fake.token_attempts()).contains("300"));
 }

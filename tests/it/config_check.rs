@@ -11,7 +11,8 @@ fn check(dir: &std::path::Path) -> (bool, String) {
         .env_remove("FHIR_SYNC_ENV")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
     (output.status.success(), text)
 }
 
@@ -39,7 +40,9 @@ cron = "0 0 25 * * * *"
     assert!(!ok, "config check must fail:\n{text}");
     let file = dir.path().join("jobs/epic.toml").display().to_string();
     for expected in [
-        format!("{file}: export.types[1]: \"Obsrvation\" is not a FHIR R4 resource type (did you mean \"Observation\"?)"),
+        format!(
+            "{file}: export.types[1]: \"Obsrvation\" is not a FHIR R4 resource type (did you mean \"Observation\"?)"
+        ),
         format!("{file}: auth.private_key_file: cannot read private key file"),
         format!("{file}: schedule.cron: \"0 0 25 * * * *\" is not a valid cron expression"),
     ] {
@@ -62,9 +65,15 @@ fn a_valid_setup_passes() {
     assert!(status.status.success());
     let jwks: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(jwks["keys"][0]["crv"], "P-384");
-    assert!(jwks["keys"][0].get("d").is_none(), "the JWKS must not carry the private part");
+    assert!(
+        jwks["keys"][0].get("d").is_none(),
+        "the JWKS must not carry the private part"
+    );
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     std::fs::write(
         dir.path().join("jobs/ok.toml"),
         "[fhir]\nbase_url = \"https://ehr.example.org/fhir\"\n[auth]\nclient_id = \"abc\"\nprivate_key_file = \"key.pem\"\nalgorithm = \"ES384\"\n[export]\ntypes = [\"Patient\"]\n[schedule]\ncron = \"0 0 2 * * *\"\ntimezone = \"Europe/Berlin\"\n",
@@ -80,8 +89,15 @@ fn a_bad_settings_file_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("config")).unwrap();
     std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
-    std::fs::write(dir.path().join("config/default.toml"), "[sync]\nmax_parallel_downloads = \"many\"\n").unwrap();
+    std::fs::write(
+        dir.path().join("config/default.toml"),
+        "[sync]\nmax_parallel_downloads = \"many\"\n",
+    )
+    .unwrap();
     let (ok, text) = check(dir.path());
     assert!(!ok);
-    assert!(text.contains("default.toml: sync.max_parallel_downloads"), "{text}");
+    assert!(
+        text.contains("default.toml: sync.max_parallel_downloads"),
+        "{text}"
+    );
 }

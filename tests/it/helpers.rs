@@ -12,7 +12,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
 
 fn admin_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+    std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 /// A database created for one test and dropped (with its connections) when the value drops.
@@ -26,13 +27,21 @@ pub struct TestDb {
 impl TestDb {
     pub async fn new() -> TestDb {
         let name = format!("fhir_sync_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is not a valid URL");
+        let admin =
+            PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is not a valid URL");
         let mut conn = sqlx::PgConnection::connect_with(&admin)
             .await
             .expect("cannot reach PostgreSQL: set DATABASE_URL or run scripts/test.sh");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await
+            .unwrap();
         conn.close().await.unwrap();
-        let pool = PgPoolOptions::new().max_connections(8).connect_with(admin.database(&name)).await.unwrap();
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect_with(admin.database(&name))
+            .await
+            .unwrap();
         warehouse::migrate(&pool).await.unwrap();
         TestDb { pool, name }
     }
@@ -44,11 +53,18 @@ impl Drop for TestDb {
         // Drop runs outside any async context we can rely on, so the cleanup gets a runtime of
         // its own on a fresh thread and is waited for.
         let cleanup = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
             runtime.block_on(async {
                 let admin = PgConnectOptions::from_str(&admin_url()).unwrap();
                 if let Ok(mut conn) = sqlx::PgConnection::connect_with(&admin).await {
-                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))).execute(&mut conn).await;
+                    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
                 }
             });
         });
@@ -58,7 +74,10 @@ impl Drop for TestDb {
 
 /// Sync settings for tests: small batches so that files span several transactions.
 pub fn sync_settings() -> SyncSettings {
-    SyncSettings { batch_lines: 500, ..SyncSettings::default() }
+    SyncSettings {
+        batch_lines: 500,
+        ..SyncSettings::default()
+    }
 }
 
 /// A database, a fake FHIR server with a registered client, and the job that syncs from it.
@@ -72,22 +91,38 @@ pub struct TestEnv {
 impl TestEnv {
     pub async fn new(patients: usize, options: FakeOptions) -> TestEnv {
         let db = TestDb::new().await;
-        let fake = FakeFhirServer::start(Dataset::new(7, patients), options).await.unwrap();
+        let fake = FakeFhirServer::start(Dataset::new(7, patients), options)
+            .await
+            .unwrap();
         let key_pem = smart::generate(SigningAlgorithm::RS384).unwrap();
-        let key = SigningKey::from_pem(&key_pem, SigningAlgorithm::RS384, None, "test key").unwrap();
+        let key =
+            SigningKey::from_pem(&key_pem, SigningAlgorithm::RS384, None, "test key").unwrap();
         fake.register_client("fhir-sync-demo", key.public_jwks());
         let mut job = fhir_sync::demo::demo_job(&fake, key_pem.clone());
         job.export.poll_min_interval_seconds = 0.001;
-        TestEnv { db, fake, key_pem, job }
+        TestEnv {
+            db,
+            fake,
+            key_pem,
+            job,
+        }
     }
 
     /// Fake server options that never make the client wait.
     pub fn fast() -> FakeOptions {
-        FakeOptions { retry_after_seconds: 0, polls_before_ready: 2, resources_per_file: 250, ..FakeOptions::default() }
+        FakeOptions {
+            retry_after_seconds: 0,
+            polls_before_ready: 2,
+            resources_per_file: 250,
+            ..FakeOptions::default()
+        }
     }
 
     pub fn ctx(&self) -> SyncContext {
-        SyncContext { pool: self.db.pool.clone(), settings: sync_settings() }
+        SyncContext {
+            pool: self.db.pool.clone(),
+            settings: sync_settings(),
+        }
     }
 
     pub async fn run(&self) -> Result<RunReport, RunFailed> {

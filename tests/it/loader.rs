@@ -10,19 +10,42 @@ use crate::helpers::TestDb;
 
 async fn file(db: &TestDb) -> FileTarget {
     let runs = Runs::new(db.pool.clone());
-    let run_id = runs.start("job", "src", "https://ehr.example.org/fhir", None).await.unwrap();
-    let files = runs
-        .manifest(run_id, "2024-01-01T00:00:00Z", &[("output", "Patient", "https://ehr.example.org/p.ndjson".into(), None)])
+    let run_id = runs
+        .start("job", "src", "https://ehr.example.org/fhir", None)
         .await
         .unwrap();
-    FileTarget { run_id, file_id: files[0].id, source: "src".into(), kind: FileKind::Output, resource_type: "Patient".into() }
+    let files = runs
+        .manifest(
+            run_id,
+            "2024-01-01T00:00:00Z",
+            &[(
+                "output",
+                "Patient",
+                "https://ehr.example.org/p.ndjson".into(),
+                None,
+            )],
+        )
+        .await
+        .unwrap();
+    FileTarget {
+        run_id,
+        file_id: files[0].id,
+        source: "src".into(),
+        kind: FileKind::Output,
+        resource_type: "Patient".into(),
+    }
 }
 
 fn patient(id: &str, updated: &str, family: &str) -> String {
-    format!(r#"{{"resourceType":"Patient","id":"{id}","meta":{{"versionId":"1","lastUpdated":"{updated}"}},"name":[{{"family":"{family}"}}]}}"#)
+    format!(
+        r#"{{"resourceType":"Patient","id":"{id}","meta":{{"versionId":"1","lastUpdated":"{updated}"}},"name":[{{"family":"{family}"}}]}}"#
+    )
 }
 
-const LIMITS: LoadLimits = LoadLimits { batch_lines: 2, max_line_bytes: 4096 };
+const LIMITS: LoadLimits = LoadLimits {
+    batch_lines: 2,
+    max_line_bytes: 4096,
+};
 
 async fn families(db: &TestDb) -> Vec<(String, String)> {
     sqlx::query_as("SELECT id, resource #>> '{name,0,family}' FROM fhir_sync.resource ORDER BY id")
@@ -41,16 +64,25 @@ async fn bad_lines_are_recorded_and_the_rest_loads() {
         r#"{"resourceType":"Observation","id":"o1"}"#.to_string(),
         String::new(),
         patient("b", "2024-01-01T00:00:00Z", "B"),
-        format!(r#"{{"resourceType":"Patient","id":"c","text":"{}"}}"#, "x".repeat(5000)),
+        format!(
+            r#"{{"resourceType":"Patient","id":"c","text":"{}"}}"#,
+            "x".repeat(5000)
+        ),
         r#"{"resourceType":"Patient"}"#.to_string(),
         patient("d", "2024-01-01T00:00:00Z", "D"),
     ];
     let body = lines.join("\n") + "\n";
-    let stats = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS).await.unwrap();
+    let stats = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS)
+        .await
+        .unwrap();
     assert_eq!((stats.loaded, stats.rejected, stats.lines), (3, 4, 8));
     assert_eq!(
         families(&db).await,
-        [("a".into(), "O\"Brien \\ Zoë".into()), ("b".into(), "B".into()), ("d".into(), "D".into())]
+        [
+            ("a".into(), "O\"Brien \\ Zoë".into()),
+            ("b".into(), "B".into()),
+            ("d".into(), "D".into())
+        ]
     );
     let rejected: Vec<(i64, String)> =
         sqlx::query_as("SELECT line_number, reason FROM fhir_sync.rejected_line WHERE file_id = $1 ORDER BY line_number")
@@ -73,8 +105,13 @@ async fn bad_lines_are_recorded_and_the_rest_loads() {
     assert_eq!((committed, loaded, rejected_count), (8, 3, 4));
 
     // Loading the complete file again is a no-op.
-    let again = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS).await.unwrap();
-    assert_eq!((again.resumed_after_line, again.lines, again.loaded), (8, 0, 0));
+    let again = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.resumed_after_line, again.lines, again.loaded),
+        (8, 0, 0)
+    );
 }
 
 #[tokio::test]
@@ -87,12 +124,30 @@ async fn newer_versions_win_and_older_ones_never_regress_a_row() {
         patient("b", "2024-01-01T00:00:00Z", "b1"),
     ]
     .join("\n");
-    load_ndjson(&db.pool, &first, body.as_bytes(), LoadLimits { batch_lines: 10, ..LIMITS }).await.unwrap();
+    load_ndjson(
+        &db.pool,
+        &first,
+        body.as_bytes(),
+        LoadLimits {
+            batch_lines: 10,
+            ..LIMITS
+        },
+    )
+    .await
+    .unwrap();
     let second = file(&db).await;
-    let body = [patient("a", "2024-02-01T00:00:00+01:00", "older, from a later file"), patient("b", "2024-06-01T00:00:00Z", "b2")]
-        .join("\n");
-    load_ndjson(&db.pool, &second, body.as_bytes(), LIMITS).await.unwrap();
-    assert_eq!(families(&db).await, [("a".into(), "new".into()), ("b".into(), "b2".into())]);
+    let body = [
+        patient("a", "2024-02-01T00:00:00+01:00", "older, from a later file"),
+        patient("b", "2024-06-01T00:00:00Z", "b2"),
+    ]
+    .join("\n");
+    load_ndjson(&db.pool, &second, body.as_bytes(), LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(
+        families(&db).await,
+        [("a".into(), "new".into()), ("b".into(), "b2".into())]
+    );
 }
 
 /// Yields `data` and then fails, like a download cut off mid-file.
@@ -103,9 +158,16 @@ struct BreaksAfter {
 }
 
 impl AsyncRead for BreaksAfter {
-    fn poll_read(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         if self.pos >= self.at {
-            return Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset")));
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                "connection reset",
+            )));
         }
         let end = self.at.min(self.pos + buf.remaining()).min(self.pos + 7);
         buf.put_slice(&self.data[self.pos..end]);
@@ -118,30 +180,49 @@ impl AsyncRead for BreaksAfter {
 async fn an_interrupted_load_resumes_without_duplicates_or_gaps() {
     let db = TestDb::new().await;
     let target = file(&db).await;
-    let mut lines: Vec<String> = (0..9).map(|i| patient(&format!("p{i}"), "2024-01-01T00:00:00Z", &format!("f{i}"))).collect();
+    let mut lines: Vec<String> = (0..9)
+        .map(|i| patient(&format!("p{i}"), "2024-01-01T00:00:00Z", &format!("f{i}")))
+        .collect();
     lines.insert(4, "garbage".into());
     let body = lines.join("\n") + "\n";
     // Break in the middle of line 6: batches of 2 lines mean lines 1-4 are committed.
     let cut = lines[..5].iter().map(|l| l.len() + 1).sum::<usize>() + 10;
-    let broken = BreaksAfter { data: body.clone().into_bytes(), at: cut, pos: 0 };
-    let err = load_ndjson(&db.pool, &target, BufReader::new(broken), LIMITS).await.unwrap_err();
-    assert!(matches!(err, LoadError::Read(_)) && err.is_retryable(), "{err:?}");
-    let committed: i64 = sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
-        .bind(target.file_id)
-        .fetch_one(&db.pool)
+    let broken = BreaksAfter {
+        data: body.clone().into_bytes(),
+        at: cut,
+        pos: 0,
+    };
+    let err = load_ndjson(&db.pool, &target, BufReader::new(broken), LIMITS)
         .await
-        .unwrap();
-    assert_eq!(committed, 4);
-
-    let stats = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS).await.unwrap();
-    assert_eq!(stats.resumed_after_line, 4);
-    let ids: Vec<String> = families(&db).await.into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids, (0..9).map(|i| format!("p{i}")).collect::<Vec<_>>());
-    let (loaded, rejected): (i64, i64) =
-        sqlx::query_as("SELECT resources_loaded, lines_rejected FROM fhir_sync.run_file WHERE id = $1")
+        .unwrap_err();
+    assert!(
+        matches!(err, LoadError::Read(_)) && err.is_retryable(),
+        "{err:?}"
+    );
+    let committed: i64 =
+        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
             .bind(target.file_id)
             .fetch_one(&db.pool)
             .await
             .unwrap();
-    assert_eq!((loaded, rejected), (9, 1), "each line counted exactly once across both attempts");
+    assert_eq!(committed, 4);
+
+    let stats = load_ndjson(&db.pool, &target, body.as_bytes(), LIMITS)
+        .await
+        .unwrap();
+    assert_eq!(stats.resumed_after_line, 4);
+    let ids: Vec<String> = families(&db).await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(ids, (0..9).map(|i| format!("p{i}")).collect::<Vec<_>>());
+    let (loaded, rejected): (i64, i64) = sqlx::query_as(
+        "SELECT resources_loaded, lines_rejected FROM fhir_sync.run_file WHERE id = $1",
+    )
+    .bind(target.file_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        (loaded, rejected),
+        (9, 1),
+        "each line counted exactly once across both attempts"
+    );
 }

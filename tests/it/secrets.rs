@@ -50,12 +50,24 @@ async fn a_full_sync_logs_no_secret_at_trace_level() {
     env.run().await.expect("sync succeeds");
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("run succeeded"), "the capture works and saw the run");
-    assert!(logs.lines().count() > 20, "trace level produces plenty of lines");
+    assert!(
+        logs.contains("run succeeded"),
+        "the capture works and saw the run"
+    );
+    assert!(
+        logs.lines().count() > 20,
+        "trace level produces plenty of lines"
+    );
 
     let mut secrets: Vec<String> = Vec::new();
     // Every base64 line of the PEM body (the header lines are not secret).
-    secrets.extend(env.key_pem.expose_secret().lines().filter(|l| !l.starts_with("-----")).map(str::to_owned));
+    secrets.extend(
+        env.key_pem
+            .expose_secret()
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .map(str::to_owned),
+    );
     let assertions = env.fake.received_assertions();
     assert!(!assertions.is_empty());
     for assertion in &assertions {
@@ -67,7 +79,14 @@ async fn a_full_sync_logs_no_secret_at_trace_level() {
     assert!(!tokens.is_empty());
     secrets.extend(tokens);
     for secret in secrets {
-        assert!(!logs.contains(&secret), "a secret leaked into the logs: {}…", &secret[..8.min(secret.len())]);
+        assert!(
+            !logs.contains(&secret),
+            "a secret leaked into the logs: {}…",
+            &secret[..8.min(secret.len())]
+        );
     }
-    assert!(!logs.contains("Bearer "), "no Authorization header value in logs");
+    assert!(
+        !logs.contains("Bearer "),
+        "no Authorization header value in logs"
+    );
 }
