@@ -34,12 +34,17 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
         .with_context(|| format!("cannot connect to PostgreSQL database {database:?} on {host}"))
 }
 
+/// Applies fhir-sync's migrations and the job queue's schema. Idempotent.
+pub async fn prepare_database(pool: &PgPool) -> anyhow::Result<()> {
+    warehouse::migrate(pool).await.context("applying migrations failed")?;
+    crate::queue::setup(pool).await.context("setting up the job queue schema failed")?;
+    Ok(())
+}
+
 /// `fhir-sync migrate`.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let pool = connect(settings).await?;
-    warehouse::migrate(&pool)
-        .await
-        .context("applying migrations failed")?;
+    prepare_database(&pool).await?;
     println!("database schema is up to date");
     Ok(())
 }
@@ -50,11 +55,13 @@ fn jobs_dir(settings: &Settings, override_dir: Option<&Path>) -> PathBuf {
         .unwrap_or_else(|| settings.sync.jobs_dir.clone())
 }
 
-/// `fhir-sync run <job>`: one full sync now, in the foreground.
+/// `fhir-sync run <job>`: queues a run now and works on it in the foreground until it ends.
+/// Incremental from the job's watermark unless `full`.
 pub async fn run(
     settings: &Settings,
     jobs_dir_override: Option<&Path>,
     job_name: &str,
+    full: bool,
 ) -> anyhow::Result<()> {
     let dir = jobs_dir(settings, jobs_dir_override);
     let path = dir.join(format!("{job_name}.toml"));
@@ -66,14 +73,13 @@ pub async fn run(
     }
     let job = config::load_job(&path)?;
     let pool = connect(settings).await?;
-    warehouse::migrate(&pool)
-        .await
-        .context("applying migrations failed")?;
+    prepare_database(&pool).await?;
     let ctx = SyncContext {
         pool,
         settings: settings.sync.clone(),
+        queue: settings.queue.clone(),
     };
-    let report = sync::run_job(&ctx, &job).await?;
+    let report = sync::run_job(&ctx, &job, sync::RunOptions { full }).await?;
     print_report(&job.name, &report);
     Ok(())
 }
@@ -111,7 +117,7 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
             report.export_errors, report.error_files
         );
     }
-    println!("  export transactionTime: {}", report.transaction_time);
+    println!("  export transactionTime: {} (exported since: {})", report.transaction_time, report.since.as_deref().unwrap_or("the beginning"));
 }
 
 /// `fhir-sync keys generate`: writes a new private key (mode 0600) and prints its public JWKS.

@@ -16,7 +16,7 @@ use crate::config::{
 use crate::fake::{Dataset, FakeFhirServer, FakeOptions};
 use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
-use crate::{app, localpg, warehouse};
+use crate::{app, localpg};
 
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
@@ -59,6 +59,7 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
             poll_max_interval_seconds: 5.0,
             poll_default_interval_seconds: 1.0,
             timeout_seconds: 600,
+            since_overlap_seconds: 0,
         },
         schedule: None,
     }
@@ -71,9 +72,7 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     settings.database.url = SecretString::from(database_url.clone());
     settings.database.password_file = None;
     let pool = app::connect(&settings).await?;
-    warehouse::migrate(&pool)
-        .await
-        .context("applying migrations failed")?;
+    app::prepare_database(&pool).await?;
 
     let dataset = Dataset::new(options.seed, options.patients);
     let server = FakeFhirServer::start(
@@ -99,8 +98,9 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     let ctx = SyncContext {
         pool: pool.clone(),
         settings: settings.sync.clone(),
+        queue: settings.queue.clone(),
     };
-    let report = sync::run_job(&ctx, &job).await?;
+    let report = sync::run_job(&ctx, &job, sync::RunOptions { full: true }).await?;
     app::print_report(&job.name, &report);
 
     let landed: BTreeMap<String, i64> = sqlx::query_as::<_, (String, i64)>(

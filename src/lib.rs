@@ -16,3 +16,4 @@ pub mod smart;
 pub mod sync;
 pub mod transport;
 pub mod warehouse;
+pub mod queue;

@@ -44,10 +44,13 @@ enum Command {
         #[arg(long, default_value = ".demo")]
         state_dir: PathBuf,
     },
-    /// Run one sync of a job now, in the foreground.
+    /// Run one sync of a job now, in the foreground (incremental from the last successful run).
     Run {
         /// Job name: the file stem of jobs/<name>.toml.
         job: String,
+        /// Ignore the watermark and export everything.
+        #[arg(long)]
+        full: bool,
     },
     /// Create or update the database schema.
     Migrate,
@@ -158,7 +161,7 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Run { job } => app::run(&settings, cli.jobs_dir.as_deref(), &job).await,
+            Command::Run { job, full } => app::run(&settings, cli.jobs_dir.as_deref(), &job, full).await,
             Command::Migrate => app::migrate(&settings).await,
             Command::Status { job, limit, json } => {
                 app::status(&settings, job.as_deref(), limit, json).await

@@ -9,24 +9,31 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use sqlx::PgPool;
 use tokio_util::io::StreamReader;
-use tracing::Instrument;
 
-use crate::bulk::{BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy};
+use tokio_util::sync::CancellationToken;
+
+use crate::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, PollPolicy};
+use crate::queue::QueueSettings;
 use crate::config::{JobConfig, SyncSettings};
 use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
 use crate::transport::{self, HttpOptions};
-use crate::warehouse::{
-    self, FileKind, FileTarget, LoadError, LoadLimits, RunOutcome, Runs, TypeCount,
-};
+use crate::warehouse::{self, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
 
-/// What a run needs from the service: the database and the sync settings.
+pub mod state;
+pub mod steps;
+
+pub use state::Trigger;
+pub use steps::{Step, StepContext};
+
+/// What a run needs from the service: the database, the sync settings and the queue settings.
 #[derive(Clone)]
 pub struct SyncContext {
     pub pool: PgPool,
     pub settings: SyncSettings,
+    pub queue: QueueSettings,
 }
 
 /// What a successful run did.
@@ -34,6 +41,8 @@ pub struct SyncContext {
 pub struct RunReport {
     pub run_id: i64,
     pub transaction_time: String,
+    /// The `_since` the run exported from; `None` for a full export.
+    pub since: Option<String>,
     pub types: Vec<TypeCount>,
     pub output_files: usize,
     pub error_files: usize,
@@ -70,6 +79,10 @@ pub enum SyncError {
     Unsupported(String),
     #[error("cannot build the HTTP client")]
     Http(#[source] anyhow::Error),
+    #[error("{0}")]
+    Queue(String),
+    #[error("the run ended {status}: {error}")]
+    RunEnded { status: String, error: String, retryable: bool },
 }
 
 impl SyncError {
@@ -79,7 +92,8 @@ impl SyncError {
             SyncError::Auth(e) => e.is_retryable(),
             SyncError::Export(e) | SyncError::Download { source: e, .. } => e.is_retryable(),
             SyncError::Load { source, .. } => source.is_retryable(),
-            SyncError::Database(_) => true,
+            SyncError::Database(_) | SyncError::Queue(_) => true,
+            SyncError::RunEnded { retryable, .. } => *retryable,
             SyncError::Key(_) | SyncError::Unsupported(_) | SyncError::Http(_) => false,
         }
     }
@@ -107,244 +121,172 @@ pub struct RunFailed {
     pub error: SyncError,
 }
 
-/// Runs one full (non-incremental) export of `job` now and records it.
-pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, RunFailed> {
-    let failed = |run_id, error| RunFailed {
-        job: job.name.clone(),
-        run_id,
-        error,
-    };
-    let runs = Runs::new(ctx.pool.clone());
-    let run_id = runs
-        .start(
-            &job.name,
-            &job.name,
-            &transport::redacted(&job.fhir.base_url),
-            None,
-        )
-        .await
-        .map_err(|e| failed(None, e.into()))?;
-    let span = tracing::info_span!("run", job.name = %job.name, run.id = run_id);
+/// How to start a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions {
+    /// Ignore the watermark and export everything.
+    pub full: bool,
+}
+
+/// Queues a run of `job` now and drives it to its end with workers in this process (other
+/// processes serving the same database may take some of its steps). Returns when the run has
+/// succeeded or failed.
+pub async fn run_job(ctx: &SyncContext, job: &JobConfig, options: RunOptions) -> Result<RunReport, RunFailed> {
+    let failed = |run_id, error| RunFailed { job: job.name.clone(), run_id, error };
+    let steps = StepContext::new(ctx.pool.clone(), ctx.settings.clone(), ctx.queue.clone(), Vec::new());
+    steps.register_job(job.clone());
     let started = Instant::now();
-    let result = execute(ctx, job, &runs, run_id)
-        .instrument(span.clone())
-        .await;
-    let _entered = span.enter();
-    match result {
-        Ok(mut report) => {
-            runs.finish(run_id, &RunOutcome::Succeeded)
-                .await
-                .map_err(|e| failed(Some(run_id), e.into()))?;
-            report.elapsed = started.elapsed();
-            report.types = runs
-                .type_counts(run_id)
-                .await
-                .map_err(|e| failed(Some(run_id), e.into()))?;
-            tracing::info!(
-                resources = report.resources_loaded(),
-                rejected = report.lines_rejected(),
-                files = report.output_files,
-                duration_ms = report.elapsed.as_millis() as u64,
-                "run succeeded"
-            );
-            Ok(report)
+    let run_id = enqueue_run(&steps, job, Trigger::Manual, None, options.full)
+        .await
+        .map_err(|e| failed(None, e))?
+        .expect("a manual run has no tick to collide with");
+    let shutdown = CancellationToken::new();
+    let workers = tokio::spawn(steps::run_workers(steps.clone(), shutdown.clone(), Duration::from_secs(30)));
+    let ended = wait_for_run(&ctx.pool, run_id).await;
+    shutdown.cancel();
+    match workers.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "queue workers stopped with an error"),
+        Err(e) => tracing::warn!(error = %e, "queue workers panicked"),
+    }
+    let run = ended.map_err(|e| failed(Some(run_id), e.into()))?;
+    if run.status != "succeeded" {
+        let error = run.error.unwrap_or_else(|| format!("the run ended {}", run.status));
+        return Err(failed(Some(run_id), SyncError::RunEnded { status: run.status, error, retryable: run.error_retryable.unwrap_or(false) }));
+    }
+    let runs = Runs::new(ctx.pool.clone());
+    let types = runs.type_counts(run_id).await.map_err(|e| failed(Some(run_id), e.into()))?;
+    let (output_files, error_files, bytes): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE kind = 'output'), count(*) FILTER (WHERE kind = 'error'), coalesce(sum(bytes), 0)::bigint
+         FROM fhir_sync.run_file WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&ctx.pool)
+    .await
+    .map_err(|e| failed(Some(run_id), e.into()))?;
+    Ok(RunReport {
+        run_id,
+        transaction_time: run.transaction_time.unwrap_or_default(),
+        since: run.since,
+        types,
+        output_files: output_files as usize,
+        error_files: error_files as usize,
+        export_errors: run.export_errors as u64,
+        bytes: bytes as u64,
+        elapsed: started.elapsed(),
+    })
+}
+
+/// Creates a queued run and queues its kick-off. `None` when another process already created
+/// the run for the same tick.
+pub async fn enqueue_run(
+    steps: &StepContext,
+    job: &JobConfig,
+    trigger: Trigger,
+    scheduled_for: Option<time::OffsetDateTime>,
+    full: bool,
+) -> Result<Option<i64>, SyncError> {
+    let base = transport::redacted(&job.fhir.base_url);
+    let Some(run_id) = state::create(&steps.pool, &job.name, &base, trigger, scheduled_for, full).await? else {
+        return Ok(None);
+    };
+    // If this process dies between the insert and the push, the run stays 'queued';
+    // `serve` re-queues the kick-off of such runs at start-up.
+    steps.push(Step::KickOff { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+    tracing::info!(job.name = %job.name, run.id = run_id, trigger = ?trigger, "run queued");
+    Ok(Some(run_id))
+}
+
+/// The end state of a run, as [`wait_for_run`] reports it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunEnd {
+    pub status: String,
+    pub error: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub transaction_time: Option<String>,
+    pub since: Option<String>,
+    pub export_errors: i64,
+}
+
+/// Waits until the run is finished, logging each state change. Listens for the run table's
+/// notifications; the periodic re-read only covers a notification lost while reconnecting.
+pub async fn wait_for_run(pool: &PgPool, run_id: i64) -> sqlx::Result<RunEnd> {
+    let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
+    listener.listen("fhir_sync_run").await?;
+    let mut last = String::new();
+    loop {
+        let (status, progress): (String, Option<String>) =
+            sqlx::query_as("SELECT status, progress FROM fhir_sync.run WHERE id = $1").bind(run_id).fetch_one(pool).await?;
+        let now = format!("{status} {}", progress.as_deref().unwrap_or(""));
+        if now != last {
+            tracing::info!(run.id = run_id, run.status = %status, export.progress = progress.as_deref().unwrap_or(""), "run state");
+            last = now;
         }
-        Err(error) => {
-            let outcome = RunOutcome::Failed {
-                error: error_chain(&error),
-                retryable: error.is_retryable(),
-            };
-            tracing::error!(error = %error_chain(&error), retryable = error.is_retryable(), "run failed");
-            if let Err(e) = runs.finish(run_id, &outcome).await {
-                tracing::error!(error = %e, "could not record the failed run");
-            }
-            Err(failed(Some(run_id), error))
+        if state::TERMINAL.contains(&status.as_str()) {
+            return sqlx::query_as(
+                "SELECT status, error, error_retryable, transaction_time, since, export_errors FROM fhir_sync.run WHERE id = $1",
+            )
+            .bind(run_id)
+            .fetch_one(pool)
+            .await;
         }
+        // Any run's change wakes us; the loop re-reads ours.
+        let _ = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
     }
 }
 
-async fn execute(
-    ctx: &SyncContext,
-    job: &JobConfig,
-    runs: &Runs,
-    run_id: i64,
-) -> Result<RunReport, SyncError> {
-    let settings = &ctx.settings;
-    let allow_insecure_http = job.fhir.allow_insecure_http;
-    let http = transport::client(HttpOptions {
-        connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
-        read_timeout: Duration::from_secs(settings.read_timeout_seconds),
-        allow_insecure_http,
-    })
-    .map_err(SyncError::Http)?;
+/// What a job's steps share: the HTTP client, discovery, the token manager and the bulk client.
+pub struct Session {
+    pub bulk: BulkClient,
+}
 
-    let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
-    let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
-    if !discovered.signing_algorithms.is_empty()
-        && !discovered
-            .signing_algorithms
-            .iter()
-            .any(|a| a == job.auth.algorithm.as_str())
-    {
-        tracing::warn!(
-            auth.algorithm = %job.auth.algorithm,
-            "the server does not advertise this signing algorithm; trying anyway"
-        );
+impl Session {
+    /// Loads the key, discovers the token endpoint and sets up the token manager for `job`.
+    pub async fn open(settings: &SyncSettings, job: &JobConfig) -> Result<Session, SyncError> {
+        let allow_insecure_http = job.fhir.allow_insecure_http;
+        let http = transport::client(HttpOptions {
+            connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
+            read_timeout: Duration::from_secs(settings.read_timeout_seconds),
+            allow_insecure_http,
+        })
+        .map_err(SyncError::Http)?;
+        let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
+        let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
+        if !discovered.signing_algorithms.is_empty()
+            && !discovered.signing_algorithms.iter().any(|a| a == job.auth.algorithm.as_str())
+        {
+            tracing::warn!(auth.algorithm = %job.auth.algorithm, "the server does not advertise this signing algorithm; trying anyway");
+        }
+        tracing::info!(token.url = %transport::redacted(&discovered.token_endpoint), "discovered the token endpoint");
+        let tokens = Arc::new(TokenManager::new(
+            http.clone(),
+            discovered.token_endpoint,
+            job.auth.client_id.clone(),
+            key,
+            job.requested_scopes(),
+        ));
+        Ok(Session { bulk: BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http) })
     }
-    tracing::info!(token.url = %transport::redacted(&discovered.token_endpoint), "discovered the token endpoint");
-    let tokens = Arc::new(TokenManager::new(
-        http.clone(),
-        discovered.token_endpoint,
-        job.auth.client_id.clone(),
-        key,
-        job.requested_scopes(),
-    ));
-    let bulk = BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http);
+}
 
-    let request = ExportRequest {
+/// The export a run of `job` asks for.
+pub fn export_request(job: &JobConfig, since: Option<String>) -> ExportRequest {
+    ExportRequest {
         level: job.export.level,
         group_id: job.export.group_id.clone(),
         types: job.export.types.clone(),
-        since: None,
-    };
-    let kick_off = bulk.kick_off(&request).await?;
-    runs.kicked_off(
-        run_id,
-        kick_off.request_url.as_str(),
-        kick_off.status_url.as_str(),
-    )
-    .await?;
-    tracing::info!(export.status_url = %transport::redacted(&kick_off.status_url), "export started");
+        since,
+    }
+}
 
-    let policy = PollPolicy {
+/// How `job`'s status polls are paced.
+pub fn poll_policy(job: &JobConfig) -> PollPolicy {
+    PollPolicy {
         min_interval: Duration::from_secs_f64(job.export.poll_min_interval_seconds),
         max_interval: Duration::from_secs_f64(job.export.poll_max_interval_seconds),
         default_interval: Duration::from_secs_f64(job.export.poll_default_interval_seconds),
         timeout: Duration::from_secs(job.export.timeout_seconds),
-    };
-    let mut last_progress = String::new();
-    let mut progress_updates = Vec::new();
-    let manifest = bulk
-        .wait_for_manifest(&kick_off.status_url, &policy, |progress| {
-            if progress != last_progress {
-                tracing::info!(export.progress = %progress, "export in progress");
-                last_progress = progress.to_string();
-                progress_updates.push(progress.to_string());
-            }
-        })
-        .await?;
-    if let Some(progress) = progress_updates.last() {
-        runs.progress(run_id, progress).await?;
     }
-    if !manifest.deleted.is_empty() {
-        return Err(SyncError::Unsupported(format!(
-            "the manifest lists {} deleted file(s); applying deletions is not supported yet, so the run stops \
-             rather than leave deleted resources in the warehouse",
-            manifest.deleted.len()
-        )));
-    }
-    tracing::info!(
-        export.transaction_time = %manifest.transaction_time,
-        output_files = manifest.output.len(),
-        error_files = manifest.error.len(),
-        "export complete"
-    );
-
-    let files = register_files(runs, run_id, &manifest).await?;
-    let bytes = AtomicU64::new(0);
-    let limits = LoadLimits {
-        batch_lines: settings.batch_lines,
-        max_line_bytes: settings.max_line_bytes,
-    };
-    let results: Vec<Result<(), SyncError>> = futures::stream::iter(files.iter())
-        .map(|(record, file, kind)| {
-            let target = FileTarget {
-                run_id,
-                file_id: record.id,
-                source: job.name.clone(),
-                kind: *kind,
-                resource_type: match kind {
-                    FileKind::Output => file.resource_type.clone(),
-                    FileKind::Error => "OperationOutcome".to_string(),
-                },
-            };
-            let span = tracing::info_span!("file", file.id = record.id, resource.type = %file.resource_type);
-            load_file(&ctx.pool, runs, &bulk, target, file, manifest.requires_access_token, limits, &bytes)
-                .instrument(span)
-        })
-        .buffer_unordered(settings.max_parallel_downloads)
-        .collect()
-        .await;
-    let failures: Vec<SyncError> = results.into_iter().filter_map(Result::err).collect();
-    if let Some(first) = failures.into_iter().next() {
-        return Err(first);
-    }
-
-    // Every file is loaded: the server may now drop the files. A failure here loses nothing.
-    if let Err(e) = bulk.delete(&kick_off.status_url).await {
-        tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
-    }
-    let export_errors = sqlx::query_scalar::<_, i64>(
-        "SELECT count(*) FROM fhir_sync.export_error WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&ctx.pool)
-    .await? as u64;
-    Ok(RunReport {
-        run_id,
-        transaction_time: manifest.transaction_time.clone(),
-        types: Vec::new(),
-        output_files: manifest.output.len(),
-        error_files: manifest.error.len(),
-        export_errors,
-        bytes: bytes.load(Ordering::Relaxed),
-        elapsed: Duration::ZERO,
-    })
-}
-
-async fn register_files<'m>(
-    runs: &Runs,
-    run_id: i64,
-    manifest: &'m Manifest,
-) -> Result<Vec<(warehouse::FileRecord, &'m ManifestFile, FileKind)>, SyncError> {
-    let listed: Vec<(&ManifestFile, FileKind)> = manifest
-        .output
-        .iter()
-        .map(|f| (f, FileKind::Output))
-        .chain(manifest.error.iter().map(|f| (f, FileKind::Error)))
-        .collect();
-    let rows: Vec<(&str, &str, String, Option<u64>)> = listed
-        .iter()
-        .map(|(f, kind)| {
-            let kind = if *kind == FileKind::Output {
-                "output"
-            } else {
-                "error"
-            };
-            (
-                kind,
-                f.resource_type.as_str(),
-                transport::redacted(&f.url),
-                f.count,
-            )
-        })
-        .collect();
-    let records = runs
-        .manifest(run_id, &manifest.transaction_time, &rows)
-        .await?;
-    // Rows come back in insertion order, which is manifest order.
-    if records.len() != listed.len() {
-        return Err(SyncError::Unsupported(format!(
-            "the manifest lists the same file URL more than once ({} files, {} distinct)",
-            listed.len(),
-            records.len()
-        )));
-    }
-    Ok(records
-        .into_iter()
-        .zip(listed)
-        .map(|(record, (file, kind))| (record, file, kind))
-        .collect())
 }
 
 /// Attempts per file for retryable failures; each attempt resumes after the committed lines.

@@ -9,7 +9,7 @@
 mod client;
 mod manifest;
 
-pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy};
+pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, StatusCheck};
 pub use manifest::{Manifest, ManifestFile};
 
 use crate::smart::AuthError;

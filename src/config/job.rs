@@ -141,6 +141,11 @@ pub struct ExportConfig {
     /// Give up on an export that is not ready after this long. Default 86400 (one day).
     #[serde(default = "default_export_timeout")]
     pub timeout_seconds: u64,
+    /// Incremental runs ask for this many seconds before the last successful run's
+    /// transactionTime, to re-read a little history. Safe because loads are newer-wins.
+    /// Default 0: `_since` is the transactionTime exactly as the server sent it.
+    #[serde(default)]
+    pub since_overlap_seconds: u64,
 }
 
 fn default_poll_min() -> f64 {
@@ -164,6 +169,18 @@ pub struct ScheduleConfig {
     /// IANA time zone the cron expression is read in. Default `UTC`.
     #[serde(default = "default_timezone")]
     pub timezone: String,
+    /// What a tick does while the job's previous run is still going: `skip` (default; the
+    /// skipped tick is recorded as a run with status `skipped`) or `queue` (the run waits).
+    #[serde(default)]
+    pub overlap: Overlap,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlap {
+    #[default]
+    Skip,
+    Queue,
 }
 
 fn default_timezone() -> String {

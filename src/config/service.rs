@@ -19,6 +19,7 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub logging: LoggingSettings,
     pub sync: SyncSettings,
+    pub queue: crate::queue::QueueSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -5,8 +5,8 @@ use std::str::FromStr;
 use fhir_sync::config::{JobConfig, SyncSettings};
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
-use fhir_sync::sync::{self, RunFailed, RunReport, SyncContext};
-use fhir_sync::warehouse;
+use fhir_sync::queue::QueueSettings;
+use fhir_sync::sync::{self, RunFailed, RunOptions, RunReport, SyncContext};
 use secrecy::SecretString;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Connection, PgPool};
@@ -42,7 +42,7 @@ impl TestDb {
             .connect_with(admin.database(&name))
             .await
             .unwrap();
-        warehouse::migrate(&pool).await.unwrap();
+        fhir_sync::app::prepare_database(&pool).await.unwrap();
         TestDb { pool, name }
     }
 }
@@ -69,6 +69,17 @@ impl Drop for TestDb {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// Queue settings for tests: quick pick-up of delayed steps and quick takeover of dead workers.
+pub fn queue_settings() -> QueueSettings {
+    QueueSettings {
+        poll_interval_ms: 50,
+        heartbeat_interval_seconds: 1,
+        missed_heartbeats: 2,
+        file_lease_seconds: 3,
+        ..QueueSettings::default()
     }
 }
 
@@ -122,10 +133,17 @@ impl TestEnv {
         SyncContext {
             pool: self.db.pool.clone(),
             settings: sync_settings(),
+            queue: queue_settings(),
         }
     }
 
+    /// A full export (ignoring the watermark), through the queue, to its end.
     pub async fn run(&self) -> Result<RunReport, RunFailed> {
-        sync::run_job(&self.ctx(), &self.job).await
+        sync::run_job(&self.ctx(), &self.job, RunOptions { full: true }).await
+    }
+
+    /// An incremental export from the job's watermark, through the queue, to its end.
+    pub async fn run_incremental(&self) -> Result<RunReport, RunFailed> {
+        sync::run_job(&self.ctx(), &self.job, RunOptions { full: false }).await
     }
 }

@@ -1,0 +1,511 @@
+//! A run as queued steps: kick-off, poll, load one file, finish. Each step is one queue task;
+//! each is idempotent (it checks the run's persisted state first and changes it with guarded
+//! statements), so a task that runs twice, or after a crash, does no harm.
+//!
+//! Retries are scheduled here, not by the queue: a retryable failure pushes the same step again
+//! with an exponential, jittered delay (honouring `Retry-After`), up to a per-step limit; a
+//! fatal failure, or a panic inside a step, fails the run with the reason on the run record.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+
+use apalis::prelude::{BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use sqlx::{Connection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use super::state::{self, FileRow, NewFile};
+use super::{Session, SyncError, error_chain};
+use crate::bulk::{ManifestFile, StatusCheck};
+use crate::config::{JobConfig, SyncSettings};
+use crate::queue::{self, QueueSettings, TaskQueue};
+use crate::warehouse::{FileKind, FileTarget, LoadLimits, Runs};
+
+/// The queue all run steps go through.
+pub const QUEUE: &str = "fhir-sync-steps";
+
+/// One step of a run. `seq` makes every push of a step unique (the idempotency key), so a
+/// re-push after a delay is a new task while a duplicate push of the same one is dropped.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "step", rename_all = "snake_case")]
+pub enum Step {
+    KickOff { run_id: i64, seq: u32, attempt: u32 },
+    Poll { run_id: i64, seq: u32, errors: u32 },
+    LoadFile { run_id: i64, file_id: i64, seq: u32, attempt: u32 },
+    Finish { run_id: i64, seq: u32, attempt: u32 },
+}
+
+impl Step {
+    fn run_id(&self) -> i64 {
+        match self {
+            Step::KickOff { run_id, .. }
+            | Step::Poll { run_id, .. }
+            | Step::LoadFile { run_id, .. }
+            | Step::Finish { run_id, .. } => *run_id,
+        }
+    }
+
+    fn key(&self) -> String {
+        match self {
+            Step::KickOff { run_id, seq, .. } => format!("kickoff:{run_id}:{seq}"),
+            Step::Poll { run_id, seq, .. } => format!("poll:{run_id}:{seq}"),
+            Step::LoadFile { file_id, seq, .. } => format!("load:{file_id}:{seq}"),
+            Step::Finish { run_id, seq, .. } => format!("finish:{run_id}:{seq}"),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Step::KickOff { .. } => "kick-off",
+            Step::Poll { .. } => "poll",
+            Step::LoadFile { .. } => "load-file",
+            Step::Finish { .. } => "finish",
+        }
+    }
+}
+
+/// Attempts per step kind for retryable failures before the run fails.
+const KICK_OFF_ATTEMPTS: u32 = 5;
+const POLL_ERRORS: u32 = 10;
+const LOAD_ATTEMPTS: u32 = 5;
+const FINISH_ATTEMPTS: u32 = 5;
+/// Wait before a queued run looks again whether the job's active run has finished.
+const BUSY_WAIT: Duration = Duration::from_secs(5);
+
+/// Everything a worker needs to execute steps. Shared by all workers of a process.
+pub struct StepContext {
+    pub pool: PgPool,
+    pub settings: SyncSettings,
+    pub queue: TaskQueue<Step>,
+    /// This process's name: the owner recorded on file leases.
+    pub owner: String,
+    jobs: std::sync::RwLock<HashMap<String, Arc<JobConfig>>>,
+    /// One session (HTTP client, discovery, token manager) per job, shared by all its steps.
+    sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
+}
+
+impl StepContext {
+    pub fn new(pool: PgPool, settings: SyncSettings, queue_settings: QueueSettings, jobs: Vec<JobConfig>) -> Arc<Self> {
+        let queue = TaskQueue::new(pool.clone(), QUEUE, queue_settings);
+        Arc::new(StepContext {
+            pool,
+            settings,
+            queue,
+            owner: queue::worker_name("fhir-sync"),
+            jobs: std::sync::RwLock::new(jobs.into_iter().map(|j| (j.name.clone(), Arc::new(j))).collect()),
+            sessions: tokio::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Adds or replaces a job definition (the foreground runner registers the job it runs).
+    pub fn register_job(&self, job: JobConfig) {
+        self.jobs.write().unwrap_or_else(|e| e.into_inner()).insert(job.name.clone(), Arc::new(job));
+    }
+
+    pub fn job(&self, name: &str) -> Option<Arc<JobConfig>> {
+        self.jobs.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    pub fn jobs(&self) -> Vec<Arc<JobConfig>> {
+        self.jobs.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+
+    async fn session(&self, job: &JobConfig) -> Result<Arc<Session>, SyncError> {
+        let mut sessions = self.sessions.lock().await;
+        if let Some(session) = sessions.get(&job.name) {
+            return Ok(session.clone());
+        }
+        let session = Arc::new(Session::open(&self.settings, job).await?);
+        sessions.insert(job.name.clone(), session.clone());
+        Ok(session)
+    }
+
+    pub async fn push(&self, step: Step, delay: Duration) -> Result<(), SyncError> {
+        self.queue.push(step.clone(), &step.key(), delay).await.map_err(|e| SyncError::Queue(e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Runs the step workers of this process until `shutdown` is cancelled, then lets running
+/// steps finish for up to `grace`.
+pub async fn run_workers(ctx: Arc<StepContext>, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+    let concurrency = ctx.queue.settings().concurrency;
+    let name = ctx.owner.clone();
+    let monitor = Monitor::new()
+        .register(move |restarts| {
+            WorkerBuilder::new(format!("{name}-{restarts}"))
+                .backend(ctx.queue.worker_backend())
+                .data(ctx.clone())
+                .concurrency(concurrency)
+                .build(handle_step)
+        })
+        // A database outage ends a worker's task stream; start it again rather than exit.
+        .should_restart(|_, error| {
+            tracing::warn!(error = %error, "queue worker stopped, restarting it");
+            true
+        })
+        .shutdown_timeout(grace);
+    monitor
+        .run_with_signal(async move {
+            shutdown.cancelled().await;
+            Ok(())
+        })
+        .await?;
+    Ok(())
+}
+
+/// The queue handler. It never returns an error to apalis: failures are handled (retried or
+/// recorded on the run) here, and a panic fails the run instead of the worker.
+async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
+    let ctx: Arc<StepContext> = (*ctx).clone();
+    let run_id = step.run_id();
+    let span = tracing::info_span!("step", run.id = run_id, step = step.name());
+    let outcome = AssertUnwindSafe(tracing::Instrument::instrument(execute(&ctx, step), span.clone()))
+        .catch_unwind()
+        .await;
+    let _entered = span.enter();
+    let failure = match outcome {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(error)) => (error_chain(&error), error.is_retryable()),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            (format!("internal error: a step panicked: {message}"), false)
+        }
+    };
+    tracing::error!(error = %failure.0, retryable = failure.1, "run failed");
+    if let Err(e) = state::fail(&ctx.pool, run_id, &failure.0, failure.1).await {
+        // The queue task is done either way; the run stays in its state until an operator acts.
+        tracing::error!(error = %e, "could not record the failed run");
+    }
+    Ok(())
+}
+
+async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
+    match step {
+        Step::KickOff { run_id, seq, attempt } => kick_off(ctx, run_id, seq, attempt).await,
+        Step::Poll { run_id, seq, errors } => poll(ctx, run_id, seq, errors).await,
+        Step::LoadFile { run_id, file_id, seq, attempt } => load(ctx, run_id, file_id, seq, attempt).await,
+        Step::Finish { run_id, seq, attempt } => finish(ctx, run_id, seq, attempt).await,
+    }
+}
+
+/// Exponential backoff with full jitter: 1 s, 2 s, 4 s, ... capped at 5 minutes.
+fn backoff(attempt: u32) -> Duration {
+    let ceiling = Duration::from_secs(1) * 2u32.saturating_pow(attempt.min(8));
+    let ceiling = ceiling.min(Duration::from_secs(300));
+    ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+}
+
+/// Pushes `next` after a backoff if `error` is retryable and attempts remain; else returns it.
+async fn retry(ctx: &StepContext, run_id: i64, next: Step, attempt: u32, limit: u32, error: SyncError) -> Result<(), SyncError> {
+    if !error.is_retryable() || attempt >= limit {
+        return Err(error);
+    }
+    let delay = backoff(attempt);
+    tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "step failed, retrying");
+    state::count_retry(&ctx.pool, run_id).await?;
+    ctx.push(next, delay).await
+}
+
+fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
+    ctx.job(&run.job).ok_or_else(|| {
+        SyncError::Unsupported(format!("job {:?} is not configured in this process (jobs/{}.toml missing?)", run.job, run.job))
+    })
+}
+
+async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
+    if run.status == "exporting" || run.status == "loading" {
+        return Ok(()); // A duplicate of a kick-off that already happened.
+    }
+    if run.status == "queued" {
+        let job = job_of(ctx, &run)?;
+        let since = if run.full_export {
+            None
+        } else {
+            state::watermark(&ctx.pool, &run.job, job.export.since_overlap_seconds).await?
+        };
+        match state::start_kick_off(&ctx.pool, run_id, since.as_deref()).await {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(e) if is_unique_violation(&e) => {
+                // Another run of this job is active: this one stays queued and looks again later.
+                tracing::info!("another run of the job is active; waiting");
+                return ctx.push(Step::KickOff { run_id, seq: seq + 1, attempt }, BUSY_WAIT).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else if run.status != "kicking_off" {
+        return Ok(()); // Finished, failed or cancelled meanwhile.
+    }
+    let run = state::load(&ctx.pool, run_id).await?;
+    let job = job_of(ctx, &run)?;
+    let result = async {
+        let session = ctx.session(&job).await?;
+        let request = super::export_request(&job, run.since.clone());
+        Ok::<_, SyncError>(session.bulk.kick_off(&request).await?)
+    }
+    .await;
+    match result {
+        Ok(kick_off) => {
+            tracing::info!(
+                export.status_url = %crate::transport::redacted(&kick_off.status_url),
+                export.since = run.since.as_deref().unwrap_or("(full)"),
+                "export started"
+            );
+            if state::exporting(&ctx.pool, run_id, kick_off.request_url.as_str(), kick_off.status_url.as_str()).await? {
+                ctx.push(Step::Poll { run_id, seq: 0, errors: 0 }, Duration::ZERO).await?;
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let next = Step::KickOff { run_id, seq: seq + 1, attempt: attempt + 1 };
+            retry(ctx, run_id, next, attempt + 1, KICK_OFF_ATTEMPTS, error).await
+        }
+    }
+}
+
+async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(), SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
+    if run.status != "exporting" {
+        return Ok(());
+    }
+    let job = job_of(ctx, &run)?;
+    let policy = super::poll_policy(&job);
+    let elapsed = time::OffsetDateTime::now_utc() - run.started_at;
+    if elapsed.whole_seconds() > policy.timeout.as_secs() as i64 {
+        return Err(crate::bulk::ExportError::TimedOut { seconds: policy.timeout.as_secs() }.into());
+    }
+    let status_url = run
+        .status_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+        .ok_or_else(|| SyncError::Unsupported("the run is exporting but has no status URL".into()))?;
+    let clamp = |d: Duration| d.clamp(policy.min_interval, policy.max_interval);
+    let checked = async { Ok::<_, SyncError>(ctx.session(&job).await?.bulk.check_status(&status_url).await?) }.await;
+    match checked {
+        Ok(StatusCheck::InProgress { progress, retry_after }) => {
+            if let Some(progress) = &progress {
+                tracing::info!(export.progress = %progress, "export in progress");
+                state::progress(&ctx.pool, run_id, progress).await?;
+            }
+            let delay = clamp(retry_after.unwrap_or(policy.default_interval));
+            ctx.push(Step::Poll { run_id, seq: seq + 1, errors: 0 }, delay).await
+        }
+        Ok(StatusCheck::Transient { status, retry_after }) => {
+            if errors + 1 > POLL_ERRORS {
+                return Err(crate::bulk::ExportError::Status { context: "export status", status }.into());
+            }
+            tracing::warn!(http.status = status, attempt = errors + 1, "export status poll failed, will poll again");
+            state::count_retry(&ctx.pool, run_id).await?;
+            let delay = clamp(retry_after.unwrap_or_else(|| backoff(errors + 1)));
+            ctx.push(Step::Poll { run_id, seq: seq + 1, errors: errors + 1 }, delay).await
+        }
+        Ok(StatusCheck::Complete(manifest)) => {
+            if !manifest.deleted.is_empty() {
+                return Err(SyncError::Unsupported(format!(
+                    "the manifest lists {} deleted file(s); applying deletions is not supported yet, so the run \
+                     stops rather than leave deleted resources in the warehouse",
+                    manifest.deleted.len()
+                )));
+            }
+            tracing::info!(
+                export.transaction_time = %manifest.transaction_time,
+                output_files = manifest.output.len(),
+                error_files = manifest.error.len(),
+                "export complete"
+            );
+            let files: Vec<NewFile<'_>> = manifest
+                .output
+                .iter()
+                .map(|f| ("output", f))
+                .chain(manifest.error.iter().map(|f| ("error", f)))
+                .map(|(kind, f)| NewFile { kind, resource_type: &f.resource_type, url: &f.url, count: f.count })
+                .collect();
+            let pending = state::manifest_ready(
+                &ctx.pool,
+                run_id,
+                &manifest.transaction_time,
+                manifest.requires_access_token,
+                &files,
+            )
+            .await?;
+            for file in pending.unwrap_or_default() {
+                ctx.push(Step::LoadFile { run_id, file_id: file.id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+            }
+            // A manifest without files (nothing changed since the watermark) is complete now.
+            if state::all_files_loaded(&ctx.pool, run_id).await? {
+                ctx.push(Step::Finish { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+            }
+            Ok(())
+        }
+        Err(error) => {
+            let next = Step::Poll { run_id, seq: seq + 1, errors: errors + 1 };
+            retry(ctx, run_id, next, errors + 1, POLL_ERRORS, error).await
+        }
+    }
+}
+
+async fn load(ctx: &StepContext, run_id: i64, file_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
+    if run.status != "loading" {
+        return Ok(());
+    }
+    let file = state::file(&ctx.pool, file_id).await?;
+    if file.status == "loaded" {
+        return complete_if_done(ctx, run_id).await;
+    }
+    let job = job_of(ctx, &run)?;
+    let lease = ctx.queue.settings().file_lease_seconds;
+    if !state::lease_file(&ctx.pool, file_id, &ctx.owner, lease).await? {
+        // Another live worker is loading it; look again after its lease could have lapsed.
+        return ctx.push(Step::LoadFile { run_id, file_id, seq: seq + 1, attempt }, Duration::from_secs(lease)).await;
+    }
+    let Some(slot) = SourceSlot::acquire(&ctx.pool, &job.name, ctx.settings.max_parallel_downloads).await? else {
+        state::release_file(&ctx.pool, file_id, &ctx.owner).await?;
+        let wait = Duration::from_millis(500) + backoff(0) / 2;
+        return ctx.push(Step::LoadFile { run_id, file_id, seq: seq + 1, attempt }, wait).await;
+    };
+    // Renew the lease while the load runs; a killed process stops renewing and another worker
+    // takes the file over from its checkpoint once the lease lapses.
+    let heartbeat = {
+        let pool = ctx.pool.clone();
+        let owner = ctx.owner.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(lease.div_ceil(3).max(1)));
+            every.tick().await;
+            loop {
+                every.tick().await;
+                if let Err(e) = state::lease_file(&pool, file_id, &owner, lease).await {
+                    tracing::warn!(error = %e, "could not renew the file lease");
+                }
+            }
+        })
+    };
+    let result = load_one(ctx, &job, &run, &file).await;
+    heartbeat.abort();
+    drop(slot);
+    state::release_file(&ctx.pool, file_id, &ctx.owner).await?;
+    match result {
+        Ok(()) => complete_if_done(ctx, run_id).await,
+        Err(error) => {
+            let next = Step::LoadFile { run_id, file_id, seq: seq + 1, attempt: attempt + 1 };
+            let outcome = retry(ctx, run_id, next, attempt + 1, LOAD_ATTEMPTS, error).await;
+            if let Err(error) = &outcome {
+                Runs::new(ctx.pool.clone()).file_failed(file_id, 0, &error_chain(error)).await?;
+            }
+            outcome
+        }
+    }
+}
+
+async fn load_one(ctx: &StepContext, job: &JobConfig, run: &state::RunRow, file: &FileRow) -> Result<(), SyncError> {
+    let session = ctx.session(job).await?;
+    let url = file
+        .download_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+        .ok_or_else(|| SyncError::Unsupported(format!("file {} has no download URL", file.id)))?;
+    let kind = if file.kind == "error" { FileKind::Error } else { FileKind::Output };
+    let target = FileTarget {
+        run_id: run.id,
+        file_id: file.id,
+        source: job.name.clone(),
+        kind,
+        resource_type: match kind {
+            FileKind::Output => file.resource_type.clone(),
+            FileKind::Error => "OperationOutcome".to_string(),
+        },
+    };
+    let manifest_file = ManifestFile { resource_type: file.resource_type.clone(), url, count: file.manifest_count.map(|c| c as u64) };
+    let limits = LoadLimits { batch_lines: ctx.settings.batch_lines, max_line_bytes: ctx.settings.max_line_bytes };
+    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let span = tracing::info_span!("file", file.id = file.id, resource.type = %file.resource_type);
+    tracing::Instrument::instrument(
+        super::load_file(
+            &ctx.pool,
+            &Runs::new(ctx.pool.clone()),
+            &session.bulk,
+            target,
+            &manifest_file,
+            run.requires_access_token.unwrap_or(true),
+            limits,
+            &bytes,
+        ),
+        span,
+    )
+    .await
+}
+
+async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+    if state::all_files_loaded(&ctx.pool, run_id).await? {
+        ctx.push(Step::Finish { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+    }
+    Ok(())
+}
+
+async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
+    if run.status != "completing" {
+        return Ok(());
+    }
+    let job = job_of(ctx, &run)?;
+    if let Some(status_url) = run.status_url.as_deref().and_then(|u| url::Url::parse(u).ok()) {
+        // Every file is loaded: the server may drop the files. Failing here loses nothing.
+        match ctx.session(&job).await {
+            Ok(session) => {
+                if let Err(e) = session.bulk.delete(&status_url).await {
+                    tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
+                }
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server"),
+        }
+    }
+    match state::succeed(&ctx.pool, run_id).await {
+        Ok(true) => {
+            tracing::info!("run succeeded");
+            Ok(())
+        }
+        Ok(false) => Ok(()),
+        Err(e) => {
+            let next = Step::Finish { run_id, seq: seq + 1, attempt: attempt + 1 };
+            retry(ctx, run_id, next, attempt + 1, FINISH_ATTEMPTS, e.into()).await
+        }
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
+/// One of a source's download slots, held as a session-level advisory lock on a connection of
+/// its own: the limit holds across all processes, and a killed process's slots are freed by
+/// PostgreSQL when its connection drops.
+struct SourceSlot {
+    _conn: sqlx::PgConnection,
+}
+
+impl SourceSlot {
+    async fn acquire(pool: &PgPool, source: &str, slots: usize) -> Result<Option<SourceSlot>, SyncError> {
+        let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
+        for slot in 0..slots.max(1) as i32 {
+            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fhir-sync-source:' || $1), $2)")
+                .bind(source)
+                .bind(slot)
+                .fetch_one(&mut conn)
+                .await?;
+            if taken {
+                return Ok(Some(SourceSlot { _conn: conn }));
+            }
+        }
+        conn.close().await?;
+        Ok(None)
+    }
+}
