@@ -84,6 +84,85 @@ pub async fn run(
     Ok(())
 }
 
+/// `fhir-sync serve`: the scheduler and the queue workers, until SIGTERM or Ctrl-C. Several
+/// processes may serve one database; each tick still starts exactly one run.
+pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
+    let dir = jobs_dir(settings, jobs_dir_override);
+    let jobs = config::load_jobs(&dir)?;
+    let pool = connect(settings).await?;
+    prepare_database(&pool).await?;
+    let ctx = crate::sync::StepContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs);
+    tracing::info!(worker = %ctx.owner, jobs = ctx.jobs().len(), "serving");
+
+    // Work a previous process left half-done goes back on the queue before anything new.
+    let lease = Duration::from_secs(settings.queue.file_lease_seconds);
+    let resumed = crate::sync::steps::resume_stranded(&ctx, lease * 2).await?;
+    if resumed > 0 {
+        tracing::info!(steps = resumed, "resumed stranded runs");
+    }
+    let now = time::OffsetDateTime::now_utc();
+    for job in ctx.jobs() {
+        if let Err(e) = crate::schedule::catch_up(&ctx, &job, now).await {
+            tracing::error!(job.name = %job.name, error = %sync::error_chain(&e), "catch-up failed");
+        }
+    }
+    let mut scheduler = crate::schedule::start(ctx.clone()).await?;
+
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let retention = {
+        let queue = ctx.queue.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = hourly.tick() => match queue.purge().await {
+                        Ok(0) => {}
+                        Ok(purged) => tracing::info!(tasks = purged, "purged finished queue tasks"),
+                        Err(e) => tracing::warn!(error = %e, "queue retention failed"),
+                    },
+                }
+            }
+        })
+    };
+    let grace = Duration::from_secs(settings.queue.shutdown_grace_seconds);
+    let workers = tokio::spawn(crate::sync::steps::run_workers(ctx.clone(), shutdown.clone(), grace));
+
+    wait_for_stop_signal().await;
+    tracing::info!(grace_s = grace.as_secs(), "stopping: no new work is taken; running steps may finish");
+    if let Err(e) = scheduler.shutdown().await {
+        tracing::warn!(error = %e, "scheduler did not stop cleanly");
+    }
+    shutdown.cancel();
+    let _ = retention.await;
+    match tokio::time::timeout(grace + Duration::from_secs(5), workers).await {
+        Ok(Ok(Ok(()))) => tracing::info!("stopped"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "workers stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "workers panicked"),
+        Err(_) => tracing::warn!("workers did not stop within the grace period; their work resumes elsewhere"),
+    }
+    Ok(())
+}
+
+async fn wait_for_stop_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Prints a run's result for a person.
 pub fn print_report(job: &str, report: &sync::RunReport) {
     println!(

@@ -17,3 +17,4 @@ pub mod sync;
 pub mod transport;
 pub mod warehouse;
 pub mod queue;
+pub mod schedule;

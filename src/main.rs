@@ -52,6 +52,8 @@ enum Command {
         #[arg(long)]
         full: bool,
     },
+    /// Run the scheduler and queue workers until SIGTERM (several processes may share a database).
+    Serve,
     /// Create or update the database schema.
     Migrate,
     /// Manage client keys.
@@ -163,6 +165,7 @@ fn main() -> ExitCode {
             }
             Command::Run { job, full } => app::run(&settings, cli.jobs_dir.as_deref(), &job, full).await,
             Command::Migrate => app::migrate(&settings).await,
+            Command::Serve => app::serve(&settings, cli.jobs_dir.as_deref()).await,
             Command::Status { job, limit, json } => {
                 app::status(&settings, job.as_deref(), limit, json).await
             }

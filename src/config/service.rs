@@ -86,7 +86,8 @@ impl Default for LoggingSettings {
 pub struct SyncSettings {
     /// Directory of job files, relative to the working directory. Default `jobs`.
     pub jobs_dir: PathBuf,
-    /// Output files of one run downloaded and loaded at the same time. Default 4.
+    /// Files of one source (job) downloaded and loaded at the same time, across every process
+    /// serving the database. Default 4.
     pub max_parallel_downloads: usize,
     /// Seconds allowed to establish a connection to a FHIR server. Default 30.
     pub connect_timeout_seconds: u64,

@@ -509,3 +509,42 @@ impl SourceSlot {
         Ok(None)
     }
 }
+
+/// At start-up: re-queues the current step of every unfinished run that nothing has touched
+/// for a while — its process died between changing the run's state and queueing the next
+/// step, or the queue lost the task. Steps are idempotent, so an extra push is harmless.
+pub async fn resume_stranded(ctx: &StepContext, idle: Duration) -> Result<usize, SyncError> {
+    let idle_seconds = idle.as_secs_f64();
+    let runs: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, status FROM fhir_sync.run
+         WHERE status IN ('queued', 'kicking_off', 'exporting', 'loading', 'completing')
+           AND updated_at < now() - make_interval(secs => $1)",
+    )
+    .bind(idle_seconds)
+    .fetch_all(&ctx.pool)
+    .await?;
+    // A sequence number no earlier push used: the current time.
+    let seq = time::OffsetDateTime::now_utc().unix_timestamp() as u32;
+    let mut pushed = 0;
+    for (run_id, status) in runs {
+        let steps = match status.as_str() {
+            "queued" | "kicking_off" => vec![Step::KickOff { run_id, seq, attempt: 0 }],
+            "exporting" => vec![Step::Poll { run_id, seq, errors: 0 }],
+            "completing" => vec![Step::Finish { run_id, seq, attempt: 0 }],
+            _ => {
+                let files: Vec<i64> =
+                    sqlx::query_scalar("SELECT id FROM fhir_sync.run_file WHERE run_id = $1 AND status <> 'loaded'")
+                        .bind(run_id)
+                        .fetch_all(&ctx.pool)
+                        .await?;
+                files.into_iter().map(|file_id| Step::LoadFile { run_id, file_id, seq, attempt: 0 }).collect()
+            }
+        };
+        for step in steps {
+            tracing::info!(run.id = run_id, run.status = %status, step = step.name(), "resuming a stranded run");
+            ctx.push(step, Duration::ZERO).await?;
+            pushed += 1;
+        }
+    }
+    Ok(pushed)
+}

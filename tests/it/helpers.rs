@@ -25,6 +25,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A URL to this database, for child processes.
+    pub fn url(&self) -> String {
+        let mut url = url::Url::parse(&admin_url()).expect("DATABASE_URL is a URL");
+        url.set_path(&self.name);
+        url.to_string()
+    }
+}
+
+impl TestDb {
     pub async fn new() -> TestDb {
         let name = format!("fhir_sync_test_{}", uuid::Uuid::new_v4().simple());
         let admin =

@@ -7,5 +7,6 @@ mod auth;
 mod config_check;
 mod helpers;
 mod loader;
+mod queue;
 mod secrets;
 mod sync;

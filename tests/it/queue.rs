@@ -1,0 +1,161 @@
+//! Runs through the queue: incremental sync and the watermark, schedules, catch-up, overlap.
+
+use fhir_sync::config::Overlap;
+use fhir_sync::schedule::{self, TickOutcome};
+use fhir_sync::sync::{StepContext, Trigger, state};
+
+use crate::helpers::{TestEnv, queue_settings, sync_settings};
+
+fn at(text: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+}
+
+async fn watermark(env: &TestEnv) -> Option<(String, i64)> {
+    sqlx::query_as("SELECT transaction_time, run_id FROM fhir_sync.watermark WHERE job = 'demo'")
+        .fetch_optional(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+fn kick_off_queries(env: &TestEnv) -> Vec<String> {
+    env.fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/$export"))
+        .map(|r| r.query.unwrap_or_default())
+        .collect()
+}
+
+#[tokio::test]
+async fn an_incremental_run_asks_for_changes_since_the_last_success() {
+    let env = TestEnv::new(10, TestEnv::fast()).await;
+    let first = env.run_incremental().await.unwrap();
+    assert_eq!(first.since, None, "the first run has no watermark to start from");
+    assert_eq!(watermark(&env).await, Some((first.transaction_time.clone(), first.run_id)));
+
+    let second = env.run_incremental().await.unwrap();
+    assert_eq!(second.since.as_deref(), Some(first.transaction_time.as_str()));
+    let queries = kick_off_queries(&env);
+    assert_eq!(queries.len(), 2);
+    assert!(!queries[0].contains("_since"), "{}", queries[0]);
+    let encoded: String = url::form_urlencoded::byte_serialize(first.transaction_time.as_bytes()).collect();
+    assert!(queries[1].contains(&format!("_since={encoded}")), "{} lacks {encoded}", queries[1]);
+    // Nothing changed on the server since the first run: the second loads nothing, the rows
+    // stay, and the watermark moves to the second run's transactionTime.
+    assert_eq!(second.resources_loaded(), 0);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.resource").fetch_one(&env.db.pool).await.unwrap();
+    assert_eq!(rows as usize, env.fake.dataset().total());
+    assert_eq!(watermark(&env).await, Some((second.transaction_time.clone(), second.run_id)));
+
+    // --full ignores the watermark.
+    let full = env.run().await.unwrap();
+    assert_eq!(full.since, None);
+    assert!(!kick_off_queries(&env)[2].contains("_since"));
+}
+
+#[tokio::test]
+async fn a_failed_run_leaves_the_watermark_where_it_was() {
+    let mut env = TestEnv::new(5, TestEnv::fast()).await;
+    let first = env.run_incremental().await.unwrap();
+    env.job.auth.key = fhir_sync::config::KeySource::Inline(
+        fhir_sync::smart::generate(fhir_sync::smart::SigningAlgorithm::RS384).unwrap(),
+    );
+    let failed = env.run_incremental().await.expect_err("an unregistered key fails the run");
+    let (status, since): (String, Option<String>) =
+        sqlx::query_as("SELECT status, since FROM fhir_sync.run WHERE id = $1")
+            .bind(failed.run_id.unwrap())
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "failed");
+    assert_eq!(since.as_deref(), Some(first.transaction_time.as_str()), "the failed run did ask from the watermark");
+    assert_eq!(watermark(&env).await, Some((first.transaction_time, first.run_id)));
+}
+
+fn steps(env: &TestEnv) -> std::sync::Arc<StepContext> {
+    let ctx = StepContext::new(env.db.pool.clone(), sync_settings(), queue_settings(), Vec::new());
+    ctx.register_job(env.job.clone());
+    ctx
+}
+
+fn with_schedule(env: &mut TestEnv, cron: &str, overlap: Overlap) {
+    env.job.schedule =
+        Some(fhir_sync::config::ScheduleConfig { cron: cron.into(), timezone: "UTC".into(), overlap });
+}
+
+#[tokio::test]
+async fn a_tick_starts_one_run_and_a_repeat_of_the_same_tick_starts_none() {
+    let mut env = TestEnv::new(2, TestEnv::fast()).await;
+    with_schedule(&mut env, "0 0 2 * * *", Overlap::Queue);
+    let ctx = steps(&env);
+    let fired = at("2026-03-10T02:00:00.300Z");
+    let first = schedule::tick(&ctx, &env.job, fired).await.unwrap();
+    let TickOutcome::Started(run_id) = first else { panic!("{first:?}") };
+    // Another process's timer for the same tick, firing a moment later.
+    let again = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00.900Z")).await.unwrap();
+    assert_eq!(again, TickOutcome::AlreadyStarted);
+    let run = state::load(&env.db.pool, run_id).await.unwrap();
+    assert_eq!(run.status, "queued");
+    let (scheduled_for, trigger): (time::OffsetDateTime, String) =
+        sqlx::query_as("SELECT scheduled_for, trigger FROM fhir_sync.run WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(scheduled_for, at("2026-03-10T02:00:00Z"));
+    assert_eq!(trigger, "schedule");
+}
+
+#[tokio::test]
+async fn a_tick_while_the_previous_run_is_going_is_skipped_and_recorded() {
+    let mut env = TestEnv::new(2, TestEnv::fast()).await;
+    with_schedule(&mut env, "0 0 * * * *", Overlap::Skip);
+    let ctx = steps(&env);
+    let TickOutcome::Started(busy) = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00Z")).await.unwrap() else {
+        panic!("the first tick starts a run")
+    };
+    let next = schedule::tick(&ctx, &env.job, at("2026-03-10T03:00:00Z")).await.unwrap();
+    assert_eq!(next, TickOutcome::Skipped { busy_run: busy });
+    let (status, error): (String, String) =
+        sqlx::query_as("SELECT status, error FROM fhir_sync.run WHERE job = 'demo' AND scheduled_for = $1")
+            .bind(at("2026-03-10T03:00:00Z"))
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(status, "skipped");
+    assert!(error.contains(&format!("run {busy}")), "{error}");
+}
+
+#[tokio::test]
+async fn missed_ticks_are_caught_up_once() {
+    let mut env = TestEnv::new(2, TestEnv::fast()).await;
+    with_schedule(&mut env, "0 0 * * * *", Overlap::Skip);
+    let ctx = steps(&env);
+    let now = at("2026-03-10T12:30:00Z");
+    // A new job with no history does not run at start-up.
+    assert_eq!(schedule::catch_up(&ctx, &env.job, now).await.unwrap(), None);
+    // The job last ran at 08:00; the 09:00 to 12:00 ticks were missed while nothing ran.
+    let old = state::create(&env.db.pool, "demo", "x", Trigger::Schedule, Some(at("2026-03-10T08:00:00Z")), false)
+        .await
+        .unwrap()
+        .unwrap();
+    sqlx::query("UPDATE fhir_sync.run SET status = 'succeeded', started_at = $2, finished_at = $2 WHERE id = $1")
+        .bind(old)
+        .bind(at("2026-03-10T08:00:00Z"))
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
+    let caught = schedule::catch_up(&ctx, &env.job, now).await.unwrap().expect("one catch-up run");
+    let (scheduled_for, trigger): (time::OffsetDateTime, String) =
+        sqlx::query_as("SELECT scheduled_for, trigger FROM fhir_sync.run WHERE id = $1")
+            .bind(caught)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(scheduled_for, at("2026-03-10T12:00:00Z"), "the latest missed tick");
+    assert_eq!(trigger, "catch-up");
+    // A second start-up (another process, or a restart) does not catch up again.
+    assert_eq!(schedule::catch_up(&ctx, &env.job, now).await.unwrap(), None);
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run").fetch_one(&env.db.pool).await.unwrap();
+    assert_eq!(runs, 2, "one old run and one catch-up, not one per missed tick");
+}
