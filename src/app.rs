@@ -36,8 +36,12 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 
 /// Applies fhir-sync's migrations and the job queue's schema. Idempotent.
 pub async fn prepare_database(pool: &PgPool) -> anyhow::Result<()> {
-    warehouse::migrate(pool).await.context("applying migrations failed")?;
-    crate::queue::setup(pool).await.context("setting up the job queue schema failed")?;
+    warehouse::migrate(pool)
+        .await
+        .context("applying migrations failed")?;
+    crate::queue::setup(pool)
+        .await
+        .context("setting up the job queue schema failed")?;
     Ok(())
 }
 
@@ -91,7 +95,8 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     let jobs = config::load_jobs(&dir)?;
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
-    let ctx = crate::sync::StepContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs);
+    let ctx =
+        crate::sync::StepContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs);
     tracing::info!(worker = %ctx.owner, jobs = ctx.jobs().len(), "serving");
 
     // Work a previous process left half-done goes back on the queue before anything new.
@@ -127,10 +132,17 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
         })
     };
     let grace = Duration::from_secs(settings.queue.shutdown_grace_seconds);
-    let workers = tokio::spawn(crate::sync::steps::run_workers(ctx.clone(), shutdown.clone(), grace));
+    let workers = tokio::spawn(crate::sync::steps::run_workers(
+        ctx.clone(),
+        shutdown.clone(),
+        grace,
+    ));
 
     wait_for_stop_signal().await;
-    tracing::info!(grace_s = grace.as_secs(), "stopping: no new work is taken; running steps may finish");
+    tracing::info!(
+        grace_s = grace.as_secs(),
+        "stopping: no new work is taken; running steps may finish"
+    );
     if let Err(e) = scheduler.shutdown().await {
         tracing::warn!(error = %e, "scheduler did not stop cleanly");
     }
@@ -140,7 +152,9 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "workers stopped with an error"),
         Ok(Err(e)) => tracing::warn!(error = %e, "workers panicked"),
-        Err(_) => tracing::warn!("workers did not stop within the grace period; their work resumes elsewhere"),
+        Err(_) => tracing::warn!(
+            "workers did not stop within the grace period; their work resumes elsewhere"
+        ),
     }
     Ok(())
 }
@@ -196,7 +210,11 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
             report.export_errors, report.error_files
         );
     }
-    println!("  export transactionTime: {} (exported since: {})", report.transaction_time, report.since.as_deref().unwrap_or("the beginning"));
+    println!(
+        "  export transactionTime: {} (exported since: {})",
+        report.transaction_time,
+        report.since.as_deref().unwrap_or("the beginning")
+    );
 }
 
 /// `fhir-sync keys generate`: writes a new private key (mode 0600) and prints its public JWKS.

@@ -163,7 +163,9 @@ fn main() -> ExitCode {
                 )
                 .await
             }
-            Command::Run { job, full } => app::run(&settings, cli.jobs_dir.as_deref(), &job, full).await,
+            Command::Run { job, full } => {
+                app::run(&settings, cli.jobs_dir.as_deref(), &job, full).await
+            }
             Command::Migrate => app::migrate(&settings).await,
             Command::Serve => app::serve(&settings, cli.jobs_dir.as_deref()).await,
             Command::Status { job, limit, json } => {

@@ -16,8 +16,8 @@ use tokio_util::io::StreamReader;
 use tokio_util::sync::CancellationToken;
 
 use crate::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, PollPolicy};
-use crate::queue::QueueSettings;
 use crate::config::{JobConfig, SyncSettings};
+use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
 use crate::transport::{self, HttpOptions};
 use crate::warehouse::{self, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
@@ -82,7 +82,11 @@ pub enum SyncError {
     #[error("{0}")]
     Queue(String),
     #[error("the run ended {status}: {error}")]
-    RunEnded { status: String, error: String, retryable: bool },
+    RunEnded {
+        status: String,
+        error: String,
+        retryable: bool,
+    },
 }
 
 impl SyncError {
@@ -131,9 +135,22 @@ pub struct RunOptions {
 /// Queues a run of `job` now and drives it to its end with workers in this process (other
 /// processes serving the same database may take some of its steps). Returns when the run has
 /// succeeded or failed.
-pub async fn run_job(ctx: &SyncContext, job: &JobConfig, options: RunOptions) -> Result<RunReport, RunFailed> {
-    let failed = |run_id, error| RunFailed { job: job.name.clone(), run_id, error };
-    let steps = StepContext::new(ctx.pool.clone(), ctx.settings.clone(), ctx.queue.clone(), Vec::new());
+pub async fn run_job(
+    ctx: &SyncContext,
+    job: &JobConfig,
+    options: RunOptions,
+) -> Result<RunReport, RunFailed> {
+    let failed = |run_id, error| RunFailed {
+        job: job.name.clone(),
+        run_id,
+        error,
+    };
+    let steps = StepContext::new(
+        ctx.pool.clone(),
+        ctx.settings.clone(),
+        ctx.queue.clone(),
+        Vec::new(),
+    );
     steps.register_job(job.clone());
     let started = Instant::now();
     let run_id = enqueue_run(&steps, job, Trigger::Manual, None, options.full)
@@ -141,7 +158,11 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig, options: RunOptions) ->
         .map_err(|e| failed(None, e))?
         .expect("a manual run has no tick to collide with");
     let shutdown = CancellationToken::new();
-    let workers = tokio::spawn(steps::run_workers(steps.clone(), shutdown.clone(), Duration::from_secs(30)));
+    let workers = tokio::spawn(steps::run_workers(
+        steps.clone(),
+        shutdown.clone(),
+        Duration::from_secs(30),
+    ));
     let ended = wait_for_run(&ctx.pool, run_id).await;
     shutdown.cancel();
     match workers.await {
@@ -151,11 +172,23 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig, options: RunOptions) ->
     }
     let run = ended.map_err(|e| failed(Some(run_id), e.into()))?;
     if run.status != "succeeded" {
-        let error = run.error.unwrap_or_else(|| format!("the run ended {}", run.status));
-        return Err(failed(Some(run_id), SyncError::RunEnded { status: run.status, error, retryable: run.error_retryable.unwrap_or(false) }));
+        let error = run
+            .error
+            .unwrap_or_else(|| format!("the run ended {}", run.status));
+        return Err(failed(
+            Some(run_id),
+            SyncError::RunEnded {
+                status: run.status,
+                error,
+                retryable: run.error_retryable.unwrap_or(false),
+            },
+        ));
     }
     let runs = Runs::new(ctx.pool.clone());
-    let types = runs.type_counts(run_id).await.map_err(|e| failed(Some(run_id), e.into()))?;
+    let types = runs
+        .type_counts(run_id)
+        .await
+        .map_err(|e| failed(Some(run_id), e.into()))?;
     let (output_files, error_files, bytes): (i64, i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE kind = 'output'), count(*) FILTER (WHERE kind = 'error'), coalesce(sum(bytes), 0)::bigint
          FROM fhir_sync.run_file WHERE run_id = $1",
@@ -187,12 +220,23 @@ pub async fn enqueue_run(
     full: bool,
 ) -> Result<Option<i64>, SyncError> {
     let base = transport::redacted(&job.fhir.base_url);
-    let Some(run_id) = state::create(&steps.pool, &job.name, &base, trigger, scheduled_for, full).await? else {
+    let Some(run_id) =
+        state::create(&steps.pool, &job.name, &base, trigger, scheduled_for, full).await?
+    else {
         return Ok(None);
     };
     // If this process dies between the insert and the push, the run stays 'queued';
     // `serve` re-queues the kick-off of such runs at start-up.
-    steps.push(Step::KickOff { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+    steps
+        .push(
+            Step::KickOff {
+                run_id,
+                seq: 0,
+                attempt: 0,
+            },
+            Duration::ZERO,
+        )
+        .await?;
     tracing::info!(job.name = %job.name, run.id = run_id, trigger = ?trigger, "run queued");
     Ok(Some(run_id))
 }
@@ -216,7 +260,10 @@ pub async fn wait_for_run(pool: &PgPool, run_id: i64) -> sqlx::Result<RunEnd> {
     let mut last = String::new();
     loop {
         let (status, progress): (String, Option<String>) =
-            sqlx::query_as("SELECT status, progress FROM fhir_sync.run WHERE id = $1").bind(run_id).fetch_one(pool).await?;
+            sqlx::query_as("SELECT status, progress FROM fhir_sync.run WHERE id = $1")
+                .bind(run_id)
+                .fetch_one(pool)
+                .await?;
         let now = format!("{status} {}", progress.as_deref().unwrap_or(""));
         if now != last {
             tracing::info!(run.id = run_id, run.status = %status, export.progress = progress.as_deref().unwrap_or(""), "run state");
@@ -253,7 +300,10 @@ impl Session {
         let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
         let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
         if !discovered.signing_algorithms.is_empty()
-            && !discovered.signing_algorithms.iter().any(|a| a == job.auth.algorithm.as_str())
+            && !discovered
+                .signing_algorithms
+                .iter()
+                .any(|a| a == job.auth.algorithm.as_str())
         {
             tracing::warn!(auth.algorithm = %job.auth.algorithm, "the server does not advertise this signing algorithm; trying anyway");
         }
@@ -265,7 +315,9 @@ impl Session {
             key,
             job.requested_scopes(),
         ));
-        Ok(Session { bulk: BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http) })
+        Ok(Session {
+            bulk: BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http),
+        })
     }
 }
 

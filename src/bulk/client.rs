@@ -42,11 +42,17 @@ pub struct PollPolicy {
 #[derive(Debug)]
 pub enum StatusCheck {
     /// 202: not ready; `retry_after` is the server's `Retry-After`, if it sent one.
-    InProgress { progress: Option<String>, retry_after: Option<Duration> },
+    InProgress {
+        progress: Option<String>,
+        retry_after: Option<Duration>,
+    },
     /// 200: the manifest.
     Complete(Manifest),
     /// 429, a 5xx, or a transient OperationOutcome: poll again later.
-    Transient { status: u16, retry_after: Option<Duration> },
+    Transient {
+        status: u16,
+        retry_after: Option<Duration>,
+    },
 }
 
 /// Whether and why a request carries the bearer token.
@@ -242,26 +248,44 @@ impl BulkClient {
     pub async fn check_status(&self, status_url: &Url) -> Result<StatusCheck, ExportError> {
         let context = "export status";
         let response = self
-            .send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| r.header(ACCEPT, "application/json"))
+            .send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| {
+                r.header(ACCEPT, "application/json")
+            })
             .await?;
         let status = response.status();
         let retry_after = retry_after(&response);
         if status == StatusCode::OK {
-            let body = response.bytes().await.map_err(|e| ExportError::Transport { context, source: e.without_url() })?;
+            let body = response.bytes().await.map_err(|e| ExportError::Transport {
+                context,
+                source: e.without_url(),
+            })?;
             return Manifest::parse(&body, status_url).map(StatusCheck::Complete);
         }
         if status == StatusCode::ACCEPTED {
-            let progress = response.headers().get("x-progress").and_then(|v| v.to_str().ok()).map(str::to_owned);
-            return Ok(StatusCheck::InProgress { progress, retry_after });
+            let progress = response
+                .headers()
+                .get("x-progress")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            return Ok(StatusCheck::InProgress {
+                progress,
+                retry_after,
+            });
         }
         let body = response.bytes().await.unwrap_or_default();
         let transient = status == StatusCode::TOO_MANY_REQUESTS
             || (status.is_server_error() && (body.is_empty() || outcome_is_transient(&body)))
             || outcome_is_transient(&body);
         if transient {
-            Ok(StatusCheck::Transient { status: status.as_u16(), retry_after })
+            Ok(StatusCheck::Transient {
+                status: status.as_u16(),
+                retry_after,
+            })
         } else {
-            Err(ExportError::Failed { status: status.as_u16(), diagnostics: outcome_text(&body) })
+            Err(ExportError::Failed {
+                status: status.as_u16(),
+                diagnostics: outcome_text(&body),
+            })
         }
     }
 

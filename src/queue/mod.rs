@@ -84,7 +84,12 @@ pub struct TaskQueue<T> {
 
 impl<T> Clone for TaskQueue<T> {
     fn clone(&self) -> Self {
-        TaskQueue { pool: self.pool.clone(), name: self.name.clone(), settings: self.settings.clone(), _task: PhantomData }
+        TaskQueue {
+            pool: self.pool.clone(),
+            name: self.name.clone(),
+            settings: self.settings.clone(),
+            _task: PhantomData,
+        }
     }
 }
 
@@ -93,7 +98,12 @@ where
     T: Serialize + DeserializeOwned + Send + Sync + Unpin + 'static,
 {
     pub fn new(pool: PgPool, name: &str, settings: QueueSettings) -> Self {
-        TaskQueue { pool, name: name.to_string(), settings, _task: PhantomData }
+        TaskQueue {
+            pool,
+            name: name.to_string(),
+            settings,
+            _task: PhantomData,
+        }
     }
 
     pub fn settings(&self) -> &QueueSettings {
@@ -103,7 +113,9 @@ where
     fn config(&self) -> apalis_postgres::Config {
         apalis_postgres::Config::default()
             .queue(&self.name)
-            .heartbeat_interval(Duration::from_secs(self.settings.heartbeat_interval_seconds))
+            .heartbeat_interval(Duration::from_secs(
+                self.settings.heartbeat_interval_seconds,
+            ))
             .missed_heartbeats(self.settings.missed_heartbeats)
     }
 
@@ -124,7 +136,9 @@ where
             .build();
         match storage.push_task(task).await {
             Ok(()) => Ok(Pushed::Queued),
-            Err(apalis::prelude::TaskSinkError::PushError(e)) if is_unique_violation(&e) => Ok(Pushed::Duplicate),
+            Err(apalis::prelude::TaskSinkError::PushError(e)) if is_unique_violation(&e) => {
+                Ok(Pushed::Duplicate)
+            }
             Err(e) => Err(QueueError(e.into())),
         }
     }
@@ -177,7 +191,9 @@ fn is_unique_violation(error: &apalis_postgres::Error) -> bool {
 /// A worker name unique to this process start: a restarted process must not reuse its old
 /// name, or apalis leaves the old incarnation's tasks marked running forever.
 pub fn worker_name(role: &str) -> String {
-    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "host".into());
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "host".into());
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{role}-{host}-{}-{}", std::process::id(), &id[..8])
 }

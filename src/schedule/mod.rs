@@ -32,7 +32,11 @@ pub enum TickOutcome {
 /// The cron expression with a seconds field (tokio-cron-scheduler requires six fields; job
 /// files may use the common five).
 pub fn six_fields(cron: &str) -> String {
-    if cron.split_whitespace().count() == 5 { format!("0 {}", cron.trim()) } else { cron.trim().to_string() }
+    if cron.split_whitespace().count() == 5 {
+        format!("0 {}", cron.trim())
+    } else {
+        cron.trim().to_string()
+    }
 }
 
 fn parse(schedule: &ScheduleConfig) -> Result<(Cron, chrono_tz::Tz), SyncError> {
@@ -41,50 +45,76 @@ fn parse(schedule: &ScheduleConfig) -> Result<(Cron, chrono_tz::Tz), SyncError> 
         .build()
         .parse(&six_fields(&schedule.cron))
         .map_err(|e| SyncError::Unsupported(format!("schedule.cron {:?}: {e}", schedule.cron)))?;
-    let tz = chrono_tz::Tz::from_str(&schedule.timezone)
-        .map_err(|_| SyncError::Unsupported(format!("schedule.timezone {:?} is not an IANA time zone", schedule.timezone)))?;
+    let tz = chrono_tz::Tz::from_str(&schedule.timezone).map_err(|_| {
+        SyncError::Unsupported(format!(
+            "schedule.timezone {:?} is not an IANA time zone",
+            schedule.timezone
+        ))
+    })?;
     Ok((cron, tz))
 }
 
 /// The latest tick of `schedule` at or before `at`.
-pub fn tick_at_or_before(schedule: &ScheduleConfig, at: time::OffsetDateTime) -> Result<time::OffsetDateTime, SyncError> {
+pub fn tick_at_or_before(
+    schedule: &ScheduleConfig,
+    at: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime, SyncError> {
     let (cron, tz) = parse(schedule)?;
     let at = tz
         .timestamp_opt(at.unix_timestamp(), 0)
         .single()
         .ok_or_else(|| SyncError::Unsupported("time out of range".into()))?;
-    let tick = cron
-        .find_previous_occurrence(&at, true)
-        .map_err(|e| SyncError::Unsupported(format!("schedule.cron {:?} has no previous occurrence: {e}", schedule.cron)))?;
-    time::OffsetDateTime::from_unix_timestamp(tick.timestamp()).map_err(|e| SyncError::Unsupported(e.to_string()))
+    let tick = cron.find_previous_occurrence(&at, true).map_err(|e| {
+        SyncError::Unsupported(format!(
+            "schedule.cron {:?} has no previous occurrence: {e}",
+            schedule.cron
+        ))
+    })?;
+    time::OffsetDateTime::from_unix_timestamp(tick.timestamp())
+        .map_err(|e| SyncError::Unsupported(e.to_string()))
 }
 
 /// Handles one tick of `job` that fired at `fired_at`.
-pub async fn tick(ctx: &StepContext, job: &JobConfig, fired_at: time::OffsetDateTime) -> Result<TickOutcome, SyncError> {
+pub async fn tick(
+    ctx: &StepContext,
+    job: &JobConfig,
+    fired_at: time::OffsetDateTime,
+) -> Result<TickOutcome, SyncError> {
     let Some(schedule) = &job.schedule else {
-        return Err(SyncError::Unsupported(format!("job {} has no schedule", job.name)));
+        return Err(SyncError::Unsupported(format!(
+            "job {} has no schedule",
+            job.name
+        )));
     };
     // A timer may fire a moment early or late; the tick is the occurrence it fired for.
     let scheduled_for = tick_at_or_before(schedule, fired_at + time::Duration::seconds(1))?;
-    if schedule.overlap == Overlap::Skip {
-        if let Some(busy_run) = state::unfinished_run(&ctx.pool, &job.name).await? {
-            let base = crate::transport::redacted(&job.fhir.base_url);
-            state::record_skipped(&ctx.pool, &job.name, &base, scheduled_for, busy_run).await?;
-            tracing::warn!(job.name = %job.name, busy_run, "tick skipped: the previous run is still going");
-            return Ok(TickOutcome::Skipped { busy_run });
-        }
+    if schedule.overlap == Overlap::Skip
+        && let Some(busy_run) = state::unfinished_run(&ctx.pool, &job.name).await?
+    {
+        let base = crate::transport::redacted(&job.fhir.base_url);
+        state::record_skipped(&ctx.pool, &job.name, &base, scheduled_for, busy_run).await?;
+        tracing::warn!(job.name = %job.name, busy_run, "tick skipped: the previous run is still going");
+        return Ok(TickOutcome::Skipped { busy_run });
     }
-    Ok(match sync::enqueue_run(ctx, job, Trigger::Schedule, Some(scheduled_for), false).await? {
-        Some(run_id) => TickOutcome::Started(run_id),
-        None => TickOutcome::AlreadyStarted,
-    })
+    Ok(
+        match sync::enqueue_run(ctx, job, Trigger::Schedule, Some(scheduled_for), false).await? {
+            Some(run_id) => TickOutcome::Started(run_id),
+            None => TickOutcome::AlreadyStarted,
+        },
+    )
 }
 
 /// At start-up: if a job's latest tick passed while no process was running (the job has run
 /// before, and nothing started since that tick), start one run for it now. One, however many
 /// ticks were missed: each run exports everything since the watermark anyway.
-pub async fn catch_up(ctx: &StepContext, job: &JobConfig, now: time::OffsetDateTime) -> Result<Option<i64>, SyncError> {
-    let Some(schedule) = &job.schedule else { return Ok(None) };
+pub async fn catch_up(
+    ctx: &StepContext,
+    job: &JobConfig,
+    now: time::OffsetDateTime,
+) -> Result<Option<i64>, SyncError> {
+    let Some(schedule) = &job.schedule else {
+        return Ok(None);
+    };
     if !job.enabled {
         return Ok(None);
     }
@@ -107,7 +137,9 @@ pub async fn catch_up(ctx: &StepContext, job: &JobConfig, now: time::OffsetDateT
 pub async fn start(ctx: Arc<StepContext>) -> anyhow::Result<JobScheduler> {
     let scheduler = JobScheduler::new().await?;
     for job in ctx.jobs() {
-        let Some(schedule) = job.schedule.clone() else { continue };
+        let Some(schedule) = job.schedule.clone() else {
+            continue;
+        };
         if !job.enabled {
             continue;
         }
@@ -121,7 +153,9 @@ pub async fn start(ctx: Arc<StepContext>) -> anyhow::Result<JobScheduler> {
                 let Some(job) = ctx.job(&name) else { return };
                 match tick(&ctx, &job, time::OffsetDateTime::now_utc()).await {
                     Ok(outcome) => tracing::debug!(job.name = %name, ?outcome, "tick"),
-                    Err(e) => tracing::error!(job.name = %name, error = %sync::error_chain(&e), "tick failed"),
+                    Err(e) => {
+                        tracing::error!(job.name = %name, error = %sync::error_chain(&e), "tick failed")
+                    }
                 }
             })
         })?;
@@ -138,7 +172,11 @@ mod tests {
     use crate::config::Overlap;
 
     fn schedule(cron: &str, timezone: &str) -> ScheduleConfig {
-        ScheduleConfig { cron: cron.into(), timezone: timezone.into(), overlap: Overlap::Skip }
+        ScheduleConfig {
+            cron: cron.into(),
+            timezone: timezone.into(),
+            overlap: Overlap::Skip,
+        }
     }
 
     fn at(text: &str) -> time::OffsetDateTime {
@@ -155,10 +193,19 @@ mod tests {
     fn ticks_are_the_cron_occurrence_not_the_clock() {
         let nightly = schedule("0 0 2 * * *", "UTC");
         // Fired a little late, or a little early and then nudged by the caller's tolerance.
-        assert_eq!(tick_at_or_before(&nightly, at("2026-03-10T02:00:00.400Z")).unwrap(), at("2026-03-10T02:00:00Z"));
-        assert_eq!(tick_at_or_before(&nightly, at("2026-03-10T01:59:59Z")).unwrap(), at("2026-03-09T02:00:00Z"));
+        assert_eq!(
+            tick_at_or_before(&nightly, at("2026-03-10T02:00:00.400Z")).unwrap(),
+            at("2026-03-10T02:00:00Z")
+        );
+        assert_eq!(
+            tick_at_or_before(&nightly, at("2026-03-10T01:59:59Z")).unwrap(),
+            at("2026-03-09T02:00:00Z")
+        );
         // In a time zone: 02:00 in New York is 07:00 UTC in winter.
         let ny = schedule("0 2 * * *", "America/New_York");
-        assert_eq!(tick_at_or_before(&ny, at("2026-01-15T12:00:00Z")).unwrap(), at("2026-01-15T07:00:00Z"));
+        assert_eq!(
+            tick_at_or_before(&ny, at("2026-01-15T12:00:00Z")).unwrap(),
+            at("2026-01-15T07:00:00Z")
+        );
     }
 }

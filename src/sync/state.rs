@@ -135,7 +135,12 @@ pub async fn start_kick_off(pool: &PgPool, run_id: i64, since: Option<&str>) -> 
 
 /// Stores the status URL and moves to `exporting`, in one statement: a restart that finds the
 /// status URL polls it instead of starting a second export.
-pub async fn exporting(pool: &PgPool, run_id: i64, request_url: &str, status_url: &str) -> sqlx::Result<bool> {
+pub async fn exporting(
+    pool: &PgPool,
+    run_id: i64,
+    request_url: &str,
+    status_url: &str,
+) -> sqlx::Result<bool> {
     let updated = sqlx::query(
         "UPDATE fhir_sync.run SET status = 'exporting', export_request = $2, status_url = $3, updated_at = now()
          WHERE id = $1 AND status = 'kicking_off'",
@@ -149,12 +154,14 @@ pub async fn exporting(pool: &PgPool, run_id: i64, request_url: &str, status_url
 }
 
 pub async fn progress(pool: &PgPool, run_id: i64, progress: &str) -> sqlx::Result<()> {
-    sqlx::query("UPDATE fhir_sync.run SET progress = $2 WHERE id = $1 AND progress IS DISTINCT FROM $2")
-        .bind(run_id)
-        .bind(progress)
-        .execute(pool)
-        .await
-        .map(drop)
+    sqlx::query(
+        "UPDATE fhir_sync.run SET progress = $2 WHERE id = $1 AND progress IS DISTINCT FROM $2",
+    )
+    .bind(run_id)
+    .bind(progress)
+    .execute(pool)
+    .await
+    .map(drop)
 }
 
 pub async fn count_retry(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
@@ -222,7 +229,7 @@ pub async fn manifest_ready(
         .execute(&mut *tx)
         .await?;
     }
-    let rows = pending_files(&mut *tx, run_id).await?;
+    let rows = pending_files(&mut tx, run_id).await?;
     tx.commit().await?;
     Ok(Some(rows))
 }
@@ -247,7 +254,12 @@ pub async fn file(pool: &PgPool, file_id: i64) -> sqlx::Result<FileRow> {
 }
 
 /// Takes (or renews) the lease on a file for `owner`. `false` when another live worker holds it.
-pub async fn lease_file(pool: &PgPool, file_id: i64, owner: &str, seconds: u64) -> sqlx::Result<bool> {
+pub async fn lease_file(
+    pool: &PgPool,
+    file_id: i64,
+    owner: &str,
+    seconds: u64,
+) -> sqlx::Result<bool> {
     let updated = sqlx::query(
         "UPDATE fhir_sync.run_file SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
          WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_expires_at < now())",
@@ -345,11 +357,16 @@ pub async fn fail(pool: &PgPool, run_id: i64, error: &str, retryable: bool) -> s
 
 /// The `_since` for the job's next run: the last successful run's transactionTime, moved back
 /// by `overlap_seconds` when configured (safe because loads are newer-wins).
-pub async fn watermark(pool: &PgPool, job: &str, overlap_seconds: u64) -> sqlx::Result<Option<String>> {
-    let stored: Option<String> = sqlx::query_scalar("SELECT transaction_time FROM fhir_sync.watermark WHERE job = $1")
-        .bind(job)
-        .fetch_optional(pool)
-        .await?;
+pub async fn watermark(
+    pool: &PgPool,
+    job: &str,
+    overlap_seconds: u64,
+) -> sqlx::Result<Option<String>> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT transaction_time FROM fhir_sync.watermark WHERE job = $1")
+            .bind(job)
+            .fetch_optional(pool)
+            .await?;
     Ok(stored.map(|since| {
         if overlap_seconds == 0 {
             return since;

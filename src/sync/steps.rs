@@ -32,10 +32,27 @@ pub const QUEUE: &str = "fhir-sync-steps";
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
-    KickOff { run_id: i64, seq: u32, attempt: u32 },
-    Poll { run_id: i64, seq: u32, errors: u32 },
-    LoadFile { run_id: i64, file_id: i64, seq: u32, attempt: u32 },
-    Finish { run_id: i64, seq: u32, attempt: u32 },
+    KickOff {
+        run_id: i64,
+        seq: u32,
+        attempt: u32,
+    },
+    Poll {
+        run_id: i64,
+        seq: u32,
+        errors: u32,
+    },
+    LoadFile {
+        run_id: i64,
+        file_id: i64,
+        seq: u32,
+        attempt: u32,
+    },
+    Finish {
+        run_id: i64,
+        seq: u32,
+        attempt: u32,
+    },
 }
 
 impl Step {
@@ -80,7 +97,7 @@ pub struct StepContext {
     pub pool: PgPool,
     pub settings: SyncSettings,
     pub queue: TaskQueue<Step>,
-    /// This process's name: the owner recorded on file leases.
+    /// This process's name (its queue workers' names start with it).
     pub owner: String,
     jobs: std::sync::RwLock<HashMap<String, Arc<JobConfig>>>,
     /// One session (HTTP client, discovery, token manager) per job, shared by all its steps.
@@ -88,29 +105,50 @@ pub struct StepContext {
 }
 
 impl StepContext {
-    pub fn new(pool: PgPool, settings: SyncSettings, queue_settings: QueueSettings, jobs: Vec<JobConfig>) -> Arc<Self> {
+    pub fn new(
+        pool: PgPool,
+        settings: SyncSettings,
+        queue_settings: QueueSettings,
+        jobs: Vec<JobConfig>,
+    ) -> Arc<Self> {
         let queue = TaskQueue::new(pool.clone(), QUEUE, queue_settings);
         Arc::new(StepContext {
             pool,
             settings,
             queue,
             owner: queue::worker_name("fhir-sync"),
-            jobs: std::sync::RwLock::new(jobs.into_iter().map(|j| (j.name.clone(), Arc::new(j))).collect()),
+            jobs: std::sync::RwLock::new(
+                jobs.into_iter()
+                    .map(|j| (j.name.clone(), Arc::new(j)))
+                    .collect(),
+            ),
             sessions: tokio::sync::Mutex::new(HashMap::new()),
         })
     }
 
     /// Adds or replaces a job definition (the foreground runner registers the job it runs).
     pub fn register_job(&self, job: JobConfig) {
-        self.jobs.write().unwrap_or_else(|e| e.into_inner()).insert(job.name.clone(), Arc::new(job));
+        self.jobs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job.name.clone(), Arc::new(job));
     }
 
     pub fn job(&self, name: &str) -> Option<Arc<JobConfig>> {
-        self.jobs.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+        self.jobs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
     }
 
     pub fn jobs(&self) -> Vec<Arc<JobConfig>> {
-        self.jobs.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.jobs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     async fn session(&self, job: &JobConfig) -> Result<Arc<Session>, SyncError> {
@@ -124,14 +162,21 @@ impl StepContext {
     }
 
     pub async fn push(&self, step: Step, delay: Duration) -> Result<(), SyncError> {
-        self.queue.push(step.clone(), &step.key(), delay).await.map_err(|e| SyncError::Queue(e.to_string()))?;
+        self.queue
+            .push(step.clone(), &step.key(), delay)
+            .await
+            .map_err(|e| SyncError::Queue(e.to_string()))?;
         Ok(())
     }
 }
 
 /// Runs the step workers of this process until `shutdown` is cancelled, then lets running
 /// steps finish for up to `grace`.
-pub async fn run_workers(ctx: Arc<StepContext>, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+pub async fn run_workers(
+    ctx: Arc<StepContext>,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
     let concurrency = ctx.queue.settings().concurrency;
     let name = ctx.owner.clone();
     let monitor = Monitor::new()
@@ -163,9 +208,12 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
     let ctx: Arc<StepContext> = (*ctx).clone();
     let run_id = step.run_id();
     let span = tracing::info_span!("step", run.id = run_id, step = step.name());
-    let outcome = AssertUnwindSafe(tracing::Instrument::instrument(execute(&ctx, step), span.clone()))
-        .catch_unwind()
-        .await;
+    let outcome = AssertUnwindSafe(tracing::Instrument::instrument(
+        execute(&ctx, step),
+        span.clone(),
+    ))
+    .catch_unwind()
+    .await;
     let _entered = span.enter();
     let failure = match outcome {
         Ok(Ok(())) => return Ok(()),
@@ -189,10 +237,27 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
 
 async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
     match step {
-        Step::KickOff { run_id, seq, attempt } => kick_off(ctx, run_id, seq, attempt).await,
-        Step::Poll { run_id, seq, errors } => poll(ctx, run_id, seq, errors).await,
-        Step::LoadFile { run_id, file_id, seq, attempt } => load(ctx, run_id, file_id, seq, attempt).await,
-        Step::Finish { run_id, seq, attempt } => finish(ctx, run_id, seq, attempt).await,
+        Step::KickOff {
+            run_id,
+            seq,
+            attempt,
+        } => kick_off(ctx, run_id, seq, attempt).await,
+        Step::Poll {
+            run_id,
+            seq,
+            errors,
+        } => poll(ctx, run_id, seq, errors).await,
+        Step::LoadFile {
+            run_id,
+            file_id,
+            seq,
+            attempt,
+        } => load(ctx, run_id, file_id, seq, attempt).await,
+        Step::Finish {
+            run_id,
+            seq,
+            attempt,
+        } => finish(ctx, run_id, seq, attempt).await,
     }
 }
 
@@ -204,7 +269,14 @@ fn backoff(attempt: u32) -> Duration {
 }
 
 /// Pushes `next` after a backoff if `error` is retryable and attempts remain; else returns it.
-async fn retry(ctx: &StepContext, run_id: i64, next: Step, attempt: u32, limit: u32, error: SyncError) -> Result<(), SyncError> {
+async fn retry(
+    ctx: &StepContext,
+    run_id: i64,
+    next: Step,
+    attempt: u32,
+    limit: u32,
+    error: SyncError,
+) -> Result<(), SyncError> {
     if !error.is_retryable() || attempt >= limit {
         return Err(error);
     }
@@ -216,7 +288,10 @@ async fn retry(ctx: &StepContext, run_id: i64, next: Step, attempt: u32, limit: 
 
 fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
     ctx.job(&run.job).ok_or_else(|| {
-        SyncError::Unsupported(format!("job {:?} is not configured in this process (jobs/{}.toml missing?)", run.job, run.job))
+        SyncError::Unsupported(format!(
+            "job {:?} is not configured in this process (jobs/{}.toml missing?)",
+            run.job, run.job
+        ))
     })
 }
 
@@ -238,7 +313,16 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
             Err(e) if is_unique_violation(&e) => {
                 // Another run of this job is active: this one stays queued and looks again later.
                 tracing::info!("another run of the job is active; waiting");
-                return ctx.push(Step::KickOff { run_id, seq: seq + 1, attempt }, BUSY_WAIT).await;
+                return ctx
+                    .push(
+                        Step::KickOff {
+                            run_id,
+                            seq: seq + 1,
+                            attempt,
+                        },
+                        BUSY_WAIT,
+                    )
+                    .await;
             }
             Err(e) => return Err(e.into()),
         }
@@ -260,13 +344,32 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
                 export.since = run.since.as_deref().unwrap_or("(full)"),
                 "export started"
             );
-            if state::exporting(&ctx.pool, run_id, kick_off.request_url.as_str(), kick_off.status_url.as_str()).await? {
-                ctx.push(Step::Poll { run_id, seq: 0, errors: 0 }, Duration::ZERO).await?;
+            if state::exporting(
+                &ctx.pool,
+                run_id,
+                kick_off.request_url.as_str(),
+                kick_off.status_url.as_str(),
+            )
+            .await?
+            {
+                ctx.push(
+                    Step::Poll {
+                        run_id,
+                        seq: 0,
+                        errors: 0,
+                    },
+                    Duration::ZERO,
+                )
+                .await?;
             }
             Ok(())
         }
         Err(error) => {
-            let next = Step::KickOff { run_id, seq: seq + 1, attempt: attempt + 1 };
+            let next = Step::KickOff {
+                run_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            };
             retry(ctx, run_id, next, attempt + 1, KICK_OFF_ATTEMPTS, error).await
         }
     }
@@ -281,32 +384,76 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
     let policy = super::poll_policy(&job);
     let elapsed = time::OffsetDateTime::now_utc() - run.started_at;
     if elapsed.whole_seconds() > policy.timeout.as_secs() as i64 {
-        return Err(crate::bulk::ExportError::TimedOut { seconds: policy.timeout.as_secs() }.into());
+        return Err(crate::bulk::ExportError::TimedOut {
+            seconds: policy.timeout.as_secs(),
+        }
+        .into());
     }
     let status_url = run
         .status_url
         .as_deref()
         .and_then(|u| url::Url::parse(u).ok())
-        .ok_or_else(|| SyncError::Unsupported("the run is exporting but has no status URL".into()))?;
+        .ok_or_else(|| {
+            SyncError::Unsupported("the run is exporting but has no status URL".into())
+        })?;
     let clamp = |d: Duration| d.clamp(policy.min_interval, policy.max_interval);
-    let checked = async { Ok::<_, SyncError>(ctx.session(&job).await?.bulk.check_status(&status_url).await?) }.await;
+    let checked = async {
+        Ok::<_, SyncError>(
+            ctx.session(&job)
+                .await?
+                .bulk
+                .check_status(&status_url)
+                .await?,
+        )
+    }
+    .await;
     match checked {
-        Ok(StatusCheck::InProgress { progress, retry_after }) => {
+        Ok(StatusCheck::InProgress {
+            progress,
+            retry_after,
+        }) => {
             if let Some(progress) = &progress {
                 tracing::info!(export.progress = %progress, "export in progress");
                 state::progress(&ctx.pool, run_id, progress).await?;
             }
             let delay = clamp(retry_after.unwrap_or(policy.default_interval));
-            ctx.push(Step::Poll { run_id, seq: seq + 1, errors: 0 }, delay).await
+            ctx.push(
+                Step::Poll {
+                    run_id,
+                    seq: seq + 1,
+                    errors: 0,
+                },
+                delay,
+            )
+            .await
         }
-        Ok(StatusCheck::Transient { status, retry_after }) => {
+        Ok(StatusCheck::Transient {
+            status,
+            retry_after,
+        }) => {
             if errors + 1 > POLL_ERRORS {
-                return Err(crate::bulk::ExportError::Status { context: "export status", status }.into());
+                return Err(crate::bulk::ExportError::Status {
+                    context: "export status",
+                    status,
+                }
+                .into());
             }
-            tracing::warn!(http.status = status, attempt = errors + 1, "export status poll failed, will poll again");
+            tracing::warn!(
+                http.status = status,
+                attempt = errors + 1,
+                "export status poll failed, will poll again"
+            );
             state::count_retry(&ctx.pool, run_id).await?;
             let delay = clamp(retry_after.unwrap_or_else(|| backoff(errors + 1)));
-            ctx.push(Step::Poll { run_id, seq: seq + 1, errors: errors + 1 }, delay).await
+            ctx.push(
+                Step::Poll {
+                    run_id,
+                    seq: seq + 1,
+                    errors: errors + 1,
+                },
+                delay,
+            )
+            .await
         }
         Ok(StatusCheck::Complete(manifest)) => {
             if !manifest.deleted.is_empty() {
@@ -327,7 +474,12 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 .iter()
                 .map(|f| ("output", f))
                 .chain(manifest.error.iter().map(|f| ("error", f)))
-                .map(|(kind, f)| NewFile { kind, resource_type: &f.resource_type, url: &f.url, count: f.count })
+                .map(|(kind, f)| NewFile {
+                    kind,
+                    resource_type: &f.resource_type,
+                    url: &f.url,
+                    count: f.count,
+                })
                 .collect();
             let pending = state::manifest_ready(
                 &ctx.pool,
@@ -338,22 +490,49 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
             )
             .await?;
             for file in pending.unwrap_or_default() {
-                ctx.push(Step::LoadFile { run_id, file_id: file.id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+                ctx.push(
+                    Step::LoadFile {
+                        run_id,
+                        file_id: file.id,
+                        seq: 0,
+                        attempt: 0,
+                    },
+                    Duration::ZERO,
+                )
+                .await?;
             }
             // A manifest without files (nothing changed since the watermark) is complete now.
             if state::all_files_loaded(&ctx.pool, run_id).await? {
-                ctx.push(Step::Finish { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+                ctx.push(
+                    Step::Finish {
+                        run_id,
+                        seq: 0,
+                        attempt: 0,
+                    },
+                    Duration::ZERO,
+                )
+                .await?;
             }
             Ok(())
         }
         Err(error) => {
-            let next = Step::Poll { run_id, seq: seq + 1, errors: errors + 1 };
+            let next = Step::Poll {
+                run_id,
+                seq: seq + 1,
+                errors: errors + 1,
+            };
             retry(ctx, run_id, next, errors + 1, POLL_ERRORS, error).await
         }
     }
 }
 
-async fn load(ctx: &StepContext, run_id: i64, file_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
+async fn load(
+    ctx: &StepContext,
+    run_id: i64,
+    file_id: i64,
+    seq: u32,
+    attempt: u32,
+) -> Result<(), SyncError> {
     let run = state::load(&ctx.pool, run_id).await?;
     if run.status != "loading" {
         return Ok(());
@@ -364,20 +543,45 @@ async fn load(ctx: &StepContext, run_id: i64, file_id: i64, seq: u32, attempt: u
     }
     let job = job_of(ctx, &run)?;
     let lease = ctx.queue.settings().file_lease_seconds;
-    if !state::lease_file(&ctx.pool, file_id, &ctx.owner, lease).await? {
+    // The lease belongs to this attempt, not to the process: two tasks for the same file in one
+    // process (a re-push and an orphan recovery, say) must not both load it.
+    let owner = format!("{}/{}", ctx.owner, uuid::Uuid::new_v4().simple());
+    if !state::lease_file(&ctx.pool, file_id, &owner, lease).await? {
         // Another live worker is loading it; look again after its lease could have lapsed.
-        return ctx.push(Step::LoadFile { run_id, file_id, seq: seq + 1, attempt }, Duration::from_secs(lease)).await;
+        return ctx
+            .push(
+                Step::LoadFile {
+                    run_id,
+                    file_id,
+                    seq: seq + 1,
+                    attempt,
+                },
+                Duration::from_secs(lease),
+            )
+            .await;
     }
-    let Some(slot) = SourceSlot::acquire(&ctx.pool, &job.name, ctx.settings.max_parallel_downloads).await? else {
-        state::release_file(&ctx.pool, file_id, &ctx.owner).await?;
+    let Some(slot) =
+        SourceSlot::acquire(&ctx.pool, &job.name, ctx.settings.max_parallel_downloads).await?
+    else {
+        state::release_file(&ctx.pool, file_id, &owner).await?;
         let wait = Duration::from_millis(500) + backoff(0) / 2;
-        return ctx.push(Step::LoadFile { run_id, file_id, seq: seq + 1, attempt }, wait).await;
+        return ctx
+            .push(
+                Step::LoadFile {
+                    run_id,
+                    file_id,
+                    seq: seq + 1,
+                    attempt,
+                },
+                wait,
+            )
+            .await;
     };
     // Renew the lease while the load runs; a killed process stops renewing and another worker
     // takes the file over from its checkpoint once the lease lapses.
     let heartbeat = {
         let pool = ctx.pool.clone();
-        let owner = ctx.owner.clone();
+        let owner = owner.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(lease.div_ceil(3).max(1)));
             every.tick().await;
@@ -392,28 +596,44 @@ async fn load(ctx: &StepContext, run_id: i64, file_id: i64, seq: u32, attempt: u
     let result = load_one(ctx, &job, &run, &file).await;
     heartbeat.abort();
     drop(slot);
-    state::release_file(&ctx.pool, file_id, &ctx.owner).await?;
+    state::release_file(&ctx.pool, file_id, &owner).await?;
     match result {
         Ok(()) => complete_if_done(ctx, run_id).await,
         Err(error) => {
-            let next = Step::LoadFile { run_id, file_id, seq: seq + 1, attempt: attempt + 1 };
+            let next = Step::LoadFile {
+                run_id,
+                file_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            };
             let outcome = retry(ctx, run_id, next, attempt + 1, LOAD_ATTEMPTS, error).await;
             if let Err(error) = &outcome {
-                Runs::new(ctx.pool.clone()).file_failed(file_id, 0, &error_chain(error)).await?;
+                Runs::new(ctx.pool.clone())
+                    .file_failed(file_id, 0, &error_chain(error))
+                    .await?;
             }
             outcome
         }
     }
 }
 
-async fn load_one(ctx: &StepContext, job: &JobConfig, run: &state::RunRow, file: &FileRow) -> Result<(), SyncError> {
+async fn load_one(
+    ctx: &StepContext,
+    job: &JobConfig,
+    run: &state::RunRow,
+    file: &FileRow,
+) -> Result<(), SyncError> {
     let session = ctx.session(job).await?;
     let url = file
         .download_url
         .as_deref()
         .and_then(|u| url::Url::parse(u).ok())
         .ok_or_else(|| SyncError::Unsupported(format!("file {} has no download URL", file.id)))?;
-    let kind = if file.kind == "error" { FileKind::Error } else { FileKind::Output };
+    let kind = if file.kind == "error" {
+        FileKind::Error
+    } else {
+        FileKind::Output
+    };
     let target = FileTarget {
         run_id: run.id,
         file_id: file.id,
@@ -424,8 +644,15 @@ async fn load_one(ctx: &StepContext, job: &JobConfig, run: &state::RunRow, file:
             FileKind::Error => "OperationOutcome".to_string(),
         },
     };
-    let manifest_file = ManifestFile { resource_type: file.resource_type.clone(), url, count: file.manifest_count.map(|c| c as u64) };
-    let limits = LoadLimits { batch_lines: ctx.settings.batch_lines, max_line_bytes: ctx.settings.max_line_bytes };
+    let manifest_file = ManifestFile {
+        resource_type: file.resource_type.clone(),
+        url,
+        count: file.manifest_count.map(|c| c as u64),
+    };
+    let limits = LoadLimits {
+        batch_lines: ctx.settings.batch_lines,
+        max_line_bytes: ctx.settings.max_line_bytes,
+    };
     let bytes = std::sync::atomic::AtomicU64::new(0);
     let span = tracing::info_span!("file", file.id = file.id, resource.type = %file.resource_type);
     tracing::Instrument::instrument(
@@ -446,7 +673,15 @@ async fn load_one(ctx: &StepContext, job: &JobConfig, run: &state::RunRow, file:
 
 async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
     if state::all_files_loaded(&ctx.pool, run_id).await? {
-        ctx.push(Step::Finish { run_id, seq: 0, attempt: 0 }, Duration::ZERO).await?;
+        ctx.push(
+            Step::Finish {
+                run_id,
+                seq: 0,
+                attempt: 0,
+            },
+            Duration::ZERO,
+        )
+        .await?;
     }
     Ok(())
 }
@@ -457,7 +692,11 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
         return Ok(());
     }
     let job = job_of(ctx, &run)?;
-    if let Some(status_url) = run.status_url.as_deref().and_then(|u| url::Url::parse(u).ok()) {
+    if let Some(status_url) = run
+        .status_url
+        .as_deref()
+        .and_then(|u| url::Url::parse(u).ok())
+    {
         // Every file is loaded: the server may drop the files. Failing here loses nothing.
         match ctx.session(&job).await {
             Ok(session) => {
@@ -465,7 +704,9 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
                     tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
                 }
             }
-            Err(e) => tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server"),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server")
+            }
         }
     }
     match state::succeed(&ctx.pool, run_id).await {
@@ -475,7 +716,11 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
         }
         Ok(false) => Ok(()),
         Err(e) => {
-            let next = Step::Finish { run_id, seq: seq + 1, attempt: attempt + 1 };
+            let next = Step::Finish {
+                run_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            };
             retry(ctx, run_id, next, attempt + 1, FINISH_ATTEMPTS, e.into()).await
         }
     }
@@ -493,14 +738,20 @@ struct SourceSlot {
 }
 
 impl SourceSlot {
-    async fn acquire(pool: &PgPool, source: &str, slots: usize) -> Result<Option<SourceSlot>, SyncError> {
+    async fn acquire(
+        pool: &PgPool,
+        source: &str,
+        slots: usize,
+    ) -> Result<Option<SourceSlot>, SyncError> {
         let mut conn = sqlx::PgConnection::connect_with(&pool.connect_options()).await?;
         for slot in 0..slots.max(1) as i32 {
-            let taken: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext('fhir-sync-source:' || $1), $2)")
-                .bind(source)
-                .bind(slot)
-                .fetch_one(&mut conn)
-                .await?;
+            let taken: bool = sqlx::query_scalar(
+                "SELECT pg_try_advisory_lock(hashtext('fhir-sync-source:' || $1), $2)",
+            )
+            .bind(source)
+            .bind(slot)
+            .fetch_one(&mut conn)
+            .await?;
             if taken {
                 return Ok(Some(SourceSlot { _conn: conn }));
             }
@@ -528,16 +779,37 @@ pub async fn resume_stranded(ctx: &StepContext, idle: Duration) -> Result<usize,
     let mut pushed = 0;
     for (run_id, status) in runs {
         let steps = match status.as_str() {
-            "queued" | "kicking_off" => vec![Step::KickOff { run_id, seq, attempt: 0 }],
-            "exporting" => vec![Step::Poll { run_id, seq, errors: 0 }],
-            "completing" => vec![Step::Finish { run_id, seq, attempt: 0 }],
+            "queued" | "kicking_off" => vec![Step::KickOff {
+                run_id,
+                seq,
+                attempt: 0,
+            }],
+            "exporting" => vec![Step::Poll {
+                run_id,
+                seq,
+                errors: 0,
+            }],
+            "completing" => vec![Step::Finish {
+                run_id,
+                seq,
+                attempt: 0,
+            }],
             _ => {
-                let files: Vec<i64> =
-                    sqlx::query_scalar("SELECT id FROM fhir_sync.run_file WHERE run_id = $1 AND status <> 'loaded'")
-                        .bind(run_id)
-                        .fetch_all(&ctx.pool)
-                        .await?;
-                files.into_iter().map(|file_id| Step::LoadFile { run_id, file_id, seq, attempt: 0 }).collect()
+                let files: Vec<i64> = sqlx::query_scalar(
+                    "SELECT id FROM fhir_sync.run_file WHERE run_id = $1 AND status <> 'loaded'",
+                )
+                .bind(run_id)
+                .fetch_all(&ctx.pool)
+                .await?;
+                files
+                    .into_iter()
+                    .map(|file_id| Step::LoadFile {
+                        run_id,
+                        file_id,
+                        seq,
+                        attempt: 0,
+                    })
+                    .collect()
             }
         };
         for step in steps {

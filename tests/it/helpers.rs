@@ -4,8 +4,8 @@ use std::str::FromStr;
 
 use fhir_sync::config::{JobConfig, SyncSettings};
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions};
-use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
 use fhir_sync::queue::QueueSettings;
+use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
 use fhir_sync::sync::{self, RunFailed, RunOptions, RunReport, SyncContext};
 use secrecy::SecretString;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -7,6 +7,7 @@ mod auth;
 mod config_check;
 mod helpers;
 mod loader;
+mod processes;
 mod queue;
 mod secrets;
 mod sync;

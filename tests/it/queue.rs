@@ -30,22 +30,42 @@ fn kick_off_queries(env: &TestEnv) -> Vec<String> {
 async fn an_incremental_run_asks_for_changes_since_the_last_success() {
     let env = TestEnv::new(10, TestEnv::fast()).await;
     let first = env.run_incremental().await.unwrap();
-    assert_eq!(first.since, None, "the first run has no watermark to start from");
-    assert_eq!(watermark(&env).await, Some((first.transaction_time.clone(), first.run_id)));
+    assert_eq!(
+        first.since, None,
+        "the first run has no watermark to start from"
+    );
+    assert_eq!(
+        watermark(&env).await,
+        Some((first.transaction_time.clone(), first.run_id))
+    );
 
     let second = env.run_incremental().await.unwrap();
-    assert_eq!(second.since.as_deref(), Some(first.transaction_time.as_str()));
+    assert_eq!(
+        second.since.as_deref(),
+        Some(first.transaction_time.as_str())
+    );
     let queries = kick_off_queries(&env);
     assert_eq!(queries.len(), 2);
     assert!(!queries[0].contains("_since"), "{}", queries[0]);
-    let encoded: String = url::form_urlencoded::byte_serialize(first.transaction_time.as_bytes()).collect();
-    assert!(queries[1].contains(&format!("_since={encoded}")), "{} lacks {encoded}", queries[1]);
+    let encoded: String =
+        url::form_urlencoded::byte_serialize(first.transaction_time.as_bytes()).collect();
+    assert!(
+        queries[1].contains(&format!("_since={encoded}")),
+        "{} lacks {encoded}",
+        queries[1]
+    );
     // Nothing changed on the server since the first run: the second loads nothing, the rows
     // stay, and the watermark moves to the second run's transactionTime.
     assert_eq!(second.resources_loaded(), 0);
-    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.resource").fetch_one(&env.db.pool).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.resource")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
     assert_eq!(rows as usize, env.fake.dataset().total());
-    assert_eq!(watermark(&env).await, Some((second.transaction_time.clone(), second.run_id)));
+    assert_eq!(
+        watermark(&env).await,
+        Some((second.transaction_time.clone(), second.run_id))
+    );
 
     // --full ignores the watermark.
     let full = env.run().await.unwrap();
@@ -60,7 +80,10 @@ async fn a_failed_run_leaves_the_watermark_where_it_was() {
     env.job.auth.key = fhir_sync::config::KeySource::Inline(
         fhir_sync::smart::generate(fhir_sync::smart::SigningAlgorithm::RS384).unwrap(),
     );
-    let failed = env.run_incremental().await.expect_err("an unregistered key fails the run");
+    let failed = env
+        .run_incremental()
+        .await
+        .expect_err("an unregistered key fails the run");
     let (status, since): (String, Option<String>) =
         sqlx::query_as("SELECT status, since FROM fhir_sync.run WHERE id = $1")
             .bind(failed.run_id.unwrap())
@@ -68,19 +91,34 @@ async fn a_failed_run_leaves_the_watermark_where_it_was() {
             .await
             .unwrap();
     assert_eq!(status, "failed");
-    assert_eq!(since.as_deref(), Some(first.transaction_time.as_str()), "the failed run did ask from the watermark");
-    assert_eq!(watermark(&env).await, Some((first.transaction_time, first.run_id)));
+    assert_eq!(
+        since.as_deref(),
+        Some(first.transaction_time.as_str()),
+        "the failed run did ask from the watermark"
+    );
+    assert_eq!(
+        watermark(&env).await,
+        Some((first.transaction_time, first.run_id))
+    );
 }
 
 fn steps(env: &TestEnv) -> std::sync::Arc<StepContext> {
-    let ctx = StepContext::new(env.db.pool.clone(), sync_settings(), queue_settings(), Vec::new());
+    let ctx = StepContext::new(
+        env.db.pool.clone(),
+        sync_settings(),
+        queue_settings(),
+        Vec::new(),
+    );
     ctx.register_job(env.job.clone());
     ctx
 }
 
 fn with_schedule(env: &mut TestEnv, cron: &str, overlap: Overlap) {
-    env.job.schedule =
-        Some(fhir_sync::config::ScheduleConfig { cron: cron.into(), timezone: "UTC".into(), overlap });
+    env.job.schedule = Some(fhir_sync::config::ScheduleConfig {
+        cron: cron.into(),
+        timezone: "UTC".into(),
+        overlap,
+    });
 }
 
 #[tokio::test]
@@ -90,9 +128,13 @@ async fn a_tick_starts_one_run_and_a_repeat_of_the_same_tick_starts_none() {
     let ctx = steps(&env);
     let fired = at("2026-03-10T02:00:00.300Z");
     let first = schedule::tick(&ctx, &env.job, fired).await.unwrap();
-    let TickOutcome::Started(run_id) = first else { panic!("{first:?}") };
+    let TickOutcome::Started(run_id) = first else {
+        panic!("{first:?}")
+    };
     // Another process's timer for the same tick, firing a moment later.
-    let again = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00.900Z")).await.unwrap();
+    let again = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00.900Z"))
+        .await
+        .unwrap();
     assert_eq!(again, TickOutcome::AlreadyStarted);
     let run = state::load(&env.db.pool, run_id).await.unwrap();
     assert_eq!(run.status, "queued");
@@ -111,17 +153,23 @@ async fn a_tick_while_the_previous_run_is_going_is_skipped_and_recorded() {
     let mut env = TestEnv::new(2, TestEnv::fast()).await;
     with_schedule(&mut env, "0 0 * * * *", Overlap::Skip);
     let ctx = steps(&env);
-    let TickOutcome::Started(busy) = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00Z")).await.unwrap() else {
+    let TickOutcome::Started(busy) = schedule::tick(&ctx, &env.job, at("2026-03-10T02:00:00Z"))
+        .await
+        .unwrap()
+    else {
         panic!("the first tick starts a run")
     };
-    let next = schedule::tick(&ctx, &env.job, at("2026-03-10T03:00:00Z")).await.unwrap();
+    let next = schedule::tick(&ctx, &env.job, at("2026-03-10T03:00:00Z"))
+        .await
+        .unwrap();
     assert_eq!(next, TickOutcome::Skipped { busy_run: busy });
-    let (status, error): (String, String) =
-        sqlx::query_as("SELECT status, error FROM fhir_sync.run WHERE job = 'demo' AND scheduled_for = $1")
-            .bind(at("2026-03-10T03:00:00Z"))
-            .fetch_one(&env.db.pool)
-            .await
-            .unwrap();
+    let (status, error): (String, String) = sqlx::query_as(
+        "SELECT status, error FROM fhir_sync.run WHERE job = 'demo' AND scheduled_for = $1",
+    )
+    .bind(at("2026-03-10T03:00:00Z"))
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
     assert_eq!(status, "skipped");
     assert!(error.contains(&format!("run {busy}")), "{error}");
 }
@@ -135,27 +183,47 @@ async fn missed_ticks_are_caught_up_once() {
     // A new job with no history does not run at start-up.
     assert_eq!(schedule::catch_up(&ctx, &env.job, now).await.unwrap(), None);
     // The job last ran at 08:00; the 09:00 to 12:00 ticks were missed while nothing ran.
-    let old = state::create(&env.db.pool, "demo", "x", Trigger::Schedule, Some(at("2026-03-10T08:00:00Z")), false)
-        .await
-        .unwrap()
-        .unwrap();
+    let old = state::create(
+        &env.db.pool,
+        "demo",
+        "x",
+        Trigger::Schedule,
+        Some(at("2026-03-10T08:00:00Z")),
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
     sqlx::query("UPDATE fhir_sync.run SET status = 'succeeded', started_at = $2, finished_at = $2 WHERE id = $1")
         .bind(old)
         .bind(at("2026-03-10T08:00:00Z"))
         .execute(&env.db.pool)
         .await
         .unwrap();
-    let caught = schedule::catch_up(&ctx, &env.job, now).await.unwrap().expect("one catch-up run");
+    let caught = schedule::catch_up(&ctx, &env.job, now)
+        .await
+        .unwrap()
+        .expect("one catch-up run");
     let (scheduled_for, trigger): (time::OffsetDateTime, String) =
         sqlx::query_as("SELECT scheduled_for, trigger FROM fhir_sync.run WHERE id = $1")
             .bind(caught)
             .fetch_one(&env.db.pool)
             .await
             .unwrap();
-    assert_eq!(scheduled_for, at("2026-03-10T12:00:00Z"), "the latest missed tick");
+    assert_eq!(
+        scheduled_for,
+        at("2026-03-10T12:00:00Z"),
+        "the latest missed tick"
+    );
     assert_eq!(trigger, "catch-up");
     // A second start-up (another process, or a restart) does not catch up again.
     assert_eq!(schedule::catch_up(&ctx, &env.job, now).await.unwrap(), None);
-    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run").fetch_one(&env.db.pool).await.unwrap();
-    assert_eq!(runs, 2, "one old run and one catch-up, not one per missed tick");
+    let runs: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        runs, 2,
+        "one old run and one catch-up, not one per missed tick"
+    );
 }
