@@ -9,5 +9,6 @@ mod helpers;
 mod loader;
 mod processes;
 mod queue;
+mod queue_edges;
 mod secrets;
 mod sync;
