@@ -5,7 +5,6 @@
 //! every step in the run tables and classifies failures as retryable or fatal; it never logs a
 //! credential or a resource body.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,7 @@ use tracing::Instrument;
 
 use crate::bulk::{BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy};
 use crate::config::{JobConfig, SyncSettings};
-use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
+use crate::smart::{self, AuthError, KeyError};
 use crate::transport::{self, HttpOptions};
 use crate::warehouse::{
     self, FileKind, FileTarget, LoadError, LoadLimits, RunOutcome, Runs, TypeCount,
@@ -178,33 +177,29 @@ async fn execute(
     })
     .map_err(SyncError::Http)?;
 
-    let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
-    let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
-    if !discovered.signing_algorithms.is_empty()
-        && !discovered
-            .signing_algorithms
-            .iter()
-            .any(|a| a == job.auth.algorithm.as_str())
-    {
-        tracing::warn!(
-            auth.algorithm = %job.auth.algorithm,
-            "the server does not advertise this signing algorithm; trying anyway"
-        );
+    // Keys, discovery (once per run), algorithm and scope choice, then the first token and
+    // what its granted scopes leave of the export (smart::session).
+    let prepared = smart::prepare(&http, job).await?;
+    for note in &prepared.notes {
+        tracing::warn!(auth.note = %note, "authorisation");
     }
-    tracing::info!(token.url = %transport::redacted(&discovered.token_endpoint), "discovered the token endpoint");
-    let tokens = Arc::new(TokenManager::new(
-        http.clone(),
-        discovered.token_endpoint,
-        job.auth.client_id.clone(),
-        key,
-        job.requested_scopes(),
-    ));
-    let bulk = BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http);
+    let authorized = smart::authorize(&prepared, job).await?;
+    if let smart::ExportSupport::NotDeclared(message) =
+        smart::export_support(&http, &job.fhir.base_url, job.export.level).await
+    {
+        tracing::warn!(reason = %message, "the server may not offer this export; trying anyway");
+    }
+    let bulk = BulkClient::new(
+        http,
+        job.fhir.base_url.clone(),
+        prepared.tokens.clone(),
+        allow_insecure_http,
+    );
 
     let request = ExportRequest {
         level: job.export.level,
         group_id: job.export.group_id.clone(),
-        types: job.export.types.clone(),
+        types: authorized.types.clone(),
         since: None,
     };
     let kick_off = bulk.kick_off(&request).await?;

@@ -67,6 +67,8 @@ pub enum KeyError {
     },
     #[error("environment variable {0} is not set")]
     EnvMissing(String),
+    #[error("the job has no private key (auth.method is not private_key_jwt)")]
+    NotConfigured,
     #[error("{origin} does not hold {expected}")]
     WrongKind {
         origin: String,
@@ -82,6 +84,8 @@ pub struct SigningKey {
     kid: String,
     encoding: EncodingKey,
     public: Jwk,
+    /// Sent as the `jku` header when set: the JWKS URL registered with the EHR.
+    jku: Option<String>,
 }
 
 impl fmt::Debug for SigningKey {
@@ -130,6 +134,7 @@ impl SigningKey {
                 )
             }
             KeySource::Inline(pem) => (pem.clone(), "the built-in key".to_string()),
+            KeySource::NotNeeded => return Err(KeyError::NotConfigured),
         };
         Self::from_pem(&pem, algorithm, kid, &origin)
     }
@@ -173,6 +178,7 @@ impl SigningKey {
             kid,
             encoding,
             public,
+            jku: None,
         };
         // Sign once now: a key that parses but cannot sign (wrong curve, truncated) should fail
         // at load time, not at the first token request.
@@ -182,6 +188,18 @@ impl SigningKey {
                 message: e.to_string(),
             })?;
         Ok(key)
+    }
+
+    /// Sends `jku` (the JWKS URL registered with the EHR) in every assertion header. SMART
+    /// requires it to equal the registered URL exactly, so it is only sent when configured.
+    pub fn with_jku(mut self, jku: Option<String>) -> Self {
+        self.jku = jku;
+        self
+    }
+
+    /// The public JWK (with `kid`, `use: sig`, `key_ops: [verify]`).
+    pub fn public_jwk(&self) -> &Jwk {
+        &self.public
     }
 
     pub fn kid(&self) -> &str {
@@ -218,8 +236,26 @@ impl SigningKey {
         let mut header = Header::new(self.algorithm.jwt());
         header.typ = Some("JWT".into());
         header.kid = Some(self.kid.clone());
+        header.jku = self.jku.clone();
         jsonwebtoken::encode(&header, &claims, &self.encoding).map(SecretString::from)
     }
+}
+
+/// The public JWK set of several keys (the active one and those published for rotation),
+/// refusing duplicate `kid`s: SMART servers fail verification when more than one key matches.
+pub fn publish_jwks(keys: &[SigningKey]) -> Result<JwkSet, String> {
+    let mut seen = std::collections::HashSet::new();
+    for key in keys {
+        if !seen.insert(key.kid()) {
+            return Err(format!(
+                "two keys share kid {:?}; every key needs its own kid",
+                key.kid()
+            ));
+        }
+    }
+    Ok(JwkSet {
+        keys: keys.iter().map(|k| k.public.clone()).collect(),
+    })
 }
 
 /// Generates a new private key (RSA 3072 for RS384, P-384 for ES384) as PKCS#8 PEM.
