@@ -1075,3 +1075,46 @@ pub(crate) async fn redirect_files(
     }
     response
 }
+
+/// `GET /fhir/{type}?_count=1`: the one search the fake answers, so that clients (and
+/// `fhir-sync check`) can prove a token works on an ordinary FHIR read. It needs a token whose
+/// scopes allow reading the type and returns a searchset with the type's total and at most one
+/// entry; any other search parameter than `_count` is refused.
+pub(crate) async fn search_probe(
+    State(state): State<Arc<ServerState>>,
+    axum::extract::Path(resource_type): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    Bearer(token): Bearer,
+) -> Response {
+    let known = super::RESOURCE_TYPES.contains(&resource_type.as_str());
+    if !known {
+        return outcome::error(StatusCode::NOT_FOUND, "not-supported", "unknown resource type");
+    }
+    let only_count = query
+        .as_deref()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).all(|(k, _)| k == "_count"))
+        .unwrap_or(true);
+    if !only_count {
+        return outcome::error(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "only _count is supported",
+        );
+    }
+    if !token.scopes.iter().any(|s| scope_allows_read(s, &resource_type)) {
+        return outcome::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the access token does not allow reading this type",
+        );
+    }
+    let total = state.dataset.count(&resource_type);
+    let entry: Vec<Value> = (0..total.min(1))
+        .map(|i| json!({ "resource": state.dataset.resource(&resource_type, i) }))
+        .collect();
+    outcome::fhir_json(
+        StatusCode::OK,
+        json!({ "resourceType": "Bundle", "type": "searchset", "total": total, "entry": entry })
+            .to_string(),
+    )
+}

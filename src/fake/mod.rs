@@ -6,7 +6,8 @@
 //! headers and OperationOutcomes, so that a client that passes against it has a fair chance
 //! against Epic or Oracle. It records every request and token attempt for tests to inspect, but
 //! must never log a token, an assertion, a key or a resource body. It is not a FHIR server in
-//! general: there are no reads or searches, only discovery, tokens and export.
+//! general: besides discovery, tokens and export it answers only `GET [base]/<type>?_count=1`, the
+//! cheap authorised read `fhir-sync check` makes.
 //!
 //! All mutable state lives in one [`state::ServerState`] behind an `Arc`, and all knobs in
 //! [`FakeOptions`], so that scripted faults can be added later in one place.
@@ -355,6 +356,7 @@ fn router(state: Arc<ServerState>) -> Router {
             get(export::status).delete(export::delete),
         )
         .route("/fhir/bulkfiles/{id}/{file}", get(export::file))
+        .route("/fhir/{resource_type}", get(auth::search_probe))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -5,6 +5,7 @@
 //! logged, never put in an error, and never stored.
 
 mod discovery;
+pub mod doctor;
 mod keys;
 pub mod scopes;
 mod session;
