@@ -5,6 +5,7 @@
 
 mod auth;
 mod auth_check;
+mod auth_discovery;
 mod auth_support;
 mod auth_tokens;
 mod config_check;
