@@ -6,6 +6,8 @@
 mod auth;
 mod auth_check;
 mod auth_discovery;
+mod auth_keys;
+mod auth_origin;
 mod auth_support;
 mod auth_tokens;
 mod config_check;
