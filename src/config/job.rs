@@ -389,7 +389,9 @@ fn validate(
         other => {
             problem(
                 "auth.method".into(),
-                format!("{other:?} is not supported (use \"private_key_jwt\", \"client_secret_basic\" or \"none\")"),
+                format!(
+                    "{other:?} is not supported (use \"private_key_jwt\", \"client_secret_basic\" or \"none\")"
+                ),
             );
             None
         }

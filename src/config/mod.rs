@@ -9,8 +9,8 @@ mod job;
 mod service;
 
 pub use job::{
-    AuthConfig, AuthMethod, ExportConfig, ExportLevel, FhirConfig, JobConfig, KeyConfig, KeySource, MissingScopePolicy, ScheduleConfig, ScopeStyle, SecretSource,
-    load_job, load_jobs,
+    AuthConfig, AuthMethod, ExportConfig, ExportLevel, FhirConfig, JobConfig, KeyConfig, KeySource,
+    MissingScopePolicy, ScheduleConfig, ScopeStyle, SecretSource, load_job, load_jobs,
 };
 pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
 

@@ -267,10 +267,12 @@ fn grant(state: &ServerState, client_id: String, requested_scope: &str) -> Resul
     let scopes: Vec<String> = grant_scopes(requested_scope)
         .into_iter()
         .filter(|scope| {
-            let v2 = scope
-                .rsplit_once('.')
-                .is_some_and(|(_, p)| is_cruds(p));
-            if v2 { has("permission-v2") } else { has("permission-v1") }
+            let v2 = scope.rsplit_once('.').is_some_and(|(_, p)| is_cruds(p));
+            if v2 {
+                has("permission-v2")
+            } else {
+                has("permission-v1")
+            }
         })
         .filter(|scope| match &options.grantable_types {
             None => true,
@@ -672,6 +674,119 @@ pub(crate) fn authorize(
     }
 }
 
+/// Middleware for [`super::FakeFhirServer::redirect_files_to`]: on the primary origin a file
+/// download (after the usual bearer check) answers 307 to the other origin with a one-time
+/// `presigned` query; on the other origin that query stands in for the token, the way a
+/// presigned cloud-storage URL does. Requests arriving with an `Authorization` header keep it,
+/// so a client that leaks the token across origins is visible in the recorded requests.
+pub(crate) async fn redirect_files(
+    State(state): State<Arc<ServerState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    if !path.starts_with("/fhir/bulkfiles/") {
+        return next.run(request).await;
+    }
+    let presigned = request.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "presigned")
+            .map(|(_, v)| v.into_owned())
+    });
+    if let Some(key) = presigned {
+        let stands_for = state.lock().presigned.get(&key).cloned();
+        let Some(stands_for) = stands_for else {
+            return outcome::error(StatusCode::FORBIDDEN, "forbidden", "unknown presigned URL");
+        };
+        if !request.headers().contains_key(header::AUTHORIZATION)
+            && let Some(value) = stands_for.and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            request.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        return next.run(request).await;
+    }
+    let target = state.lock().redirect_files_to.clone();
+    let on_primary = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.ends_with(&format!(":{}", state.origin.port().unwrap_or(0))));
+    let Some(target) = target.filter(|_| on_primary) else {
+        return next.run(request).await;
+    };
+    if state.options.requires_access_token
+        && let Err(unauthorized) = authorize(&state, request.headers())
+    {
+        return unauthorized.into_response();
+    }
+    let key = random_token();
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    state.lock().presigned.insert(key.clone(), authorization);
+    let mut location = target.clone();
+    location.set_path(&path);
+    location.set_query(Some(&format!("presigned={key}")));
+    let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(value) = HeaderValue::from_str(location.as_str()) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// `GET /fhir/{type}?_count=1`: the one search the fake answers, so that clients (and
+/// `fhir-sync check`) can prove a token works on an ordinary FHIR read. It needs a token whose
+/// scopes allow reading the type and returns a searchset with the type's total and at most one
+/// entry; any other search parameter than `_count` is refused.
+pub(crate) async fn search_probe(
+    State(state): State<Arc<ServerState>>,
+    axum::extract::Path(resource_type): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    Bearer(token): Bearer,
+) -> Response {
+    let known = super::RESOURCE_TYPES.contains(&resource_type.as_str());
+    if !known {
+        return outcome::error(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            "unknown resource type",
+        );
+    }
+    let only_count = query
+        .as_deref()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).all(|(k, _)| k == "_count"))
+        .unwrap_or(true);
+    if !only_count {
+        return outcome::error(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "only _count is supported",
+        );
+    }
+    if !token
+        .scopes
+        .iter()
+        .any(|s| scope_allows_read(s, &resource_type))
+    {
+        return outcome::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the access token does not allow reading this type",
+        );
+    }
+    let total = state.dataset.count(&resource_type);
+    let entry: Vec<Value> = (0..total.min(1))
+        .map(|i| json!({ "resource": state.dataset.resource(&resource_type, i) }))
+        .collect();
+    outcome::fhir_json(
+        StatusCode::OK,
+        json!({ "resourceType": "Bundle", "type": "searchset", "total": total, "entry": entry })
+            .to_string(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1012,109 +1127,4 @@ mod tests {
             assert!(!is_resource_type_name(bad), "{bad}");
         }
     }
-}
-
-/// Middleware for [`super::FakeFhirServer::redirect_files_to`]: on the primary origin a file
-/// download (after the usual bearer check) answers 307 to the other origin with a one-time
-/// `presigned` query; on the other origin that query stands in for the token, the way a
-/// presigned cloud-storage URL does. Requests arriving with an `Authorization` header keep it,
-/// so a client that leaks the token across origins is visible in the recorded requests.
-pub(crate) async fn redirect_files(
-    State(state): State<Arc<ServerState>>,
-    mut request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = request.uri().path().to_string();
-    if !path.starts_with("/fhir/bulkfiles/") {
-        return next.run(request).await;
-    }
-    let presigned = request.uri().query().and_then(|q| {
-        url::form_urlencoded::parse(q.as_bytes())
-            .find(|(k, _)| k == "presigned")
-            .map(|(_, v)| v.into_owned())
-    });
-    if let Some(key) = presigned {
-        let stands_for = state.lock().presigned.get(&key).cloned();
-        let Some(stands_for) = stands_for else {
-            return outcome::error(StatusCode::FORBIDDEN, "forbidden", "unknown presigned URL");
-        };
-        if !request.headers().contains_key(header::AUTHORIZATION)
-            && let Some(value) = stands_for.and_then(|v| HeaderValue::from_str(&v).ok())
-        {
-            request.headers_mut().insert(header::AUTHORIZATION, value);
-        }
-        return next.run(request).await;
-    }
-    let target = state.lock().redirect_files_to.clone();
-    let on_primary = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .is_some_and(|h| h.ends_with(&format!(":{}", state.origin.port().unwrap_or(0))));
-    let Some(target) = target.filter(|_| on_primary) else {
-        return next.run(request).await;
-    };
-    if state.options.requires_access_token
-        && let Err(unauthorized) = authorize(&state, request.headers())
-    {
-        return unauthorized.into_response();
-    }
-    let key = random_token();
-    let authorization = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    state.lock().presigned.insert(key.clone(), authorization);
-    let mut location = target.clone();
-    location.set_path(&path);
-    location.set_query(Some(&format!("presigned={key}")));
-    let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
-    if let Ok(value) = HeaderValue::from_str(location.as_str()) {
-        response.headers_mut().insert(header::LOCATION, value);
-    }
-    response
-}
-
-/// `GET /fhir/{type}?_count=1`: the one search the fake answers, so that clients (and
-/// `fhir-sync check`) can prove a token works on an ordinary FHIR read. It needs a token whose
-/// scopes allow reading the type and returns a searchset with the type's total and at most one
-/// entry; any other search parameter than `_count` is refused.
-pub(crate) async fn search_probe(
-    State(state): State<Arc<ServerState>>,
-    axum::extract::Path(resource_type): axum::extract::Path<String>,
-    axum::extract::RawQuery(query): axum::extract::RawQuery,
-    Bearer(token): Bearer,
-) -> Response {
-    let known = super::RESOURCE_TYPES.contains(&resource_type.as_str());
-    if !known {
-        return outcome::error(StatusCode::NOT_FOUND, "not-supported", "unknown resource type");
-    }
-    let only_count = query
-        .as_deref()
-        .map(|q| url::form_urlencoded::parse(q.as_bytes()).all(|(k, _)| k == "_count"))
-        .unwrap_or(true);
-    if !only_count {
-        return outcome::error(
-            StatusCode::BAD_REQUEST,
-            "not-supported",
-            "only _count is supported",
-        );
-    }
-    if !token.scopes.iter().any(|s| scope_allows_read(s, &resource_type)) {
-        return outcome::error(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the access token does not allow reading this type",
-        );
-    }
-    let total = state.dataset.count(&resource_type);
-    let entry: Vec<Value> = (0..total.min(1))
-        .map(|i| json!({ "resource": state.dataset.resource(&resource_type, i) }))
-        .collect();
-    outcome::fhir_json(
-        StatusCode::OK,
-        json!({ "resourceType": "Bundle", "type": "searchset", "total": total, "entry": entry })
-            .to_string(),
-    )
 }

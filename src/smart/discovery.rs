@@ -214,7 +214,11 @@ pub(crate) fn declared_export(
     let named = |op: &serde_json::Value, allowed: &[&str]| {
         op["name"].as_str().is_some_and(|n| allowed.contains(&n))
     };
-    let rests: Vec<&serde_json::Value> = capability["rest"].as_array().into_iter().flatten().collect();
+    let rests: Vec<&serde_json::Value> = capability["rest"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     let found = rests.iter().any(|rest| {
         let operations = rest["operation"].as_array().into_iter().flatten();
         match resource {
@@ -223,7 +227,9 @@ pub(crate) fn declared_export(
                 .any(|op| defines(op) || named(op, names)),
             Some(resource_type) => {
                 // v1.0.0 listed patient-export / group-export at the rest level.
-                let legacy = operations.into_iter().any(|op| defines(op) || named(op, &names[1..]));
+                let legacy = operations
+                    .into_iter()
+                    .any(|op| defines(op) || named(op, &names[1..]));
                 legacy
                     || rest["resource"]
                         .as_array()
@@ -238,9 +244,7 @@ pub(crate) fn declared_export(
     if found {
         ExportSupport::Offered
     } else {
-        ExportSupport::NotDeclared(format!(
-            "the CapabilityStatement does not declare {what}"
-        ))
+        ExportSupport::NotDeclared(format!("the CapabilityStatement does not declare {what}"))
     }
 }
 
@@ -253,25 +257,33 @@ mod tests {
     #[test]
     fn export_declarations_in_every_version_shape() {
         let v2 = json!({"rest": [{
-            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export|2.0.0"}],
-            "resource": [
-                {"type": "Patient", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
-                {"type": "Group", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
-            ]}]});
+        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export|2.0.0"}],
+        "resource": [
+            {"type": "Patient", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
+            {"type": "Group", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
+        ]}]});
         let v100 = json!({"rest": [{"operation": [
             {"name": "export", "definition": "OperationDefinition/BulkDataExport"},
             {"name": "patient-export", "definition": "OperationDefinition/PatientLevelExport"},
             {"name": "group-export", "definition": "OperationDefinition/GroupLevelExport"}
         ]}]});
         let v101 = json!({"rest": [{
-            "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
-            "resource": [
-                {"type": "Patient", "operation": [{"name": "patient-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
-                {"type": "Group", "operation": [{"name": "group-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
-            ]}]});
+        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
+        "resource": [
+            {"type": "Patient", "operation": [{"name": "patient-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
+            {"type": "Group", "operation": [{"name": "group-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
+        ]}]});
         for doc in [&v2, &v100, &v101] {
-            for level in [ExportLevel::System, ExportLevel::Patient, ExportLevel::Group] {
-                assert_eq!(declared_export(doc, level), ExportSupport::Offered, "{level:?} {doc}");
+            for level in [
+                ExportLevel::System,
+                ExportLevel::Patient,
+                ExportLevel::Group,
+            ] {
+                assert_eq!(
+                    declared_export(doc, level),
+                    ExportSupport::Offered,
+                    "{level:?} {doc}"
+                );
             }
         }
         let none = json!({"rest": [{"resource": [{"type": "Patient"}]}]});

@@ -87,14 +87,13 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
                 let mut line = check(
                     "discovery",
                     Verdict::Pass,
-                    format!(
-                        "token endpoint {}",
-                        transport::redacted(&d.token_endpoint)
-                    ),
+                    format!("token endpoint {}", transport::redacted(&d.token_endpoint)),
                 );
                 if let Some(url) = &job.fhir.token_url {
-                    line.detail
-                        .push_str(&format!(" (overridden by fhir.token_url {})", transport::redacted(url)));
+                    line.detail.push_str(&format!(
+                        " (overridden by fhir.token_url {})",
+                        transport::redacted(url)
+                    ));
                 }
                 report.push(line);
                 Some(d)
@@ -116,7 +115,13 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
                 ));
                 skip_rest(
                     &mut report,
-                    &["algorithms", "token request", "granted scopes", "export operation", "authorised request"],
+                    &[
+                        "algorithms",
+                        "token request",
+                        "granted scopes",
+                        "export operation",
+                        "authorised request",
+                    ],
                 );
                 return report;
             }
@@ -129,7 +134,12 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
             report.push(failed("algorithms", e.to_string(), fix_for(&e)));
             skip_rest(
                 &mut report,
-                &["token request", "granted scopes", "export operation", "authorised request"],
+                &[
+                    "token request",
+                    "granted scopes",
+                    "export operation",
+                    "authorised request",
+                ],
             );
             return report;
         }
@@ -141,12 +151,12 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
                 .as_ref()
                 .map(|d| d.signing_algorithms.clone())
                 .unwrap_or_default();
-            let verdict = if advertised.is_empty() || advertised.iter().any(|a| a == algorithm.as_str())
-            {
-                Verdict::Pass
-            } else {
-                Verdict::Warn
-            };
+            let verdict =
+                if advertised.is_empty() || advertised.iter().any(|a| a == algorithm.as_str()) {
+                    Verdict::Pass
+                } else {
+                    Verdict::Warn
+                };
             let mut detail = format!(
                 "signing with {algorithm} key {kid}; server advertises {}; scope style {:?}",
                 if advertised.is_empty() {
@@ -180,8 +190,16 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
     }
 
     let authorized = if prepared.token_url.is_none() {
-        report.push(check("token request", Verdict::Skip, "auth.method = \"none\""));
-        report.push(check("granted scopes", Verdict::Skip, "auth.method = \"none\""));
+        report.push(check(
+            "token request",
+            Verdict::Skip,
+            "auth.method = \"none\"",
+        ));
+        report.push(check(
+            "granted scopes",
+            Verdict::Skip,
+            "auth.method = \"none\"",
+        ));
         None
     } else {
         match prepared.tokens.token().await {
@@ -262,7 +280,12 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
 /// One cheap authorised read: `GET [base]/<first type>?_count=1`.
 async fn probe(http: &reqwest::Client, job: &JobConfig, prepared: &session::Prepared) -> Check {
     let name = "authorised request";
-    let resource_type = job.export.types.first().map(String::as_str).unwrap_or("Patient");
+    let resource_type = job
+        .export
+        .types
+        .first()
+        .map(String::as_str)
+        .unwrap_or("Patient");
     let mut url: Url = transport::append_path(&job.fhir.base_url, resource_type);
     url.query_pairs_mut().append_pair("_count", "1");
     let shown = format!("GET {}?_count=1", transport::redacted(&url));
@@ -277,9 +300,11 @@ async fn probe(http: &reqwest::Client, job: &JobConfig, prepared: &session::Prep
         request = request.header(reqwest::header::AUTHORIZATION, value);
     }
     match request.send().await {
-        Ok(response) if response.status().is_success() => {
-            check(name, Verdict::Pass, format!("{shown}: HTTP {}", response.status().as_u16()))
-        }
+        Ok(response) if response.status().is_success() => check(
+            name,
+            Verdict::Pass,
+            format!("{shown}: HTTP {}", response.status().as_u16()),
+        ),
         Ok(response) if response.status().as_u16() == 401 => failed(
             name,
             format!("{shown}: HTTP 401, the FHIR server refused the token"),
@@ -294,7 +319,9 @@ async fn probe(http: &reqwest::Client, job: &JobConfig, prepared: &session::Prep
             name,
             verdict: Verdict::Warn,
             detail: format!("{shown}: HTTP {}", response.status().as_u16()),
-            fix: Some("the server may not support search on this type; the export may still work".into()),
+            fix: Some(
+                "the server may not support search on this type; the export may still work".into(),
+            ),
         },
         Err(e) => failed(
             name,
@@ -308,7 +335,9 @@ async fn probe(http: &reqwest::Client, job: &JobConfig, prepared: &session::Prep
 fn fix_for(error: &AuthError) -> String {
     match error {
         AuthError::Refused { hint, .. } => hint.clone(),
-        AuthError::Key(_) => "check auth.private_key_file / auth.private_key_env and auth.algorithm".into(),
+        AuthError::Key(_) => {
+            "check auth.private_key_file / auth.private_key_env and auth.algorithm".into()
+        }
         AuthError::Secret(_) => "check auth.client_secret_file / auth.client_secret_env".into(),
         e if e.is_retryable() => "the server or network failed; try again later".into(),
         _ => "see the message".into(),

@@ -12,9 +12,7 @@ mod session;
 mod token;
 
 pub use discovery::{ExportSupport, SmartConfiguration, discover, export_support};
-pub use keys::{
-    KeyError, SigningAlgorithm, SigningKey, generate, publish_jwks, write_private_key,
-};
+pub use keys::{KeyError, SigningAlgorithm, SigningKey, generate, publish_jwks, write_private_key};
 pub use session::{Authorized, Prepared, authorize, job_keys, prepare};
 pub use token::{AccessToken, TokenManager};
 
@@ -45,10 +43,17 @@ pub enum AuthError {
     Key(#[from] KeyError),
     #[error("cannot read the client secret: {0}")]
     Secret(String),
-    #[error("the server requires an access token but the job has auth.method = \"none\" (hint: set auth.method to private_key_jwt or client_secret_basic)")]
+    #[error(
+        "the server requires an access token but the job has auth.method = \"none\" (hint: set auth.method to private_key_jwt or client_secret_basic)"
+    )]
     Unauthenticated,
-    #[error("the server granted {granted:?}, which does not cover {missing:?} (hint: ask the EHR to grant read access to these types, remove them from export.types, or set auth.on_missing_scope = \"drop\")")]
-    ScopeNotGranted { granted: String, missing: Vec<String> },
+    #[error(
+        "the server granted {granted:?}, which does not cover {missing:?} (hint: ask the EHR to grant read access to these types, remove them from export.types, or set auth.on_missing_scope = \"drop\")"
+    )]
+    ScopeNotGranted {
+        granted: String,
+        missing: Vec<String>,
+    },
 }
 
 impl AuthError {

@@ -127,11 +127,19 @@ mod tests {
             ("system/Observation.r", "Observation", false),
             ("system/Observation.write", "Observation", false),
             ("patient/*.read", "Observation", false),
-            ("system/Observation.rs?category=laboratory", "Observation", false),
+            (
+                "system/Observation.rs?category=laboratory",
+                "Observation",
+                false,
+            ),
             ("launch", "Patient", false),
         ];
         for (scope, resource_type, expected) in cases {
-            assert_eq!(covers(scope, resource_type), expected, "{scope} {resource_type}");
+            assert_eq!(
+                covers(scope, resource_type),
+                expected,
+                "{scope} {resource_type}"
+            );
         }
         assert_eq!(
             uncovered_types(

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use secrecy::SecretString;
 use url::Url;
 
+use super::AuthError;
 use super::discovery::{self, SmartConfiguration};
 use super::keys::{KeyError, SigningAlgorithm, SigningKey};
 use super::scopes;
 use super::token::TokenManager;
-use super::AuthError;
 use crate::config::{AuthMethod, JobConfig, MissingScopePolicy, ScopeStyle, SecretSource};
 
 /// What was decided before the first token request.
@@ -177,9 +177,8 @@ fn choose_key(
 
 fn read_secret(source: &SecretSource) -> Result<SecretString, AuthError> {
     let text = match source {
-        SecretSource::File(path) => std::fs::read_to_string(path).map_err(|e| {
-            AuthError::Secret(format!("cannot read {}: {e}", path.display()))
-        })?,
+        SecretSource::File(path) => std::fs::read_to_string(path)
+            .map_err(|e| AuthError::Secret(format!("cannot read {}: {e}", path.display())))?,
         SecretSource::Env(var) => std::env::var(var)
             .map_err(|_| AuthError::Secret(format!("environment variable {var} is not set")))?,
     };
@@ -204,7 +203,9 @@ pub async fn authorize(prepared: &Prepared, job: &JobConfig) -> Result<Authorize
     prepared.tokens.token().await?;
     let granted = prepared.tokens.granted_scope().await;
     let Some(granted_text) = &granted else {
-        tracing::info!("the token response has no scope; assuming the requested scopes were granted");
+        tracing::info!(
+            "the token response has no scope; assuming the requested scopes were granted"
+        );
         return Ok(Authorized {
             granted,
             types: job.export.types.clone(),

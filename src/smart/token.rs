@@ -54,7 +54,7 @@ struct State {
 /// How the client proves who it is at the token endpoint.
 enum Credentials {
     /// SMART `private_key_jwt`: a fresh signed assertion per request.
-    Assertion(SigningKey),
+    Assertion(Box<SigningKey>),
     /// `client_secret_basic`: HTTP Basic with the client id and secret.
     Secret(SecretString),
     /// No token at all.
@@ -101,7 +101,7 @@ impl TokenManager {
             http,
             token_url,
             client_id,
-            credentials: Credentials::Assertion(key),
+            credentials: Credentials::Assertion(Box::new(key)),
             scopes,
             state: tokio::sync::Mutex::new(State::default()),
         }
@@ -247,8 +247,9 @@ impl TokenManager {
             }
             Credentials::Secret(secret) => {
                 // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
-                let encode =
-                    |s: &str| url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>();
+                let encode = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
                 request
                     .basic_auth(
                         encode(&self.client_id),

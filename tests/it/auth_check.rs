@@ -12,7 +12,9 @@ const CLIENT: &str = "check-client";
 /// A fake server and a job directory whose `demo` job holds a fresh RS384 key (registered
 /// with the fake when `register` is set).
 async fn rig(options: FakeOptions, register: bool) -> (FakeFhirServer, JobDir, SigningKey) {
-    let fake = FakeFhirServer::start(Dataset::new(1, 3), options).await.unwrap();
+    let fake = FakeFhirServer::start(Dataset::new(1, 3), options)
+        .await
+        .unwrap();
     let jobs = JobDir::new();
     let pem = smart::generate(SigningAlgorithm::RS384).unwrap();
     std::fs::write(jobs.path("key.pem"), pem.expose_secret()).unwrap();
@@ -53,7 +55,11 @@ async fn every_check_passes_against_the_demo_fake() {
     assert!(text.contains("all checks passed"), "{text}");
     // The doctor made one authorised read and never started an export.
     let requests = fake.requests();
-    assert!(requests.iter().any(|r| r.path == "/fhir/Patient" && r.status == 200 && r.had_authorization));
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/fhir/Patient" && r.status == 200 && r.had_authorization)
+    );
     assert!(!requests.iter().any(|r| r.path.ends_with("$export")));
     for token in fake.issued_tokens() {
         assert!(!text.contains(&token), "a token was printed");
@@ -67,7 +73,10 @@ async fn a_rejected_key_fails_the_token_check_with_a_hint() {
     assert!(!ok, "{text}");
     assert!(line(&text, "discovery").starts_with("PASS"), "{text}");
     let token = line(&text, "token request");
-    assert!(token.starts_with("FAIL") && token.contains("invalid_client"), "{text}");
+    assert!(
+        token.starts_with("FAIL") && token.contains("invalid_client"),
+        "{text}"
+    );
     let fix = text
         .lines()
         .skip_while(|l| !l.contains("token request"))
@@ -92,9 +101,15 @@ async fn missing_export_support_and_narrow_grants_are_reported() {
     let (ok, text) = jobs.run(&["check", "demo"]).await;
     assert!(!ok, "{text}");
     let scopes = line(&text, "granted scopes");
-    assert!(scopes.starts_with("FAIL") && scopes.contains("Condition"), "{text}");
+    assert!(
+        scopes.starts_with("FAIL") && scopes.contains("Condition"),
+        "{text}"
+    );
     let export = line(&text, "export operation");
-    assert!(export.starts_with("WARN") && export.contains("$export"), "{text}");
+    assert!(
+        export.starts_with("WARN") && export.contains("$export"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
@@ -104,10 +119,18 @@ async fn keys_jwks_publishes_every_key_of_the_job() {
         .unwrap();
     let jobs = JobDir::new();
     let mut kids = Vec::new();
-    for (file, alg) in [("old.pem", SigningAlgorithm::RS384), ("new.pem", SigningAlgorithm::ES384)] {
+    for (file, alg) in [
+        ("old.pem", SigningAlgorithm::RS384),
+        ("new.pem", SigningAlgorithm::ES384),
+    ] {
         let pem = smart::generate(alg).unwrap();
         std::fs::write(jobs.path(file), pem.expose_secret()).unwrap();
-        kids.push(SigningKey::from_pem(&pem, alg, None, "t").unwrap().kid().to_string());
+        kids.push(
+            SigningKey::from_pem(&pem, alg, None, "t")
+                .unwrap()
+                .kid()
+                .to_string(),
+        );
     }
     jobs.write_job(
         "rotating",
@@ -124,5 +147,8 @@ async fn keys_jwks_publishes_every_key_of_the_job() {
         .map(|k| k["kid"].as_str().unwrap())
         .collect();
     assert_eq!(published, kids);
-    assert!(!text.contains("PRIVATE") && !text.contains("\"d\""), "{text}");
+    assert!(
+        !text.contains("PRIVATE") && !text.contains("\"d\""),
+        "{text}"
+    );
 }

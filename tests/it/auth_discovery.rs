@@ -47,7 +47,9 @@ async fn the_capability_statement_serves_servers_without_well_known() {
         },
     )
     .await;
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert_eq!(statuses(&env, "/.well-known/smart-configuration"), [404]);
     assert_eq!(statuses(&env, "/metadata")[0], 200);
     assert!(env.fake.token_attempts()[0].outcome.is_ok());
@@ -68,10 +70,8 @@ async fn the_algorithm_comes_from_the_advertised_list() {
     let rsa = SigningKey::from_pem(&env.key_pem, SigningAlgorithm::RS384, None, "t").unwrap();
     let ec_pem = smart::generate(SigningAlgorithm::ES384).unwrap();
     let ec = SigningKey::from_pem(&ec_pem, SigningAlgorithm::ES384, None, "t").unwrap();
-    env.fake.register_client(
-        "fhir-sync-demo",
-        smart::publish_jwks(&[rsa, ec]).unwrap(),
-    );
+    env.fake
+        .register_client("fhir-sync-demo", smart::publish_jwks(&[rsa, ec]).unwrap());
     env.job.auth.extra_keys.push(KeyConfig {
         key: KeySource::Inline(ec_pem.clone()),
         algorithm: SigningAlgorithm::ES384,
@@ -81,7 +81,9 @@ async fn the_algorithm_comes_from_the_advertised_list() {
         .unwrap()
         .kid()
         .to_string();
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     let attempts = env.fake.token_attempts();
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].kid.as_deref(), Some(ec_kid.as_str()));
@@ -100,12 +102,19 @@ async fn an_unadvertised_algorithm_is_still_tried_and_its_refusal_explained() {
     .await;
     let prepared = smart::prepare(&http(), &env.job).await.unwrap();
     assert!(
-        prepared.notes.iter().any(|n| n.contains("ES384") && n.contains("RS384")),
+        prepared
+            .notes
+            .iter()
+            .any(|n| n.contains("ES384") && n.contains("RS384")),
         "{:?}",
         prepared.notes
     );
     let failed = env.run().await.expect_err("the server refuses RS384");
-    assert!(error_chain(&failed).contains("alg RS384 is not accepted"), "{}", error_chain(&failed));
+    assert!(
+        error_chain(&failed).contains("alg RS384 is not accepted"),
+        "{}",
+        error_chain(&failed)
+    );
 }
 
 #[tokio::test]
@@ -113,7 +122,10 @@ async fn v2_scopes_for_a_server_that_only_speaks_v2() {
     let mut env = TestEnv::new(
         3,
         FakeOptions {
-            capabilities: vec!["client-confidential-asymmetric".into(), "permission-v2".into()],
+            capabilities: vec![
+                "client-confidential-asymmetric".into(),
+                "permission-v2".into(),
+            ],
             ..TestEnv::fast()
         },
     )
@@ -121,12 +133,18 @@ async fn v2_scopes_for_a_server_that_only_speaks_v2() {
     let prepared = smart::prepare(&http(), &env.job).await.unwrap();
     assert_eq!(prepared.scope_style, ScopeStyle::V2);
     assert!(prepared.tokens.scopes().iter().all(|s| s.ends_with(".rs")));
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
 
     // Forcing v1 against it is the job's choice, and the server refuses it.
     env.job.auth.scope_style = ScopeStyle::V1;
     let failed = env.run().await.expect_err("v1 scopes are not granted");
-    assert!(error_chain(&failed).contains("invalid_scope"), "{}", error_chain(&failed));
+    assert!(
+        error_chain(&failed).contains("invalid_scope"),
+        "{}",
+        error_chain(&failed)
+    );
 }
 
 #[tokio::test]
@@ -176,7 +194,9 @@ async fn a_missing_export_operation_is_reported_but_not_fatal() {
             other => panic!("{level:?}: {other:?}"),
         }
     }
-    env.run().await.expect("the advisory check does not stop the run");
+    env.run()
+        .await
+        .expect("the advisory check does not stop the run");
 
     let declared = TestEnv::new(1, TestEnv::fast()).await;
     assert_eq!(

@@ -11,7 +11,10 @@ use crate::auth_support::JobDir;
 use crate::helpers::{TestDb, TestEnv, sync_settings};
 
 fn kid(pem: &SecretString, alg: SigningAlgorithm) -> String {
-    SigningKey::from_pem(pem, alg, None, "t").unwrap().kid().to_string()
+    SigningKey::from_pem(pem, alg, None, "t")
+        .unwrap()
+        .kid()
+        .to_string()
 }
 
 fn header_of(assertion: &str) -> jsonwebtoken::Header {
@@ -23,11 +26,18 @@ async fn es384_works_end_to_end() {
     let mut env = TestEnv::new(5, TestEnv::fast()).await;
     let pem = smart::generate(SigningAlgorithm::ES384).unwrap();
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::ES384, None, "t").unwrap();
-    env.fake.register_client("fhir-sync-demo", key.public_jwks());
+    env.fake
+        .register_client("fhir-sync-demo", key.public_jwks());
     env.job.auth.key = KeySource::Inline(pem);
     env.job.auth.algorithm = SigningAlgorithm::ES384;
-    let report = env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    assert_eq!(report.resources_loaded() as usize, env.fake.dataset().total());
+    let report = env
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert_eq!(
+        report.resources_loaded() as usize,
+        env.fake.dataset().total()
+    );
     let assertions = env.fake.received_assertions();
     let header = header_of(&assertions[0]);
     assert_eq!(header.alg, jsonwebtoken::Algorithm::ES384);
@@ -101,13 +111,22 @@ async fn the_jku_header_is_sent_when_configured_and_must_match() {
     let jwks_url = "https://keys.example.org/fhir-sync/jwks.json";
     env.fake.register_jku("fhir-sync-demo", jwks_url);
     env.job.auth.jku = Some(url::Url::parse(jwks_url).unwrap());
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     let header = header_of(&env.fake.received_assertions()[0]);
     assert_eq!(header.jku.as_deref(), Some(jwks_url));
 
     env.job.auth.jku = Some(url::Url::parse("https://keys.example.org/other.json").unwrap());
-    let failed = env.run().await.expect_err("a jku other than the registered one");
-    assert!(error_chain(&failed).contains("jku does not match"), "{}", error_chain(&failed));
+    let failed = env
+        .run()
+        .await
+        .expect_err("a jku other than the registered one");
+    assert!(
+        error_chain(&failed).contains("jku does not match"),
+        "{}",
+        error_chain(&failed)
+    );
 }
 
 #[tokio::test]
@@ -124,7 +143,9 @@ async fn rotation_signs_with_the_active_key_while_all_are_published() {
     let published = smart::publish_jwks(&smart::job_keys(&env.job).unwrap()).unwrap();
     assert_eq!(published.keys.len(), 2);
     env.fake.register_client("fhir-sync-demo", published);
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
 
     // Step 2: the new key becomes active; the old one stays published until caches expire.
     env.job.auth.key = KeySource::Inline(new_pem.clone());
@@ -136,9 +157,16 @@ async fn rotation_signs_with_the_active_key_while_all_are_published() {
     }];
     let published = smart::publish_jwks(&smart::job_keys(&env.job).unwrap()).unwrap();
     env.fake.register_client("fhir-sync-demo", published);
-    env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    env.run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
 
-    let kids: Vec<Option<String>> = env.fake.token_attempts().into_iter().map(|a| a.kid).collect();
+    let kids: Vec<Option<String>> = env
+        .fake
+        .token_attempts()
+        .into_iter()
+        .map(|a| a.kid)
+        .collect();
     assert_eq!(
         kids,
         [

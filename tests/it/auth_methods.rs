@@ -13,7 +13,12 @@ fn exported(fake: &FakeFhirServer) -> usize {
     fake.dataset().count("Patient") + fake.dataset().count("Condition")
 }
 
-async fn run_file(db: &TestDb, jobs: &JobDir, fake: &FakeFhirServer, auth: &str) -> Result<sync::RunReport, (String, bool)> {
+async fn run_file(
+    db: &TestDb,
+    jobs: &JobDir,
+    fake: &FakeFhirServer,
+    auth: &str,
+) -> Result<sync::RunReport, (String, bool)> {
     let path = jobs.write_job("job", fake, auth);
     let job = fhir_sync::config::load_job(&path).map_err(|e| (e.to_string(), false))?;
     let ctx = SyncContext {
@@ -28,7 +33,9 @@ async fn run_file(db: &TestDb, jobs: &JobDir, fake: &FakeFhirServer, auth: &str)
 #[tokio::test]
 async fn client_secret_basic_gets_a_token_and_a_wrong_secret_is_explained() {
     let db = TestDb::new().await;
-    let fake = FakeFhirServer::start(Dataset::new(1, 3), TestEnv::fast()).await.unwrap();
+    let fake = FakeFhirServer::start(Dataset::new(1, 3), TestEnv::fast())
+        .await
+        .unwrap();
     // Characters that must be form-encoded inside the Basic credentials.
     let secret = "s3cr3t:with/odd+chars";
     fake.register_secret_client("bcda-client", secret);
@@ -41,7 +48,10 @@ async fn client_secret_basic_gets_a_token_and_a_wrong_secret_is_explained() {
     assert_eq!(attempts.len(), 1);
     assert_eq!(attempts[0].client_id.as_deref(), Some("bcda-client"));
     assert!(attempts[0].outcome.is_ok());
-    assert!(fake.received_assertions().is_empty(), "no assertion with a client secret");
+    assert!(
+        fake.received_assertions().is_empty(),
+        "no assertion with a client secret"
+    );
 
     std::fs::write(jobs.path("secret"), "wrong").unwrap();
     let (message, retryable) = run_file(&db, &jobs, &fake, auth).await.unwrap_err();
@@ -50,7 +60,10 @@ async fn client_secret_basic_gets_a_token_and_a_wrong_secret_is_explained() {
         message.contains("invalid_client") && message.contains("client_secret_file"),
         "{message}"
     );
-    assert!(!message.contains(secret), "the secret reached an error message");
+    assert!(
+        !message.contains(secret),
+        "the secret reached an error message"
+    );
 }
 
 #[tokio::test]
@@ -66,9 +79,14 @@ async fn none_sends_no_token_to_an_open_server() {
     .await
     .unwrap();
     let jobs = JobDir::new();
-    let report = run_file(&db, &jobs, &fake, "client_id = \"anyone\"\nmethod = \"none\"")
-        .await
-        .unwrap();
+    let report = run_file(
+        &db,
+        &jobs,
+        &fake,
+        "client_id = \"anyone\"\nmethod = \"none\"",
+    )
+    .await
+    .unwrap();
     assert_eq!(report.resources_loaded() as usize, exported(&fake));
     assert!(fake.token_attempts().is_empty());
     assert!(fake.requests().iter().all(|r| !r.had_authorization));
@@ -102,14 +120,28 @@ fn job_files_say_which_method_and_need_its_credentials() {
     };
     let job = write("client_id = \"a\"\nmethod = \"none\"").unwrap();
     assert!(matches!(job.auth.method, AuthMethod::None));
-    let job = write("client_id = \"a\"\nmethod = \"client_secret_basic\"\nclient_secret_env = \"X\"").unwrap();
+    let job =
+        write("client_id = \"a\"\nmethod = \"client_secret_basic\"\nclient_secret_env = \"X\"")
+            .unwrap();
     assert!(matches!(job.auth.method, AuthMethod::ClientSecretBasic(_)));
     for (auth, field) in [
-        ("client_id = \"a\"\nmethod = \"client_secret_basic\"", "auth.client_secret_file"),
+        (
+            "client_id = \"a\"\nmethod = \"client_secret_basic\"",
+            "auth.client_secret_file",
+        ),
         ("client_id = \"a\"\nmethod = \"mtls\"", "auth.method"),
-        ("client_id = \"a\"\nmethod = \"none\"\nscope_style = \"v3\"", "auth.scope_style"),
-        ("client_id = \"a\"\nmethod = \"none\"\non_missing_scope = \"ignore\"", "auth.on_missing_scope"),
-        ("client_id = \"a\"\nmethod = \"none\"\njku = \"http://keys.example.org/jwks\"", "auth.jku"),
+        (
+            "client_id = \"a\"\nmethod = \"none\"\nscope_style = \"v3\"",
+            "auth.scope_style",
+        ),
+        (
+            "client_id = \"a\"\nmethod = \"none\"\non_missing_scope = \"ignore\"",
+            "auth.on_missing_scope",
+        ),
+        (
+            "client_id = \"a\"\nmethod = \"none\"\njku = \"http://keys.example.org/jwks\"",
+            "auth.jku",
+        ),
         ("client_id = \"a\"", "auth.private_key_file"),
     ] {
         let error = write(auth).unwrap_err();

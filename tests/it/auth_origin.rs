@@ -96,8 +96,14 @@ async fn a_redirect_to_another_origin_drops_the_token() {
     let env = TestEnv::new(20, TestEnv::fast()).await;
     let other = env.fake.start_other_origin().await.unwrap();
     env.fake.redirect_files_to(&other);
-    let report = env.run().await.unwrap_or_else(|e| panic!("{}", error_chain(&e)));
-    assert_eq!(report.resources_loaded() as usize, env.fake.dataset().total());
+    let report = env
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert_eq!(
+        report.resources_loaded() as usize,
+        env.fake.dataset().total()
+    );
 
     let primary = format!("127.0.0.1:{}", env.fake.fhir_base_url().port().unwrap());
     let other_host = format!("127.0.0.1:{}", other.origin().port().unwrap());
@@ -107,13 +113,25 @@ async fn a_redirect_to_another_origin_drops_the_token() {
         .into_iter()
         .filter(|r| r.path.contains("/bulkfiles/"))
         .collect();
-    let redirected: Vec<_> = files.iter().filter(|r| r.host.as_deref() == Some(primary.as_str())).collect();
-    let followed: Vec<_> = files.iter().filter(|r| r.host.as_deref() == Some(other_host.as_str())).collect();
+    let redirected: Vec<_> = files
+        .iter()
+        .filter(|r| r.host.as_deref() == Some(primary.as_str()))
+        .collect();
+    let followed: Vec<_> = files
+        .iter()
+        .filter(|r| r.host.as_deref() == Some(other_host.as_str()))
+        .collect();
     assert_eq!(redirected.len(), report.output_files);
-    assert!(redirected.iter().all(|r| r.status == 307 && r.had_authorization));
+    assert!(
+        redirected
+            .iter()
+            .all(|r| r.status == 307 && r.had_authorization)
+    );
     assert_eq!(followed.len(), report.output_files);
     assert!(
-        followed.iter().all(|r| r.status == 200 && !r.had_authorization),
+        followed
+            .iter()
+            .all(|r| r.status == 200 && !r.had_authorization),
         "the token crossed to another origin: {followed:?}"
     );
     // The token endpoint gets the assertion, never a bearer token.
@@ -138,9 +156,15 @@ async fn plain_http_is_refused_except_to_loopback_or_with_the_opt_in() {
     };
     match bulk.open_file(&remote, true).await {
         Err(ExportError::Policy(message)) => {
-            assert!(message.contains("plain http") && message.contains("allow_insecure_http"), "{message}")
+            assert!(
+                message.contains("plain http") && message.contains("allow_insecure_http"),
+                "{message}"
+            )
         }
-        other => panic!("expected a policy refusal, got {:?}", other.map(|r| r.status())),
+        other => panic!(
+            "expected a policy refusal, got {:?}",
+            other.map(|r| r.status())
+        ),
     }
 
     // With the opt-in the policy lets it through (and the made-up host then fails to resolve).

@@ -116,7 +116,9 @@ async fn many_concurrent_downloads_share_one_renewal() {
         },
         ..env.ctx()
     };
-    let report = sync::run_job(&ctx, &env.job).await.expect("the run succeeds");
+    let report = sync::run_job(&ctx, &env.job)
+        .await
+        .expect("the run succeeds");
     assert!(report.output_files > 8, "{} files", report.output_files);
     assert!(unauthorized(&env, "/bulkfiles/") >= 1);
     assert_eq!(
@@ -181,7 +183,9 @@ async fn expires_in_as_a_string_or_missing_is_understood() {
             },
         )
         .await;
-        env.run().await.unwrap_or_else(|e| panic!("{form:?}: {}", error_chain(&e)));
+        env.run()
+            .await
+            .unwrap_or_else(|e| panic!("{form:?}: {}", error_chain(&e)));
         // 300 s tokens (sent as a string, or assumed when missing): one token for the run.
         assert_eq!(token_requests(&env), (1, 1), "{form:?}");
     }
@@ -225,9 +229,16 @@ async fn a_token_endpoint_that_stays_down_is_a_retryable_failure() {
         },
     )
     .await;
-    let failed = env.run().await.expect_err("the token endpoint never answers");
+    let failed = env
+        .run()
+        .await
+        .expect_err("the token endpoint never answers");
     assert!(failed.error.is_retryable(), "{}", error_chain(&failed));
-    assert!(error_chain(&failed).contains("503"), "{}", error_chain(&failed));
+    assert!(
+        error_chain(&failed).contains("503"),
+        "{}",
+        error_chain(&failed)
+    );
     assert_eq!(token_requests(&env), (3, 0));
 }
 
@@ -299,7 +310,10 @@ async fn a_narrower_grant_fails_the_run_by_default() {
         "{message}"
     );
     assert!(
-        !env.fake.requests().iter().any(|r| r.path.ends_with("$export")),
+        !env.fake
+            .requests()
+            .iter()
+            .any(|r| r.path.ends_with("$export")),
         "nothing is exported before the scopes are settled"
     );
 }
@@ -323,11 +337,10 @@ async fn a_narrower_grant_drops_types_when_the_job_says_so() {
         .find(|r| r.path.ends_with("$export"))
         .unwrap();
     assert_eq!(kick_off.query.as_deref(), Some("_type=Patient%2CCondition"));
-    let types: Vec<String> = sqlx::query_scalar(
-        "SELECT DISTINCT resource_type FROM fhir_sync.resource ORDER BY 1",
-    )
-    .fetch_all(&env.db.pool)
-    .await
-    .unwrap();
+    let types: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT resource_type FROM fhir_sync.resource ORDER BY 1")
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
     assert_eq!(types, ["Condition", "Patient"]);
 }
