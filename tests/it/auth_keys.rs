@@ -72,7 +72,9 @@ async fn keys_load_from_a_pem_file_or_an_environment_variable() {
     let file_pem = smart::generate(SigningAlgorithm::ES384).unwrap();
     std::fs::write(jobs.path("key.pem"), file_pem.expose_secret()).unwrap();
     let env_pem = smart::generate(SigningAlgorithm::RS384).unwrap();
-    let var = format!("FHIR_SYNC_TEST_KEY_{}", uuid::Uuid::new_v4().simple());
+    // Not FHIR_SYNC_-prefixed: the settings loader reads those, and binaries other tests spawn
+    // inherit this process's environment.
+    let var = format!("AUTH_TEST_KEY_{}", uuid::Uuid::new_v4().simple());
     // SAFETY: the variable name is unique to this test, so no other thread reads or writes it.
     unsafe { std::env::set_var(&var, env_pem.expose_secret()) };
     let file_key = SigningKey::from_pem(&file_pem, SigningAlgorithm::ES384, None, "t").unwrap();
@@ -95,6 +97,8 @@ async fn keys_load_from_a_pem_file_or_an_environment_variable() {
     )
     .await
     .unwrap();
+    // SAFETY: as above; the key should not outlive the test in this process's environment.
+    unsafe { std::env::remove_var(&var) };
     let kids: Vec<Option<String>> = fake.token_attempts().into_iter().map(|a| a.kid).collect();
     assert_eq!(
         kids,

@@ -7,6 +7,7 @@ mod auth;
 mod auth_check;
 mod auth_discovery;
 mod auth_keys;
+mod auth_logs;
 mod auth_methods;
 mod auth_origin;
 mod auth_support;
