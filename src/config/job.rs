@@ -98,9 +98,9 @@ fn default_algorithm() -> String {
 /// Where the private key comes from.
 #[derive(Clone)]
 pub enum KeySource {
-    /// A PEM file (path resolved against the job file's directory).
+    /// A PEM or private JWK file (path resolved against the job file's directory).
     File(PathBuf),
-    /// An environment variable holding the PEM text.
+    /// An environment variable holding the PEM text or a private JWK.
     Env(String),
     /// PEM text held in memory (the built-in `demo` job); never read from a job file.
     Inline(secrecy::SecretString),
