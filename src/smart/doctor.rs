@@ -158,13 +158,16 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
                     Verdict::Warn
                 };
             let mut detail = format!(
-                "signing with {algorithm} key {kid}; server advertises {}; scope style {:?}",
+                "signing with {algorithm} key {kid}; server advertises {}; scope style {}",
                 if advertised.is_empty() {
                     "no algorithms".to_string()
                 } else {
                     advertised.join(", ")
                 },
-                prepared.scope_style
+                match prepared.scope_style {
+                    crate::config::ScopeStyle::V2 => "v2 (system/<Type>.rs)",
+                    _ => "v1 (system/<Type>.read)",
+                }
             );
             for note in &prepared.notes {
                 detail.push_str("; ");
@@ -240,7 +243,7 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
                 Some(())
             }
             Err(e) => {
-                report.push(failed("token request", e.to_string(), fix_for(&e)));
+                report.push(failed("token request", describe(&e), fix_for(&e)));
                 report.push(check("granted scopes", Verdict::Skip, "no token"));
                 None
             }
@@ -328,6 +331,16 @@ async fn probe(http: &reqwest::Client, job: &JobConfig, prepared: &session::Prep
             format!("{shown}: {}", e.without_url()),
             "check that the server is reachable from this host",
         ),
+    }
+}
+
+/// An authorisation failure without the hint, which goes on the fix line instead.
+fn describe(error: &AuthError) -> String {
+    match error {
+        AuthError::Refused {
+            error, description, ..
+        } => format!("the token endpoint refused the request: {error}: {description}"),
+        other => other.to_string(),
     }
 }
 
