@@ -1,11 +1,16 @@
 //! The fake authorization server: the SMART Backend Services token endpoint that verifies
-//! `private_key_jwt` client assertions against registered JWK sets, and the bearer check every
-//! protected FHIR route goes through.
+//! `private_key_jwt` client assertions against registered JWK sets (and `client_secret_basic`
+//! credentials for clients registered with a secret), and the bearer check every protected FHIR
+//! route goes through.
 //!
 //! It is as strict as the spec lets a real EHR be (exact `aud`, `exp` at most five minutes ahead,
-//! one-time `jti`, `kid` matched in the registered set) and every refusal names its reason, so
-//! that client tests can tell which rule they broke. It must never log a token, an assertion, a
-//! key, the form body or the `Authorization` header; only outcomes and reasons are logged.
+//! one-time `jti`, `kid` matched in the registered set, only the advertised algorithms, `jku`
+//! only when it equals the registered JWKS URL, only the advertised scope syntaxes) and every
+//! refusal names its reason, so that client tests can tell which rule they broke. Scripted
+//! faults (token endpoint outages, 401s, early revocation, narrower grants, `expires_in` forms,
+//! cross-origin redirects of file downloads) come from [`super::FakeOptions`] and are applied
+//! here. It must never log a token, an assertion, a key, the form body or the `Authorization`
+//! header; only outcomes and reasons are logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
