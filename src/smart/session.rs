@@ -95,6 +95,11 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             }
         },
     };
+    tracing::info!(
+        token.url = %crate::transport::redacted(&token_url),
+        overridden = job.fhir.token_url.is_some(),
+        "token endpoint"
+    );
     let capabilities = discovered
         .as_ref()
         .map(|d| d.capabilities.clone())
