@@ -307,3 +307,54 @@ pub async fn status(
     }
     Ok(())
 }
+
+/// Loads `jobs/<name>.toml` from the jobs directory.
+fn find_job(dir: &Path, job_name: &str) -> anyhow::Result<config::JobConfig> {
+    let path = dir.join(format!("{job_name}.toml"));
+    if !path.exists() {
+        anyhow::bail!(
+            "no job named {job_name:?}: {} does not exist",
+            path.display()
+        );
+    }
+    Ok(config::load_job(&path)?)
+}
+
+/// `fhir-sync keys jwks <job>`: prints the public JWK set of every key of the job (the active
+/// one and those listed in `auth.keys`), to register with the EHR or host at the JWKS URL.
+pub fn keys_jwks(jobs_dir: &Path, job_name: &str) -> anyhow::Result<()> {
+    let job = find_job(jobs_dir, job_name)?;
+    let keys = smart::job_keys(&job)?;
+    let jwks = smart::publish_jwks(&keys).map_err(|e| anyhow::anyhow!("job {job_name}: {e}"))?;
+    println!("{}", serde_json::to_string_pretty(&jwks)?);
+    Ok(())
+}
+
+/// `fhir-sync check <job>`: runs the doctor and prints one line per check. Returns whether
+/// nothing failed.
+pub async fn check(
+    settings: &Settings,
+    jobs_dir_override: Option<&Path>,
+    job_name: &str,
+) -> anyhow::Result<bool> {
+    let job = find_job(&jobs_dir(settings, jobs_dir_override), job_name)?;
+    let http = crate::transport::client(crate::transport::HttpOptions {
+        connect_timeout: Duration::from_secs(settings.sync.connect_timeout_seconds),
+        read_timeout: Duration::from_secs(settings.sync.read_timeout_seconds),
+        allow_insecure_http: job.fhir.allow_insecure_http,
+    })?;
+    println!("checking job {} against {}", job.name, job.fhir.base_url);
+    let report = smart::doctor::run(&http, &job).await;
+    let mut ok = true;
+    for line in &report {
+        ok &= line.verdict != smart::doctor::Verdict::Fail;
+        println!("{} {:<20} {}", line.verdict.label(), line.name, line.detail);
+        if let Some(fix) = &line.fix {
+            println!("     {:<20} fix: {fix}", "");
+        }
+    }
+    if ok {
+        println!("all checks passed");
+    }
+    Ok(ok)
+}

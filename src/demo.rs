@@ -40,6 +40,7 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
         fhir: FhirConfig {
             base_url: server.fhir_base_url(),
             allow_insecure_http: false,
+            token_url: None,
         },
         auth: AuthConfig {
             client_id: CLIENT_ID.into(),
@@ -47,6 +48,11 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
             algorithm: SigningAlgorithm::RS384,
             key_id: None,
             scopes: Vec::new(),
+            method: Default::default(),
+            jku: None,
+            extra_keys: Vec::new(),
+            scope_style: Default::default(),
+            on_missing_scope: Default::default(),
         },
         export: ExportConfig {
             level: ExportLevel::System,

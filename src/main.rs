@@ -66,6 +66,12 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Check a job's connection: discovery, algorithms, token, scopes, export support and one
+    /// authorised request, with a fix for each failure.
+    Check {
+        /// Job name: the file stem of jobs/<name>.toml.
+        job: String,
+    },
     /// Show recent runs.
     Status {
         /// Only this job's runs.
@@ -96,6 +102,11 @@ enum KeysCommand {
         /// Overwrite an existing file.
         #[arg(long)]
         force: bool,
+    },
+    /// Print the public JWKS of every key of a job (the active one and auth.keys).
+    Jwks {
+        /// Job name: the file stem of jobs/<name>.toml.
+        job: String,
     },
 }
 
@@ -135,6 +146,21 @@ fn main() -> ExitCode {
                 Err(e) => report(e),
             };
         }
+        Command::Keys {
+            command: KeysCommand::Jwks { job },
+        } => {
+            let dir = match cli.jobs_dir.clone() {
+                Some(dir) => dir,
+                None => match Settings::load(&cli.config_dir) {
+                    Ok(settings) => settings.sync.jobs_dir,
+                    Err(e) => return report(e.into()),
+                },
+            };
+            return match app::keys_jwks(&dir, job) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(e),
+            };
+        }
         _ => {}
     }
     let settings = match Settings::load(&cli.config_dir) {
@@ -168,6 +194,13 @@ fn main() -> ExitCode {
             }
             Command::Migrate => app::migrate(&settings).await,
             Command::Serve => app::serve(&settings, cli.jobs_dir.as_deref()).await,
+            Command::Check { job } => {
+                match app::check(&settings, cli.jobs_dir.as_deref(), &job).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(anyhow::anyhow!("job {job}: some checks failed")),
+                    Err(e) => Err(e),
+                }
+            }
             Command::Status { job, limit, json } => {
                 app::status(&settings, job.as_deref(), limit, json).await
             }

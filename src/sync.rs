@@ -5,7 +5,6 @@
 //! every step in the run tables and classifies failures as retryable or fatal; it never logs a
 //! credential or a resource body.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, PollPolicy};
 use crate::config::{JobConfig, SyncSettings};
 use crate::queue::QueueSettings;
-use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
+use crate::smart::{self, AuthError, KeyError};
 use crate::transport::{self, HttpOptions};
 use crate::warehouse::{self, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
 
@@ -285,10 +284,13 @@ pub async fn wait_for_run(pool: &PgPool, run_id: i64) -> sqlx::Result<RunEnd> {
 /// What a job's steps share: the HTTP client, discovery, the token manager and the bulk client.
 pub struct Session {
     pub bulk: BulkClient,
+    /// The job's types that the granted scopes cover (all of them unless the job drops types).
+    pub types: Vec<String>,
 }
 
 impl Session {
-    /// Loads the key, discovers the token endpoint and sets up the token manager for `job`.
+    /// Sets up authorisation for `job`: keys, discovery, algorithm and scope choice, the first
+    /// token and what its granted scopes leave of the export.
     pub async fn open(settings: &SyncSettings, job: &JobConfig) -> Result<Session, SyncError> {
         let allow_insecure_http = job.fhir.allow_insecure_http;
         let http = transport::client(HttpOptions {
@@ -297,36 +299,34 @@ impl Session {
             allow_insecure_http,
         })
         .map_err(SyncError::Http)?;
-        let key = SigningKey::load(&job.auth.key, job.auth.algorithm, job.auth.key_id.clone())?;
-        let discovered = smart::discover(&http, &job.fhir.base_url, allow_insecure_http).await?;
-        if !discovered.signing_algorithms.is_empty()
-            && !discovered
-                .signing_algorithms
-                .iter()
-                .any(|a| a == job.auth.algorithm.as_str())
-        {
-            tracing::warn!(auth.algorithm = %job.auth.algorithm, "the server does not advertise this signing algorithm; trying anyway");
+        let prepared = smart::prepare(&http, job).await?;
+        for note in &prepared.notes {
+            tracing::warn!(auth.note = %note, "authorisation");
         }
-        tracing::info!(token.url = %transport::redacted(&discovered.token_endpoint), "discovered the token endpoint");
-        let tokens = Arc::new(TokenManager::new(
-            http.clone(),
-            discovered.token_endpoint,
-            job.auth.client_id.clone(),
-            key,
-            job.requested_scopes(),
-        ));
+        let authorized = smart::authorize(&prepared, job).await?;
+        if let smart::ExportSupport::NotDeclared(message) =
+            smart::export_support(&http, &job.fhir.base_url, job.export.level).await
+        {
+            tracing::warn!(reason = %message, "the server may not offer this export; trying anyway");
+        }
         Ok(Session {
-            bulk: BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http),
+            bulk: BulkClient::new(
+                http,
+                job.fhir.base_url.clone(),
+                prepared.tokens.clone(),
+                allow_insecure_http,
+            ),
+            types: authorized.types,
         })
     }
 }
 
-/// The export a run of `job` asks for.
-pub fn export_request(job: &JobConfig, since: Option<String>) -> ExportRequest {
+/// The export a run of `job` asks for, limited to the types `session` is allowed.
+pub fn export_request(job: &JobConfig, session: &Session, since: Option<String>) -> ExportRequest {
     ExportRequest {
         level: job.export.level,
         group_id: job.export.group_id.clone(),
-        types: job.export.types.clone(),
+        types: session.types.clone(),
         since,
     }
 }

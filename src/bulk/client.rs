@@ -369,8 +369,8 @@ impl BulkClient {
         let mut renewed = false;
         loop {
             let mut request = build(self.http.request(method.clone(), url.clone()));
-            if let Some(token) = &token {
-                request = request.header(reqwest::header::AUTHORIZATION, token.authorization());
+            if let Some(value) = token.as_ref().and_then(|t| t.authorization()) {
+                request = request.header(reqwest::header::AUTHORIZATION, value);
             }
             let response = request.send().await.map_err(|e| ExportError::Transport {
                 context,

@@ -53,6 +53,10 @@ pub struct FhirConfig {
     /// Allow plain `http://` to a host other than loopback. Default false; only for test rigs.
     #[serde(default)]
     pub allow_insecure_http: bool,
+    /// The token endpoint, overriding discovery (for servers whose discovery is wrong or behind
+    /// a proxy). Default: discovered from `.well-known/smart-configuration` or `metadata`.
+    #[serde(default)]
+    pub token_url: Option<Url>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -66,6 +70,25 @@ struct AuthFile {
     key_id: Option<String>,
     #[serde(default)]
     scopes: Vec<String>,
+    method: Option<String>,
+    client_secret_file: Option<PathBuf>,
+    client_secret_env: Option<String>,
+    jku: Option<Url>,
+    #[serde(default)]
+    keys: Vec<KeyFile>,
+    scope_style: Option<String>,
+    on_missing_scope: Option<String>,
+}
+
+/// One more published key (`[[auth.keys]]`), for key rotation.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KeyFile {
+    private_key_file: Option<PathBuf>,
+    private_key_env: Option<String>,
+    #[serde(default = "default_algorithm")]
+    algorithm: String,
+    key_id: Option<String>,
 }
 
 fn default_algorithm() -> String {
@@ -75,12 +98,14 @@ fn default_algorithm() -> String {
 /// Where the private key comes from.
 #[derive(Clone)]
 pub enum KeySource {
-    /// A PEM file (path resolved against the job file's directory).
+    /// A PEM or private JWK file (path resolved against the job file's directory).
     File(PathBuf),
-    /// An environment variable holding the PEM text.
+    /// An environment variable holding the PEM text or a private JWK.
     Env(String),
     /// PEM text held in memory (the built-in `demo` job); never read from a job file.
     Inline(secrecy::SecretString),
+    /// No key: the job authenticates with `client_secret_basic` or not at all.
+    NotNeeded,
 }
 
 impl std::fmt::Debug for KeySource {
@@ -89,6 +114,7 @@ impl std::fmt::Debug for KeySource {
             KeySource::File(path) => f.debug_tuple("File").field(path).finish(),
             KeySource::Env(name) => f.debug_tuple("Env").field(name).finish(),
             KeySource::Inline(_) => f.write_str("Inline([REDACTED])"),
+            KeySource::NotNeeded => f.write_str("NotNeeded"),
         }
     }
 }
@@ -103,8 +129,72 @@ pub struct AuthConfig {
     /// The `kid` registered with the EHR. Default: the key's RFC 7638 thumbprint, which is what
     /// `fhir-sync keys generate` prints in the JWKS.
     pub key_id: Option<String>,
-    /// Scopes to request. Default: `system/<Type>.read` for each exported type.
+    /// Scopes to request. Default: one `system/<Type>.read` (or `.rs`) per exported type.
     pub scopes: Vec<String>,
+    /// How the client authenticates at the token endpoint. Default `private_key_jwt`.
+    pub method: AuthMethod,
+    /// Optional `jku` header: the JWKS URL registered with the EHR. Default: not sent.
+    pub jku: Option<Url>,
+    /// More keys published by `fhir-sync keys jwks` next to the active one (key rotation: the
+    /// next key before it signs, the previous one until the EHR's cache has expired). Default
+    /// none. One of them signs instead only when the server does not accept the active key's
+    /// algorithm.
+    pub extra_keys: Vec<KeyConfig>,
+    /// SMART scope syntax: `auto` (default: from the server's `capabilities`), `v1` or `v2`.
+    pub scope_style: ScopeStyle,
+    /// What to do when the granted scopes do not cover an exported type: `fail` (default) or
+    /// `drop` (export the covered types and warn).
+    pub on_missing_scope: MissingScopePolicy,
+}
+
+/// A published key of the job.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    pub key: KeySource,
+    pub algorithm: SigningAlgorithm,
+    pub key_id: Option<String>,
+}
+
+/// How the client authenticates at the token endpoint.
+#[derive(Debug, Clone, Default)]
+pub enum AuthMethod {
+    /// SMART Backend Services: a signed client assertion (default).
+    #[default]
+    PrivateKeyJwt,
+    /// OAuth client credentials with HTTP Basic (CMS BCDA, AB2D). The secret comes from a file
+    /// or an environment variable.
+    ClientSecretBasic(SecretSource),
+    /// No authorisation at all (an open test server such as a local HAPI).
+    None,
+}
+
+/// Where a client secret comes from.
+#[derive(Debug, Clone)]
+pub enum SecretSource {
+    File(PathBuf),
+    Env(String),
+}
+
+/// SMART scope syntax.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ScopeStyle {
+    /// v2 when the server advertises `permission-v2` without `permission-v1`, else v1.
+    #[default]
+    Auto,
+    /// `system/Patient.read`.
+    V1,
+    /// `system/Patient.rs`.
+    V2,
+}
+
+/// What to do when the granted scopes do not cover an exported type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum MissingScopePolicy {
+    /// Fail the run before kick-off (default): never export silently less than configured.
+    #[default]
+    Fail,
+    /// Drop the uncovered types from `_type` and warn.
+    Drop,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
@@ -289,7 +379,118 @@ fn validate(
     if file.auth.client_id.trim().is_empty() {
         problem("auth.client_id".into(), "must not be empty".into());
     }
+    let method = match file.auth.method.as_deref().unwrap_or("private_key_jwt") {
+        "private_key_jwt" => Some(AuthMethod::PrivateKeyJwt),
+        "none" => Some(AuthMethod::None),
+        "client_secret_basic" => {
+            match (&file.auth.client_secret_file, &file.auth.client_secret_env) {
+                (Some(path), None) => Some(AuthMethod::ClientSecretBasic(SecretSource::File(
+                    if path.is_absolute() {
+                        path.clone()
+                    } else {
+                        base_dir.join(path)
+                    },
+                ))),
+                (None, Some(var)) => Some(AuthMethod::ClientSecretBasic(SecretSource::Env(
+                    var.clone(),
+                ))),
+                _ => {
+                    problem(
+                        "auth.client_secret_file".into(),
+                        "client_secret_basic needs exactly one of client_secret_file and client_secret_env".into(),
+                    );
+                    None
+                }
+            }
+        }
+        other => {
+            problem(
+                "auth.method".into(),
+                format!(
+                    "{other:?} is not supported (use \"private_key_jwt\", \"client_secret_basic\" or \"none\")"
+                ),
+            );
+            None
+        }
+    };
+    let needs_key = matches!(method, Some(AuthMethod::PrivateKeyJwt));
+    if !matches!(method, Some(AuthMethod::ClientSecretBasic(_)))
+        && (file.auth.client_secret_file.is_some() || file.auth.client_secret_env.is_some())
+    {
+        problem(
+            "auth.client_secret_file".into(),
+            "only used with method = \"client_secret_basic\"".into(),
+        );
+    }
+    let scope_style = match file.auth.scope_style.as_deref().unwrap_or("auto") {
+        "auto" => ScopeStyle::Auto,
+        "v1" => ScopeStyle::V1,
+        "v2" => ScopeStyle::V2,
+        other => {
+            problem(
+                "auth.scope_style".into(),
+                format!("{other:?} is not one of \"auto\", \"v1\", \"v2\""),
+            );
+            ScopeStyle::Auto
+        }
+    };
+    let on_missing_scope = match file.auth.on_missing_scope.as_deref().unwrap_or("fail") {
+        "fail" => MissingScopePolicy::Fail,
+        "drop" => MissingScopePolicy::Drop,
+        other => {
+            problem(
+                "auth.on_missing_scope".into(),
+                format!("{other:?} is not one of \"fail\", \"drop\""),
+            );
+            MissingScopePolicy::Fail
+        }
+    };
+    if let Some(url) = &file.fhir.token_url
+        && let Err(message) = crate::transport::check_url(url, file.fhir.allow_insecure_http)
+    {
+        problem("fhir.token_url".into(), message);
+    }
+    if let Some(url) = &file.auth.jku
+        && url.scheme() != "https"
+    {
+        problem("auth.jku".into(), "must be an https URL".into());
+    }
+    let mut extra_keys = Vec::new();
+    for (i, extra) in file.auth.keys.iter().enumerate() {
+        let field = format!("auth.keys[{i}]");
+        let algorithm = match SigningAlgorithm::from_str(&extra.algorithm) {
+            Ok(alg) => alg,
+            Err(message) => {
+                problem(format!("{field}.algorithm"), message);
+                continue;
+            }
+        };
+        let source = match (&extra.private_key_file, &extra.private_key_env) {
+            (Some(path), None) => KeySource::File(if path.is_absolute() {
+                path.clone()
+            } else {
+                base_dir.join(path)
+            }),
+            (None, Some(var)) => KeySource::Env(var.clone()),
+            _ => {
+                problem(
+                    field,
+                    "set exactly one of private_key_file and private_key_env".into(),
+                );
+                continue;
+            }
+        };
+        match crate::smart::SigningKey::load(&source, algorithm, extra.key_id.clone()) {
+            Ok(_) => extra_keys.push(KeyConfig {
+                key: source,
+                algorithm,
+                key_id: extra.key_id.clone(),
+            }),
+            Err(e) => problem(field, e.to_string()),
+        }
+    }
     let key = match (&file.auth.private_key_file, &file.auth.private_key_env) {
+        (None, None) if !needs_key => Some(("auth", KeySource::NotNeeded)),
         (Some(_), Some(_)) => {
             problem(
                 "auth".into(),
@@ -317,6 +518,7 @@ fn validate(
     // Load the key now so that a missing file, an unset variable or a key of the wrong kind is a
     // config error, reported with the others, rather than a failure at 2 a.m.
     if let (Some((field, source)), Some(alg)) = (&key, algorithm)
+        && !matches!(source, KeySource::NotNeeded)
         && let Err(e) = crate::smart::SigningKey::load(source, alg, file.auth.key_id.clone())
     {
         problem((*field).into(), e.to_string());
@@ -410,8 +612,8 @@ fn validate(
         return Err(ConfigError { problems });
     }
     // Both are Some here: a None pushed a problem above.
-    let (Some((_, key)), Some(algorithm)) = (key, algorithm) else {
-        unreachable!("missing key or algorithm was reported as a problem");
+    let (Some((_, key)), Some(algorithm), Some(method)) = (key, algorithm, method) else {
+        unreachable!("missing key, algorithm or method was reported as a problem");
     };
     Ok(JobConfig {
         name,
@@ -425,6 +627,11 @@ fn validate(
             algorithm,
             key_id: file.auth.key_id,
             scopes: file.auth.scopes,
+            method,
+            jku: file.auth.jku,
+            extra_keys,
+            scope_style,
+            on_missing_scope,
         },
         export: file.export,
         schedule: file.schedule,

@@ -1,11 +1,16 @@
 //! The fake authorization server: the SMART Backend Services token endpoint that verifies
-//! `private_key_jwt` client assertions against registered JWK sets, and the bearer check every
-//! protected FHIR route goes through.
+//! `private_key_jwt` client assertions against registered JWK sets (and `client_secret_basic`
+//! credentials for clients registered with a secret), and the bearer check every protected FHIR
+//! route goes through.
 //!
 //! It is as strict as the spec lets a real EHR be (exact `aud`, `exp` at most five minutes ahead,
-//! one-time `jti`, `kid` matched in the registered set) and every refusal names its reason, so
-//! that client tests can tell which rule they broke. It must never log a token, an assertion, a
-//! key, the form body or the `Authorization` header; only outcomes and reasons are logged.
+//! one-time `jti`, `kid` matched in the registered set, only the advertised algorithms, `jku`
+//! only when it equals the registered JWKS URL, only the advertised scope syntaxes) and every
+//! refusal names its reason, so that client tests can tell which rule they broke. Scripted
+//! faults (token endpoint outages, 401s, early revocation, narrower grants, `expires_in` forms,
+//! cross-origin redirects of file downloads) come from [`super::FakeOptions`] and are applied
+//! here. It must never log a token, an assertion, a key, the form body or the `Authorization`
+//! header; only outcomes and reasons are logged.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -130,9 +135,30 @@ fn issue_token(
 ) -> Result<Value, Refusal> {
     let form = parse_form(headers, body)?;
     let param = |name: &str| form.get(name).map(String::as_str);
-    if let Some(assertion) = param("client_assertion") {
-        // Kept before any check so leak tests can look for every assertion that was sent.
-        state.lock().received_assertions.push(assertion.to_string());
+    let failing = {
+        let mut inner = state.lock();
+        if let Some(assertion) = param("client_assertion") {
+            // Kept before any check so leak tests can look for every assertion that was sent.
+            inner.received_assertions.push(assertion.to_string());
+        }
+        inner.token_requests += 1;
+        inner.token_requests <= state.options.token_server_errors
+    };
+    if failing {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: "temporarily_unavailable",
+            description: "the authorization server is overloaded (scripted fault)".into(),
+        });
+    }
+    let basic = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+        .map(|(_, credentials)| credentials.trim().to_string());
+    if let Some(credentials) = basic {
+        return issue_for_secret(state, &form, &credentials, caller);
     }
     match param("grant_type") {
         None => {
@@ -170,7 +196,97 @@ fn issue_token(
     };
     let client_id = verify_assertion(state, assertion, param("client_id"), caller)
         .map_err(Refusal::invalid_client)?;
-    let scopes = grant_scopes(requested_scope);
+    grant(state, client_id, requested_scope)
+}
+
+/// A `client_secret_basic` token request (RFC 6749 §2.3.1): HTTP Basic with the form-encoded
+/// client id and secret, and no assertion.
+fn issue_for_secret(
+    state: &ServerState,
+    form: &HashMap<String, String>,
+    credentials: &str,
+    caller: &mut Caller,
+) -> Result<Value, Refusal> {
+    if form.contains_key("client_assertion") {
+        return Err(Refusal::bad_request(
+            "invalid_request",
+            "use one client authentication method, not Basic and an assertion",
+        ));
+    }
+    if form.get("grant_type").map(String::as_str) != Some("client_credentials") {
+        return Err(Refusal::bad_request(
+            "unsupported_grant_type",
+            "only grant_type=client_credentials is supported",
+        ));
+    }
+    let decoded = decode_base64(credentials)
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| Refusal::invalid_client("the Basic credentials are not base64"))?;
+    let (id, secret) = decoded
+        .split_once(':')
+        .ok_or_else(|| Refusal::invalid_client("the Basic credentials are not id:secret"))?;
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let (id, secret) = (decode(id), decode(secret));
+    caller.client_id = Some(id.clone());
+    let registered = state.lock().secret_clients.get(&id).cloned();
+    if registered.as_deref() != Some(secret.as_str()) {
+        return Err(Refusal::invalid_client("unknown client or wrong secret"));
+    }
+    let requested_scope = match form.get("scope") {
+        Some(s) if !s.trim().is_empty() => s.clone(),
+        _ => return Err(Refusal::bad_request("invalid_scope", "scope is required")),
+    };
+    grant(state, id, &requested_scope)
+}
+
+/// Standard base64 with padding, as HTTP Basic uses; `None` for anything else.
+fn decode_base64(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let text = text.trim_end_matches('=');
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.bytes() {
+        let value = ALPHABET.iter().position(|&a| a == c)? as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// Issues a token for an authenticated client with the scopes this server grants of those
+/// requested.
+fn grant(state: &ServerState, client_id: String, requested_scope: &str) -> Result<Value, Refusal> {
+    let options = &state.options;
+    let has = |c: &str| options.capabilities.iter().any(|x| x == c);
+    let scopes: Vec<String> = grant_scopes(requested_scope)
+        .into_iter()
+        .filter(|scope| {
+            let v2 = scope.rsplit_once('.').is_some_and(|(_, p)| is_cruds(p));
+            if v2 {
+                has("permission-v2")
+            } else {
+                has("permission-v1")
+            }
+        })
+        .filter(|scope| match &options.grantable_types {
+            None => true,
+            Some(types) => scope
+                .strip_prefix("system/")
+                .and_then(|rest| rest.split_once('.'))
+                .is_some_and(|(t, _)| types.iter().any(|g| g == t)),
+        })
+        .collect();
     if scopes.is_empty() {
         return Err(Refusal::bad_request(
             "invalid_scope",
@@ -193,12 +309,20 @@ fn issue_token(
             expires_at,
         },
     );
-    Ok(json!({
+    let mut body = json!({
         "access_token": access_token,
         "token_type": "bearer",
         "expires_in": lifetime,
         "scope": scope,
-    }))
+    });
+    match options.expires_in {
+        super::ExpiresIn::Number => {}
+        super::ExpiresIn::String => body["expires_in"] = json!(lifetime.to_string()),
+        super::ExpiresIn::Missing => {
+            body.as_object_mut().map(|b| b.remove("expires_in"));
+        }
+    }
+    Ok(body)
 }
 
 /// Parses an `application/x-www-form-urlencoded` body. Repeated parameters are refused, as
@@ -240,10 +364,14 @@ fn verify_assertion(
     let header = jsonwebtoken::decode_header(assertion)
         .map_err(|_| "client_assertion is not a JWS signed with RS384 or ES384".to_string())?;
     caller.kid = header.kid.clone();
-    if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384) {
+    let accepted = &state.options.signing_algorithms;
+    if !matches!(header.alg, Algorithm::RS384 | Algorithm::ES384)
+        || !accepted.iter().any(|a| *a == format!("{:?}", header.alg))
+    {
         return Err(format!(
-            "alg {:?} is not accepted; sign with RS384 or ES384",
-            header.alg
+            "alg {:?} is not accepted; sign with {}",
+            header.alg,
+            accepted.join(" or ")
         ));
     }
     if header.typ.as_deref() != Some("JWT") {
@@ -252,9 +380,6 @@ fn verify_assertion(
     let Some(kid) = header.kid.clone() else {
         return Err("kid is required in the assertion header".to_string());
     };
-    if header.jku.is_some() {
-        return Err("jku is not accepted: this client registered a static JWK set".to_string());
-    }
 
     let claims = jsonwebtoken::dangerous::insecure_decode::<Value>(assertion)
         .map_err(|_| "client_assertion claims are not a JSON object".to_string())?
@@ -263,6 +388,20 @@ fn verify_assertion(
         return Err("iss is required".to_string());
     };
     caller.client_id = Some(iss.to_string());
+    // SMART: a `jku` header SHALL equal the JWKS URL registered for the client.
+    if let Some(jku) = &header.jku {
+        match state.lock().client_jkus.get(iss) {
+            None => {
+                return Err(
+                    "jku is not accepted: this client registered a static JWK set".to_string(),
+                );
+            }
+            Some(registered) if registered != jku => {
+                return Err("jku does not match the client's registered JWKS URL".to_string());
+            }
+            Some(_) => {}
+        }
+    }
     let Some(jwks) = state.lock().clients.get(iss).cloned() else {
         return Err("unknown client".to_string());
     };
@@ -481,6 +620,34 @@ pub(crate) fn authorize(
     state: &ServerState,
     headers: &HeaderMap,
 ) -> Result<IssuedToken, Unauthorized> {
+    let options = &state.options;
+    if options.open_access {
+        return Ok(IssuedToken {
+            client_id: "anonymous".into(),
+            scopes: vec!["system/*.read".into()],
+            expires_at: OffsetDateTime::now_utc() + time::Duration::days(1),
+        });
+    }
+    {
+        let mut inner = state.lock();
+        inner.protected_requests += 1;
+        let count = inner.protected_requests;
+        if options
+            .revoke_tokens_after_requests
+            .is_some_and(|after| count == after + 1)
+        {
+            let now = OffsetDateTime::now_utc();
+            for token in inner.tokens.values_mut() {
+                token.expires_at = now;
+            }
+        }
+        if count <= options.unauthorized_responses {
+            return Err(Unauthorized {
+                error: Some("invalid_token"),
+                diagnostics: "the access token was rejected (scripted fault)",
+            });
+        }
+    }
     let mut values = headers.get_all(header::AUTHORIZATION).iter();
     let (Some(value), None) = (values.next(), values.next()) else {
         return Err(Unauthorized {
@@ -510,6 +677,119 @@ pub(crate) fn authorize(
         }),
         Some(issued) => Ok(issued),
     }
+}
+
+/// Middleware for [`super::FakeFhirServer::redirect_files_to`]: on the primary origin a file
+/// download (after the usual bearer check) answers 307 to the other origin with a one-time
+/// `presigned` query; on the other origin that query stands in for the token, the way a
+/// presigned cloud-storage URL does. Requests arriving with an `Authorization` header keep it,
+/// so a client that leaks the token across origins is visible in the recorded requests.
+pub(crate) async fn redirect_files(
+    State(state): State<Arc<ServerState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_string();
+    if !path.starts_with("/fhir/bulkfiles/") {
+        return next.run(request).await;
+    }
+    let presigned = request.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "presigned")
+            .map(|(_, v)| v.into_owned())
+    });
+    if let Some(key) = presigned {
+        let stands_for = state.lock().presigned.get(&key).cloned();
+        let Some(stands_for) = stands_for else {
+            return outcome::error(StatusCode::FORBIDDEN, "forbidden", "unknown presigned URL");
+        };
+        if !request.headers().contains_key(header::AUTHORIZATION)
+            && let Some(value) = stands_for.and_then(|v| HeaderValue::from_str(&v).ok())
+        {
+            request.headers_mut().insert(header::AUTHORIZATION, value);
+        }
+        return next.run(request).await;
+    }
+    let target = state.lock().redirect_files_to.clone();
+    let on_primary = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.ends_with(&format!(":{}", state.origin.port().unwrap_or(0))));
+    let Some(target) = target.filter(|_| on_primary) else {
+        return next.run(request).await;
+    };
+    if state.options.requires_access_token
+        && let Err(unauthorized) = authorize(&state, request.headers())
+    {
+        return unauthorized.into_response();
+    }
+    let key = random_token();
+    let authorization = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    state.lock().presigned.insert(key.clone(), authorization);
+    let mut location = target.clone();
+    location.set_path(&path);
+    location.set_query(Some(&format!("presigned={key}")));
+    let mut response = StatusCode::TEMPORARY_REDIRECT.into_response();
+    if let Ok(value) = HeaderValue::from_str(location.as_str()) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}
+
+/// `GET /fhir/{type}?_count=1`: the one search the fake answers, so that clients (and
+/// `fhir-sync check`) can prove a token works on an ordinary FHIR read. It needs a token whose
+/// scopes allow reading the type and returns a searchset with the type's total and at most one
+/// entry; any other search parameter than `_count` is refused.
+pub(crate) async fn search_probe(
+    State(state): State<Arc<ServerState>>,
+    axum::extract::Path(resource_type): axum::extract::Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    Bearer(token): Bearer,
+) -> Response {
+    let known = super::RESOURCE_TYPES.contains(&resource_type.as_str());
+    if !known {
+        return outcome::error(
+            StatusCode::NOT_FOUND,
+            "not-supported",
+            "unknown resource type",
+        );
+    }
+    let only_count = query
+        .as_deref()
+        .map(|q| url::form_urlencoded::parse(q.as_bytes()).all(|(k, _)| k == "_count"))
+        .unwrap_or(true);
+    if !only_count {
+        return outcome::error(
+            StatusCode::BAD_REQUEST,
+            "not-supported",
+            "only _count is supported",
+        );
+    }
+    if !token
+        .scopes
+        .iter()
+        .any(|s| scope_allows_read(s, &resource_type))
+    {
+        return outcome::error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the access token does not allow reading this type",
+        );
+    }
+    let total = state.dataset.count(&resource_type);
+    let entry: Vec<Value> = (0..total.min(1))
+        .map(|i| json!({ "resource": state.dataset.resource(&resource_type, i) }))
+        .collect();
+    outcome::fhir_json(
+        StatusCode::OK,
+        json!({ "resourceType": "Bundle", "type": "searchset", "total": total, "entry": entry })
+            .to_string(),
+    )
 }
 
 #[cfg(test)]

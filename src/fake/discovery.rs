@@ -2,8 +2,10 @@
 //! `.well-known/smart-configuration` and the FHIR `metadata` CapabilityStatement that declares
 //! Bulk Data export and (the legacy way) the token endpoint.
 //!
-//! Both are built from the bound address on every request and hold no state. They must advertise
-//! only what the fake actually enforces (RS384/ES384, `private_key_jwt`, `client_credentials`).
+//! Both are built from the bound address and the server's options on every request and hold no
+//! state. They must advertise only what the fake actually enforces (the accepted algorithms and
+//! scope syntaxes, `private_key_jwt`, `client_credentials`); `.well-known` can be switched off
+//! to make clients use the CapabilityStatement, and the export declaration left out.
 
 use std::sync::Arc;
 
@@ -18,11 +20,14 @@ use super::state::ServerState;
 
 /// `GET /fhir/.well-known/smart-configuration`.
 pub(crate) async fn smart_configuration(State(state): State<Arc<ServerState>>) -> Response {
+    if !state.options.serve_smart_configuration {
+        return outcome::error(StatusCode::NOT_FOUND, "not-found", "no such endpoint");
+    }
     let body = json!({
         "issuer": state.fhir_base_url().as_str(),
         "token_endpoint": state.token_url().as_str(),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
-        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "token_endpoint_auth_signing_alg_values_supported": state.options.signing_algorithms,
         "grant_types_supported": ["client_credentials"],
         "scopes_supported": [
             "system/*.read",
@@ -36,7 +41,7 @@ pub(crate) async fn smart_configuration(State(state): State<Arc<ServerState>>) -
             "system/Condition.read",
             "system/Condition.rs",
         ],
-        "capabilities": ["client-confidential-asymmetric", "permission-v1", "permission-v2"],
+        "capabilities": state.options.capabilities,
     });
     (
         StatusCode::OK,
@@ -51,6 +56,7 @@ pub(crate) async fn smart_configuration(State(state): State<Arc<ServerState>>) -
 
 /// `GET /fhir/metadata`.
 pub(crate) async fn metadata(State(state): State<Arc<ServerState>>) -> Response {
+    let declare = state.options.declare_export;
     let mut resources = vec![
         json!({
             "type": "Patient",
@@ -73,6 +79,11 @@ pub(crate) async fn metadata(State(state): State<Arc<ServerState>>) -> Response 
             .filter(|t| **t != "Patient")
             .map(|t| json!({ "type": t })),
     );
+    if !declare {
+        for resource in &mut resources {
+            resource.as_object_mut().map(|r| r.remove("operation"));
+        }
+    }
     let body = json!({
         "resourceType": "CapabilityStatement",
         "status": "active",
@@ -102,10 +113,14 @@ pub(crate) async fn metadata(State(state): State<Arc<ServerState>>) -> Response 
                 }],
             },
             "resource": resources,
-            "operation": [{
-                "name": "export",
-                "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
-            }],
+            "operation": if declare {
+                json!([{
+                    "name": "export",
+                    "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export",
+                }])
+            } else {
+                json!([])
+            },
         }],
     });
     outcome::fhir_json(StatusCode::OK, body.to_string())

@@ -6,7 +6,8 @@
 //! headers and OperationOutcomes, so that a client that passes against it has a fair chance
 //! against Epic or Oracle. It records every request and token attempt for tests to inspect, but
 //! must never log a token, an assertion, a key or a resource body. It is not a FHIR server in
-//! general: there are no reads or searches, only discovery, tokens and export.
+//! general: besides discovery, tokens and export it answers only `GET [base]/<type>?_count=1`, the
+//! cheap authorised read `fhir-sync check` makes.
 //!
 //! All mutable state lives in one [`state::ServerState`] behind an `Arc`, and all knobs in
 //! [`FakeOptions`], so that scripted faults can be added later in one place.
@@ -58,6 +59,43 @@ pub struct FakeOptions {
     /// The manifest's `requiresAccessToken`, and whether file downloads need the bearer token.
     /// Default true.
     pub requires_access_token: bool,
+    /// Serve `.well-known/smart-configuration`; when false it answers 404 and clients must
+    /// fall back to the CapabilityStatement. Default true.
+    pub serve_smart_configuration: bool,
+    /// Assertion algorithms advertised and accepted (others are refused). Default RS384, ES384.
+    pub signing_algorithms: Vec<String>,
+    /// SMART `capabilities` advertised. Without `permission-v1` v1 scopes are not granted,
+    /// without `permission-v2` v2 scopes are not. Default: asymmetric client auth, v1 and v2.
+    pub capabilities: Vec<String>,
+    /// Declare the export operations in the CapabilityStatement. Default true.
+    pub declare_export: bool,
+    /// Grant read scopes only for these types (an EHR whose registration allows less than the
+    /// client asks for). Default: any type.
+    pub grantable_types: Option<Vec<String>>,
+    /// The first this many token requests answer 503. Default 0.
+    pub token_server_errors: u32,
+    /// The first this many requests to protected endpoints answer 401 even with a valid token.
+    /// Default 0.
+    pub unauthorized_responses: u32,
+    /// After this many requests to protected endpoints, every token issued so far stops
+    /// working (as if it expired early or was revoked). Default: never.
+    pub revoke_tokens_after_requests: Option<u32>,
+    /// How `expires_in` is sent in token responses. Default [`ExpiresIn::Number`].
+    pub expires_in: ExpiresIn,
+    /// No authorisation at all: protected endpoints accept requests without a token (an open
+    /// test server). Default false.
+    pub open_access: bool,
+}
+
+/// How the token endpoint sends `expires_in`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpiresIn {
+    /// A JSON number (the spec's form).
+    Number,
+    /// A JSON string of digits (seen in the wild).
+    String,
+    /// Not at all.
+    Missing,
 }
 
 impl Default for FakeOptions {
@@ -68,6 +106,20 @@ impl Default for FakeOptions {
             resources_per_file: 1000,
             token_lifetime_seconds: 300,
             requires_access_token: true,
+            serve_smart_configuration: true,
+            signing_algorithms: vec!["RS384".into(), "ES384".into()],
+            capabilities: vec![
+                "client-confidential-asymmetric".into(),
+                "permission-v1".into(),
+                "permission-v2".into(),
+            ],
+            declare_export: true,
+            grantable_types: None,
+            token_server_errors: 0,
+            unauthorized_responses: 0,
+            revoke_tokens_after_requests: None,
+            expires_in: ExpiresIn::Number,
+            open_access: false,
         }
     }
 }
@@ -101,6 +153,8 @@ pub struct RecordedRequest {
     pub prefer: Option<String>,
     pub had_authorization: bool,
     pub status: u16,
+    /// The `Host` header: tells the primary origin from [`FakeFhirServer::start_other_origin`].
+    pub host: Option<String>,
 }
 
 /// A running fake FHIR server on `127.0.0.1` with an OS-chosen port. Dropping it aborts the
@@ -158,6 +212,46 @@ impl FakeFhirServer {
             .lock()
             .clients
             .insert(client_id.to_string(), jwks);
+    }
+
+    /// Registers a `client_secret_basic` client (CMS BCDA style).
+    pub fn register_secret_client(&self, client_id: &str, secret: &str) {
+        self.state
+            .lock()
+            .secret_clients
+            .insert(client_id.to_string(), secret.to_string());
+    }
+
+    /// Registers the JWKS URL of a client; assertions from it may then carry exactly this `jku`.
+    pub fn register_jku(&self, client_id: &str, jku: &str) {
+        self.state
+            .lock()
+            .client_jkus
+            .insert(client_id.to_string(), jku.to_string());
+    }
+
+    /// Starts serving the same endpoints and state on another port of 127.0.0.1: another
+    /// origin, for tests of where the bearer token may go.
+    pub async fn start_other_origin(&self) -> anyhow::Result<OtherOrigin> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the other-origin fake server")?;
+        let address = listener.local_addr()?;
+        let app = router(self.state.clone());
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(OtherOrigin {
+            origin: Url::parse(&format!("http://{address}"))?,
+            task,
+        })
+    }
+
+    /// From now on, file downloads on this origin answer 307 to the same file on `other` with a
+    /// one-time presigned query (as EHRs do with cloud storage); the presigned URL works without
+    /// a token.
+    pub fn redirect_files_to(&self, other: &OtherOrigin) {
+        self.state.lock().redirect_files_to = Some(other.origin.clone());
     }
 
     /// Every token request so far, in order, with its outcome.
@@ -219,6 +313,33 @@ impl Drop for FakeFhirServer {
     }
 }
 
+/// A second listener serving the fake server's endpoints on another origin. Dropping it stops it.
+pub struct OtherOrigin {
+    origin: Url,
+    task: JoinHandle<()>,
+}
+
+impl OtherOrigin {
+    /// `http://127.0.0.1:OTHER_PORT`.
+    pub fn origin(&self) -> &Url {
+        &self.origin
+    }
+
+    /// `url` moved to this origin (same path and query).
+    pub fn rebase(&self, url: &Url) -> Url {
+        let mut moved = url.clone();
+        // Both are http://127.0.0.1 URLs, so only the port differs and setting it cannot fail.
+        let _ = moved.set_port(self.origin.port());
+        moved
+    }
+}
+
+impl Drop for OtherOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn router(state: Arc<ServerState>) -> Router {
     Router::new()
         .route(
@@ -235,7 +356,12 @@ fn router(state: Arc<ServerState>) -> Router {
             get(export::status).delete(export::delete),
         )
         .route("/fhir/bulkfiles/{id}/{file}", get(export::file))
+        .route("/fhir/{resource_type}", get(auth::search_probe))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::redirect_files,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), record))
         .with_state(state)
 }
@@ -251,6 +377,7 @@ async fn record(State(state): State<Arc<ServerState>>, request: Request, next: N
     let accept = header_text(headers, header::ACCEPT);
     let prefer = header_text(headers, header::HeaderName::from_static("prefer"));
     let had_authorization = headers.contains_key(header::AUTHORIZATION);
+    let host = header_text(headers, header::HOST);
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let query = request.uri().query().map(str::to_string);
@@ -272,6 +399,7 @@ async fn record(State(state): State<Arc<ServerState>>, request: Request, next: N
         prefer,
         had_authorization,
         status,
+        host,
     });
     response
 }

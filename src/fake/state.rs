@@ -37,6 +37,18 @@ pub(crate) struct Inner {
     pub(crate) received_assertions: Vec<String>,
     pub(crate) exports: HashMap<String, Export>,
     pub(crate) requests: Vec<RecordedRequest>,
+    /// `client_secret_basic` clients and their secrets.
+    pub(crate) secret_clients: HashMap<String, String>,
+    /// Registered JWKS URLs, the only `jku` values accepted per client.
+    pub(crate) client_jkus: HashMap<String, String>,
+    /// Token requests so far (for `token_server_errors`).
+    pub(crate) token_requests: u32,
+    /// Requests to protected endpoints so far (for the 401 and revocation knobs).
+    pub(crate) protected_requests: u32,
+    /// Where file downloads are redirected, if anywhere.
+    pub(crate) redirect_files_to: Option<Url>,
+    /// Presigned redirect keys and the `Authorization` value they stand in for.
+    pub(crate) presigned: HashMap<String, Option<String>>,
 }
 
 #[derive(Clone, Debug)]

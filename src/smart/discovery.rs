@@ -154,3 +154,146 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| failure(e.without_url().to_string(), true))?;
     serde_json::from_slice(&body).map_err(|e| failure(format!("not the expected JSON: {e}"), false))
 }
+
+/// Whether the CapabilityStatement offers the export the job needs. Advisory only: servers
+/// often under-declare, so a missing declaration is a warning and the kick-off decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportSupport {
+    /// The operation is declared.
+    Offered,
+    /// The CapabilityStatement was read and does not declare it; the text says what is missing.
+    NotDeclared(String),
+    /// The CapabilityStatement could not be read.
+    Unknown(String),
+}
+
+/// Reads `[base]/metadata` and looks for the export operation of `level`, accepting the
+/// Bulk Data v1.0.0 (all under `rest.operation`), v1.0.1 and v2 shapes.
+pub async fn export_support(
+    http: &reqwest::Client,
+    base: &Url,
+    level: crate::config::ExportLevel,
+) -> ExportSupport {
+    let metadata = transport::append_path(base, "metadata");
+    match fetch_json::<serde_json::Value>(http, &metadata).await {
+        Ok(capability) => declared_export(&capability, level),
+        Err(e) => ExportSupport::Unknown(e.to_string()),
+    }
+}
+
+/// The pure half of [`export_support`].
+pub(crate) fn declared_export(
+    capability: &serde_json::Value,
+    level: crate::config::ExportLevel,
+) -> ExportSupport {
+    use crate::config::ExportLevel;
+    let (resource, names, definition, what) = match level {
+        ExportLevel::System => (None, &["export"][..], "export", "[base]/$export"),
+        ExportLevel::Patient => (
+            Some("Patient"),
+            &["export", "patient-export"][..],
+            "patient-export",
+            "Patient/$export",
+        ),
+        ExportLevel::Group => (
+            Some("Group"),
+            &["export", "group-export"][..],
+            "group-export",
+            "Group/[id]/$export",
+        ),
+    };
+    // The definition's last path segment without a `|version` suffix; v1.0.0 used relative
+    // names such as `OperationDefinition/BulkDataExport`, which only the name can match.
+    let defines = |op: &serde_json::Value| {
+        op["definition"]
+            .as_str()
+            .map(|d| d.split('|').next().unwrap_or(d))
+            .and_then(|d| d.rsplit('/').next())
+            .is_some_and(|last| last == definition)
+    };
+    let named = |op: &serde_json::Value, allowed: &[&str]| {
+        op["name"].as_str().is_some_and(|n| allowed.contains(&n))
+    };
+    let rests: Vec<&serde_json::Value> = capability["rest"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
+    let found = rests.iter().any(|rest| {
+        let operations = rest["operation"].as_array().into_iter().flatten();
+        match resource {
+            None => operations
+                .into_iter()
+                .any(|op| defines(op) || named(op, names)),
+            Some(resource_type) => {
+                // v1.0.0 listed patient-export / group-export at the rest level.
+                let legacy = operations
+                    .into_iter()
+                    .any(|op| defines(op) || named(op, &names[1..]));
+                legacy
+                    || rest["resource"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter(|r| r["type"] == resource_type)
+                        .flat_map(|r| r["operation"].as_array().into_iter().flatten())
+                        .any(|op| defines(op) || named(op, names))
+            }
+        }
+    });
+    if found {
+        ExportSupport::Offered
+    } else {
+        ExportSupport::NotDeclared(format!("the CapabilityStatement does not declare {what}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ExportLevel;
+    use serde_json::json;
+
+    #[test]
+    fn export_declarations_in_every_version_shape() {
+        let v2 = json!({"rest": [{
+        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export|2.0.0"}],
+        "resource": [
+            {"type": "Patient", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
+            {"type": "Group", "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
+        ]}]});
+        let v100 = json!({"rest": [{"operation": [
+            {"name": "export", "definition": "OperationDefinition/BulkDataExport"},
+            {"name": "patient-export", "definition": "OperationDefinition/PatientLevelExport"},
+            {"name": "group-export", "definition": "OperationDefinition/GroupLevelExport"}
+        ]}]});
+        let v101 = json!({"rest": [{
+        "operation": [{"name": "export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/export"}],
+        "resource": [
+            {"type": "Patient", "operation": [{"name": "patient-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/patient-export"}]},
+            {"type": "Group", "operation": [{"name": "group-export", "definition": "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export"}]}
+        ]}]});
+        for doc in [&v2, &v100, &v101] {
+            for level in [
+                ExportLevel::System,
+                ExportLevel::Patient,
+                ExportLevel::Group,
+            ] {
+                assert_eq!(
+                    declared_export(doc, level),
+                    ExportSupport::Offered,
+                    "{level:?} {doc}"
+                );
+            }
+        }
+        let none = json!({"rest": [{"resource": [{"type": "Patient"}]}]});
+        match declared_export(&none, ExportLevel::Patient) {
+            ExportSupport::NotDeclared(m) => assert!(m.contains("Patient/$export"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            declared_export(&json!({}), ExportLevel::System),
+            ExportSupport::NotDeclared(_)
+        ));
+    }
+}

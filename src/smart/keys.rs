@@ -67,6 +67,8 @@ pub enum KeyError {
     },
     #[error("environment variable {0} is not set")]
     EnvMissing(String),
+    #[error("the job has no private key (auth.method is not private_key_jwt)")]
+    NotConfigured,
     #[error("{origin} does not hold {expected}")]
     WrongKind {
         origin: String,
@@ -82,6 +84,8 @@ pub struct SigningKey {
     kid: String,
     encoding: EncodingKey,
     public: Jwk,
+    /// Sent as the `jku` header when set: the JWKS URL registered with the EHR.
+    jku: Option<String>,
 }
 
 impl fmt::Debug for SigningKey {
@@ -130,8 +134,25 @@ impl SigningKey {
                 )
             }
             KeySource::Inline(pem) => (pem.clone(), "the built-in key".to_string()),
+            KeySource::NotNeeded => return Err(KeyError::NotConfigured),
         };
-        Self::from_pem(&pem, algorithm, kid, &origin)
+        Self::from_text(&pem, algorithm, kid, &origin)
+    }
+
+    /// Builds a key from PEM text or a private JWK (what some key tools and vaults hand out),
+    /// recognised by its leading `{` and converted to PKCS#8 in memory. A JWK's own `kid` is
+    /// used when `kid` is not given.
+    pub fn from_text(
+        text: &SecretString,
+        algorithm: SigningAlgorithm,
+        kid: Option<String>,
+        origin: &str,
+    ) -> Result<Self, KeyError> {
+        if text.expose_secret().trim_start().starts_with('{') {
+            let (pem, jwk_kid) = jwk_to_pem(text, algorithm, origin)?;
+            return Self::from_pem(&pem, algorithm, kid.or(jwk_kid), origin);
+        }
+        Self::from_pem(text, algorithm, kid, origin)
     }
 
     /// Builds a key from PEM text; `origin` names where it came from in error messages.
@@ -173,6 +194,7 @@ impl SigningKey {
             kid,
             encoding,
             public,
+            jku: None,
         };
         // Sign once now: a key that parses but cannot sign (wrong curve, truncated) should fail
         // at load time, not at the first token request.
@@ -182,6 +204,18 @@ impl SigningKey {
                 message: e.to_string(),
             })?;
         Ok(key)
+    }
+
+    /// Sends `jku` (the JWKS URL registered with the EHR) in every assertion header. SMART
+    /// requires it to equal the registered URL exactly, so it is only sent when configured.
+    pub fn with_jku(mut self, jku: Option<String>) -> Self {
+        self.jku = jku;
+        self
+    }
+
+    /// The public JWK (with `kid`, `use: sig`, `key_ops: [verify]`).
+    pub fn public_jwk(&self) -> &Jwk {
+        &self.public
     }
 
     pub fn kid(&self) -> &str {
@@ -218,8 +252,97 @@ impl SigningKey {
         let mut header = Header::new(self.algorithm.jwt());
         header.typ = Some("JWT".into());
         header.kid = Some(self.kid.clone());
+        header.jku = self.jku.clone();
         jsonwebtoken::encode(&header, &claims, &self.encoding).map(SecretString::from)
     }
+}
+
+/// Converts a private JWK (RSA with `p`, `q`, `e`; or EC P-384 with `d`) to PKCS#8 PEM,
+/// returning its `kid` if it has one. Errors name the origin, never key material.
+fn jwk_to_pem(
+    text: &SecretString,
+    algorithm: SigningAlgorithm,
+    origin: &str,
+) -> Result<(SecretString, Option<String>), KeyError> {
+    use pkcs8::EncodePrivateKey;
+    let expected = match algorithm {
+        SigningAlgorithm::RS384 => "a private RSA JWK (kty RSA with e, p and q)",
+        SigningAlgorithm::ES384 => "a private EC JWK (kty EC, crv P-384, with d)",
+    };
+    let wrong_kind = || KeyError::WrongKind {
+        origin: origin.to_string(),
+        expected,
+    };
+    let jwk: serde_json::Value =
+        serde_json::from_str(text.expose_secret()).map_err(|_| wrong_kind())?;
+    let field = |name: &str| {
+        jwk.get(name)
+            .and_then(serde_json::Value::as_str)
+            .and_then(decode_base64url)
+            .ok_or_else(wrong_kind)
+    };
+    let kid = jwk
+        .get("kid")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    let pem = match (
+        algorithm,
+        jwk.get("kty").and_then(serde_json::Value::as_str),
+    ) {
+        (SigningAlgorithm::RS384, Some("RSA")) => {
+            let uint = |bytes: Vec<u8>| rsa::BoxedUint::from_be_slice_vartime(&bytes);
+            let key =
+                rsa::PrivateKey::from_p_q(uint(field("p")?), uint(field("q")?), uint(field("e")?))
+                    .map_err(|_| wrong_kind())?;
+            key.to_pkcs8_pem(pkcs8::LineEnding::LF)
+                .map_err(|_| wrong_kind())?
+        }
+        (SigningAlgorithm::ES384, Some("EC"))
+            if jwk.get("crv").and_then(serde_json::Value::as_str) == Some("P-384") =>
+        {
+            let key = p384::SecretKey::from_slice(&field("d")?).map_err(|_| wrong_kind())?;
+            key.to_pkcs8_pem(pkcs8::LineEnding::LF)
+                .map_err(|_| wrong_kind())?
+        }
+        _ => return Err(wrong_kind()),
+    };
+    Ok((SecretString::from(pem.as_str()), kid))
+}
+
+/// Unpadded base64url, as JWK members are encoded; `None` for anything else.
+fn decode_base64url(text: &str) -> Option<Vec<u8>> {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits = 0u32;
+    let mut count = 0;
+    let mut out = Vec::new();
+    for c in text.trim_end_matches('=').bytes() {
+        let value = ALPHABET.iter().position(|&a| a == c)? as u32;
+        bits = (bits << 6) | value;
+        count += 6;
+        if count >= 8 {
+            count -= 8;
+            out.push((bits >> count) as u8);
+            bits &= (1 << count) - 1;
+        }
+    }
+    Some(out)
+}
+
+/// The public JWK set of several keys (the active one and those published for rotation),
+/// refusing duplicate `kid`s: SMART servers fail verification when more than one key matches.
+pub fn publish_jwks(keys: &[SigningKey]) -> Result<JwkSet, String> {
+    let mut seen = std::collections::HashSet::new();
+    for key in keys {
+        if !seen.insert(key.kid()) {
+            return Err(format!(
+                "two keys share kid {:?}; every key needs its own kid",
+                key.kid()
+            ));
+        }
+    }
+    Ok(JwkSet {
+        keys: keys.iter().map(|k| k.public.clone()).collect(),
+    })
 }
 
 /// Generates a new private key (RSA 3072 for RS384, P-384 for ES384) as PKCS#8 PEM.
@@ -309,6 +432,90 @@ mod tests {
     #[test]
     fn es384_round_trip() {
         round_trip(SigningAlgorithm::ES384);
+    }
+
+    fn base64url(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n =
+                chunk.iter().fold(0u32, |acc, b| (acc << 8) | *b as u32) << (8 * (3 - chunk.len()));
+            for i in 0..=chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn private_jwks_load_like_pem() {
+        use pkcs8::DecodePrivateKey;
+        use rsa::traits::{PrivateKeyParts, PublicKeyParts};
+        // EC: the JWK's kid is used when the job sets none.
+        let pem = generate(SigningAlgorithm::ES384).unwrap();
+        let secret = p384::SecretKey::from_pkcs8_pem(pem.expose_secret()).unwrap();
+        let jwk = serde_json::json!({"kty": "EC", "crv": "P-384", "kid": "ec-from-jwk", "d": base64url(&secret.to_bytes())});
+        let from_jwk = SigningKey::from_text(
+            &SecretString::from(jwk.to_string()),
+            SigningAlgorithm::ES384,
+            None,
+            "k.json",
+        )
+        .unwrap();
+        let from_pem = SigningKey::from_pem(
+            &pem,
+            SigningAlgorithm::ES384,
+            Some("ec-from-jwk".into()),
+            "k.pem",
+        )
+        .unwrap();
+        assert_eq!(from_jwk.kid(), "ec-from-jwk");
+        assert_eq!(from_jwk.public_jwks(), from_pem.public_jwks());
+
+        // RSA from p, q and e.
+        let pem = generate(SigningAlgorithm::RS384).unwrap();
+        let key = rsa::PrivateKey::from_pkcs8_pem(pem.expose_secret()).unwrap();
+        let primes = key.primes();
+        let jwk = serde_json::json!({
+            "kty": "RSA",
+            "e": base64url(&key.e().to_be_bytes_trimmed_vartime()),
+            "p": base64url(&primes[0].as_ref().to_be_bytes_trimmed_vartime()),
+            "q": base64url(&primes[1].as_ref().to_be_bytes_trimmed_vartime()),
+        });
+        let from_jwk = SigningKey::from_text(
+            &SecretString::from(jwk.to_string()),
+            SigningAlgorithm::RS384,
+            None,
+            "k.json",
+        )
+        .unwrap();
+        let from_pem = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "k.pem").unwrap();
+        assert_eq!(from_jwk.public_jwks(), from_pem.public_jwks());
+
+        // A public JWK, or one of the other algorithm, is named without key material.
+        let public = serde_json::json!({"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"});
+        let err = SigningKey::from_text(
+            &SecretString::from(public.to_string()),
+            SigningAlgorithm::ES384,
+            None,
+            "pub.json",
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("pub.json") && err.to_string().contains("private EC JWK"),
+            "{err}"
+        );
+        let err = SigningKey::from_text(
+            &SecretString::from(jwk.to_string()),
+            SigningAlgorithm::ES384,
+            None,
+            "rsa.json",
+        )
+        .unwrap_err();
+        assert!(
+            !err.to_string().contains(jwk["p"].as_str().unwrap()),
+            "{err}"
+        );
     }
 
     #[test]

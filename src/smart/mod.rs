@@ -5,11 +5,15 @@
 //! logged, never put in an error, and never stored.
 
 mod discovery;
+pub mod doctor;
 mod keys;
+pub mod scopes;
+mod session;
 mod token;
 
-pub use discovery::{SmartConfiguration, discover};
-pub use keys::{KeyError, SigningAlgorithm, SigningKey, generate, write_private_key};
+pub use discovery::{ExportSupport, SmartConfiguration, discover, export_support};
+pub use keys::{KeyError, SigningAlgorithm, SigningKey, generate, publish_jwks, write_private_key};
+pub use session::{Authorized, Prepared, authorize, job_keys, prepare};
 pub use token::{AccessToken, TokenManager};
 
 /// Why authorisation failed. Each variant says whether trying again later can help.
@@ -35,6 +39,21 @@ pub enum AuthError {
     BadResponse(String),
     #[error("cannot sign the client assertion: {0}")]
     Sign(String),
+    #[error("cannot load the job's private key")]
+    Key(#[from] KeyError),
+    #[error("cannot read the client secret: {0}")]
+    Secret(String),
+    #[error(
+        "the server requires an access token but the job has auth.method = \"none\" (hint: set auth.method to private_key_jwt or client_secret_basic)"
+    )]
+    Unauthenticated,
+    #[error(
+        "the server granted {granted:?}, which does not cover {missing:?} (hint: ask the EHR to grant read access to these types, remove them from export.types, or set auth.on_missing_scope = \"drop\")"
+    )]
+    ScopeNotGranted {
+        granted: String,
+        missing: Vec<String>,
+    },
 }
 
 impl AuthError {
@@ -44,7 +63,13 @@ impl AuthError {
             AuthError::Discovery { retryable, .. } => *retryable,
             AuthError::Status { status } => *status == 429 || *status >= 500,
             AuthError::Transport(_) => true,
-            AuthError::Refused { .. } | AuthError::BadResponse(_) | AuthError::Sign(_) => false,
+            AuthError::Refused { .. }
+            | AuthError::BadResponse(_)
+            | AuthError::Sign(_)
+            | AuthError::Key(_)
+            | AuthError::Secret(_)
+            | AuthError::Unauthenticated
+            | AuthError::ScopeNotGranted { .. } => false,
         }
     }
 }

@@ -3,7 +3,9 @@
 //! The manager caches the token, renews it ahead of `expires_in`, and lets only one renewal be
 //! in flight: callers queue on one async mutex, and whoever holds it renews for everyone. After
 //! a 401 a caller hands back the token that was refused; if nobody renewed it since, it is
-//! renewed once. The token endpoint only ever receives the signed assertion, never a token.
+//! renewed once. The token endpoint only ever receives the signed assertion (or, for
+//! `client_secret_basic`, the client's own credentials), never a token. A job with
+//! `auth.method = "none"` gets a manager that hands out an empty token and never renews.
 
 use std::time::{Duration, Instant};
 
@@ -13,17 +15,21 @@ use url::Url;
 
 use super::{AuthError, SigningKey};
 
-/// A bearer token. `generation` tells tokens apart without comparing secrets.
+/// A bearer token. `generation` tells tokens apart without comparing secrets. The secret is
+/// absent for jobs that authenticate with `none`.
 #[derive(Clone)]
 pub struct AccessToken {
-    secret: SecretString,
+    secret: Option<SecretString>,
     generation: u64,
 }
 
 impl AccessToken {
-    /// The header value `Bearer <token>`. Only for building a request; never log it.
-    pub(crate) fn authorization(&self) -> String {
-        format!("Bearer {}", self.secret.expose_secret())
+    /// The header value `Bearer <token>`, or nothing when the job sends no token. Only for
+    /// building a request; never log it.
+    pub(crate) fn authorization(&self) -> Option<String> {
+        self.secret
+            .as_ref()
+            .map(|s| format!("Bearer {}", s.expose_secret()))
     }
 }
 
@@ -45,11 +51,21 @@ struct State {
     granted_scope: Option<String>,
 }
 
+/// How the client proves who it is at the token endpoint.
+enum Credentials {
+    /// SMART `private_key_jwt`: a fresh signed assertion per request.
+    Assertion(Box<SigningKey>),
+    /// `client_secret_basic`: HTTP Basic with the client id and secret.
+    Secret(SecretString),
+    /// No token at all.
+    None,
+}
+
 pub struct TokenManager {
     http: reqwest::Client,
     token_url: Url,
     client_id: String,
-    key: SigningKey,
+    credentials: Credentials,
     scopes: Vec<String>,
     state: tokio::sync::Mutex<State>,
 }
@@ -85,14 +101,55 @@ impl TokenManager {
             http,
             token_url,
             client_id,
-            key,
+            credentials: Credentials::Assertion(Box::new(key)),
             scopes,
             state: tokio::sync::Mutex::new(State::default()),
         }
     }
 
+    /// A manager for `client_secret_basic` client credentials (CMS BCDA, AB2D).
+    pub fn with_client_secret(
+        http: reqwest::Client,
+        token_url: Url,
+        client_id: String,
+        secret: SecretString,
+        scopes: Vec<String>,
+    ) -> Self {
+        TokenManager {
+            http,
+            token_url,
+            client_id,
+            credentials: Credentials::Secret(secret),
+            scopes,
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    /// A manager for servers that need no authorisation: every request goes without a token.
+    pub fn without_authorization(http: reqwest::Client, base: Url) -> Self {
+        TokenManager {
+            http,
+            token_url: base,
+            client_id: String::new(),
+            credentials: Credentials::None,
+            scopes: Vec::new(),
+            state: tokio::sync::Mutex::new(State::default()),
+        }
+    }
+
+    /// The scopes this manager asks for.
+    pub fn scopes(&self) -> &[String] {
+        &self.scopes
+    }
+
     /// A token valid for a while yet, renewing first if the cached one is near expiry.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
+        if matches!(self.credentials, Credentials::None) {
+            return Ok(AccessToken {
+                secret: None,
+                generation: 0,
+            });
+        }
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
             && Instant::now() < cached.renew_at
@@ -107,6 +164,9 @@ impl TokenManager {
         &self,
         refused: &AccessToken,
     ) -> Result<AccessToken, AuthError> {
+        if matches!(self.credentials, Credentials::None) {
+            return Err(AuthError::Unauthenticated);
+        }
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
             && cached.token.generation != refused.generation
@@ -134,7 +194,7 @@ impl TokenManager {
                 Ok((secret, lifetime, scope)) => {
                     state.generation += 1;
                     let token = AccessToken {
-                        secret,
+                        secret: Some(secret),
                         generation: state.generation,
                     };
                     // Renew when a fifth of the lifetime (at most a minute) is left, so a token
@@ -163,26 +223,46 @@ impl TokenManager {
     }
 
     async fn request(&self) -> Result<(SecretString, Duration, Option<String>), AuthError> {
-        // A new assertion (and so a new jti) for every attempt: servers reject a reused jti.
-        let assertion = self
-            .key
-            .sign_assertion(&self.client_id, self.token_url.as_str())
-            .map_err(|e| AuthError::Sign(e.to_string()))?;
         let scope = self.scopes.join(" ");
-        let form = [
-            ("grant_type", "client_credentials"),
-            (
-                "client_assertion_type",
-                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-            ),
-            ("client_assertion", assertion.expose_secret()),
-            ("scope", scope.as_str()),
-        ];
-        let response = self
+        let request = self
             .http
             .post(self.token_url.clone())
-            .header(reqwest::header::ACCEPT, "application/json")
-            .form(&form)
+            .header(reqwest::header::ACCEPT, "application/json");
+        let request = match &self.credentials {
+            Credentials::Assertion(key) => {
+                // A new assertion (and so a new jti) for every attempt: servers reject a
+                // reused jti.
+                let assertion = key
+                    .sign_assertion(&self.client_id, self.token_url.as_str())
+                    .map_err(|e| AuthError::Sign(e.to_string()))?;
+                request.form(&[
+                    ("grant_type", "client_credentials"),
+                    (
+                        "client_assertion_type",
+                        "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                    ),
+                    ("client_assertion", assertion.expose_secret()),
+                    ("scope", scope.as_str()),
+                ])
+            }
+            Credentials::Secret(secret) => {
+                // RFC 6749 §2.3.1: both parts are form-urlencoded before Basic encoding.
+                let encode = |s: &str| {
+                    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>()
+                };
+                request
+                    .basic_auth(
+                        encode(&self.client_id),
+                        Some(encode(secret.expose_secret())),
+                    )
+                    .form(&[
+                        ("grant_type", "client_credentials"),
+                        ("scope", scope.as_str()),
+                    ])
+            }
+            Credentials::None => unreachable!("a manager without credentials never requests"),
+        };
+        let response = request
             .send()
             .await
             .map_err(|e| AuthError::Transport(e.without_url()))?;
@@ -221,7 +301,14 @@ impl TokenManager {
             )));
         }
         let lifetime = match &parsed.expires_in {
-            None => DEFAULT_LIFETIME,
+            None => {
+                let fallback = jwt_lifetime(&parsed.access_token).unwrap_or(DEFAULT_LIFETIME);
+                tracing::warn!(
+                    token.lifetime_s = fallback.as_secs(),
+                    "the token response has no expires_in; assuming the token's own exp or five minutes"
+                );
+                fallback
+            }
             Some(value) => parse_expires_in(value).ok_or_else(|| {
                 AuthError::BadResponse(format!("expires_in {value} is not a number of seconds"))
             })?,
@@ -234,18 +321,39 @@ impl TokenManager {
     }
 
     fn hint(&self, error: &str) -> String {
-        match error {
-            "invalid_client" => format!(
-                "check that client id {:?} is registered with the public key kid {:?} ({}) and that this host's clock is right",
+        let scopes = self.scopes.join(" ");
+        match (&self.credentials, error) {
+            (Credentials::Assertion(key), "invalid_client") => format!(
+                "check that client id {:?} is registered with the public key kid {:?} ({}; publish it with `fhir-sync keys jwks <job>`), that auth.jku (if set) is the registered JWKS URL, and that this host's clock is right",
                 self.client_id,
-                self.key.kid(),
-                self.key.algorithm()
+                key.kid(),
+                key.algorithm()
             ),
-            "invalid_scope" => format!("the server would not grant {:?}; change auth.scopes or ask the EHR to allow them", self.scopes.join(" ")),
-            "unauthorized_client" => "the client is not allowed the client_credentials grant; ask the EHR to enable backend access".into(),
+            (_, "invalid_client") => format!(
+                "check client id {:?} and its secret (auth.client_secret_file or auth.client_secret_env)",
+                self.client_id
+            ),
+            (_, "invalid_scope") => format!(
+                "the server would not grant {scopes:?}; change auth.scopes or auth.scope_style, or ask the EHR to allow them"
+            ),
+            (_, "unauthorized_client") => format!(
+                "client id {:?} is not allowed the client_credentials grant for {scopes:?}; ask the EHR to enable backend access",
+                self.client_id
+            ),
             _ => "see the server's error description".into(),
         }
     }
+}
+
+/// The remaining lifetime of an access token that is itself a JWT with `exp`, read without
+/// verifying it (it is only used to schedule renewal).
+fn jwt_lifetime(token: &str) -> Option<Duration> {
+    let claims = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+        .ok()?
+        .claims;
+    let exp = claims.get("exp")?.as_i64()?;
+    let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
+    (left > 0).then(|| Duration::from_secs(left as u64))
 }
 
 /// `expires_in` as a number, or as a string of digits (as some servers send it).

@@ -85,7 +85,7 @@ impl Step {
 }
 
 /// Attempts per step kind for retryable failures before the run fails.
-const KICK_OFF_ATTEMPTS: u32 = 5;
+pub const KICK_OFF_ATTEMPTS: u32 = 5;
 const POLL_ERRORS: u32 = 10;
 const LOAD_ATTEMPTS: u32 = 5;
 const FINISH_ATTEMPTS: u32 = 5;
@@ -333,7 +333,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
     let job = job_of(ctx, &run)?;
     let result = async {
         let session = ctx.session(&job).await?;
-        let request = super::export_request(&job, run.since.clone());
+        let request = super::export_request(&job, &session, run.since.clone());
         Ok::<_, SyncError>(session.bulk.kick_off(&request).await?)
     }
     .await;

@@ -4,6 +4,14 @@
 //! PostgreSQL comes from `DATABASE_URL` (set by `scripts/test.sh`), else 127.0.0.1:5432.
 
 mod auth;
+mod auth_check;
+mod auth_discovery;
+mod auth_keys;
+mod auth_logs;
+mod auth_methods;
+mod auth_origin;
+mod auth_support;
+mod auth_tokens;
 mod config_check;
 mod helpers;
 mod loader;

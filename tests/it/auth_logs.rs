@@ -1,0 +1,87 @@
+//! No log line of a run carries a token, an assertion, a client secret or key material, even
+//! at TRACE level and through renewals, 401s and redirects.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use fhir_sync::fake::FakeOptions;
+use secrecy::ExposeSecret;
+
+use crate::helpers::TestEnv;
+
+/// Collects everything a tracing subscriber writes.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+// The default current-thread runtime, so the subscriber set for this thread sees the client and
+// the fake server alike.
+#[tokio::test]
+async fn no_log_line_carries_a_secret() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    // With exactly one live dispatcher, tracing caches a callsite's interest from whichever
+    // thread hits it first; a second dispatcher makes it consult every one, so events of
+    // callsites first reached by other tests' threads are still seen here.
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+
+    let env = TestEnv::new(
+        10,
+        FakeOptions {
+            unauthorized_responses: 1,
+            revoke_tokens_after_requests: Some(4),
+            token_server_errors: 1,
+            ..TestEnv::fast()
+        },
+    )
+    .await;
+    let other = env.fake.start_other_origin().await.unwrap();
+    env.fake.redirect_files_to(&other);
+    env.run().await.expect("the run succeeds");
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("access token refused by the server, renewing"),
+        "renewals are logged"
+    );
+    assert!(logs.contains("token request failed, retrying"));
+    let tokens = env.fake.issued_tokens();
+    assert!(tokens.len() >= 2);
+    for secret in tokens.iter().chain(env.fake.received_assertions().iter()) {
+        assert!(
+            !logs.contains(secret.as_str()),
+            "a token or assertion reached the logs"
+        );
+    }
+    let key_body: String = env
+        .key_pem
+        .expose_secret()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert!(!logs.contains(&key_body), "key material reached the logs");
+    assert!(
+        !logs.contains("presigned="),
+        "presigned query strings reached the logs"
+    );
+    assert!(
+        !logs.to_lowercase().contains("bearer "),
+        "an Authorization value reached the logs"
+    );
+}
