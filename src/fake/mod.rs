@@ -15,6 +15,7 @@ mod auth;
 pub mod data;
 mod discovery;
 mod export;
+mod faults;
 mod outcome;
 mod state;
 #[cfg(test)]
@@ -37,6 +38,7 @@ use url::Url;
 
 pub use data::{Dataset, RESOURCE_TYPES};
 pub use export::ALL_PATIENTS_GROUP_ID;
+pub use faults::Faults;
 
 use state::ServerState;
 
@@ -58,6 +60,8 @@ pub struct FakeOptions {
     /// The manifest's `requiresAccessToken`, and whether file downloads need the bearer token.
     /// Default true.
     pub requires_access_token: bool,
+    /// Scripted export faults (429 storms, cut downloads, expiring links...). Default none.
+    pub faults: Faults,
 }
 
 impl Default for FakeOptions {
@@ -68,6 +72,7 @@ impl Default for FakeOptions {
             resources_per_file: 1000,
             token_lifetime_seconds: 300,
             requires_access_token: true,
+            faults: Faults::default(),
         }
     }
 }
@@ -101,6 +106,14 @@ pub struct RecordedRequest {
     pub prefer: Option<String>,
     pub had_authorization: bool,
     pub status: u16,
+}
+
+/// One export kick-off: its method, path and decoded parameters, in the order sent.
+#[derive(Clone, Debug)]
+pub struct RecordedKickOff {
+    pub method: String,
+    pub path: String,
+    pub params: Vec<(String, String)>,
 }
 
 /// A running fake FHIR server on `127.0.0.1` with an OS-chosen port. Dropping it aborts the
@@ -189,6 +202,16 @@ impl FakeFhirServer {
         &self.state.options
     }
 
+    /// Every export kick-off, with its decoded parameters.
+    pub fn kick_offs(&self) -> Vec<RecordedKickOff> {
+        self.state.lock().kick_offs.clone()
+    }
+
+    /// The most file bodies the server was ever streaming at the same time.
+    pub fn max_concurrent_files(&self) -> usize {
+        self.state.lock().faults.max_open_files
+    }
+
     /// How many exports are known (kicked off and not deleted).
     pub fn export_count(&self) -> usize {
         self.state.lock().exports.len()
@@ -227,9 +250,18 @@ fn router(state: Arc<ServerState>) -> Router {
         )
         .route("/fhir/metadata", get(discovery::metadata))
         .route("/auth/token", post(auth::token))
-        .route("/fhir/$export", get(export::kick_off))
-        .route("/fhir/Patient/$export", get(export::kick_off))
-        .route("/fhir/Group/{id}/$export", get(export::group_kick_off))
+        .route(
+            "/fhir/$export",
+            get(export::kick_off).post(export::post_kick_off),
+        )
+        .route(
+            "/fhir/Patient/$export",
+            get(export::kick_off).post(export::post_kick_off),
+        )
+        .route(
+            "/fhir/Group/{id}/$export",
+            get(export::group_kick_off).post(export::group_post_kick_off),
+        )
         .route(
             "/fhir/bulkstatus/{id}",
             get(export::status).delete(export::delete),

@@ -16,7 +16,8 @@ use url::Url;
 
 use super::data::Dataset;
 use super::export::Export;
-use super::{FakeOptions, RecordedRequest, TokenAttempt};
+use super::faults::FaultState;
+use super::{FakeOptions, RecordedKickOff, RecordedRequest, TokenAttempt};
 
 pub(crate) struct ServerState {
     pub(crate) options: FakeOptions,
@@ -37,6 +38,10 @@ pub(crate) struct Inner {
     pub(crate) received_assertions: Vec<String>,
     pub(crate) exports: HashMap<String, Export>,
     pub(crate) requests: Vec<RecordedRequest>,
+    /// Every kick-off with its decoded parameters (query or `Parameters` body).
+    pub(crate) kick_offs: Vec<RecordedKickOff>,
+    /// Scripted-fault counters and the open-file gauge.
+    pub(crate) faults: FaultState,
 }
 
 #[derive(Clone, Debug)]
