@@ -14,7 +14,9 @@ use sqlx::PgPool;
 use tokio_util::io::StreamReader;
 use tracing::Instrument;
 
-use crate::bulk::{BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy};
+use crate::bulk::{
+    BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy, RetryPolicy,
+};
 use crate::config::{JobConfig, SyncSettings};
 use crate::smart::{self, AuthError, KeyError, SigningKey, TokenManager};
 use crate::transport::{self, HttpOptions};
@@ -126,10 +128,15 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
         .map_err(|e| failed(None, e.into()))?;
     let span = tracing::info_span!("run", job.name = %job.name, run.id = run_id);
     let started = Instant::now();
-    let result = execute(ctx, job, &runs, run_id)
+    let retries = Arc::new(AtomicU64::new(0));
+    let result = execute(ctx, job, &runs, run_id, &retries)
         .instrument(span.clone())
         .await;
     let _entered = span.enter();
+    // Recorded whichever way the run ended: retries explain a slow run as much as a failed one.
+    if let Err(e) = export_record::retries(&ctx.pool, run_id, retries.load(Ordering::Relaxed)).await {
+        tracing::warn!(error = %e, "could not record the run's retry count");
+    }
     match result {
         Ok(mut report) => {
             runs.finish(run_id, &RunOutcome::Succeeded)
@@ -168,6 +175,7 @@ async fn execute(
     job: &JobConfig,
     runs: &Runs,
     run_id: i64,
+    retries: &Arc<AtomicU64>,
 ) -> Result<RunReport, SyncError> {
     let settings = &ctx.settings;
     let allow_insecure_http = job.fhir.allow_insecure_http;
@@ -199,15 +207,23 @@ async fn execute(
         key,
         job.requested_scopes(),
     ));
-    let bulk = BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http);
+    let bulk = BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http)
+        .with_retry(retry_policy(settings))
+        .with_retry_counter(retries.clone());
 
-    let request = ExportRequest {
-        level: job.export.level,
-        group_id: job.export.group_id.clone(),
-        types: job.export.types.clone(),
-        since: None,
+    // Exports this job started before and never deleted (a failed or killed run) may hold the
+    // server's one-export-per-client slot and keep its files around: delete them first.
+    delete_abandoned_exports(&ctx.pool, &bulk, &job.name, run_id, false).await;
+    let request = ExportRequest::from_config(&job.export);
+    let kick_off = match bulk.kick_off(&request).await {
+        Err(ExportError::Busy { .. })
+            if delete_abandoned_exports(&ctx.pool, &bulk, &job.name, run_id, true).await > 0 =>
+        {
+            tracing::info!("deleted abandoned exports after the server refused a new one; trying again");
+            bulk.kick_off(&request).await?
+        }
+        other => other?,
     };
-    let kick_off = bulk.kick_off(&request).await?;
     runs.kicked_off(
         run_id,
         kick_off.request_url.as_str(),
@@ -222,19 +238,17 @@ async fn execute(
         default_interval: Duration::from_secs_f64(job.export.poll_default_interval_seconds),
         timeout: Duration::from_secs(job.export.timeout_seconds),
     };
-    let mut last_progress = String::new();
-    let mut progress_updates = Vec::new();
     let manifest = bulk
-        .wait_for_manifest(&kick_off.status_url, &policy, |progress| {
-            if progress != last_progress {
-                tracing::info!(export.progress = %progress, "export in progress");
-                last_progress = progress.to_string();
-                progress_updates.push(progress.to_string());
+        .wait_for_manifest(&kick_off.status_url, &policy, async |progress| {
+            tracing::info!(export.progress = %progress, "export in progress");
+            // The status page shows it while the export runs; losing one update is harmless.
+            if let Err(e) = runs.progress(run_id, &progress).await {
+                tracing::warn!(error = %e, "could not record the export's progress");
             }
         })
         .await?;
-    if let Some(progress) = progress_updates.last() {
-        runs.progress(run_id, progress).await?;
+    if let Some(expires) = &manifest.expires {
+        export_record::expires(&ctx.pool, run_id, expires).await?;
     }
     if !manifest.deleted.is_empty() {
         return Err(SyncError::Unsupported(format!(
@@ -252,9 +266,19 @@ async fn execute(
 
     let files = register_files(runs, run_id, &manifest).await?;
     let bytes = AtomicU64::new(0);
-    let limits = LoadLimits {
-        batch_lines: settings.batch_lines,
-        max_line_bytes: settings.max_line_bytes,
+    let download = Download {
+        pool: &ctx.pool,
+        runs,
+        bulk: &bulk,
+        status_url: &kick_off.status_url,
+        requires_access_token: manifest.requires_access_token,
+        limits: LoadLimits {
+            batch_lines: settings.batch_lines,
+            max_line_bytes: settings.max_line_bytes,
+        },
+        max_file_bytes: settings.max_file_bytes,
+        total_bytes: &bytes,
+        retries,
     };
     let results: Vec<Result<(), SyncError>> = futures::stream::iter(files.iter())
         .map(|(record, file, kind)| {
@@ -269,8 +293,7 @@ async fn execute(
                 },
             };
             let span = tracing::info_span!("file", file.id = record.id, resource.type = %file.resource_type);
-            load_file(&ctx.pool, runs, &bulk, target, file, manifest.requires_access_token, limits, &bytes)
-                .instrument(span)
+            download.load_file(target, file, *kind).instrument(span)
         })
         .buffer_unordered(settings.max_parallel_downloads)
         .collect()
@@ -280,9 +303,13 @@ async fn execute(
         return Err(first);
     }
 
-    // Every file is loaded: the server may now drop the files. A failure here loses nothing.
-    if let Err(e) = bulk.delete(&kick_off.status_url).await {
-        tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
+    // Every file is loaded: the server may now drop the files. A failure here loses nothing;
+    // the next run's start-up clean-up tries again.
+    match bulk.delete(&kick_off.status_url).await {
+        Ok(()) => export_record::deleted(&ctx.pool, run_id).await?,
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server")
+        }
     }
     let export_errors = sqlx::query_scalar::<_, i64>(
         "SELECT count(*) FROM fhir_sync.export_error WHERE run_id = $1",
@@ -347,103 +374,316 @@ async fn register_files<'m>(
         .collect())
 }
 
-/// Attempts per file for retryable failures; each attempt resumes after the committed lines.
-const FILE_ATTEMPTS: u32 = 3;
-
-#[allow(clippy::too_many_arguments)]
-async fn load_file(
-    pool: &PgPool,
-    runs: &Runs,
-    bulk: &BulkClient,
-    target: FileTarget,
-    file: &ManifestFile,
-    requires_access_token: bool,
-    limits: LoadLimits,
-    total_bytes: &AtomicU64,
-) -> Result<(), SyncError> {
-    let name = transport::redacted(&file.url);
-    runs.file_started(target.file_id).await?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let bytes = AtomicU64::new(0);
-        let result = download_and_load(
-            pool,
-            bulk,
-            &target,
-            file,
-            requires_access_token,
-            limits,
-            &bytes,
-        )
-        .await;
-        let read = bytes.load(Ordering::Relaxed);
-        total_bytes.fetch_add(read, Ordering::Relaxed);
-        let error = match result {
-            Ok(stats) => {
-                runs.file_loaded(target.file_id, read).await?;
-                let accounted = stats.resumed_after_line + stats.lines;
-                if let Some(count) = file.count
-                    && stats.resumed_after_line == 0
-                    && stats.loaded + stats.rejected != count
-                {
-                    tracing::warn!(
-                        manifest.count = count,
-                        loaded = stats.loaded,
-                        rejected = stats.rejected,
-                        "the file's line count differs from the manifest's count"
-                    );
-                }
-                tracing::info!(
-                    lines = accounted,
-                    loaded = stats.loaded,
-                    rejected = stats.rejected,
-                    bytes = read,
-                    "file loaded"
-                );
-                return Ok(());
-            }
-            Err(error) => error,
-        };
-        let retryable = error.is_retryable();
-        if retryable && attempt < FILE_ATTEMPTS {
-            let delay = Duration::from_millis(500 * 2u64.pow(attempt - 1));
-            tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
-            tokio::time::sleep(delay).await;
-            continue;
-        }
-        runs.file_failed(target.file_id, read, &error_chain(&error))
-            .await?;
-        tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
-        return Err(error);
+/// The retry policy the sync settings describe.
+pub fn retry_policy(settings: &SyncSettings) -> RetryPolicy {
+    RetryPolicy {
+        attempts: settings.request_attempts,
+        base_delay: Duration::from_millis(settings.retry_base_delay_ms),
     }
 }
 
-async fn download_and_load(
-    pool: &PgPool,
-    bulk: &BulkClient,
-    target: &FileTarget,
-    file: &ManifestFile,
+/// Times one file's link may be refreshed from the status URL before the run gives up on it.
+const MAX_LINK_REFRESHES: u32 = 3;
+
+/// What every file download of one run shares.
+struct Download<'a> {
+    pool: &'a PgPool,
+    runs: &'a Runs,
+    bulk: &'a BulkClient,
+    status_url: &'a url::Url,
     requires_access_token: bool,
     limits: LoadLimits,
-    bytes: &AtomicU64,
-) -> Result<warehouse::LoadStats, SyncError> {
-    let name = transport::redacted(&file.url);
-    let response = bulk
-        .open_file(file, requires_access_token)
-        .await
-        .map_err(|source| SyncError::Download {
+    max_file_bytes: u64,
+    total_bytes: &'a AtomicU64,
+    retries: &'a AtomicU64,
+}
+
+impl Download<'_> {
+    /// Downloads and loads one file, retrying 429, 5xx, cut connections and truncated bodies
+    /// with backoff (each attempt restarts the download and the loader skips the lines it
+    /// already committed, so nothing is loaded twice), and fetching fresh links from the status
+    /// URL when the file's link has expired.
+    async fn load_file(
+        &self,
+        target: FileTarget,
+        listed: &ManifestFile,
+        kind: FileKind,
+    ) -> Result<(), SyncError> {
+        let mut file = listed.clone();
+        let name = transport::redacted(&file.url);
+        self.runs.file_started(target.file_id).await?;
+        let policy = self.bulk.retry_policy();
+        let mut attempt = 0;
+        let mut refreshes = 0;
+        loop {
+            attempt += 1;
+            export_record::file_attempt(self.pool, target.file_id).await?;
+            let bytes = AtomicU64::new(0);
+            let result = self.download_and_load(&target, &file, &bytes).await;
+            let read = bytes.load(Ordering::Relaxed);
+            self.total_bytes.fetch_add(read, Ordering::Relaxed);
+            let error = match result {
+                Ok(stats) => {
+                    self.runs.file_loaded(target.file_id, read).await?;
+                    let accounted = stats.resumed_after_line + stats.lines;
+                    if let Some(count) = file.count
+                        && stats.resumed_after_line == 0
+                        && stats.loaded + stats.rejected != count
+                    {
+                        tracing::warn!(
+                            manifest.count = count,
+                            loaded = stats.loaded,
+                            rejected = stats.rejected,
+                            "the file's line count differs from the manifest's count"
+                        );
+                    }
+                    tracing::info!(
+                        lines = accounted,
+                        loaded = stats.loaded,
+                        rejected = stats.rejected,
+                        bytes = read,
+                        attempts = attempt,
+                        "file loaded"
+                    );
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            let expired = matches!(
+                &error,
+                SyncError::Download {
+                    source: ExportError::Expired { .. },
+                    ..
+                }
+            );
+            if expired && refreshes < MAX_LINK_REFRESHES {
+                refreshes += 1;
+                tracing::warn!(file = %name, "the file link expired; fetching fresh links from the status URL");
+                export_record::link_refreshed(self.pool, target.file_id).await?;
+                let fresh = self.bulk.refresh_manifest(self.status_url).await;
+                match fresh.map(|m| find_fresh_link(&m, listed, kind)) {
+                    Ok(Some(url)) => {
+                        file.url = url;
+                        // A fresh link is a new chance: it does not use up a retry.
+                        attempt -= 1;
+                        continue;
+                    }
+                    Ok(None) => {
+                        let error = SyncError::Download {
+                            file: name.clone(),
+                            source: ExportError::BadResponse(
+                                "the file link expired and the refreshed manifest no longer lists the file".into(),
+                            ),
+                        };
+                        self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+                        return Err(error);
+                    }
+                    Err(source) => {
+                        let error = SyncError::Export(source);
+                        self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+                        return Err(error);
+                    }
+                }
+            }
+            if !expired && error.is_retryable() && attempt < policy.attempts {
+                let hinted = match &error {
+                    SyncError::Download {
+                        source: ExportError::FileStatus { retry_after, .. },
+                        ..
+                    } => *retry_after,
+                    _ => None,
+                };
+                let delay = policy.delay(attempt, hinted);
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            let error = if expired {
+                SyncError::Download {
+                    file: name.clone(),
+                    source: ExportError::BadResponse(format!(
+                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried); the server may be dropping the export's files"
+                    )),
+                }
+            } else {
+                error
+            };
+            self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+            tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
+            return Err(error);
+        }
+    }
+
+    async fn download_and_load(
+        &self,
+        target: &FileTarget,
+        file: &ManifestFile,
+        bytes: &AtomicU64,
+    ) -> Result<warehouse::LoadStats, SyncError> {
+        let name = transport::redacted(&file.url);
+        let download_error = |source| SyncError::Download {
             file: name.clone(),
             source,
-        })?;
-    let stream = response
-        .bytes_stream()
-        .inspect_ok(|chunk| {
-            bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        })
-        .map_err(|e| std::io::Error::other(e.without_url()));
-    let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
-    warehouse::load_ndjson(pool, target, reader, limits)
+        };
+        let response = self
+            .bulk
+            .open_file(file, self.requires_access_token)
+            .await
+            .map_err(download_error)?;
+        let limit = self.max_file_bytes;
+        if response.content_length().is_some_and(|length| length > limit) {
+            return Err(download_error(ExportError::TooLarge { limit }));
+        }
+        let too_large = std::sync::atomic::AtomicBool::new(false);
+        // `bytes` counts what arrived (decompressed, since reqwest decodes gzip); past the cap
+        // the stream fails so the loader stops reading.
+        let stream = response
+            .bytes_stream()
+            .map_err(|e| std::io::Error::other(e.without_url()))
+            .and_then(|chunk| {
+                let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+                let result = if total > limit {
+                    too_large.store(true, Ordering::Relaxed);
+                    Err(std::io::Error::other("the file is larger than sync.max_file_bytes"))
+                } else {
+                    Ok(chunk)
+                };
+                futures::future::ready(result)
+            });
+        let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
+        let result = warehouse::load_ndjson(self.pool, target, reader, self.limits).await;
+        if too_large.load(Ordering::Relaxed) {
+            return Err(download_error(ExportError::TooLarge { limit }));
+        }
+        result.map_err(|source| SyncError::Load { file: name, source })
+    }
+}
+
+/// The fresh URL of `listed` in a re-fetched manifest: the entry with the same URL without its
+/// query string (expiring links usually differ only in their signature), else the entry at the
+/// same position among the same type's files.
+fn find_fresh_link(fresh: &Manifest, listed: &ManifestFile, kind: FileKind) -> Option<url::Url> {
+    let list = match kind {
+        FileKind::Output => &fresh.output,
+        FileKind::Error => &fresh.error,
+    };
+    let key = transport::redacted(&listed.url);
+    list.iter()
+        .find(|f| transport::redacted(&f.url) == key)
+        .map(|f| f.url.clone())
+}
+
+/// Deletes, on the server, exports this job started in earlier runs and never deleted: runs
+/// that failed (and, when `include_running`, runs still marked running, which is what a killed
+/// process leaves) with a status URL and no recorded deletion. Returns how many were deleted.
+/// Failures are logged, not returned: clean-up must never stop a new run.
+pub async fn delete_abandoned_exports(
+    pool: &PgPool,
+    bulk: &BulkClient,
+    job: &str,
+    current_run: i64,
+    include_running: bool,
+) -> usize {
+    let abandoned = match export_record::abandoned(pool, job, current_run, include_running).await {
+        Ok(abandoned) => abandoned,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for abandoned exports");
+            return 0;
+        }
+    };
+    let mut deleted = 0;
+    for (run_id, status_url) in abandoned {
+        let Ok(url) = url::Url::parse(&status_url) else {
+            continue;
+        };
+        match bulk.delete(&url).await {
+            Ok(()) => {
+                tracing::info!(abandoned.run_id = run_id, "deleted an abandoned export on the server");
+                if let Err(e) = export_record::deleted(pool, run_id).await {
+                    tracing::warn!(error = %e, "could not record the deleted export");
+                }
+                deleted += 1;
+            }
+            Err(e) => {
+                tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export");
+            }
+        }
+    }
+    deleted
+}
+
+/// The export-specific columns of the run tables (migration `20261129000200_export.sql`).
+mod export_record {
+    use sqlx::PgPool;
+
+    pub(super) async fn retries(pool: &PgPool, run_id: i64, retries: u64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET retries = $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(retries as i64)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn expires(pool: &PgPool, run_id: i64, expires: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET export_expires = $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(expires)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET export_deleted_at = coalesce(export_deleted_at, now()) WHERE id = $1")
+            .bind(run_id)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn file_attempt(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run_file SET attempts = attempts + 1 WHERE id = $1")
+            .bind(file_id)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(super) async fn link_refreshed(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1 WHERE id = $1")
+            .bind(file_id)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    /// (run id, status URL) of this job's exports that were started and never deleted.
+    pub(super) async fn abandoned(
+        pool: &PgPool,
+        job: &str,
+        current_run: i64,
+        include_running: bool,
+    ) -> sqlx::Result<Vec<(i64, String)>> {
+        sqlx::query_as(
+            "SELECT id, status_url FROM fhir_sync.run
+             WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
+               AND (status = 'failed' OR ($3 AND status = 'running' AND id < $2))
+             ORDER BY id",
+        )
+        .bind(job)
+        .bind(current_run)
+        .bind(include_running)
+        .fetch_all(pool)
         .await
-        .map_err(|source| SyncError::Load { file: name, source })
+    }
+
+    /// The job name and status URL of a run, for `fhir-sync cancel`.
+    pub(super) async fn export_of(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<(String, Option<String>, Option<time::OffsetDateTime>)>> {
+        sqlx::query_as("SELECT job, status_url, export_deleted_at FROM fhir_sync.run WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await
+    }
 }

@@ -9,7 +9,7 @@ mod job;
 mod service;
 
 pub use job::{
-    AuthConfig, ExportConfig, ExportLevel, FhirConfig, JobConfig, KeySource, ScheduleConfig,
+    AuthConfig, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig, KeySource, ScheduleConfig,
     load_job, load_jobs,
 };
 pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
