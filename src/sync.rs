@@ -170,14 +170,9 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
     }
 }
 
-async fn execute(
-    ctx: &SyncContext,
-    job: &JobConfig,
-    runs: &Runs,
-    run_id: i64,
-    retries: &Arc<AtomicU64>,
-) -> Result<RunReport, SyncError> {
-    let settings = &ctx.settings;
+/// Discovers the job's token endpoint and returns a `$export` client authorised as the job's
+/// client, with the settings' retry policy.
+pub async fn connect_bulk(settings: &SyncSettings, job: &JobConfig) -> Result<BulkClient, SyncError> {
     let allow_insecure_http = job.fhir.allow_insecure_http;
     let http = transport::client(HttpOptions {
         connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
@@ -207,8 +202,58 @@ async fn execute(
         key,
         job.requested_scopes(),
     ));
-    let bulk = BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http)
-        .with_retry(retry_policy(settings))
+    Ok(
+        BulkClient::new(http, job.fhir.base_url.clone(), tokens, allow_insecure_http)
+            .with_retry(retry_policy(settings)),
+    )
+}
+
+/// `fhir-sync cancel <run>`: deletes the run's export on the server (a 404 means it is gone
+/// already) and records that it was deleted. The run row itself is left as it is.
+pub async fn cancel_run(ctx: &SyncContext, jobs: &[JobConfig], run_id: i64) -> Result<CancelOutcome, SyncError> {
+    let Some((job_name, status_url, deleted_at)) = export_record::export_of(&ctx.pool, run_id).await? else {
+        return Err(SyncError::Unsupported(format!("there is no run {run_id}")));
+    };
+    if deleted_at.is_some() {
+        return Ok(CancelOutcome::AlreadyDeleted);
+    }
+    let Some(status_url) = status_url else {
+        return Ok(CancelOutcome::NeverStarted);
+    };
+    let job = jobs.iter().find(|j| j.name == job_name).ok_or_else(|| {
+        SyncError::Unsupported(format!(
+            "run {run_id} belongs to job {job_name:?}, which has no job file any more; its export cannot be cancelled without the job's credentials"
+        ))
+    })?;
+    let status_url = url::Url::parse(&status_url)
+        .map_err(|e| SyncError::Unsupported(format!("run {run_id} has an unusable status URL: {e}")))?;
+    let bulk = connect_bulk(&ctx.settings, job).await?;
+    bulk.delete(&status_url).await?;
+    export_record::deleted(&ctx.pool, run_id).await?;
+    Ok(CancelOutcome::Deleted)
+}
+
+/// What `cancel_run` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The export was deleted on the server (or the server no longer knew it).
+    Deleted,
+    /// fhir-sync had deleted it before.
+    AlreadyDeleted,
+    /// The run never got as far as starting an export.
+    NeverStarted,
+}
+
+async fn execute(
+    ctx: &SyncContext,
+    job: &JobConfig,
+    runs: &Runs,
+    run_id: i64,
+    retries: &Arc<AtomicU64>,
+) -> Result<RunReport, SyncError> {
+    let settings = &ctx.settings;
+    let bulk = connect_bulk(settings, job)
+        .await?
         .with_retry_counter(retries.clone());
 
     // Exports this job started before and never deleted (a failed or killed run) may hold the

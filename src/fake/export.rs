@@ -781,6 +781,7 @@ pub(crate) async fn file(
     )
         .into_response();
     if gzip {
+        state.lock().faults.gzipped_files += 1;
         response
             .headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));

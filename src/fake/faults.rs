@@ -135,6 +135,8 @@ pub(crate) struct FaultState {
     /// File bodies being streamed right now, and the most ever streamed at once.
     pub(crate) open_files: usize,
     pub(crate) max_open_files: usize,
+    /// File bodies sent gzip-compressed.
+    pub(crate) gzipped_files: usize,
 }
 
 /// Takes one firing of a fault whose budget is `limit`: true while `used < limit`.

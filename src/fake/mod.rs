@@ -212,6 +212,11 @@ impl FakeFhirServer {
         self.state.lock().faults.max_open_files
     }
 
+    /// How many file bodies were sent gzip-compressed.
+    pub fn gzipped_files(&self) -> usize {
+        self.state.lock().faults.gzipped_files
+    }
+
     /// How many exports are known (kicked off and not deleted).
     pub fn export_count(&self) -> usize {
         self.state.lock().exports.len()

@@ -9,3 +9,5 @@ mod helpers;
 mod loader;
 mod secrets;
 mod sync;
+mod export_env;
+mod export_faults;
