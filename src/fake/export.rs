@@ -182,6 +182,11 @@ async fn start_export(
     if let Err(diagnostics) = check_kick_off_headers(&headers) {
         return outcome::error(StatusCode::BAD_REQUEST, "invalid", diagnostics);
     }
+    state.lock().kick_offs.push(super::RecordedKickOff {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        params: pairs.clone(),
+    });
     let params = match KickOffParams::parse_pairs(&pairs) {
         Ok(params) => params,
         Err(diagnostics) => {
@@ -198,11 +203,6 @@ async fn start_export(
     {
         let faults = &state.options.faults;
         let mut inner = state.lock();
-        inner.kick_offs.push(super::RecordedKickOff {
-            method: method.to_string(),
-            path: uri.path().to_string(),
-            params: pairs.clone(),
-        });
         if take(&mut inner.faults.kick_off_429, faults.kick_off_429) {
             return too_many_requests("too many requests; slow down");
         }

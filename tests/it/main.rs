@@ -11,3 +11,4 @@ mod secrets;
 mod sync;
 mod export_env;
 mod export_faults;
+mod export_kickoff;
