@@ -12,3 +12,4 @@ mod sync;
 mod export_env;
 mod export_faults;
 mod export_kickoff;
+mod export_polling;
