@@ -13,3 +13,5 @@ mod export_env;
 mod export_faults;
 mod export_kickoff;
 mod export_polling;
+mod export_download;
+mod export_manifest;

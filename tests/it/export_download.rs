@@ -1,0 +1,53 @@
+//! Downloads: gzip, the per-source parallelism cap, the file size cap.
+
+use fhir_sync::config::SyncSettings;
+use fhir_sync::fake::{FakeOptions, Faults};
+use fhir_sync::sync;
+
+use crate::export_env::{assert_exactly_the_data_set, ctx, env_with, faulty, retry_fast_settings, run, run_row};
+use crate::helpers::TestEnv;
+
+#[tokio::test]
+async fn gzip_encoded_files_are_decoded() {
+    let env = env_with(30, Faults::default().gzip()).await;
+    let report = run(&env).await.expect("gzip files load");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    assert_eq!(env.fake.gzipped_files(), report.output_files);
+}
+
+#[tokio::test]
+async fn parallel_downloads_never_exceed_the_cap() {
+    // 40 patients at 10 resources per file: dozens of files for two download slots.
+    let options = FakeOptions {
+        resources_per_file: 10,
+        ..faulty(Faults::default())
+    };
+    let env = TestEnv::new(40, options).await;
+    let settings = SyncSettings {
+        max_parallel_downloads: 2,
+        ..retry_fast_settings()
+    };
+    let report = sync::run_job(&ctx(&env, settings), &env.job)
+        .await
+        .expect("the sync runs");
+    assert!(report.output_files > 20);
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let most = env.fake.max_concurrent_files();
+    assert!((1..=2).contains(&most), "{most} files at once");
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_cap_fails_the_run() {
+    let env = env_with(20, Faults::default()).await;
+    let settings = SyncSettings {
+        max_file_bytes: 4096,
+        ..retry_fast_settings()
+    };
+    let failed = sync::run_job(&ctx(&env, settings), &env.job)
+        .await
+        .expect_err("the files are bigger than 4 KiB");
+    assert!(!failed.error.is_retryable());
+    let (_, error, retryable, _) = run_row(&env, failed.run_id.unwrap()).await;
+    assert_eq!(retryable, Some(false));
+    assert!(error.unwrap().contains("sync.max_file_bytes"));
+}
