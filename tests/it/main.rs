@@ -15,3 +15,4 @@ mod export_kickoff;
 mod export_polling;
 mod export_download;
 mod export_manifest;
+mod export_cleanup;
