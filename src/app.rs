@@ -224,7 +224,9 @@ pub async fn cancel(
         .await
         .map_err(|e| anyhow::anyhow!("cannot cancel run {run_id}: {}", sync::error_chain(&e)))?;
     match outcome {
-        sync::CancelOutcome::Deleted => println!("run {run_id}: the export was deleted on the server"),
+        sync::CancelOutcome::Deleted => {
+            println!("run {run_id}: the export was deleted on the server")
+        }
         sync::CancelOutcome::AlreadyDeleted => {
             println!("run {run_id}: the export had already been deleted")
         }

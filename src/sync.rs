@@ -134,7 +134,8 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
         .await;
     let _entered = span.enter();
     // Recorded whichever way the run ended: retries explain a slow run as much as a failed one.
-    if let Err(e) = export_record::retries(&ctx.pool, run_id, retries.load(Ordering::Relaxed)).await {
+    if let Err(e) = export_record::retries(&ctx.pool, run_id, retries.load(Ordering::Relaxed)).await
+    {
         tracing::warn!(error = %e, "could not record the run's retry count");
     }
     match result {
@@ -172,7 +173,10 @@ pub async fn run_job(ctx: &SyncContext, job: &JobConfig) -> Result<RunReport, Ru
 
 /// Discovers the job's token endpoint and returns a `$export` client authorised as the job's
 /// client, with the settings' retry policy.
-pub async fn connect_bulk(settings: &SyncSettings, job: &JobConfig) -> Result<BulkClient, SyncError> {
+pub async fn connect_bulk(
+    settings: &SyncSettings,
+    job: &JobConfig,
+) -> Result<BulkClient, SyncError> {
     let allow_insecure_http = job.fhir.allow_insecure_http;
     let http = transport::client(HttpOptions {
         connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
@@ -210,8 +214,14 @@ pub async fn connect_bulk(settings: &SyncSettings, job: &JobConfig) -> Result<Bu
 
 /// `fhir-sync cancel <run>`: deletes the run's export on the server (a 404 means it is gone
 /// already) and records that it was deleted. The run row itself is left as it is.
-pub async fn cancel_run(ctx: &SyncContext, jobs: &[JobConfig], run_id: i64) -> Result<CancelOutcome, SyncError> {
-    let Some((job_name, status_url, deleted_at)) = export_record::export_of(&ctx.pool, run_id).await? else {
+pub async fn cancel_run(
+    ctx: &SyncContext,
+    jobs: &[JobConfig],
+    run_id: i64,
+) -> Result<CancelOutcome, SyncError> {
+    let Some((job_name, status_url, deleted_at)) =
+        export_record::export_of(&ctx.pool, run_id).await?
+    else {
         return Err(SyncError::Unsupported(format!("there is no run {run_id}")));
     };
     if deleted_at.is_some() {
@@ -225,8 +235,9 @@ pub async fn cancel_run(ctx: &SyncContext, jobs: &[JobConfig], run_id: i64) -> R
             "run {run_id} belongs to job {job_name:?}, which has no job file any more; its export cannot be cancelled without the job's credentials"
         ))
     })?;
-    let status_url = url::Url::parse(&status_url)
-        .map_err(|e| SyncError::Unsupported(format!("run {run_id} has an unusable status URL: {e}")))?;
+    let status_url = url::Url::parse(&status_url).map_err(|e| {
+        SyncError::Unsupported(format!("run {run_id} has an unusable status URL: {e}"))
+    })?;
     let bulk = connect_bulk(&ctx.settings, job).await?;
     bulk.delete(&status_url).await?;
     export_record::deleted(&ctx.pool, run_id).await?;
@@ -264,7 +275,9 @@ async fn execute(
         Err(ExportError::Busy { .. })
             if delete_abandoned_exports(&ctx.pool, &bulk, &job.name, run_id, true).await > 0 =>
         {
-            tracing::info!("deleted abandoned exports after the server refused a new one; trying again");
+            tracing::info!(
+                "deleted abandoned exports after the server refused a new one; trying again"
+            );
             bulk.kick_off(&request).await?
         }
         other => other?,
@@ -520,12 +533,16 @@ impl Download<'_> {
                                 "the file link expired and the refreshed manifest no longer lists the file".into(),
                             ),
                         };
-                        self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+                        self.runs
+                            .file_failed(target.file_id, read, &error_chain(&error))
+                            .await?;
                         return Err(error);
                     }
                     Err(source) => {
                         let error = SyncError::Export(source);
-                        self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+                        self.runs
+                            .file_failed(target.file_id, read, &error_chain(&error))
+                            .await?;
                         return Err(error);
                     }
                 }
@@ -554,7 +571,9 @@ impl Download<'_> {
             } else {
                 error
             };
-            self.runs.file_failed(target.file_id, read, &error_chain(&error)).await?;
+            self.runs
+                .file_failed(target.file_id, read, &error_chain(&error))
+                .await?;
             tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
             return Err(error);
         }
@@ -577,7 +596,10 @@ impl Download<'_> {
             .await
             .map_err(download_error)?;
         let limit = self.max_file_bytes;
-        if response.content_length().is_some_and(|length| length > limit) {
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit)
+        {
             return Err(download_error(ExportError::TooLarge { limit }));
         }
         let too_large = std::sync::atomic::AtomicBool::new(false);
@@ -587,10 +609,13 @@ impl Download<'_> {
             .bytes_stream()
             .map_err(|e| std::io::Error::other(e.without_url()))
             .and_then(|chunk| {
-                let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+                let total =
+                    bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
                 let result = if total > limit {
                     too_large.store(true, Ordering::Relaxed);
-                    Err(std::io::Error::other("the file is larger than sync.max_file_bytes"))
+                    Err(std::io::Error::other(
+                        "the file is larger than sync.max_file_bytes",
+                    ))
                 } else {
                     Ok(chunk)
                 };
@@ -644,7 +669,10 @@ pub async fn delete_abandoned_exports(
         };
         match bulk.delete(&url).await {
             Ok(()) => {
-                tracing::info!(abandoned.run_id = run_id, "deleted an abandoned export on the server");
+                tracing::info!(
+                    abandoned.run_id = run_id,
+                    "deleted an abandoned export on the server"
+                );
                 if let Err(e) = export_record::deleted(pool, run_id).await {
                     tracing::warn!(error = %e, "could not record the deleted export");
                 }
@@ -697,11 +725,13 @@ mod export_record {
     }
 
     pub(super) async fn link_refreshed(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1 WHERE id = $1")
-            .bind(file_id)
-            .execute(pool)
-            .await
-            .map(drop)
+        sqlx::query(
+            "UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1 WHERE id = $1",
+        )
+        .bind(file_id)
+        .execute(pool)
+        .await
+        .map(drop)
     }
 
     /// (run id, status URL) of this job's exports that were started and never deleted.
@@ -725,7 +755,10 @@ mod export_record {
     }
 
     /// The job name and status URL of a run, for `fhir-sync cancel`.
-    pub(super) async fn export_of(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<(String, Option<String>, Option<time::OffsetDateTime>)>> {
+    pub(super) async fn export_of(
+        pool: &PgPool,
+        run_id: i64,
+    ) -> sqlx::Result<Option<(String, Option<String>, Option<time::OffsetDateTime>)>> {
         sqlx::query_as("SELECT job, status_url, export_deleted_at FROM fhir_sync.run WHERE id = $1")
             .bind(run_id)
             .fetch_optional(pool)

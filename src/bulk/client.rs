@@ -90,7 +90,10 @@ impl ExportRequest {
             push("_typeFilter", filter.clone());
         }
         if !self.include_associated_data.is_empty() {
-            push("includeAssociatedData", self.include_associated_data.join(","));
+            push(
+                "includeAssociatedData",
+                self.include_associated_data.join(","),
+            );
         }
         for patient in &self.patients {
             push("patient", patient.clone());
@@ -288,17 +291,23 @@ impl BulkClient {
         loop {
             attempt += 1;
             let response = self
-                .send(method.clone(), &request_url, Bearer::FhirOrigin, context, |r| {
-                    let r = r
-                        .header(ACCEPT, "application/fhir+json")
-                        .header("Prefer", request.prefer());
-                    match &body {
-                        Some(body) => r
-                            .header(CONTENT_TYPE, "application/fhir+json")
-                            .body(body.clone()),
-                        None => r,
-                    }
-                })
+                .send(
+                    method.clone(),
+                    &request_url,
+                    Bearer::FhirOrigin,
+                    context,
+                    |r| {
+                        let r = r
+                            .header(ACCEPT, "application/fhir+json")
+                            .header("Prefer", request.prefer());
+                        match &body {
+                            Some(body) => r
+                                .header(CONTENT_TYPE, "application/fhir+json")
+                                .body(body.clone()),
+                            None => r,
+                        }
+                    },
+                )
                 .await;
             let response = match response {
                 Ok(response) => response,
@@ -334,8 +343,7 @@ impl BulkClient {
             }
             let hinted = retry_after(&response);
             let body = response.bytes().await.unwrap_or_default();
-            let temporary =
-                status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+            let temporary = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
             if temporary && attempt < self.retry.attempts {
                 let delay = self.retry.delay(attempt, hinted);
                 tracing::warn!(
@@ -400,8 +408,10 @@ impl BulkClient {
                 }
                 Ok(response) if response.status() == StatusCode::ACCEPTED => {
                     errors = 0;
-                    if let Some(value) = header_text(&response, "x-progress".parse().expect("a valid header name"))
-                        && last_progress.as_ref() != Some(&value)
+                    if let Some(value) = header_text(
+                        &response,
+                        "x-progress".parse().expect("a valid header name"),
+                    ) && last_progress.as_ref() != Some(&value)
                     {
                         last_progress = Some(value.clone());
                         progress(value).await;
@@ -480,7 +490,11 @@ impl BulkClient {
     }
 
     /// Appends the pages a manifest links with `next` (output, error and deleted lists).
-    async fn follow_pages(&self, manifest: &mut Manifest, status_url: &Url) -> Result<(), ExportError> {
+    async fn follow_pages(
+        &self,
+        manifest: &mut Manifest,
+        status_url: &Url,
+    ) -> Result<(), ExportError> {
         let mut seen = 0usize;
         while let Some(next) = manifest.next.take() {
             seen += 1;

@@ -451,7 +451,10 @@ fn validate(
             "must be greater than 0".into(),
         );
     }
-    for (field, value) in [("export.since", &export.since), ("export.until", &export.until)] {
+    for (field, value) in [
+        ("export.since", &export.since),
+        ("export.until", &export.until),
+    ] {
         if let Some(value) = value
             && fhir::parse_instant(value).is_none()
         {

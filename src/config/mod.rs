@@ -9,8 +9,8 @@ mod job;
 mod service;
 
 pub use job::{
-    AuthConfig, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig, KeySource, ScheduleConfig,
-    load_job, load_jobs,
+    AuthConfig, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig, KeySource,
+    ScheduleConfig, load_job, load_jobs,
 };
 pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
 

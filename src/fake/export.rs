@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
-use flate2::Compression;
-use flate2::write::GzEncoder;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use flate2::Compression;
+use flate2::write::GzEncoder;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -129,8 +129,8 @@ fn parameters_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, Stri
     {
         return Err("a POST kick-off must send Content-Type application/fhir+json".into());
     }
-    let parameters: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|_| "the POST body is not JSON".to_string())?;
+    let parameters: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "the POST body is not JSON".to_string())?;
     if parameters["resourceType"] != "Parameters" {
         return Err("the POST body must be a Parameters resource".into());
     }
@@ -358,7 +358,9 @@ impl KickOffParams {
                 }
                 "_until" => {
                     OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
-                        format!("_until {value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00Z)")
+                        format!(
+                            "_until {value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00Z)"
+                        )
                     })?;
                 }
                 "_outputFormat" if !OUTPUT_FORMATS.contains(&value) => {
@@ -551,7 +553,8 @@ fn in_progress(retry_after_seconds: u64, as_date: bool, progress: &str) -> Respo
     let mut response = StatusCode::ACCEPTED.into_response();
     let headers = response.headers_mut();
     if as_date {
-        let when = std::time::SystemTime::now() + std::time::Duration::from_secs(retry_after_seconds);
+        let when =
+            std::time::SystemTime::now() + std::time::Duration::from_secs(retry_after_seconds);
         if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(when)) {
             headers.insert(header::RETRY_AFTER, value);
         }
@@ -630,7 +633,11 @@ fn manifest(
 
 /// The OperationOutcome lines of an export's error file: one warning per exported type.
 fn error_lines(export: &Export) -> Vec<u8> {
-    let mut types: Vec<&str> = export.files.iter().map(|f| f.resource_type.as_str()).collect();
+    let mut types: Vec<&str> = export
+        .files
+        .iter()
+        .map(|f| f.resource_type.as_str())
+        .collect();
     types.dedup();
     let mut body = Vec::new();
     for resource_type in types {
@@ -871,7 +878,6 @@ struct FileLines {
 }
 
 impl FileLines {
-
     /// The next run of whole lines, about [`CHUNK_BYTES`] long; empty once the file is done.
     fn next_chunk(&mut self) -> Bytes {
         let total = self.dataset.count(&self.file.resource_type);

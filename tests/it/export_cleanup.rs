@@ -26,7 +26,11 @@ async fn abandon_an_export(env: &TestEnv) -> i64 {
     let failed = sync::run_job(&ctx(env, settings), &env.job)
         .await
         .expect_err("the files are over the cap");
-    assert_eq!(env.fake.export_count(), 1, "the failed run's export is left");
+    assert_eq!(
+        env.fake.export_count(),
+        1,
+        "the failed run's export is left"
+    );
     failed.run_id.unwrap()
 }
 
@@ -37,13 +41,18 @@ async fn a_finished_export_is_deleted_and_deleting_again_is_fine() {
     assert_eq!(env.fake.export_count(), 0);
     assert!(deleted_at(&env, report.run_id).await.is_some());
     // The server answers 404 now; that still counts as deleted.
-    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job).await.unwrap();
-    let status_url: String = sqlx::query_scalar("SELECT status_url FROM fhir_sync.run WHERE id = $1")
-        .bind(report.run_id)
-        .fetch_one(&env.db.pool)
+    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job)
         .await
         .unwrap();
-    bulk.delete(&status_url.parse().unwrap()).await.expect("404 is done");
+    let status_url: String =
+        sqlx::query_scalar("SELECT status_url FROM fhir_sync.run WHERE id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    bulk.delete(&status_url.parse().unwrap())
+        .await
+        .expect("404 is done");
     let deletes: Vec<u16> = env
         .fake
         .requests()
@@ -59,7 +68,9 @@ async fn an_abandoned_export_is_deleted_before_the_next_run_starts() {
     let env = env_with(5, Faults::default().one_export_at_a_time()).await;
     let abandoned = abandon_an_export(&env).await;
     assert!(deleted_at(&env, abandoned).await.is_none());
-    let report = run(&env).await.expect("the abandoned export is cleaned up first");
+    let report = run(&env)
+        .await
+        .expect("the abandoned export is cleaned up first");
     assert_exactly_the_data_set(&env, report.run_id).await;
     assert!(deleted_at(&env, abandoned).await.is_some());
     assert_eq!(env.fake.export_count(), 0);
@@ -102,10 +113,14 @@ async fn a_busy_server_makes_the_run_clean_up_exports_of_killed_runs() {
 async fn a_busy_server_with_nothing_to_clean_up_is_reported_clearly() {
     let env = env_with(3, Faults::default().one_export_at_a_time()).await;
     // Another client tool of ours holds the slot: an export not recorded in the database.
-    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job).await.unwrap();
-    bulk.kick_off(&fhir_sync::bulk::ExportRequest::from_config(&env.job.export))
+    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job)
         .await
         .unwrap();
+    bulk.kick_off(&fhir_sync::bulk::ExportRequest::from_config(
+        &env.job.export,
+    ))
+    .await
+    .unwrap();
     let failed = run(&env).await.expect_err("the server stays busy");
     let error = sync::error_chain(&failed.error);
     assert!(error.contains("busy with another export"), "{error}");

@@ -4,7 +4,9 @@ use fhir_sync::config::SyncSettings;
 use fhir_sync::fake::{FakeOptions, Faults};
 use fhir_sync::sync;
 
-use crate::export_env::{assert_exactly_the_data_set, ctx, env_with, faulty, retry_fast_settings, run, run_row};
+use crate::export_env::{
+    assert_exactly_the_data_set, ctx, env_with, faulty, retry_fast_settings, run, run_row,
+};
 use crate::helpers::TestEnv;
 
 #[tokio::test]

@@ -55,7 +55,12 @@ pub async fn assert_exactly_the_data_set(env: &TestEnv, run_id: i64) {
     let dataset = env.fake.dataset();
     for resource_type in RESOURCE_TYPES {
         let expected: BTreeSet<String> = (0..dataset.count(resource_type))
-            .map(|i| dataset.resource(resource_type, i)["id"].as_str().unwrap().to_string())
+            .map(|i| {
+                dataset.resource(resource_type, i)["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
             .collect();
         let stored: Vec<(String, serde_json::Value)> = sqlx::query_as(
             "SELECT id, resource FROM fhir_sync.resource WHERE resource_type = $1 ORDER BY id",
@@ -71,13 +76,12 @@ pub async fn assert_exactly_the_data_set(env: &TestEnv, run_id: i64) {
             assert_eq!(resource["resourceType"], resource_type);
         }
     }
-    let (loaded, rejected): (i64, i64) = sqlx::query_as(
-        "SELECT resources_loaded, lines_rejected FROM fhir_sync.run WHERE id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&env.db.pool)
-    .await
-    .unwrap();
+    let (loaded, rejected): (i64, i64) =
+        sqlx::query_as("SELECT resources_loaded, lines_rejected FROM fhir_sync.run WHERE id = $1")
+            .bind(run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
     assert_eq!(
         loaded as usize,
         dataset.total(),
@@ -88,9 +92,11 @@ pub async fn assert_exactly_the_data_set(env: &TestEnv, run_id: i64) {
 
 /// (status, error, error_retryable, retries) of a run.
 pub async fn run_row(env: &TestEnv, run_id: i64) -> (String, Option<String>, Option<bool>, i64) {
-    sqlx::query_as("SELECT status, error, error_retryable, retries FROM fhir_sync.run WHERE id = $1")
-        .bind(run_id)
-        .fetch_one(&env.db.pool)
-        .await
-        .unwrap()
+    sqlx::query_as(
+        "SELECT status, error, error_retryable, retries FROM fhir_sync.run WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
 }

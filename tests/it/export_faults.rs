@@ -32,7 +32,11 @@ async fn a_storm_of_429s_cut_downloads_and_expired_links_still_loads_exactly_the
     .await
     .unwrap();
     assert_eq!(files.len(), 5);
-    assert!(files.iter().all(|(status, attempts, _)| status == "loaded" && *attempts >= 1));
+    assert!(
+        files
+            .iter()
+            .all(|(status, attempts, _)| status == "loaded" && *attempts >= 1)
+    );
     let attempts: i32 = files.iter().map(|f| f.1).sum();
     assert!(attempts >= 5 + 7, "file attempts {files:?}");
     let refreshes: i32 = files.iter().map(|f| f.2).sum();
@@ -51,7 +55,11 @@ async fn a_storm_of_429s_cut_downloads_and_expired_links_still_loads_exactly_the
     assert_eq!(count("/bulkfiles/", 429), 4);
     assert_eq!(count("/bulkfiles/", 500), 1);
     assert!(count("/bulkfiles/", 410) >= 1);
-    assert_eq!(env.fake.export_count(), 0, "the export was deleted at the end");
+    assert_eq!(
+        env.fake.export_count(),
+        0,
+        "the export was deleted at the end"
+    );
 }
 
 #[tokio::test]
@@ -68,7 +76,10 @@ async fn a_file_that_keeps_failing_fails_the_run_naming_the_file() {
     assert_eq!(status, "failed");
     assert_eq!(retryable, Some(true));
     let error = error.unwrap();
-    assert!(error.contains("/bulkfiles/") && error.contains("429"), "{error}");
+    assert!(
+        error.contains("/bulkfiles/") && error.contains("429"),
+        "{error}"
+    );
     assert!(retries >= i64::from(attempts - 1));
     let worst: i32 = sqlx::query_scalar(
         "SELECT max(attempts) FROM fhir_sync.run_file WHERE run_id = $1 AND status = 'failed'",

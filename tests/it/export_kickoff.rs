@@ -28,7 +28,11 @@ async fn every_level_kicks_off_at_its_own_endpoint() {
             let kick_offs = env.fake.kick_offs();
             assert_eq!(kick_offs.len(), 1);
             assert_eq!(kick_offs[0].path, path);
-            let expected_method = if method == ExportMethod::Get { "GET" } else { "POST" };
+            let expected_method = if method == ExportMethod::Get {
+                "GET"
+            } else {
+                "POST"
+            };
             assert_eq!(kick_offs[0].method, expected_method);
             assert_eq!(
                 kick_offs[0].params,
@@ -92,7 +96,10 @@ async fn get_sends_every_parameter_percent_encoded() {
         .find(|r| r.path.ends_with("$export"))
         .unwrap();
     let query = request.query.unwrap();
-    assert!(query.contains("_since=2020-01-01T02%3A00%3A00%2B02%3A00"), "{query}");
+    assert!(
+        query.contains("_since=2020-01-01T02%3A00%3A00%2B02%3A00"),
+        "{query}"
+    );
     assert!(query.contains("_type=Patient%2CObservation"), "{query}");
     assert_eq!(
         request.prefer.as_deref(),
@@ -145,7 +152,9 @@ async fn a_refused_kick_off_fails_fatally_with_the_servers_diagnostics() {
 #[tokio::test]
 async fn throttled_and_unavailable_kick_offs_are_retried() {
     let env = env_with(3, Faults::default().kick_off_429(2).kick_off_503(2)).await;
-    let report = run(&env).await.expect("the kick-off gets through in the end");
+    let report = run(&env)
+        .await
+        .expect("the kick-off gets through in the end");
     assert_exactly_the_data_set(&env, report.run_id).await;
     assert_eq!(env.fake.kick_offs().len(), 5);
     let (_, _, _, retries) = run_row(&env, report.run_id).await;

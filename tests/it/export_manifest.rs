@@ -7,7 +7,9 @@ use crate::export_env::{assert_exactly_the_data_set, env_with, run};
 #[tokio::test]
 async fn error_files_are_downloaded_stored_and_counted() {
     let env = env_with(6, Faults::default().error_file()).await;
-    let report = run(&env).await.expect("errors in the manifest do not fail the run");
+    let report = run(&env)
+        .await
+        .expect("errors in the manifest do not fail the run");
     assert_exactly_the_data_set(&env, report.run_id).await;
     assert_eq!(report.error_files, 1);
     // One OperationOutcome per exported type.

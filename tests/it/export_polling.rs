@@ -7,7 +7,9 @@ use fhir_sync::bulk::{ExportRequest, PollPolicy};
 use fhir_sync::fake::{FakeOptions, Faults};
 use fhir_sync::sync;
 
-use crate::export_env::{assert_exactly_the_data_set, env_with, faulty, retry_fast_settings, run, run_row};
+use crate::export_env::{
+    assert_exactly_the_data_set, env_with, faulty, retry_fast_settings, run, run_row,
+};
 use crate::helpers::TestEnv;
 
 /// A generous bound that turns a poll loop ignoring its clamps into a failure, not a hang.
@@ -22,7 +24,9 @@ async fn retry_after_is_clamped_and_progress_is_reported() {
         ..faulty(Faults::default())
     };
     let env = TestEnv::new(3, options).await;
-    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job).await.unwrap();
+    let bulk = sync::connect_bulk(&retry_fast_settings(), &env.job)
+        .await
+        .unwrap();
     let kick_off = bulk
         .kick_off(&ExportRequest::from_config(&env.job.export))
         .await
@@ -43,7 +47,11 @@ async fn retry_after_is_clamped_and_progress_is_reported() {
     .unwrap();
     assert_eq!(
         progress,
-        ["in progress (1/3)", "in progress (2/3)", "in progress (3/3)"]
+        [
+            "in progress (1/3)",
+            "in progress (2/3)",
+            "in progress (3/3)"
+        ]
     );
     assert_eq!(manifest.output.len(), 4);
     assert_eq!(
@@ -86,8 +94,14 @@ async fn throttled_and_transient_polls_are_polled_through_and_expires_is_noted()
 
 #[tokio::test]
 async fn a_fatal_outcome_fails_the_run_with_its_text() {
-    let env = env_with(3, Faults::default().status_fatal("the export job ran out of disk")).await;
-    let failed = run(&env).await.expect_err("the export failed on the server");
+    let env = env_with(
+        3,
+        Faults::default().status_fatal("the export job ran out of disk"),
+    )
+    .await;
+    let failed = run(&env)
+        .await
+        .expect_err("the export failed on the server");
     assert!(!failed.error.is_retryable());
     let (status, error, retryable, _) = run_row(&env, failed.run_id.unwrap()).await;
     assert_eq!(status, "failed");

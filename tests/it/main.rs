@@ -5,14 +5,14 @@
 
 mod auth;
 mod config_check;
+mod export_cleanup;
+mod export_download;
+mod export_env;
+mod export_faults;
+mod export_kickoff;
+mod export_manifest;
+mod export_polling;
 mod helpers;
 mod loader;
 mod secrets;
 mod sync;
-mod export_env;
-mod export_faults;
-mod export_kickoff;
-mod export_polling;
-mod export_download;
-mod export_manifest;
-mod export_cleanup;
