@@ -603,24 +603,69 @@ impl Download<'_> {
             return Err(download_error(ExportError::TooLarge { limit }));
         }
         let too_large = std::sync::atomic::AtomicBool::new(false);
+        // A server that says it takes byte ranges (and is not compressing, which would make
+        // offsets ambiguous) gets a `Range` request when the body breaks off, and the loader
+        // reads on as if nothing happened. Otherwise a break fails this attempt and the retry
+        // restarts the file, the loader skipping the lines it has committed.
+        let resumable = response
+            .headers()
+            .get(reqwest::header::ACCEPT_RANGES)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"))
+            && !response
+                .headers()
+                .contains_key(reqwest::header::CONTENT_ENCODING);
+        let resume = Resume {
+            current: Box::pin(response.bytes_stream()),
+            offset: 0,
+            resumes_left: if resumable { MAX_RANGE_RESUMES } else { 0 },
+        };
+        let stream = futures::stream::unfold(resume, |mut resume| async move {
+            loop {
+                let error = match resume.current.next().await {
+                    Some(Ok(chunk)) => {
+                        resume.offset += chunk.len() as u64;
+                        return Some((Ok(chunk), resume));
+                    }
+                    None => return None,
+                    Some(Err(error)) => std::io::Error::other(error.without_url()),
+                };
+                if resume.resumes_left == 0 {
+                    return Some((Err(error), resume));
+                }
+                resume.resumes_left -= 1;
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    offset = resume.offset,
+                    "file body broke off; resuming with a Range request"
+                );
+                match self
+                    .bulk
+                    .resume_file(file, self.requires_access_token, resume.offset)
+                    .await
+                {
+                    Ok(response) => resume.current = Box::pin(response.bytes_stream()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not resume the file; it will be restarted");
+                        resume.resumes_left = 0;
+                        return Some((Err(error), resume));
+                    }
+                }
+            }
+        });
         // `bytes` counts what arrived (decompressed, since reqwest decodes gzip); past the cap
         // the stream fails so the loader stops reading.
-        let stream = response
-            .bytes_stream()
-            .map_err(|e| std::io::Error::other(e.without_url()))
-            .and_then(|chunk| {
-                let total =
-                    bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
-                let result = if total > limit {
-                    too_large.store(true, Ordering::Relaxed);
-                    Err(std::io::Error::other(
-                        "the file is larger than sync.max_file_bytes",
-                    ))
-                } else {
-                    Ok(chunk)
-                };
-                futures::future::ready(result)
-            });
+        let stream = Box::pin(stream).and_then(|chunk| {
+            let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            let result = if total > limit {
+                too_large.store(true, Ordering::Relaxed);
+                Err(std::io::Error::other(
+                    "the file is larger than sync.max_file_bytes",
+                ))
+            } else {
+                Ok(chunk)
+            };
+            futures::future::ready(result)
+        });
         let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
         let result = warehouse::load_ndjson(self.pool, target, reader, self.limits).await;
         if too_large.load(Ordering::Relaxed) {
@@ -628,6 +673,17 @@ impl Download<'_> {
         }
         result.map_err(|source| SyncError::Load { file: name, source })
     }
+}
+
+/// Byte-range resumptions of one download attempt before the attempt is given up.
+const MAX_RANGE_RESUMES: u32 = 3;
+
+/// The state of a file body that may be resumed with `Range` requests.
+struct Resume {
+    current: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    /// Bytes of the body received so far.
+    offset: u64,
+    resumes_left: u32,
 }
 
 /// The fresh URL of `listed` in a re-fetched manifest: the entry with the same URL without its

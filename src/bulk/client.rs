@@ -559,6 +559,46 @@ impl BulkClient {
         file: &ManifestFile,
         requires_access_token: bool,
     ) -> Result<Response, ExportError> {
+        self.open_file_at(file, requires_access_token, None).await
+    }
+
+    /// Re-opens a file from byte `offset` with a `Range` request. Only a 206 whose
+    /// `Content-Range` starts exactly at `offset` is accepted: anything else (a server that
+    /// ignores `Range` and sends the whole file with 200) is an error, and the caller restarts
+    /// the file from the beginning instead.
+    pub async fn resume_file(
+        &self,
+        file: &ManifestFile,
+        requires_access_token: bool,
+        offset: u64,
+    ) -> Result<Response, ExportError> {
+        let response = self
+            .open_file_at(file, requires_access_token, Some(offset))
+            .await?;
+        let starts_at_offset = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|start| start.parse::<u64>().ok())
+            == Some(offset);
+        if response.status() == StatusCode::PARTIAL_CONTENT && starts_at_offset {
+            Ok(response)
+        } else {
+            Err(ExportError::BadResponse(format!(
+                "the server did not resume the file from byte {offset} (HTTP {})",
+                response.status().as_u16()
+            )))
+        }
+    }
+
+    async fn open_file_at(
+        &self,
+        file: &ManifestFile,
+        requires_access_token: bool,
+        offset: Option<u64>,
+    ) -> Result<Response, ExportError> {
         transport::check_url(&file.url, self.allow_insecure_http).map_err(|m| {
             ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
         })?;
@@ -570,11 +610,18 @@ impl BulkClient {
         };
         let response = self
             .send(Method::GET, &file.url, bearer, context, |r| {
-                r.header(ACCEPT, "application/fhir+ndjson")
+                let r = r.header(ACCEPT, "application/fhir+ndjson");
+                match offset {
+                    // Offsets count decoded bytes, so a resumed request must not be compressed.
+                    Some(offset) => r
+                        .header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                        .header(reqwest::header::ACCEPT_ENCODING, "identity"),
+                    None => r,
+                }
             })
             .await?;
         let status = response.status();
-        if status == StatusCode::OK {
+        if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
             return Ok(response);
         }
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {

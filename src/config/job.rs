@@ -613,4 +613,31 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn export_parameters_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = VALID.replace(
+            r#"types = ["Patient"]"#,
+            "types = [\"Patient\"]\nsince = \"yesterday\"\nuntil = \"2024-01-01T00:00:00+02:00\"\n\
+             patients = [\"Patient/1\", \"Observation/2\"]\n\
+             [export.extra_params]\n_since = \"x\"\n_mode = \"crawl\"\n",
+        );
+        let path = write(dir.path(), "j.toml", &text);
+        let err = load_job(&path).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "auth.private_key_env",
+                "export.since",
+                "export.patients",
+                "export.patients",
+                "export.patients[1]",
+                "export.extra_params._since",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("method = \"post\""), "{err}");
+    }
 }

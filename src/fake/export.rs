@@ -774,19 +774,63 @@ pub(crate) async fn file(
             .iter()
             .filter_map(|v| v.to_str().ok())
             .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let ranges = faults.range && !gzip;
+    let range = if ranges { range_start(&headers) } else { None };
+    let total = match (&range, &source) {
+        (Some(_), FileSource::Lines(lines)) => {
+            // The whole file's length, even when this response will be cut short.
+            let mut lines = lines.clone();
+            lines.stop_after = None;
+            let mut total = 0u64;
+            loop {
+                let chunk = lines.next_chunk();
+                if chunk.is_empty() {
+                    break total;
+                }
+                total += chunk.len() as u64;
+            }
+        }
+        (_, FileSource::Fixed(bytes)) => bytes.as_ref().map_or(0, |b| b.len() as u64),
+        (None, _) => 0,
+    };
+    if let Some(start) = range
+        && start >= total
+    {
+        return outcome::error(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "invalid",
+            "the range starts past the end of the file",
+        );
+    }
     let body = FileBody {
         source,
         gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
         cut: truncate,
         done: false,
+        skip: range.unwrap_or(0),
         _open: OpenFile(state.clone()),
     };
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
     let mut response = (
-        StatusCode::OK,
+        status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON))],
         Body::from_stream(body.into_stream()),
     )
         .into_response();
+    if ranges {
+        response
+            .headers_mut()
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if let Some(start) = range
+        && let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", total - 1))
+    {
+        response.headers_mut().insert(header::CONTENT_RANGE, value);
+    }
     if gzip {
         state.lock().faults.gzipped_files += 1;
         response
@@ -794,6 +838,14 @@ pub(crate) async fn file(
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
     }
     response
+}
+
+/// The start of a `Range: bytes=N-` header; other range forms are ignored (answered in full),
+/// which the spec allows.
+fn range_start(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::RANGE)?.to_str().ok()?;
+    let start = value.strip_prefix("bytes=")?.strip_suffix('-')?;
+    start.parse().ok()
 }
 
 fn no_such_file() -> Response {
@@ -825,6 +877,8 @@ struct FileBody {
     gzip: Option<GzEncoder<Vec<u8>>>,
     cut: bool,
     done: bool,
+    /// Bytes still to drop from the front (a `Range` request's offset).
+    skip: u64,
     _open: OpenFile,
 }
 
@@ -834,13 +888,28 @@ impl FileBody {
             if body.done {
                 return None;
             }
-            let chunk = match &mut body.source {
+            let mut chunk = match &mut body.source {
                 FileSource::Lines(lines) => lines.next_chunk(),
                 FileSource::Fixed(bytes) => bytes.take().unwrap_or_default(),
             };
+            while body.skip > 0 && !chunk.is_empty() {
+                let dropped = body.skip.min(chunk.len() as u64);
+                body.skip -= dropped;
+                chunk = chunk.slice(dropped as usize..);
+                if chunk.is_empty() {
+                    chunk = match &mut body.source {
+                        FileSource::Lines(lines) => lines.next_chunk(),
+                        FileSource::Fixed(bytes) => bytes.take().unwrap_or_default(),
+                    };
+                }
+            }
             if chunk.is_empty() {
                 body.done = true;
                 if body.cut {
+                    // Let the server flush the headers and the lines sent so far before the
+                    // connection drops, so the client sees a body that breaks off midway
+                    // rather than a response that never arrived.
+                    tokio::task::yield_now().await;
                     return Some((
                         Err(std::io::Error::other("the fake cut the connection")),
                         body,
@@ -866,6 +935,7 @@ impl FileBody {
 }
 
 /// The lines of one export file, generated on demand.
+#[derive(Clone)]
 struct FileLines {
     dataset: Dataset,
     file: ExportFile,

@@ -53,3 +53,50 @@ async fn a_file_over_the_size_cap_fails_the_run() {
     assert_eq!(retryable, Some(false));
     assert!(error.unwrap().contains("sync.max_file_bytes"));
 }
+
+/// (sum of attempts, number of files) of a run.
+async fn attempts(env: &TestEnv, run_id: i64) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT sum(attempts)::bigint, count(*) FROM fhir_sync.run_file WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_cut_download_resumes_with_a_range_request_when_the_server_takes_ranges() {
+    let env = env_with(40, Faults::default().truncate_file(2).range()).await;
+    let report = run(&env).await.expect("the cut files are resumed");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let partial = env
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/bulkfiles/") && r.status == 206)
+        .count();
+    let seen: Vec<(u16, Option<String>)> = env
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/bulkfiles/"))
+        .map(|r| (r.status, r.query.clone()))
+        .collect();
+    assert!(partial >= 2, "{partial} ranged responses {seen:?}");
+    let (attempts, files) = attempts(&env, report.run_id).await;
+    assert_eq!(attempts, files, "resuming does not restart a file");
+}
+
+#[tokio::test]
+async fn a_cut_download_restarts_the_file_when_the_server_takes_no_ranges() {
+    let env = env_with(40, Faults::default().truncate_file(2)).await;
+    let report = run(&env).await.expect("the cut files are downloaded again");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    assert!(
+        !env.fake.requests().iter().any(|r| r.status == 206),
+        "no Range request to a server that does not advertise them"
+    );
+    let (attempts, files) = attempts(&env, report.run_id).await;
+    assert_eq!(attempts, files + 2);
+}
