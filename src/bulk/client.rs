@@ -732,3 +732,101 @@ fn retry_after(response: &Response) -> Option<Duration> {
             .unwrap_or(Duration::ZERO),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response_with_retry_after(value: &str) -> Response {
+        let response = axum::http::Response::builder()
+            .status(429)
+            .header(RETRY_AFTER, value)
+            .body(Vec::<u8>::new())
+            .unwrap();
+        Response::from(response)
+    }
+
+    #[test]
+    fn retry_after_as_seconds_or_date() {
+        assert_eq!(
+            retry_after(&response_with_retry_after("120")),
+            Some(Duration::from_secs(120))
+        );
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let date = httpdate::fmt_http_date(in_an_hour);
+        let wait = retry_after(&response_with_retry_after(&date)).unwrap();
+        assert!(wait > Duration::from_secs(3500) && wait <= Duration::from_secs(3600));
+        assert_eq!(
+            retry_after(&response_with_retry_after("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(retry_after(&response_with_retry_after("soon")), None);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_honours_the_server() {
+        let policy = RetryPolicy {
+            attempts: 5,
+            base_delay: Duration::from_millis(100),
+        };
+        for (retry, nominal) in [(1, 100u64), (2, 200), (3, 400)] {
+            let delay = policy.delay(retry, None);
+            assert!(
+                delay >= Duration::from_millis(nominal / 2)
+                    && delay <= Duration::from_millis(nominal * 3 / 2),
+                "retry {retry}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(86_400))),
+            MAX_RETRY_DELAY
+        );
+        assert!(policy.delay(40, None) <= MAX_RETRY_DELAY.mul_f64(1.5));
+    }
+
+    #[test]
+    fn parameters_in_order_and_as_a_parameters_resource() {
+        let request = ExportRequest {
+            types: vec!["Patient".into(), "Observation".into()],
+            since: Some("2024-01-01T00:00:00+02:00".into()),
+            elements: vec!["id".into(), "meta".into()],
+            type_filters: vec!["Observation?status=final".into()],
+            patients: vec!["Patient/1".into()],
+            extra_params: vec![("_mode".into(), "crawl".into())],
+            lenient: true,
+            ..ExportRequest::default()
+        };
+        let names: Vec<String> = request.params().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "_type",
+                "_since",
+                "_elements",
+                "_typeFilter",
+                "patient",
+                "_mode"
+            ]
+        );
+        let resource = request.parameters_resource();
+        assert_eq!(resource["resourceType"], "Parameters");
+        assert_eq!(
+            resource["parameter"][0]["valueString"],
+            "Patient,Observation"
+        );
+        assert_eq!(
+            resource["parameter"][1]["valueInstant"],
+            "2024-01-01T00:00:00+02:00"
+        );
+        assert_eq!(
+            resource["parameter"][4]["valueReference"]["reference"],
+            "Patient/1"
+        );
+        assert_eq!(request.prefer(), "respond-async, handling=lenient");
+    }
+}

@@ -612,6 +612,11 @@ fn manifest(
     } else {
         Vec::new()
     };
+    let deleted: Vec<serde_json::Value> = if faults.deleted_resources > 0 && page == 1 {
+        vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
+    } else {
+        Vec::new()
+    };
     let requires_access_token = if faults.requires_access_token_as_string {
         json!(state.options.requires_access_token.to_string())
     } else {
@@ -624,10 +629,29 @@ fn manifest(
         "output": output,
         "error": error,
     });
+    if !deleted.is_empty() {
+        body["deleted"] = json!(deleted);
+    }
     if page < pages {
         let next = state.url(&format!("/fhir/bulkstatus/{id}"));
         body["link"] = json!([{ "relation": "next", "url": format!("{next}?page={}", page + 1) }]);
     }
+    body
+}
+
+/// The name of the deleted file an export lists when `Faults::deleted_resources` is set.
+const DELETED_FILE: &str = "deleted.ndjson";
+
+/// The deleted file: one transaction Bundle of `n` DELETE entries, as the spec describes.
+fn deleted_lines(n: u32) -> Vec<u8> {
+    let entries: Vec<serde_json::Value> = (1..=n)
+        .map(
+            |i| json!({ "request": { "method": "DELETE", "url": format!("Patient/deleted-{i}") } }),
+        )
+        .collect();
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+    let mut body = bundle.to_string().into_bytes();
+    body.push(b'\n');
     body
 }
 
@@ -724,6 +748,8 @@ pub(crate) async fn file(
         };
         let source = if faults.error_file && name == ERROR_FILE {
             FileSource::Fixed(Some(Bytes::from(error_lines(export))))
+        } else if faults.deleted_resources > 0 && name == DELETED_FILE {
+            FileSource::Fixed(Some(Bytes::from(deleted_lines(faults.deleted_resources))))
         } else {
             let Some(file) = export.files.iter().find(|f| f.name == name) else {
                 return no_such_file();
@@ -1378,6 +1404,50 @@ mod tests {
         }
         let missing = h.kick_off("Group/nope/$export", &token).await;
         assert_eq!(missing.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn scripted_manifests_list_error_and_deleted_files_and_page() {
+        use crate::fake::Faults;
+        let options = FakeOptions {
+            faults: Faults::default()
+                .error_file()
+                .deleted_resources(2)
+                .relative_urls()
+                .manifest_page_size(1),
+            ..fast_options()
+        };
+        let h = Harness::start(Dataset::new(1, 2), options).await;
+        let token = h.token().await;
+        let (status_url, manifest) =
+            run_export(&h, "$export?_type=Patient,Condition", &token).await;
+        assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
+        let next = manifest["link"][0]["url"].as_str().unwrap();
+        assert_eq!(next, format!("{status_url}?page=2"));
+        let page: Value = h.get(next, Some(&token)).await.json().await.unwrap();
+        assert_eq!(page["output"][0]["type"], "Condition");
+        assert!(page.get("link").is_none(), "the last page links no further");
+
+        let base = url::Url::parse(&status_url).unwrap();
+        let absolute = |entry: &Value| base.join(entry["url"].as_str().unwrap()).unwrap();
+        let errors = h
+            .get(absolute(&manifest["error"][0]).as_str(), Some(&token))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(errors.lines().count(), 2, "one outcome per exported type");
+        assert_eq!(manifest["deleted"][0]["type"], "Bundle");
+        let deleted = h
+            .get(absolute(&manifest["deleted"][0]).as_str(), Some(&token))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let bundle: Value = serde_json::from_str(deleted.trim_end()).unwrap();
+        assert_eq!(bundle["type"], "transaction");
+        assert_eq!(bundle["entry"][1]["request"]["method"], "DELETE");
+        assert_eq!(bundle["entry"][1]["request"]["url"], "Patient/deleted-2");
     }
 
     #[test]

@@ -33,6 +33,9 @@ pub struct Faults {
     pub expire_files: u32,
     /// Manifests list one error file of OperationOutcomes (one per exported type).
     pub error_file: bool,
+    /// Manifests list one `deleted` file: a Bundle of this many `DELETE Patient/deleted-N`
+    /// entries (ids that are not in the data set, so a test can plant rows for them first).
+    pub deleted_resources: u32,
     /// Manifest file URLs are relative (`../bulkfiles/...`), resolved against the status URL.
     pub relative_urls: bool,
     /// Manifests list at most this many output files per page and link the rest with `next`.
@@ -91,6 +94,10 @@ impl Faults {
     }
     pub fn error_file(mut self) -> Self {
         self.error_file = true;
+        self
+    }
+    pub fn deleted_resources(mut self, n: u32) -> Self {
+        self.deleted_resources = n;
         self
     }
     pub fn relative_urls(mut self) -> Self {
