@@ -2,8 +2,9 @@
 //! download and load of every file → DELETE of the export → run recorded.
 //!
 //! This is the only place that strings `smart`, `bulk` and `warehouse` together. It records
-//! every step in the run tables and classifies failures as retryable or fatal; it never logs a
-//! credential or a resource body.
+//! every step in the run tables (retries included) and classifies failures as retryable or
+//! fatal; it retries files, refreshes expired links, and deletes exports that earlier runs
+//! abandoned on the server. It never logs a credential or a resource body.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

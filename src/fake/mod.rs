@@ -9,7 +9,8 @@
 //! general: there are no reads or searches, only discovery, tokens and export.
 //!
 //! All mutable state lives in one [`state::ServerState`] behind an `Arc`, and all knobs in
-//! [`FakeOptions`], so that scripted faults can be added later in one place.
+//! [`FakeOptions`]; scripted export faults (429 storms, cut and expiring files, paging, gzip,
+//! one export at a time) are a [`Faults`] value in the options, fired by request count.
 
 mod auth;
 pub mod data;
