@@ -18,8 +18,6 @@ ALTER TABLE fhir_sync.run
     ADD COLUMN trigger text NOT NULL DEFAULT 'manual',
     -- Ignore the watermark: export everything.
     ADD COLUMN full_export boolean NOT NULL DEFAULT false,
-    -- Retries of queue steps (kick-off, polls after errors, file loads) during the run.
-    ADD COLUMN retries integer NOT NULL DEFAULT 0,
     -- The manifest's requiresAccessToken, needed by whichever worker downloads a file.
     ADD COLUMN requires_access_token boolean,
     ADD COLUMN updated_at timestamptz NOT NULL DEFAULT now();

@@ -358,3 +358,34 @@ pub async fn check(
     }
     Ok(ok)
 }
+
+/// `fhir-sync cancel <run>`: stops the run and deletes its export on the FHIR server.
+pub async fn cancel(
+    settings: &Settings,
+    jobs_dir_override: Option<&Path>,
+    run_id: i64,
+) -> anyhow::Result<()> {
+    let jobs = config::load_jobs(&jobs_dir(settings, jobs_dir_override))?;
+    let pool = connect(settings).await?;
+    prepare_database(&pool).await?;
+    let ctx = SyncContext {
+        pool,
+        settings: settings.sync.clone(),
+        queue: settings.queue.clone(),
+    };
+    let outcome = sync::cancel_run(&ctx, &jobs, run_id)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot cancel run {run_id}: {}", sync::error_chain(&e)))?;
+    match outcome {
+        sync::CancelOutcome::Deleted => {
+            println!("run {run_id}: the export was deleted on the server")
+        }
+        sync::CancelOutcome::AlreadyDeleted => {
+            println!("run {run_id}: the export had already been deleted")
+        }
+        sync::CancelOutcome::NeverStarted => {
+            println!("run {run_id}: no export was started, nothing to cancel")
+        }
+    }
+    Ok(())
+}

@@ -65,7 +65,7 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
             poll_max_interval_seconds: 5.0,
             poll_default_interval_seconds: 1.0,
             timeout_seconds: 600,
-            since_overlap_seconds: 0,
+            ..ExportConfig::default()
         },
         schedule: None,
     }

@@ -84,6 +84,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a run's export on the FHIR server (DELETE its status URL).
+    Cancel {
+        /// The run id, as `fhir-sync status` shows it.
+        run: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +209,7 @@ fn main() -> ExitCode {
             Command::Status { job, limit, json } => {
                 app::status(&settings, job.as_deref(), limit, json).await
             }
+            Command::Cancel { run } => app::cancel(&settings, cli.jobs_dir.as_deref(), run).await,
             Command::Keys { .. } | Command::Config { .. } => {
                 unreachable!("handled before the runtime starts")
             }

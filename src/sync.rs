@@ -2,24 +2,27 @@
 //! download and load of every file → DELETE of the export → run recorded.
 //!
 //! This is the only place that strings `smart`, `bulk` and `warehouse` together. It records
-//! every step in the run tables and classifies failures as retryable or fatal; it never logs a
-//! credential or a resource body.
+//! every step in the run tables (retries included) and classifies failures as retryable or
+//! fatal; it retries files, refreshes expired links, and deletes exports that earlier runs
+//! abandoned on the server. It never logs a credential or a resource body.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
 use tokio_util::io::StreamReader;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, PollPolicy};
+use crate::bulk::{
+    BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy, RetryPolicy,
+};
 use crate::config::{JobConfig, SyncSettings};
 use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError, KeyError};
 use crate::transport::{self, HttpOptions};
-use crate::warehouse::{self, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
+use crate::warehouse::{self, FileKind, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
 
 pub mod state;
 pub mod steps;
@@ -315,20 +318,79 @@ impl Session {
                 job.fhir.base_url.clone(),
                 prepared.tokens.clone(),
                 allow_insecure_http,
-            ),
+            )
+            .with_retry(retry_policy(settings)),
             types: authorized.types,
         })
     }
 }
 
-/// The export a run of `job` asks for, limited to the types `session` is allowed.
-pub fn export_request(job: &JobConfig, session: &Session, since: Option<String>) -> ExportRequest {
-    ExportRequest {
-        level: job.export.level,
-        group_id: job.export.group_id.clone(),
-        types: session.types.clone(),
-        since,
+/// The export a run of `job` asks for: the job's parameters, limited to the types `session`
+/// is allowed, from the watermark when there is one (else from the job's own `export.since`).
+pub fn export_request(
+    job: &JobConfig,
+    session: &Session,
+    watermark: Option<String>,
+) -> ExportRequest {
+    let mut request = ExportRequest::from_config(&job.export);
+    request.types = session.types.clone();
+    if watermark.is_some() {
+        request.since = watermark;
     }
+    request
+}
+
+/// A `$export` client authorised as the job's client, with the settings' retry policy (for
+/// callers outside a run: tests, tools).
+pub async fn connect_bulk(
+    settings: &SyncSettings,
+    job: &JobConfig,
+) -> Result<BulkClient, SyncError> {
+    Ok(Session::open(settings, job).await?.bulk)
+}
+
+/// `fhir-sync cancel <run>`: stops the run (its remaining steps do nothing) and deletes its
+/// export on the server (a 404 means it is gone already), recording the deletion.
+pub async fn cancel_run(
+    ctx: &SyncContext,
+    jobs: &[JobConfig],
+    run_id: i64,
+) -> Result<CancelOutcome, SyncError> {
+    let Some((job_name, status_url, deleted_at)) =
+        export_record::export_of(&ctx.pool, run_id).await?
+    else {
+        return Err(SyncError::Unsupported(format!("there is no run {run_id}")));
+    };
+    state::cancel(&ctx.pool, run_id).await?;
+    if deleted_at.is_some() {
+        return Ok(CancelOutcome::AlreadyDeleted);
+    }
+    let Some(status_url) = status_url else {
+        return Ok(CancelOutcome::NeverStarted);
+    };
+    let job = jobs.iter().find(|j| j.name == job_name).ok_or_else(|| {
+        SyncError::Unsupported(format!(
+            "run {run_id} belongs to job {job_name:?}, which has no job file any more; its export cannot be cancelled without the job's credentials"
+        ))
+    })?;
+    let status_url = url::Url::parse(&status_url).map_err(|e| {
+        SyncError::Unsupported(format!("run {run_id} has an unusable status URL: {e}"))
+    })?;
+    let session = Session::open(&ctx.settings, job).await?;
+    session.bulk.delete(&status_url).await?;
+    export_record::deleted(&ctx.pool, run_id).await?;
+    Ok(CancelOutcome::Deleted)
+}
+
+/// What `cancel_run` did on the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The export was deleted on the server (or the server no longer knew it).
+    Deleted,
+    /// fhir-sync had deleted it before.
+    AlreadyDeleted,
+    /// The run never got as far as starting an export.
+    NeverStarted,
 }
 
 /// How `job`'s status polls are paced.
@@ -341,103 +403,421 @@ pub fn poll_policy(job: &JobConfig) -> PollPolicy {
     }
 }
 
-/// Attempts per file for retryable failures; each attempt resumes after the committed lines.
-const FILE_ATTEMPTS: u32 = 3;
-
-#[allow(clippy::too_many_arguments)]
-async fn load_file(
-    pool: &PgPool,
-    runs: &Runs,
-    bulk: &BulkClient,
-    target: FileTarget,
-    file: &ManifestFile,
-    requires_access_token: bool,
-    limits: LoadLimits,
-    total_bytes: &AtomicU64,
-) -> Result<(), SyncError> {
-    let name = transport::redacted(&file.url);
-    runs.file_started(target.file_id).await?;
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        let bytes = AtomicU64::new(0);
-        let result = download_and_load(
-            pool,
-            bulk,
-            &target,
-            file,
-            requires_access_token,
-            limits,
-            &bytes,
-        )
-        .await;
-        let read = bytes.load(Ordering::Relaxed);
-        total_bytes.fetch_add(read, Ordering::Relaxed);
-        let error = match result {
-            Ok(stats) => {
-                runs.file_loaded(target.file_id, read).await?;
-                let accounted = stats.resumed_after_line + stats.lines;
-                if let Some(count) = file.count
-                    && stats.resumed_after_line == 0
-                    && stats.loaded + stats.rejected != count
-                {
-                    tracing::warn!(
-                        manifest.count = count,
-                        loaded = stats.loaded,
-                        rejected = stats.rejected,
-                        "the file's line count differs from the manifest's count"
-                    );
-                }
-                tracing::info!(
-                    lines = accounted,
-                    loaded = stats.loaded,
-                    rejected = stats.rejected,
-                    bytes = read,
-                    "file loaded"
-                );
-                return Ok(());
-            }
-            Err(error) => error,
-        };
-        let retryable = error.is_retryable();
-        if retryable && attempt < FILE_ATTEMPTS {
-            let delay = Duration::from_millis(500 * 2u64.pow(attempt - 1));
-            tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
-            tokio::time::sleep(delay).await;
-            continue;
-        }
-        runs.file_failed(target.file_id, read, &error_chain(&error))
-            .await?;
-        tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
-        return Err(error);
+/// The retry policy the sync settings describe.
+pub fn retry_policy(settings: &SyncSettings) -> RetryPolicy {
+    RetryPolicy {
+        attempts: settings.request_attempts,
+        base_delay: Duration::from_millis(settings.retry_base_delay_ms),
     }
 }
 
-async fn download_and_load(
-    pool: &PgPool,
-    bulk: &BulkClient,
-    target: &FileTarget,
-    file: &ManifestFile,
+/// Times one file's link may be refreshed from the status URL before the run gives up on it.
+const MAX_LINK_REFRESHES: u32 = 3;
+
+/// What every file download of one run shares.
+pub(crate) struct Download<'a> {
+    pool: &'a PgPool,
+    runs: &'a Runs,
+    bulk: &'a BulkClient,
+    status_url: &'a url::Url,
     requires_access_token: bool,
     limits: LoadLimits,
-    bytes: &AtomicU64,
-) -> Result<warehouse::LoadStats, SyncError> {
-    let name = transport::redacted(&file.url);
-    let response = bulk
-        .open_file(file, requires_access_token)
-        .await
-        .map_err(|source| SyncError::Download {
+    max_file_bytes: u64,
+    total_bytes: &'a AtomicU64,
+    retries: &'a AtomicU64,
+}
+
+impl<'a> Download<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        pool: &'a PgPool,
+        runs: &'a Runs,
+        bulk: &'a BulkClient,
+        status_url: &'a url::Url,
+        requires_access_token: bool,
+        settings: &SyncSettings,
+        total_bytes: &'a AtomicU64,
+        retries: &'a AtomicU64,
+    ) -> Self {
+        Download {
+            pool,
+            runs,
+            bulk,
+            status_url,
+            requires_access_token,
+            limits: LoadLimits {
+                batch_lines: settings.batch_lines,
+                max_line_bytes: settings.max_line_bytes,
+            },
+            max_file_bytes: settings.max_file_bytes,
+            total_bytes,
+            retries,
+        }
+    }
+
+    /// Downloads and loads one file, retrying 429, 5xx, cut connections and truncated bodies
+    /// with backoff (each attempt restarts the download and the loader skips the lines it
+    /// already committed, so nothing is loaded twice), and fetching fresh links from the status
+    /// URL when the file's link has expired.
+    pub(crate) async fn load_file(
+        &self,
+        target: FileTarget,
+        listed: &ManifestFile,
+        kind: FileKind,
+    ) -> Result<(), SyncError> {
+        let mut file = listed.clone();
+        let name = transport::redacted(&file.url);
+        self.runs.file_started(target.file_id).await?;
+        let policy = self.bulk.retry_policy();
+        let mut attempt = 0;
+        let mut refreshes = 0;
+        loop {
+            attempt += 1;
+            export_record::file_attempt(self.pool, target.file_id).await?;
+            let bytes = AtomicU64::new(0);
+            let result = self.download_and_load(&target, &file, &bytes).await;
+            let read = bytes.load(Ordering::Relaxed);
+            self.total_bytes.fetch_add(read, Ordering::Relaxed);
+            let error = match result {
+                Ok(stats) => {
+                    self.runs.file_loaded(target.file_id, read).await?;
+                    let accounted = stats.resumed_after_line + stats.lines;
+                    if let Some(count) = file.count
+                        && stats.resumed_after_line == 0
+                        && stats.loaded + stats.rejected != count
+                    {
+                        tracing::warn!(
+                            manifest.count = count,
+                            loaded = stats.loaded,
+                            rejected = stats.rejected,
+                            "the file's line count differs from the manifest's count"
+                        );
+                    }
+                    tracing::info!(
+                        lines = accounted,
+                        loaded = stats.loaded,
+                        rejected = stats.rejected,
+                        bytes = read,
+                        attempts = attempt,
+                        "file loaded"
+                    );
+                    return Ok(());
+                }
+                Err(error) => error,
+            };
+            let expired = matches!(
+                &error,
+                SyncError::Download {
+                    source: ExportError::Expired { .. },
+                    ..
+                }
+            );
+            if expired && refreshes < MAX_LINK_REFRESHES {
+                refreshes += 1;
+                tracing::warn!(file = %name, "the file link expired; fetching fresh links from the status URL");
+                export_record::link_refreshed(self.pool, target.file_id).await?;
+                let fresh = self.bulk.refresh_manifest(self.status_url).await;
+                match fresh.map(|m| find_fresh_link(&m, listed, kind)) {
+                    Ok(Some(url)) => {
+                        file.url = url;
+                        // A fresh link is a new chance: it does not use up a retry.
+                        attempt -= 1;
+                        continue;
+                    }
+                    Ok(None) => {
+                        let error = SyncError::Download {
+                            file: name.clone(),
+                            source: ExportError::BadResponse(
+                                "the file link expired and the refreshed manifest no longer lists the file".into(),
+                            ),
+                        };
+                        self.runs
+                            .file_failed(target.file_id, read, &error_chain(&error))
+                            .await?;
+                        return Err(error);
+                    }
+                    Err(source) => {
+                        let error = SyncError::Export(source);
+                        self.runs
+                            .file_failed(target.file_id, read, &error_chain(&error))
+                            .await?;
+                        return Err(error);
+                    }
+                }
+            }
+            if !expired && error.is_retryable() && attempt < policy.attempts {
+                let hinted = match &error {
+                    SyncError::Download {
+                        source: ExportError::FileStatus { retry_after, .. },
+                        ..
+                    } => *retry_after,
+                    _ => None,
+                };
+                let delay = policy.delay(attempt, hinted);
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            let error = if expired {
+                SyncError::Download {
+                    file: name.clone(),
+                    source: ExportError::BadResponse(format!(
+                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried); the server may be dropping the export's files"
+                    )),
+                }
+            } else {
+                error
+            };
+            self.runs
+                .file_failed(target.file_id, read, &error_chain(&error))
+                .await?;
+            tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
+            return Err(error);
+        }
+    }
+
+    async fn download_and_load(
+        &self,
+        target: &FileTarget,
+        file: &ManifestFile,
+        bytes: &AtomicU64,
+    ) -> Result<warehouse::LoadStats, SyncError> {
+        let name = transport::redacted(&file.url);
+        let download_error = |source| SyncError::Download {
             file: name.clone(),
             source,
-        })?;
-    let stream = response
-        .bytes_stream()
-        .inspect_ok(|chunk| {
-            bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        })
-        .map_err(|e| std::io::Error::other(e.without_url()));
-    let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
-    warehouse::load_ndjson(pool, target, reader, limits)
+        };
+        let response = self
+            .bulk
+            .open_file(file, self.requires_access_token)
+            .await
+            .map_err(download_error)?;
+        let limit = self.max_file_bytes;
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit)
+        {
+            return Err(download_error(ExportError::TooLarge { limit }));
+        }
+        let too_large = std::sync::atomic::AtomicBool::new(false);
+        // A server that says it takes byte ranges (and is not compressing, which would make
+        // offsets ambiguous) gets a `Range` request when the body breaks off, and the loader
+        // reads on as if nothing happened. Otherwise a break fails this attempt and the retry
+        // restarts the file, the loader skipping the lines it has committed.
+        let resumable = response
+            .headers()
+            .get(reqwest::header::ACCEPT_RANGES)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"))
+            && !response
+                .headers()
+                .contains_key(reqwest::header::CONTENT_ENCODING);
+        let resume = Resume {
+            current: Box::pin(response.bytes_stream()),
+            offset: 0,
+            resumes_left: if resumable { MAX_RANGE_RESUMES } else { 0 },
+        };
+        let stream = futures::stream::unfold(resume, |mut resume| async move {
+            loop {
+                let error = match resume.current.next().await {
+                    Some(Ok(chunk)) => {
+                        resume.offset += chunk.len() as u64;
+                        return Some((Ok(chunk), resume));
+                    }
+                    None => return None,
+                    Some(Err(error)) => std::io::Error::other(error.without_url()),
+                };
+                if resume.resumes_left == 0 {
+                    return Some((Err(error), resume));
+                }
+                resume.resumes_left -= 1;
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    offset = resume.offset,
+                    "file body broke off; resuming with a Range request"
+                );
+                match self
+                    .bulk
+                    .resume_file(file, self.requires_access_token, resume.offset)
+                    .await
+                {
+                    Ok(response) => resume.current = Box::pin(response.bytes_stream()),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not resume the file; it will be restarted");
+                        resume.resumes_left = 0;
+                        return Some((Err(error), resume));
+                    }
+                }
+            }
+        });
+        // `bytes` counts what arrived (decompressed, since reqwest decodes gzip); past the cap
+        // the stream fails so the loader stops reading.
+        let stream = Box::pin(stream).and_then(|chunk| {
+            let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
+            let result = if total > limit {
+                too_large.store(true, Ordering::Relaxed);
+                Err(std::io::Error::other(
+                    "the file is larger than sync.max_file_bytes",
+                ))
+            } else {
+                Ok(chunk)
+            };
+            futures::future::ready(result)
+        });
+        let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
+        let result = warehouse::load_ndjson(self.pool, target, reader, self.limits).await;
+        if too_large.load(Ordering::Relaxed) {
+            return Err(download_error(ExportError::TooLarge { limit }));
+        }
+        result.map_err(|source| SyncError::Load { file: name, source })
+    }
+}
+
+/// Byte-range resumptions of one download attempt before the attempt is given up.
+const MAX_RANGE_RESUMES: u32 = 3;
+
+/// The state of a file body that may be resumed with `Range` requests.
+struct Resume {
+    current: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    /// Bytes of the body received so far.
+    offset: u64,
+    resumes_left: u32,
+}
+
+/// The fresh URL of `listed` in a re-fetched manifest: the entry with the same URL without its
+/// query string (expiring links usually differ only in their signature), else the entry at the
+/// same position among the same type's files.
+fn find_fresh_link(fresh: &Manifest, listed: &ManifestFile, kind: FileKind) -> Option<url::Url> {
+    let list = match kind {
+        FileKind::Output => &fresh.output,
+        FileKind::Error => &fresh.error,
+    };
+    let key = transport::redacted(&listed.url);
+    list.iter()
+        .find(|f| transport::redacted(&f.url) == key)
+        .map(|f| f.url.clone())
+}
+
+/// Deletes, on the server, exports this job started in earlier runs and never deleted: runs
+/// that failed (and, when `include_running`, runs still marked running, which is what a killed
+/// process leaves) with a status URL and no recorded deletion. Returns how many were deleted.
+/// Failures are logged, not returned: clean-up must never stop a new run.
+pub async fn delete_abandoned_exports(
+    pool: &PgPool,
+    bulk: &BulkClient,
+    job: &str,
+    current_run: i64,
+    include_running: bool,
+) -> usize {
+    let abandoned = match export_record::abandoned(pool, job, current_run, include_running).await {
+        Ok(abandoned) => abandoned,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for abandoned exports");
+            return 0;
+        }
+    };
+    let mut deleted = 0;
+    for (run_id, status_url) in abandoned {
+        let Ok(url) = url::Url::parse(&status_url) else {
+            continue;
+        };
+        match bulk.delete(&url).await {
+            Ok(()) => {
+                tracing::info!(
+                    abandoned.run_id = run_id,
+                    "deleted an abandoned export on the server"
+                );
+                if let Err(e) = export_record::deleted(pool, run_id).await {
+                    tracing::warn!(error = %e, "could not record the deleted export");
+                }
+                deleted += 1;
+            }
+            Err(e) => {
+                tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export");
+            }
+        }
+    }
+    deleted
+}
+
+/// The export-specific columns of the run tables (migration `20261129000200_export.sql`).
+pub(crate) mod export_record {
+    use sqlx::PgPool;
+
+    /// Adds a step's retries to the run's count (several workers add to it concurrently).
+    pub(crate) async fn add_retries(pool: &PgPool, run_id: i64, retries: u64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET retries = retries + $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(retries as i64)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(crate) async fn expires(pool: &PgPool, run_id: i64, expires: &str) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET export_expires = $2 WHERE id = $1")
+            .bind(run_id)
+            .bind(expires)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(crate) async fn deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run SET export_deleted_at = coalesce(export_deleted_at, now()) WHERE id = $1")
+            .bind(run_id)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(crate) async fn file_attempt(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+        sqlx::query("UPDATE fhir_sync.run_file SET attempts = attempts + 1 WHERE id = $1")
+            .bind(file_id)
+            .execute(pool)
+            .await
+            .map(drop)
+    }
+
+    pub(crate) async fn link_refreshed(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+        sqlx::query(
+            "UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1 WHERE id = $1",
+        )
+        .bind(file_id)
+        .execute(pool)
         .await
-        .map_err(|source| SyncError::Load { file: name, source })
+        .map(drop)
+    }
+
+    /// (run id, status URL) of this job's exports that were started and never deleted.
+    pub(crate) async fn abandoned(
+        pool: &PgPool,
+        job: &str,
+        current_run: i64,
+        include_running: bool,
+    ) -> sqlx::Result<Vec<(i64, String)>> {
+        sqlx::query_as(
+            "SELECT id, status_url FROM fhir_sync.run
+             WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
+               AND (status IN ('succeeded', 'failed', 'cancelled')
+                    OR ($3 AND status IN ('kicking_off', 'exporting', 'loading', 'completing') AND id < $2))
+             ORDER BY id",
+        )
+        .bind(job)
+        .bind(current_run)
+        .bind(include_running)
+        .fetch_all(pool)
+        .await
+    }
+
+    /// The job name and status URL of a run, for `fhir-sync cancel`.
+    pub(crate) async fn export_of(
+        pool: &PgPool,
+        run_id: i64,
+    ) -> sqlx::Result<Option<(String, Option<String>, Option<time::OffsetDateTime>)>> {
+        sqlx::query_as("SELECT job, status_url, export_deleted_at FROM fhir_sync.run WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await
+    }
 }

@@ -1,26 +1,168 @@
-//! The `$export` HTTP client: kick-off, polling, downloads and the final DELETE.
+//! The `$export` HTTP client: kick-off (GET or POST, with retries), polling, paged manifests,
+//! downloads and the final DELETE.
+//!
+//! It retries what a server says is temporary (429, 5xx, transient OperationOutcomes, dropped
+//! connections) and counts every retry so the run record can show them; it never retries a
+//! 4xx refusal. File bodies are handed out as responses, never read here.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{ACCEPT, CONTENT_LOCATION, RETRY_AFTER};
+use reqwest::header::{ACCEPT, CONTENT_LOCATION, CONTENT_TYPE, EXPIRES, RETRY_AFTER};
 use reqwest::{Method, Response, StatusCode};
+use serde_json::json;
 use url::Url;
 
 use super::{ExportError, Manifest, ManifestFile, outcome_is_transient, outcome_text};
-use crate::config::ExportLevel;
+use crate::config::{ExportConfig, ExportLevel, ExportMethod};
 use crate::smart::TokenManager;
 use crate::transport;
 
-/// What to export.
-#[derive(Debug, Clone)]
+/// What to export: the level and every kick-off parameter.
+#[derive(Debug, Clone, Default)]
 pub struct ExportRequest {
     pub level: ExportLevel,
     pub group_id: Option<String>,
     pub types: Vec<String>,
     /// Sent as `_since` exactly as given (a previous manifest's `transactionTime`).
     pub since: Option<String>,
+    pub until: Option<String>,
+    pub output_format: Option<String>,
+    pub elements: Vec<String>,
+    pub type_filters: Vec<String>,
+    /// `Patient/<id>` references; only sent in a POST body.
+    pub patients: Vec<String>,
+    pub include_associated_data: Vec<String>,
+    /// Vendor parameters, sent after the standard ones.
+    pub extra_params: Vec<(String, String)>,
+    pub method: ExportMethod,
+    /// Adds `handling=lenient` to `Prefer`.
+    pub lenient: bool,
 }
+
+impl ExportRequest {
+    /// The request a job's `[export]` section describes.
+    pub fn from_config(export: &ExportConfig) -> ExportRequest {
+        ExportRequest {
+            level: export.level,
+            group_id: export.group_id.clone(),
+            types: export.types.clone(),
+            since: export.since.clone(),
+            until: export.until.clone(),
+            output_format: export.output_format.clone(),
+            elements: export.elements.clone(),
+            type_filters: export.type_filters.clone(),
+            patients: export.patients.clone(),
+            include_associated_data: export.include_associated_data.clone(),
+            extra_params: export
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            method: export.method,
+            lenient: export.lenient,
+        }
+    }
+
+    /// The kick-off parameters in order, not yet encoded: `_type` and `_elements` as one
+    /// comma-joined value each (Oracle refuses repeated `_type`), `_typeFilter` and `patient`
+    /// once per entry.
+    pub fn params(&self) -> Vec<(String, String)> {
+        let mut params: Vec<(String, String)> = Vec::new();
+        let mut push = |name: &str, value: String| params.push((name.to_string(), value));
+        if !self.types.is_empty() {
+            push("_type", self.types.join(","));
+        }
+        if let Some(since) = &self.since {
+            push("_since", since.clone());
+        }
+        if let Some(until) = &self.until {
+            push("_until", until.clone());
+        }
+        if let Some(format) = &self.output_format {
+            push("_outputFormat", format.clone());
+        }
+        if !self.elements.is_empty() {
+            push("_elements", self.elements.join(","));
+        }
+        for filter in &self.type_filters {
+            push("_typeFilter", filter.clone());
+        }
+        if !self.include_associated_data.is_empty() {
+            push(
+                "includeAssociatedData",
+                self.include_associated_data.join(","),
+            );
+        }
+        for patient in &self.patients {
+            push("patient", patient.clone());
+        }
+        for (name, value) in &self.extra_params {
+            push(name, value.clone());
+        }
+        params
+    }
+
+    /// The `Parameters` resource a POST kick-off sends.
+    pub fn parameters_resource(&self) -> serde_json::Value {
+        let parameter: Vec<serde_json::Value> = self
+            .params()
+            .into_iter()
+            .map(|(name, value)| match name.as_str() {
+                "patient" => json!({ "name": name, "valueReference": { "reference": value } }),
+                "_since" | "_until" => json!({ "name": name, "valueInstant": value }),
+                _ => json!({ "name": name, "valueString": value }),
+            })
+            .collect();
+        json!({ "resourceType": "Parameters", "parameter": parameter })
+    }
+
+    fn prefer(&self) -> &'static str {
+        if self.lenient {
+            "respond-async, handling=lenient"
+        } else {
+            "respond-async"
+        }
+    }
+}
+
+/// How often and how patiently to retry a request the server says is temporary.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// Tries in all, the first included.
+    pub attempts: u32,
+    /// The first retry's delay; it doubles per retry, with jitter, up to five minutes.
+    pub base_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 6,
+            base_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait before retry number `retry` (1-based): the server's `Retry-After` when it gave
+    /// one, else exponential backoff with ±50 % jitter so parallel downloads do not retry in
+    /// lockstep.
+    pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
+        if let Some(hint) = retry_after {
+            return hint.min(MAX_RETRY_DELAY);
+        }
+        let backoff = self
+            .base_delay
+            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1).min(16)))
+            .min(MAX_RETRY_DELAY);
+        backoff.mul_f64(rand::random_range(0.5..1.5))
+    }
+}
+
+/// No single retry waits longer than this, whatever the server asks.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
 /// A started export.
 #[derive(Debug, Clone)]
@@ -70,11 +212,19 @@ enum Bearer {
 /// Consecutive 5xx/429/transient answers tolerated while polling before the run fails.
 const MAX_POLL_ERRORS: u32 = 10;
 
+/// A manifest with more pages than this is treated as a server loop.
+const MAX_MANIFEST_PAGES: usize = 10_000;
+
+#[derive(Clone)]
 pub struct BulkClient {
     http: reqwest::Client,
     base: Url,
     tokens: Arc<TokenManager>,
     allow_insecure_http: bool,
+    retry: RetryPolicy,
+    /// Requests repeated because the server or the network said "later" (kick-off, status,
+    /// manifest pages); file retries are counted by the caller, which sees them.
+    retries: Arc<AtomicU64>,
 }
 
 impl BulkClient {
@@ -89,11 +239,39 @@ impl BulkClient {
             base,
             tokens,
             allow_insecure_http,
+            retry: RetryPolicy::default(),
+            retries: Arc::new(AtomicU64::new(0)),
         }
     }
 
-    /// The kick-off URL for `request`: `_type` as one comma-joined value (some servers accept
-    /// no other form), `_since` percent-encoded so a `+` offset survives.
+    /// Replaces the default retry policy.
+    pub fn with_retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Counts this client's retries into `counter` (shared with the caller's own retries).
+    pub fn with_retry_counter(mut self, counter: Arc<AtomicU64>) -> Self {
+        self.retries = counter;
+        self
+    }
+
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Requests this client has repeated so far.
+    pub fn retries(&self) -> u64 {
+        self.retries.load(Ordering::Relaxed)
+    }
+
+    fn count_retry(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The kick-off URL for `request`. For GET it carries the parameters, form-encoded so that
+    /// a `+` in a `_since` offset arrives as `%2B` rather than as a space; for POST the
+    /// parameters go in the body and the URL has none.
     pub fn kick_off_url(&self, request: &ExportRequest) -> Url {
         let path = match (request.level, &request.group_id) {
             (ExportLevel::System, _) => "$export".to_string(),
@@ -104,76 +282,129 @@ impl BulkClient {
             }
         };
         let mut url = transport::append_path(&self.base, &path);
-        {
+        let params = request.params();
+        if request.method == ExportMethod::Get && !params.is_empty() {
             let mut query = url.query_pairs_mut();
-            if !request.types.is_empty() {
-                query.append_pair("_type", &request.types.join(","));
-            }
-            if let Some(since) = &request.since {
-                query.append_pair("_since", since);
+            for (name, value) in &params {
+                query.append_pair(name, value);
             }
         }
         url
     }
 
-    /// Starts an export and returns its status URL.
+    /// Starts an export and returns its status URL. 429 and 5xx (and dropped connections) are
+    /// retried with backoff; other 4xx are fatal with the server's diagnostics. A server that
+    /// still answers 429 (or 409) after every retry is reported as [`ExportError::Busy`]: in
+    /// practice that is an export already running for this client.
     pub async fn kick_off(&self, request: &ExportRequest) -> Result<KickOff, ExportError> {
         let request_url = self.kick_off_url(request);
         let context = "export kick-off";
-        let response = self
-            .send(
-                Method::GET,
-                &request_url,
-                Bearer::FhirOrigin,
-                context,
-                |r| {
-                    r.header(ACCEPT, "application/fhir+json")
-                        .header("Prefer", "respond-async")
-                },
-            )
-            .await?;
-        let status = response.status();
-        if status == StatusCode::ACCEPTED {
-            let location = response
-                .headers()
-                .get(CONTENT_LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .ok_or_else(|| {
-                    ExportError::BadResponse(
-                        "the kick-off answered 202 without Content-Location".into(),
-                    )
+        let method = match request.method {
+            ExportMethod::Get => Method::GET,
+            ExportMethod::Post => Method::POST,
+        };
+        let body = (request.method == ExportMethod::Post)
+            .then(|| request.parameters_resource().to_string());
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let response = self
+                .send(
+                    method.clone(),
+                    &request_url,
+                    Bearer::FhirOrigin,
+                    context,
+                    |r| {
+                        let r = r
+                            .header(ACCEPT, "application/fhir+json")
+                            .header("Prefer", request.prefer());
+                        match &body {
+                            Some(body) => r
+                                .header(CONTENT_TYPE, "application/fhir+json")
+                                .body(body.clone()),
+                            None => r,
+                        }
+                    },
+                )
+                .await;
+            let response = match response {
+                Ok(response) => response,
+                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                    let delay = self.retry.delay(attempt, None);
+                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "export kick-off failed, retrying");
+                    self.count_retry();
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let status = response.status();
+            if status == StatusCode::ACCEPTED {
+                let location = response
+                    .headers()
+                    .get(CONTENT_LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .ok_or_else(|| {
+                        ExportError::BadResponse(
+                            "the kick-off answered 202 without Content-Location".into(),
+                        )
+                    })?;
+                let status_url = request_url.join(location).map_err(|e| {
+                    ExportError::BadResponse(format!(
+                        "Content-Location {location:?} is not a URL: {e}"
+                    ))
                 })?;
-            let status_url = request_url.join(location).map_err(|e| {
-                ExportError::BadResponse(format!("Content-Location {location:?} is not a URL: {e}"))
-            })?;
-            return Ok(KickOff {
-                request_url,
-                status_url,
-            });
-        }
-        let body = response.bytes().await.unwrap_or_default();
-        if status.is_client_error() && status != StatusCode::TOO_MANY_REQUESTS {
-            return Err(ExportError::Refused {
+                return Ok(KickOff {
+                    request_url,
+                    status_url,
+                });
+            }
+            let hinted = retry_after(&response);
+            let body = response.bytes().await.unwrap_or_default();
+            let temporary = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
+            if temporary && attempt < self.retry.attempts {
+                let delay = self.retry.delay(attempt, hinted);
+                tracing::warn!(
+                    http.status = status.as_u16(),
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "export kick-off refused for now, retrying"
+                );
+                self.count_retry();
+                tokio::time::sleep(delay).await;
+                continue;
+            }
+            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
+                return Err(ExportError::Busy {
+                    status: status.as_u16(),
+                    diagnostics: outcome_text(&body),
+                });
+            }
+            if status.is_client_error() {
+                return Err(ExportError::Refused {
+                    status: status.as_u16(),
+                    diagnostics: outcome_text(&body),
+                });
+            }
+            return Err(ExportError::Failed {
                 status: status.as_u16(),
                 diagnostics: outcome_text(&body),
             });
         }
-        Err(ExportError::Status {
-            context,
-            status: status.as_u16(),
-        })
     }
 
-    /// Polls the status URL until the manifest is ready, honouring `Retry-After` within the
-    /// policy's bounds. `progress` receives each `X-Progress` value.
+    /// Polls the status URL until the manifest is ready, honouring `Retry-After` (seconds or
+    /// HTTP-date) within the policy's bounds, and returns the whole manifest (every page).
+    /// `progress` receives each new `X-Progress` value as it arrives.
     pub async fn wait_for_manifest(
         &self,
         status_url: &Url,
         policy: &PollPolicy,
-        mut progress: impl FnMut(&str),
+        mut progress: impl AsyncFnMut(String),
     ) -> Result<Manifest, ExportError> {
         let started = Instant::now();
         let mut errors = 0u32;
+        let mut last_progress: Option<String> = None;
         loop {
             let context = "export status";
             let response = self
@@ -183,20 +414,25 @@ impl BulkClient {
                 .await;
             let delay = match response {
                 Ok(response) if response.status() == StatusCode::OK => {
+                    let expires = header_text(&response, EXPIRES);
                     let body = response.bytes().await.map_err(|e| ExportError::Transport {
                         context,
                         source: e.without_url(),
                     })?;
-                    return Manifest::parse(&body, status_url);
+                    let mut manifest = Manifest::parse(&body, status_url)?;
+                    manifest.expires = expires;
+                    self.follow_pages(&mut manifest, status_url).await?;
+                    return Ok(manifest);
                 }
                 Ok(response) if response.status() == StatusCode::ACCEPTED => {
                     errors = 0;
-                    if let Some(value) = response
-                        .headers()
-                        .get("x-progress")
-                        .and_then(|v| v.to_str().ok())
+                    if let Some(value) = header_text(
+                        &response,
+                        "x-progress".parse().expect("a valid header name"),
+                    ) && last_progress.as_ref() != Some(&value)
                     {
-                        progress(value);
+                        last_progress = Some(value.clone());
+                        progress(value).await;
                     }
                     retry_after(&response).unwrap_or(policy.default_interval)
                 }
@@ -204,9 +440,10 @@ impl BulkClient {
                     let status = response.status();
                     let hinted = retry_after(&response);
                     let body = response.bytes().await.unwrap_or_default();
+                    // A 5xx with a fatal OperationOutcome is the spec's "export failed"; a bare
+                    // 5xx or a transient outcome is a hiccup worth polling through.
                     let transient = status == StatusCode::TOO_MANY_REQUESTS
-                        || (status.is_server_error()
-                            && (body.is_empty() || outcome_is_transient(&body)))
+                        || (status.is_server_error() && body.is_empty())
                         || outcome_is_transient(&body);
                     if !transient {
                         return Err(ExportError::Failed {
@@ -221,26 +458,38 @@ impl BulkClient {
                             status: status.as_u16(),
                         });
                     }
+                    self.count_retry();
                     tracing::warn!(
                         http.status = status.as_u16(),
                         attempt = errors,
                         "export status poll failed, will poll again"
                     );
-                    hinted.unwrap_or(policy.default_interval * 2u32.pow(errors.min(6)))
+                    // 429 means "slow down": never poll faster than the default interval.
+                    let backoff = policy.default_interval * 2u32.pow(errors.min(6));
+                    match hinted {
+                        Some(hint) if status != StatusCode::TOO_MANY_REQUESTS => hint,
+                        Some(hint) => hint.max(policy.default_interval),
+                        None => backoff,
+                    }
                 }
                 Err(e) if e.is_retryable() && errors < MAX_POLL_ERRORS => {
                     errors += 1;
+                    self.count_retry();
                     tracing::warn!(error = %e, attempt = errors, "export status poll failed, will poll again");
                     policy.default_interval * 2u32.pow(errors.min(6))
                 }
                 Err(e) => return Err(e),
             };
-            if started.elapsed() > policy.timeout {
+            let elapsed = started.elapsed();
+            if elapsed > policy.timeout {
                 return Err(ExportError::TimedOut {
                     seconds: policy.timeout.as_secs(),
                 });
             }
-            tokio::time::sleep(delay.clamp(policy.min_interval, policy.max_interval)).await;
+            let wait = delay
+                .clamp(policy.min_interval, policy.max_interval)
+                .min(policy.timeout - elapsed + Duration::from_millis(1));
+            tokio::time::sleep(wait).await;
         }
     }
 
@@ -255,11 +504,15 @@ impl BulkClient {
         let status = response.status();
         let retry_after = retry_after(&response);
         if status == StatusCode::OK {
+            let expires = header_text(&response, EXPIRES);
             let body = response.bytes().await.map_err(|e| ExportError::Transport {
                 context,
                 source: e.without_url(),
             })?;
-            return Manifest::parse(&body, status_url).map(StatusCheck::Complete);
+            let mut manifest = Manifest::parse(&body, status_url)?;
+            manifest.expires = expires;
+            self.follow_pages(&mut manifest, status_url).await?;
+            return Ok(StatusCheck::Complete(manifest));
         }
         if status == StatusCode::ACCEPTED {
             let progress = response
@@ -290,10 +543,129 @@ impl BulkClient {
     }
 
     /// Opens one output file for streaming. The body is not read here.
+    /// Fetches the manifest again from a finished export's status URL: the way to get fresh
+    /// links after the old ones expired. Counted as a retry.
+    pub async fn refresh_manifest(&self, status_url: &Url) -> Result<Manifest, ExportError> {
+        self.count_retry();
+        let policy = PollPolicy {
+            min_interval: Duration::ZERO,
+            max_interval: self.retry.base_delay.max(Duration::from_millis(1)),
+            default_interval: self.retry.base_delay,
+            timeout: Duration::from_secs(600),
+        };
+        self.wait_for_manifest(status_url, &policy, async |_| {})
+            .await
+    }
+
+    /// Appends the pages a manifest links with `next` (output, error and deleted lists).
+    async fn follow_pages(
+        &self,
+        manifest: &mut Manifest,
+        status_url: &Url,
+    ) -> Result<(), ExportError> {
+        let mut seen = 0usize;
+        while let Some(next) = manifest.next.take() {
+            seen += 1;
+            if seen > MAX_MANIFEST_PAGES {
+                return Err(ExportError::BadResponse(format!(
+                    "the manifest has more than {MAX_MANIFEST_PAGES} pages; refusing to follow more"
+                )));
+            }
+            let context = "export manifest page";
+            let mut attempt = 0;
+            let page = loop {
+                attempt += 1;
+                let result = self
+                    .send(Method::GET, &next, Bearer::FhirOrigin, context, |r| {
+                        r.header(ACCEPT, "application/json")
+                    })
+                    .await;
+                let (status, hinted, body) = match result {
+                    Ok(response) => {
+                        let status = response.status();
+                        let hinted = retry_after(&response);
+                        let body = response.bytes().await.map_err(|e| ExportError::Transport {
+                            context,
+                            source: e.without_url(),
+                        })?;
+                        (status, hinted, body)
+                    }
+                    Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
+                        self.count_retry();
+                        tokio::time::sleep(self.retry.delay(attempt, None)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                if status == StatusCode::OK {
+                    break Manifest::parse(&body, status_url)?;
+                }
+                if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
+                    && attempt < self.retry.attempts
+                {
+                    self.count_retry();
+                    tokio::time::sleep(self.retry.delay(attempt, hinted)).await;
+                    continue;
+                }
+                return Err(ExportError::Failed {
+                    status: status.as_u16(),
+                    diagnostics: outcome_text(&body),
+                });
+            };
+            manifest.output.extend(page.output);
+            manifest.error.extend(page.error);
+            manifest.deleted.extend(page.deleted);
+            manifest.next = page.next;
+        }
+        Ok(())
+    }
+
+    /// Opens one output file for streaming, once (the caller retries). The body is not read
+    /// here. 404/410 mean the link expired; 429/5xx carry the server's `Retry-After`.
     pub async fn open_file(
         &self,
         file: &ManifestFile,
         requires_access_token: bool,
+    ) -> Result<Response, ExportError> {
+        self.open_file_at(file, requires_access_token, None).await
+    }
+
+    /// Re-opens a file from byte `offset` with a `Range` request. Only a 206 whose
+    /// `Content-Range` starts exactly at `offset` is accepted: anything else (a server that
+    /// ignores `Range` and sends the whole file with 200) is an error, and the caller restarts
+    /// the file from the beginning instead.
+    pub async fn resume_file(
+        &self,
+        file: &ManifestFile,
+        requires_access_token: bool,
+        offset: u64,
+    ) -> Result<Response, ExportError> {
+        let response = self
+            .open_file_at(file, requires_access_token, Some(offset))
+            .await?;
+        let starts_at_offset = response
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("bytes "))
+            .and_then(|v| v.split('-').next())
+            .and_then(|start| start.parse::<u64>().ok())
+            == Some(offset);
+        if response.status() == StatusCode::PARTIAL_CONTENT && starts_at_offset {
+            Ok(response)
+        } else {
+            Err(ExportError::BadResponse(format!(
+                "the server did not resume the file from byte {offset} (HTTP {})",
+                response.status().as_u16()
+            )))
+        }
+    }
+
+    async fn open_file_at(
+        &self,
+        file: &ManifestFile,
+        requires_access_token: bool,
+        offset: Option<u64>,
     ) -> Result<Response, ExportError> {
         transport::check_url(&file.url, self.allow_insecure_http).map_err(|m| {
             ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
@@ -306,17 +678,29 @@ impl BulkClient {
         };
         let response = self
             .send(Method::GET, &file.url, bearer, context, |r| {
-                r.header(ACCEPT, "application/fhir+ndjson")
+                let r = r.header(ACCEPT, "application/fhir+ndjson");
+                match offset {
+                    // Offsets count decoded bytes, so a resumed request must not be compressed.
+                    Some(offset) => r
+                        .header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                        .header(reqwest::header::ACCEPT_ENCODING, "identity"),
+                    None => r,
+                }
             })
             .await?;
         let status = response.status();
-        if status != StatusCode::OK {
-            return Err(ExportError::Status {
-                context,
+        if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
+            return Ok(response);
+        }
+        if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
+            return Err(ExportError::Expired {
                 status: status.as_u16(),
             });
         }
-        Ok(response)
+        Err(ExportError::FileStatus {
+            status: status.as_u16(),
+            retry_after: retry_after(&response),
+        })
     }
 
     /// Tells the server the export's files are no longer needed. 404/410 mean it is gone already.
@@ -396,6 +780,14 @@ impl BulkClient {
     }
 }
 
+fn header_text(response: &Response, name: reqwest::header::HeaderName) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
 /// `Retry-After` as delta-seconds or an HTTP-date.
 fn retry_after(response: &Response) -> Option<Duration> {
     let value = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -407,4 +799,102 @@ fn retry_after(response: &Response) -> Option<Duration> {
         when.duration_since(std::time::SystemTime::now())
             .unwrap_or(Duration::ZERO),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response_with_retry_after(value: &str) -> Response {
+        let response = axum::http::Response::builder()
+            .status(429)
+            .header(RETRY_AFTER, value)
+            .body(Vec::<u8>::new())
+            .unwrap();
+        Response::from(response)
+    }
+
+    #[test]
+    fn retry_after_as_seconds_or_date() {
+        assert_eq!(
+            retry_after(&response_with_retry_after("120")),
+            Some(Duration::from_secs(120))
+        );
+        let in_an_hour = std::time::SystemTime::now() + Duration::from_secs(3600);
+        let date = httpdate::fmt_http_date(in_an_hour);
+        let wait = retry_after(&response_with_retry_after(&date)).unwrap();
+        assert!(wait > Duration::from_secs(3500) && wait <= Duration::from_secs(3600));
+        assert_eq!(
+            retry_after(&response_with_retry_after("Wed, 21 Oct 2015 07:28:00 GMT")),
+            Some(Duration::ZERO),
+            "a date in the past means now"
+        );
+        assert_eq!(retry_after(&response_with_retry_after("soon")), None);
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_and_honours_the_server() {
+        let policy = RetryPolicy {
+            attempts: 5,
+            base_delay: Duration::from_millis(100),
+        };
+        for (retry, nominal) in [(1, 100u64), (2, 200), (3, 400)] {
+            let delay = policy.delay(retry, None);
+            assert!(
+                delay >= Duration::from_millis(nominal / 2)
+                    && delay <= Duration::from_millis(nominal * 3 / 2),
+                "retry {retry}: {delay:?}"
+            );
+        }
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(7))),
+            Duration::from_secs(7)
+        );
+        assert_eq!(
+            policy.delay(1, Some(Duration::from_secs(86_400))),
+            MAX_RETRY_DELAY
+        );
+        assert!(policy.delay(40, None) <= MAX_RETRY_DELAY.mul_f64(1.5));
+    }
+
+    #[test]
+    fn parameters_in_order_and_as_a_parameters_resource() {
+        let request = ExportRequest {
+            types: vec!["Patient".into(), "Observation".into()],
+            since: Some("2024-01-01T00:00:00+02:00".into()),
+            elements: vec!["id".into(), "meta".into()],
+            type_filters: vec!["Observation?status=final".into()],
+            patients: vec!["Patient/1".into()],
+            extra_params: vec![("_mode".into(), "crawl".into())],
+            lenient: true,
+            ..ExportRequest::default()
+        };
+        let names: Vec<String> = request.params().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(
+            names,
+            [
+                "_type",
+                "_since",
+                "_elements",
+                "_typeFilter",
+                "patient",
+                "_mode"
+            ]
+        );
+        let resource = request.parameters_resource();
+        assert_eq!(resource["resourceType"], "Parameters");
+        assert_eq!(
+            resource["parameter"][0]["valueString"],
+            "Patient,Observation"
+        );
+        assert_eq!(
+            resource["parameter"][1]["valueInstant"],
+            "2024-01-01T00:00:00+02:00"
+        );
+        assert_eq!(
+            resource["parameter"][4]["valueReference"]["reference"],
+            "Patient/1"
+        );
+        assert_eq!(request.prefer(), "respond-async, handling=lenient");
+    }
 }

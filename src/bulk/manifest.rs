@@ -1,7 +1,8 @@
 //! The export completion manifest: parsing and URL resolution.
 //!
 //! Accepts what real servers send: `requiresAccessToken` as a boolean or the string "true",
-//! missing `error`/`deleted` arrays, relative file URLs (resolved against the status URL).
+//! missing `error`/`deleted` arrays, relative file URLs (resolved against the status URL), and
+//! manifests paged with `link` `next` (the client follows the pages and concatenates them).
 
 use serde::Deserialize;
 use url::Url;
@@ -27,6 +28,11 @@ pub struct Manifest {
     pub output: Vec<ManifestFile>,
     pub error: Vec<ManifestFile>,
     pub deleted: Vec<ManifestFile>,
+    /// The `Expires` header of the response that carried the manifest, if any: when the
+    /// server may drop the files.
+    pub expires: Option<String>,
+    /// The next page of a paged manifest (`link` with relation `next`), not yet fetched.
+    pub next: Option<Url>,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +48,14 @@ struct RawManifest {
     error: Vec<RawFile>,
     #[serde(default)]
     deleted: Vec<RawFile>,
+    #[serde(default)]
+    link: Vec<RawLink>,
+}
+
+#[derive(Deserialize)]
+struct RawLink {
+    relation: String,
+    url: String,
 }
 
 #[derive(Deserialize)]
@@ -91,7 +105,18 @@ impl Manifest {
                 })
                 .collect()
         };
+        let next = match raw.link.iter().find(|l| l.relation == "next") {
+            Some(link) => Some(status_url.join(&link.url).map_err(|e| {
+                ExportError::BadResponse(format!(
+                    "manifest next link {:?} is not a URL: {e}",
+                    link.url
+                ))
+            })?),
+            None => None,
+        };
         Ok(Manifest {
+            next,
+            expires: None,
             transaction_time: raw.transaction_time,
             request: raw.request,
             requires_access_token,
@@ -125,6 +150,18 @@ mod tests {
         assert_eq!(m.output[0].count, Some(3));
         assert_eq!(m.error.len(), 1);
         assert!(m.deleted.is_empty());
+        assert!(m.next.is_none());
+    }
+
+    #[test]
+    fn finds_the_next_page() {
+        let body = br#"{"transactionTime":"2024-05-01T10:00:00Z","output":[],
+            "link":[{"relation":"self","url":"x"},{"relation":"next","url":"42?page=2"}]}"#;
+        let m = Manifest::parse(body, &status()).unwrap();
+        assert_eq!(
+            m.next.unwrap().as_str(),
+            "https://ehr.example.org/fhir/bulkstatus/42?page=2"
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@
 mod client;
 mod manifest;
 
-pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, StatusCheck};
+pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
 pub use manifest::{Manifest, ManifestFile};
 
 use crate::smart::AuthError;
@@ -38,6 +38,22 @@ pub enum ExportError {
     Policy(String),
     #[error("the export was not ready after {seconds} s (export.timeout_seconds)")]
     TimedOut { seconds: u64 },
+    /// The server refuses to start an export because one is already running for this client.
+    #[error(
+        "the server is busy with another export (HTTP {status}): {diagnostics}; hint: cancel the other export with `fhir-sync cancel <run>` or wait for it to finish"
+    )]
+    Busy { status: u16, diagnostics: String },
+    /// A file download was answered with an error status; `retry_after` is the server's hint.
+    #[error("file download: HTTP {status}")]
+    FileStatus {
+        status: u16,
+        retry_after: Option<std::time::Duration>,
+    },
+    /// A file link no longer works (404/410): the export's files expired or the link did.
+    #[error("file download: HTTP {status}, the file link has expired")]
+    Expired { status: u16 },
+    #[error("the file is larger than sync.max_file_bytes ({limit} bytes)")]
+    TooLarge { limit: u64 },
 }
 
 impl ExportError {
@@ -46,12 +62,17 @@ impl ExportError {
         match self {
             ExportError::Auth(e) => e.is_retryable(),
             ExportError::Status { status, .. } => *status == 429 || *status >= 500,
-            ExportError::Transport { .. } | ExportError::TimedOut { .. } => true,
+            ExportError::FileStatus { status, .. } => *status == 429 || *status >= 500,
+            ExportError::Transport { .. }
+            | ExportError::TimedOut { .. }
+            | ExportError::Busy { .. }
+            | ExportError::Expired { .. } => true,
             ExportError::Refused { .. }
             | ExportError::Failed { .. }
             | ExportError::Unauthorized { .. }
             | ExportError::BadResponse(_)
-            | ExportError::Policy(_) => false,
+            | ExportError::Policy(_)
+            | ExportError::TooLarge { .. } => false,
         }
     }
 }

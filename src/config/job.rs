@@ -236,7 +236,86 @@ pub struct ExportConfig {
     /// Default 0: `_since` is the transactionTime exactly as the server sent it.
     #[serde(default)]
     pub since_overlap_seconds: u64,
+    /// Kick-off method: `get` (query parameters, default) or `post` (a `Parameters` body;
+    /// required for `patients`).
+    #[serde(default)]
+    pub method: ExportMethod,
+    /// `_since`: only resources changed after this FHIR instant. Default none (everything).
+    pub since: Option<String>,
+    /// `_until`: only resources changed before this FHIR instant. Default none.
+    pub until: Option<String>,
+    /// `_outputFormat`. Default none (the server's default, NDJSON).
+    pub output_format: Option<String>,
+    /// `_elements`, sent comma-joined. Default none.
+    #[serde(default)]
+    pub elements: Vec<String>,
+    /// `_typeFilter` entries (`Observation?status=final`), one parameter each. Default none.
+    #[serde(default)]
+    pub type_filters: Vec<String>,
+    /// `patient` references (`Patient/123`) for patient or group exports; needs
+    /// `method = "post"`. Default none.
+    #[serde(default)]
+    pub patients: Vec<String>,
+    /// `includeAssociatedData` values (`LatestProvenanceResources`), comma-joined. Default none.
+    #[serde(default)]
+    pub include_associated_data: Vec<String>,
+    /// Vendor parameters sent as given, e.g. `[export.extra_params] _mode = "crawl"`. Default none.
+    #[serde(default)]
+    pub extra_params: std::collections::BTreeMap<String, String>,
+    /// Send `Prefer: handling=lenient` so the server ignores parameters it does not support
+    /// instead of refusing the export. Default false.
+    #[serde(default)]
+    pub lenient: bool,
 }
+
+/// How the `$export` kick-off is sent.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportMethod {
+    /// Parameters in the query string (default).
+    #[default]
+    Get,
+    /// Parameters in a FHIR `Parameters` resource body.
+    Post,
+}
+
+impl Default for ExportConfig {
+    /// An export of nothing yet (`types` empty), with every other setting at its default.
+    fn default() -> Self {
+        ExportConfig {
+            level: ExportLevel::System,
+            group_id: None,
+            types: Vec::new(),
+            poll_min_interval_seconds: default_poll_min(),
+            poll_max_interval_seconds: default_poll_max(),
+            poll_default_interval_seconds: default_poll_default(),
+            timeout_seconds: default_export_timeout(),
+            since_overlap_seconds: 0,
+            method: ExportMethod::Get,
+            since: None,
+            until: None,
+            output_format: None,
+            elements: Vec::new(),
+            type_filters: Vec::new(),
+            patients: Vec::new(),
+            include_associated_data: Vec::new(),
+            extra_params: Default::default(),
+            lenient: false,
+        }
+    }
+}
+
+/// Kick-off parameters with their own setting, which `extra_params` may not repeat.
+const RESERVED_PARAMS: [&str; 8] = [
+    "_type",
+    "_since",
+    "_until",
+    "_outputFormat",
+    "_elements",
+    "_typeFilter",
+    "patient",
+    "includeAssociatedData",
+];
 
 fn default_poll_min() -> f64 {
     1.0
@@ -592,6 +671,52 @@ fn validate(
             "must be greater than 0".into(),
         );
     }
+    for (field, value) in [
+        ("export.since", &export.since),
+        ("export.until", &export.until),
+    ] {
+        if let Some(value) = value
+            && fhir::parse_instant(value).is_none()
+        {
+            problem(
+                field.into(),
+                format!("{value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00+02:00)"),
+            );
+        }
+    }
+    if !export.patients.is_empty() {
+        if export.method != ExportMethod::Post {
+            problem(
+                "export.patients".into(),
+                "needs method = \"post\" (the spec allows patient only in a POST body)".into(),
+            );
+        }
+        if export.level == ExportLevel::System {
+            problem(
+                "export.patients".into(),
+                "only allowed with level = \"patient\" or \"group\"".into(),
+            );
+        }
+    }
+    for (i, reference) in export.patients.iter().enumerate() {
+        let valid = reference
+            .strip_prefix("Patient/")
+            .is_some_and(fhir::is_valid_id);
+        if !valid {
+            problem(
+                format!("export.patients[{i}]"),
+                format!("{reference:?} is not a Patient reference (Patient/<id>)"),
+            );
+        }
+    }
+    for name in export.extra_params.keys() {
+        if RESERVED_PARAMS.contains(&name.as_str()) {
+            problem(
+                format!("export.extra_params.{name}"),
+                "is set by its own export setting; use that instead".into(),
+            );
+        }
+    }
 
     if let Some(schedule) = &file.schedule {
         if let Err(e) = croner::Cron::from_str(&schedule.cron) {
@@ -712,5 +837,32 @@ mod tests {
             err.to_string().contains("did you mean \"Observation\""),
             "{err}"
         );
+    }
+
+    #[test]
+    fn export_parameters_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = VALID.replace(
+            r#"types = ["Patient"]"#,
+            "types = [\"Patient\"]\nsince = \"yesterday\"\nuntil = \"2024-01-01T00:00:00+02:00\"\n\
+             patients = [\"Patient/1\", \"Observation/2\"]\n\
+             [export.extra_params]\n_since = \"x\"\n_mode = \"crawl\"\n",
+        );
+        let path = write(dir.path(), "j.toml", &text);
+        let err = load_job(&path).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "auth.private_key_env",
+                "export.since",
+                "export.patients",
+                "export.patients",
+                "export.patients[1]",
+                "export.extra_params._since",
+            ],
+            "{err}"
+        );
+        assert!(err.to_string().contains("method = \"post\""), "{err}");
     }
 }

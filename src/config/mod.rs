@@ -9,8 +9,9 @@ mod job;
 mod service;
 
 pub use job::{
-    AuthConfig, AuthMethod, ExportConfig, ExportLevel, FhirConfig, JobConfig, KeyConfig, KeySource,
-    MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource, load_job, load_jobs,
+    AuthConfig, AuthMethod, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig,
+    KeyConfig, KeySource, MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource,
+    load_job, load_jobs,
 };
 pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
 

@@ -97,6 +97,15 @@ pub struct SyncSettings {
     pub batch_lines: usize,
     /// Longest accepted NDJSON line in bytes; longer lines are rejected and recorded. Default 64 MiB.
     pub max_line_bytes: usize,
+    /// Largest export file accepted, in bytes as received (compressed if the server
+    /// compresses); a bigger file fails the run. Default 64 GiB.
+    pub max_file_bytes: u64,
+    /// Tries per request (kick-off, file download) on 429, 5xx and connection failures
+    /// before the run fails. Default 6.
+    pub request_attempts: u32,
+    /// First retry delay in milliseconds; it doubles per attempt (with jitter), and a
+    /// server's `Retry-After` overrides it. Default 1000.
+    pub retry_base_delay_ms: u64,
 }
 
 impl Default for SyncSettings {
@@ -108,6 +117,9 @@ impl Default for SyncSettings {
             read_timeout_seconds: 300,
             batch_lines: 5000,
             max_line_bytes: 64 * 1024 * 1024,
+            max_file_bytes: 64 * 1024 * 1024 * 1024,
+            request_attempts: 6,
+            retry_base_delay_ms: 1000,
         }
     }
 }
@@ -182,6 +194,16 @@ impl Settings {
             self.sync.max_line_bytes >= 1024,
             "sync.max_line_bytes",
             "must be at least 1024",
+        );
+        check(
+            self.sync.max_file_bytes >= 1024,
+            "sync.max_file_bytes",
+            "must be at least 1024",
+        );
+        check(
+            self.sync.request_attempts >= 1,
+            "sync.request_attempts",
+            "must be at least 1",
         );
         if problems.is_empty() {
             Ok(())

@@ -6,19 +6,22 @@
 //! yields. Files are generated chunk by chunk while streaming; this module must never build a
 //! whole file, or the whole data set, in memory.
 
-use std::convert::Infallible;
+use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
+use flate2::Compression;
+use flate2::write::GzEncoder;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::auth::{self, Bearer, is_resource_type_name, scope_allows_read};
 use super::data::{Dataset, RESOURCE_TYPES, format_instant};
+use super::faults::take;
 use super::outcome;
 use super::state::{IssuedToken, ServerState};
 
@@ -61,7 +64,8 @@ pub(crate) async fn kick_off(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    start_export(state, token, uri, headers, None).await
+    let pairs = query_pairs(&uri);
+    start_export(state, token, uri, headers, None, "GET", pairs).await
 }
 
 /// `GET /fhir/Group/{id}/$export`; only [`ALL_PATIENTS_GROUP_ID`] exists.
@@ -72,7 +76,91 @@ pub(crate) async fn group_kick_off(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
-    start_export(state, token, uri, headers, Some(group)).await
+    let pairs = query_pairs(&uri);
+    start_export(state, token, uri, headers, Some(group), "GET", pairs).await
+}
+
+/// `POST /fhir/$export` and `POST /fhir/Patient/$export` with a `Parameters` body.
+pub(crate) async fn post_kick_off(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match parameters_body(&headers, &body) {
+        Ok(pairs) => start_export(state, token, uri, headers, None, "POST", pairs).await,
+        Err(diagnostics) => outcome::error(StatusCode::BAD_REQUEST, "invalid", &diagnostics),
+    }
+}
+
+/// `POST /fhir/Group/{id}/$export` with a `Parameters` body.
+pub(crate) async fn group_post_kick_off(
+    State(state): State<Arc<ServerState>>,
+    Bearer(token): Bearer,
+    Path(group): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match parameters_body(&headers, &body) {
+        Ok(pairs) => start_export(state, token, uri, headers, Some(group), "POST", pairs).await,
+        Err(diagnostics) => outcome::error(StatusCode::BAD_REQUEST, "invalid", &diagnostics),
+    }
+}
+
+fn query_pairs(uri: &Uri) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(uri.query().unwrap_or("").as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
+        .collect()
+}
+
+/// The kick-off parameters of a POST: a FHIR `Parameters` resource sent as
+/// `application/fhir+json`, each parameter a `value[x]` primitive or a `valueReference`.
+fn parameters_body(headers: &HeaderMap, body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !content_type
+        .split(';')
+        .next()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case(outcome::FHIR_JSON))
+    {
+        return Err("a POST kick-off must send Content-Type application/fhir+json".into());
+    }
+    let parameters: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "the POST body is not JSON".to_string())?;
+    if parameters["resourceType"] != "Parameters" {
+        return Err("the POST body must be a Parameters resource".into());
+    }
+    let mut pairs = Vec::new();
+    for parameter in parameters["parameter"].as_array().into_iter().flatten() {
+        let name = parameter["name"]
+            .as_str()
+            .ok_or("a parameter has no name")?
+            .to_string();
+        let value = parameter
+            .as_object()
+            .and_then(|o| {
+                o.iter().find_map(|(key, value)| {
+                    if key == "valueReference" {
+                        value["reference"].as_str().map(str::to_string)
+                    } else if key.starts_with("value") {
+                        match value {
+                            serde_json::Value::String(s) => Some(s.clone()),
+                            serde_json::Value::Bool(b) => Some(b.to_string()),
+                            other => Some(other.to_string()),
+                        }
+                    } else {
+                        None
+                    }
+                })
+            })
+            .ok_or_else(|| format!("parameter {name:?} has no value"))?;
+        pairs.push((name, value));
+    }
+    Ok(pairs)
 }
 
 async fn start_export(
@@ -81,8 +169,10 @@ async fn start_export(
     uri: Uri,
     headers: HeaderMap,
     group: Option<String>,
+    method: &str,
+    pairs: Vec<(String, String)>,
 ) -> Response {
-    if group.is_some_and(|g| g != ALL_PATIENTS_GROUP_ID) {
+    if group.as_ref().is_some_and(|g| g != ALL_PATIENTS_GROUP_ID) {
         return outcome::error(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -92,12 +182,54 @@ async fn start_export(
     if let Err(diagnostics) = check_kick_off_headers(&headers) {
         return outcome::error(StatusCode::BAD_REQUEST, "invalid", diagnostics);
     }
-    let params = match KickOffParams::parse(uri.query().unwrap_or("")) {
+    state.lock().kick_offs.push(super::RecordedKickOff {
+        method: method.to_string(),
+        path: uri.path().to_string(),
+        params: pairs.clone(),
+    });
+    let params = match KickOffParams::parse_pairs(&pairs) {
         Ok(params) => params,
         Err(diagnostics) => {
             return outcome::error(StatusCode::BAD_REQUEST, "invalid", &diagnostics);
         }
     };
+    if method == "GET" && pairs.iter().any(|(name, _)| name == "patient") {
+        return outcome::error(
+            StatusCode::BAD_REQUEST,
+            "invalid",
+            "the patient parameter is only supported with POST",
+        );
+    }
+    {
+        let faults = &state.options.faults;
+        let mut inner = state.lock();
+        if take(&mut inner.faults.kick_off_429, faults.kick_off_429) {
+            return too_many_requests("too many requests; slow down");
+        }
+        if take(&mut inner.faults.kick_off_503, faults.kick_off_503) {
+            return outcome::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "transient",
+                "the export service is briefly unavailable",
+            );
+        }
+        if faults.one_export_at_a_time
+            && inner
+                .exports
+                .values()
+                .any(|e| e.client_id == token.client_id)
+        {
+            let mut response = outcome::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-costly",
+                "an export for this client is already in progress; delete it before starting another",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(0));
+            return response;
+        }
+    }
     let types = match authorised_types(&token, params.types) {
         Ok(types) => types,
         Err(diagnostics) => {
@@ -195,11 +327,21 @@ struct KickOffParams {
 impl KickOffParams {
     /// Parses the raw query. Decoding is form-style, so an unencoded `+` in `_since` or
     /// `_outputFormat` becomes a space and is refused, as on a real server.
+    #[cfg(test)]
     fn parse(query: &str) -> Result<Self, String> {
+        let pairs: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        Self::parse_pairs(&pairs)
+    }
+
+    /// Parses decoded (name, value) pairs, from a query string or a `Parameters` body.
+    fn parse_pairs(pairs: &[(String, String)]) -> Result<Self, String> {
         let mut types: Option<Vec<String>> = None;
         let mut since = None;
-        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
-            match name.as_ref() {
+        for (name, value) in pairs {
+            let value = value.as_str();
+            match name.as_str() {
                 // Repeated `_type` parameters are treated as if comma-joined (Bulk Data v2).
                 "_type" => {
                     let list = types.get_or_insert_with(Vec::new);
@@ -214,7 +356,14 @@ impl KickOffParams {
                         }
                     }
                 }
-                "_outputFormat" if !OUTPUT_FORMATS.contains(&value.as_ref()) => {
+                "_until" => {
+                    OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
+                        format!(
+                            "_until {value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00Z)"
+                        )
+                    })?;
+                }
+                "_outputFormat" if !OUTPUT_FORMATS.contains(&value) => {
                     return Err(format!(
                         "_outputFormat {value:?} is not supported; use application/fhir+ndjson"
                     ));
@@ -223,7 +372,7 @@ impl KickOffParams {
                     if since.is_some() {
                         return Err("_since may be given only once".to_string());
                     }
-                    let parsed = OffsetDateTime::parse(&value, &Rfc3339).map_err(|_| {
+                    let parsed = OffsetDateTime::parse(value, &Rfc3339).map_err(|_| {
                         format!(
                             "_since {value:?} is not a FHIR instant (e.g. 2024-01-01T00:00:00Z)"
                         )
@@ -316,15 +465,24 @@ fn plan_files(
     files
 }
 
+/// Query of a status request: `page` selects a later page of a paged manifest.
+#[derive(serde::Deserialize)]
+pub(crate) struct StatusQuery {
+    page: Option<usize>,
+}
+
 /// `GET /fhir/bulkstatus/{id}`.
 pub(crate) async fn status(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
     Path(id): Path<String>,
+    Query(query): Query<StatusQuery>,
 ) -> Response {
     let options = &state.options;
+    let faults = &options.faults;
     let manifest = {
         let mut inner = state.lock();
+        let inner = &mut *inner;
         let Some(export) = inner
             .exports
             .get_mut(&id)
@@ -332,56 +490,193 @@ pub(crate) async fn status(
         else {
             return unknown_export();
         };
+        if let Some(diagnostics) = &faults.status_fatal {
+            return outcome::error(StatusCode::INTERNAL_SERVER_ERROR, "exception", diagnostics);
+        }
+        if take(&mut inner.faults.status_429, faults.status_429) {
+            return too_many_requests("too many status requests; slow down");
+        }
+        if take(&mut inner.faults.status_transient, faults.status_transient) {
+            return outcome::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "transient",
+                "the export worker restarted; poll again",
+            );
+        }
         export.status_polls += 1;
         if export.status_polls <= options.polls_before_ready {
             let progress = format!(
                 "in progress ({}/{})",
                 export.status_polls, options.polls_before_ready
             );
-            return in_progress(options.retry_after_seconds, &progress);
+            return in_progress(
+                options.retry_after_seconds,
+                faults.retry_after_http_date,
+                &progress,
+            );
         }
-        manifest(&state, &id, export)
+        manifest(
+            &state,
+            &id,
+            export,
+            inner.faults.link_generation,
+            query.page.unwrap_or(1),
+        )
     };
     (
         StatusCode::OK,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (
+                header::EXPIRES,
+                HeaderValue::from_static("Wed, 21 Oct 2099 07:28:00 GMT"),
+            ),
+        ],
         manifest.to_string(),
     )
         .into_response()
 }
 
-fn in_progress(retry_after_seconds: u64, progress: &str) -> Response {
+/// A 429 with `Retry-After: 0` and an OperationOutcome, as a rate-limited server answers.
+fn too_many_requests(diagnostics: &str) -> Response {
+    let mut response = outcome::error(StatusCode::TOO_MANY_REQUESTS, "throttled", diagnostics);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(0));
+    response
+}
+
+fn in_progress(retry_after_seconds: u64, as_date: bool, progress: &str) -> Response {
     let mut response = StatusCode::ACCEPTED.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+    if as_date {
+        let when =
+            std::time::SystemTime::now() + std::time::Duration::from_secs(retry_after_seconds);
+        if let Ok(value) = HeaderValue::from_str(&httpdate::fmt_http_date(when)) {
+            headers.insert(header::RETRY_AFTER, value);
+        }
+    } else {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+    }
     if let Ok(value) = HeaderValue::from_str(progress) {
         headers.insert("x-progress", value);
     }
     response
 }
 
-fn manifest(state: &ServerState, id: &str, export: &Export) -> serde_json::Value {
+/// The name of the error file an export lists when `Faults::error_file` is set.
+const ERROR_FILE: &str = "errors.ndjson";
+
+/// One page (1-based) of the manifest. File links carry the current link generation, so links
+/// handed out before an expiry stop working after it.
+fn manifest(
+    state: &ServerState,
+    id: &str,
+    export: &Export,
+    generation: u32,
+    page: usize,
+) -> serde_json::Value {
+    let faults = &state.options.faults;
+    let link = |name: &str| -> String {
+        if faults.relative_urls {
+            // Relative to `/fhir/bulkstatus/{id}`.
+            format!("../bulkfiles/{id}/{name}?sig={generation}")
+        } else {
+            format!(
+                "{}?sig={generation}",
+                state.url(&format!("/fhir/bulkfiles/{id}/{name}"))
+            )
+        }
+    };
+    let page_size = faults.manifest_page_size.unwrap_or(usize::MAX);
+    let pages = export.files.len().div_ceil(page_size).max(1);
+    let page = page.clamp(1, pages);
     let output: Vec<serde_json::Value> = export
         .files
         .iter()
+        .skip((page - 1).saturating_mul(page_size))
+        .take(page_size)
         .map(|file| {
             json!({
                 "type": file.resource_type,
-                "url": state.url(&format!("/fhir/bulkfiles/{id}/{}", file.name)).as_str(),
+                "url": link(&file.name),
                 "count": file.count,
             })
         })
         .collect();
-    json!({
+    let error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
+        vec![json!({ "type": "OperationOutcome", "url": link(ERROR_FILE) })]
+    } else {
+        Vec::new()
+    };
+    let deleted: Vec<serde_json::Value> = if faults.deleted_resources > 0 && page == 1 {
+        vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
+    } else {
+        Vec::new()
+    };
+    let requires_access_token = if faults.requires_access_token_as_string {
+        json!(state.options.requires_access_token.to_string())
+    } else {
+        json!(state.options.requires_access_token)
+    };
+    let mut body = json!({
         "transactionTime": format_instant(export.transaction_time),
         "request": export.request,
-        "requiresAccessToken": state.options.requires_access_token,
+        "requiresAccessToken": requires_access_token,
         "output": output,
-        "error": [],
-    })
+        "error": error,
+    });
+    if !deleted.is_empty() {
+        body["deleted"] = json!(deleted);
+    }
+    if page < pages {
+        let next = state.url(&format!("/fhir/bulkstatus/{id}"));
+        body["link"] = json!([{ "relation": "next", "url": format!("{next}?page={}", page + 1) }]);
+    }
+    body
+}
+
+/// The name of the deleted file an export lists when `Faults::deleted_resources` is set.
+const DELETED_FILE: &str = "deleted.ndjson";
+
+/// The deleted file: one transaction Bundle of `n` DELETE entries, as the spec describes.
+fn deleted_lines(n: u32) -> Vec<u8> {
+    let entries: Vec<serde_json::Value> = (1..=n)
+        .map(
+            |i| json!({ "request": { "method": "DELETE", "url": format!("Patient/deleted-{i}") } }),
+        )
+        .collect();
+    let bundle = json!({ "resourceType": "Bundle", "type": "transaction", "entry": entries });
+    let mut body = bundle.to_string().into_bytes();
+    body.push(b'\n');
+    body
+}
+
+/// The OperationOutcome lines of an export's error file: one warning per exported type.
+fn error_lines(export: &Export) -> Vec<u8> {
+    let mut types: Vec<&str> = export
+        .files
+        .iter()
+        .map(|f| f.resource_type.as_str())
+        .collect();
+    types.dedup();
+    let mut body = Vec::new();
+    for resource_type in types {
+        let line = json!({
+            "resourceType": "OperationOutcome",
+            "issue": [{
+                "severity": "warning",
+                "code": "processing",
+                "diagnostics": format!("some {resource_type} resources could not be exported"),
+            }],
+        });
+        body.extend_from_slice(line.to_string().as_bytes());
+        body.push(b'\n');
+    }
+    body
 }
 
 /// `DELETE /fhir/bulkstatus/{id}`: cancel, or clean up after a completed export.
@@ -417,10 +712,17 @@ fn unknown_export() -> Response {
     )
 }
 
+/// Query of a file request: `sig` is the link generation the manifest handed out.
+#[derive(serde::Deserialize)]
+pub(crate) struct FileQuery {
+    sig: Option<u32>,
+}
+
 /// `GET /fhir/bulkfiles/{id}/{file}`.
 pub(crate) async fn file(
     State(state): State<Arc<ServerState>>,
     Path((id, name)): Path<(String, String)>,
+    Query(query): Query<FileQuery>,
     headers: HeaderMap,
 ) -> Response {
     // When the manifest says no token is needed the files behave like presigned URLs: any
@@ -433,41 +735,233 @@ pub(crate) async fn file(
     } else {
         None
     };
-    let found = {
-        let inner = state.lock();
-        inner
+    let faults = &state.options.faults;
+    let (source, truncate) = {
+        let mut inner = state.lock();
+        let inner = &mut *inner;
+        let Some(export) = inner
             .exports
             .get(&id)
             .filter(|e| client_id.as_ref().is_none_or(|c| *c == e.client_id))
-            .and_then(|e| {
-                let file = e.files.iter().find(|f| f.name == name)?;
-                Some((file.clone(), e.since))
+        else {
+            return no_such_file();
+        };
+        let source = if faults.error_file && name == ERROR_FILE {
+            FileSource::Fixed(Some(Bytes::from(error_lines(export))))
+        } else if faults.deleted_resources > 0 && name == DELETED_FILE {
+            FileSource::Fixed(Some(Bytes::from(deleted_lines(faults.deleted_resources))))
+        } else {
+            let Some(file) = export.files.iter().find(|f| f.name == name) else {
+                return no_such_file();
+            };
+            FileSource::Lines(FileLines {
+                dataset: state.dataset.clone(),
+                file: file.clone(),
+                since: export.since,
+                next_index: 0,
+                written: 0,
+                stop_after: None,
             })
+        };
+        let generation = inner.faults.link_generation;
+        if query.sig.is_some_and(|sig| sig != generation) {
+            return outcome::error(StatusCode::GONE, "expired", "this file link has expired");
+        }
+        if take(&mut inner.faults.expire_files, faults.expire_files) {
+            inner.faults.link_generation += 1;
+            return outcome::error(StatusCode::GONE, "expired", "this file link has expired");
+        }
+        if take(&mut inner.faults.file_429, faults.file_429) {
+            return too_many_requests("too many file requests; slow down");
+        }
+        if take(&mut inner.faults.file_500, faults.file_500) {
+            return outcome::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "the file store failed",
+            );
+        }
+        let truncate = take(&mut inner.faults.truncate_file, faults.truncate_file);
+        inner.faults.open_files += 1;
+        inner.faults.max_open_files = inner.faults.max_open_files.max(inner.faults.open_files);
+        (source, truncate)
     };
-    let Some((file, since)) = found else {
-        return outcome::error(StatusCode::NOT_FOUND, "not-found", "no such export file");
+    let source = match source {
+        FileSource::Lines(mut lines) if truncate => {
+            lines.stop_after = Some(lines.file.count / 2);
+            FileSource::Lines(lines)
+        }
+        other => other,
     };
-    tracing::debug!(
-        resource.type = %file.resource_type,
-        file.lines = file.count,
-        "fake fhir server streaming an export file"
-    );
-    let lines = FileLines {
-        dataset: state.dataset.clone(),
-        file,
-        since,
-        next_index: 0,
-        written: 0,
+    tracing::debug!(truncate, "fake fhir server streaming an export file");
+    let gzip = faults.gzip
+        && headers
+            .get_all(header::ACCEPT_ENCODING)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
+    let ranges = faults.range && !gzip;
+    let range = if ranges { range_start(&headers) } else { None };
+    let total = match (&range, &source) {
+        (Some(_), FileSource::Lines(lines)) => {
+            // The whole file's length, even when this response will be cut short.
+            let mut lines = lines.clone();
+            lines.stop_after = None;
+            let mut total = 0u64;
+            loop {
+                let chunk = lines.next_chunk();
+                if chunk.is_empty() {
+                    break total;
+                }
+                total += chunk.len() as u64;
+            }
+        }
+        (_, FileSource::Fixed(bytes)) => bytes.as_ref().map_or(0, |b| b.len() as u64),
+        (None, _) => 0,
     };
-    (
-        StatusCode::OK,
+    if let Some(start) = range
+        && start >= total
+    {
+        return outcome::error(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            "invalid",
+            "the range starts past the end of the file",
+        );
+    }
+    let body = FileBody {
+        source,
+        gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+        cut: truncate,
+        done: false,
+        skip: range.unwrap_or(0),
+        _open: OpenFile(state.clone()),
+    };
+    let status = if range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (
+        status,
         [(header::CONTENT_TYPE, HeaderValue::from_static(NDJSON))],
-        Body::from_stream(lines.into_stream()),
+        Body::from_stream(body.into_stream()),
     )
-        .into_response()
+        .into_response();
+    if ranges {
+        response
+            .headers_mut()
+            .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    }
+    if let Some(start) = range
+        && let Ok(value) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", total - 1))
+    {
+        response.headers_mut().insert(header::CONTENT_RANGE, value);
+    }
+    if gzip {
+        state.lock().faults.gzipped_files += 1;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    response
+}
+
+/// The start of a `Range: bytes=N-` header; other range forms are ignored (answered in full),
+/// which the spec allows.
+fn range_start(headers: &HeaderMap) -> Option<u64> {
+    let value = headers.get(header::RANGE)?.to_str().ok()?;
+    let start = value.strip_prefix("bytes=")?.strip_suffix('-')?;
+    start.parse().ok()
+}
+
+fn no_such_file() -> Response {
+    outcome::error(StatusCode::NOT_FOUND, "not-found", "no such export file")
+}
+
+/// Counts a file body as open from the request until the body is dropped (fully sent, or the
+/// connection gone), for the concurrent-download gauge.
+struct OpenFile(Arc<ServerState>);
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        let mut inner = self.0.lock();
+        inner.faults.open_files = inner.faults.open_files.saturating_sub(1);
+    }
+}
+
+/// Where a file body's bytes come from.
+enum FileSource {
+    Lines(FileLines),
+    /// A small body known up front (the error file); taken on the first chunk.
+    Fixed(Option<Bytes>),
+}
+
+/// A file body being streamed: the plain chunks, optionally gzip-compressed on the fly, and
+/// optionally cut short with an error (which aborts the connection mid-body).
+struct FileBody {
+    source: FileSource,
+    gzip: Option<GzEncoder<Vec<u8>>>,
+    cut: bool,
+    done: bool,
+    /// Bytes still to drop from the front (a `Range` request's offset).
+    skip: u64,
+    _open: OpenFile,
+}
+
+impl FileBody {
+    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+        futures::stream::unfold(self, |mut body| async move {
+            if body.done {
+                return None;
+            }
+            let mut chunk = match &mut body.source {
+                FileSource::Lines(lines) => lines.next_chunk(),
+                FileSource::Fixed(bytes) => bytes.take().unwrap_or_default(),
+            };
+            while body.skip > 0 && !chunk.is_empty() {
+                let dropped = body.skip.min(chunk.len() as u64);
+                body.skip -= dropped;
+                chunk = chunk.slice(dropped as usize..);
+                if chunk.is_empty() {
+                    chunk = match &mut body.source {
+                        FileSource::Lines(lines) => lines.next_chunk(),
+                        FileSource::Fixed(bytes) => bytes.take().unwrap_or_default(),
+                    };
+                }
+            }
+            if chunk.is_empty() {
+                body.done = true;
+                if body.cut {
+                    // Let the server flush the headers and the lines sent so far before the
+                    // connection drops, so the client sees a body that breaks off midway
+                    // rather than a response that never arrived.
+                    tokio::task::yield_now().await;
+                    return Some((
+                        Err(std::io::Error::other("the fake cut the connection")),
+                        body,
+                    ));
+                }
+                let rest = match body.gzip.take() {
+                    Some(encoder) => encoder.finish().map(Bytes::from),
+                    None => return None,
+                };
+                return Some((rest, body));
+            }
+            let out = match &mut body.gzip {
+                // A sync flush after each chunk, so the client can decode what it has so far.
+                Some(encoder) => encoder
+                    .write_all(&chunk)
+                    .and_then(|()| encoder.flush())
+                    .map(|()| Bytes::from(std::mem::take(encoder.get_mut()))),
+                None => Ok(chunk),
+            };
+            Some((out, body))
+        })
+    }
 }
 
 /// The lines of one export file, generated on demand.
+#[derive(Clone)]
 struct FileLines {
     dataset: Dataset,
     file: ExportFile,
@@ -475,21 +969,17 @@ struct FileLines {
     /// Offset from `file.first_index` of the next resource to consider.
     next_index: usize,
     written: usize,
+    /// Stop after this many lines (a truncated download).
+    stop_after: Option<usize>,
 }
 
 impl FileLines {
-    fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, Infallible>> + Send {
-        futures::stream::unfold(self, |mut lines| async move {
-            let chunk = lines.next_chunk();
-            (!chunk.is_empty()).then_some((Ok(chunk), lines))
-        })
-    }
-
     /// The next run of whole lines, about [`CHUNK_BYTES`] long; empty once the file is done.
     fn next_chunk(&mut self) -> Bytes {
         let total = self.dataset.count(&self.file.resource_type);
         let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4 * 1024);
-        while self.written < self.file.count && chunk.len() < CHUNK_BYTES {
+        let limit = self.stop_after.unwrap_or(usize::MAX).min(self.file.count);
+        while self.written < limit && chunk.len() < CHUNK_BYTES {
             let index = self.file.first_index + self.next_index;
             if index >= total {
                 // The plan never points past the data set; stopping short is the safe way to
@@ -916,6 +1406,50 @@ mod tests {
         assert_eq!(missing.status(), 404);
     }
 
+    #[tokio::test]
+    async fn scripted_manifests_list_error_and_deleted_files_and_page() {
+        use crate::fake::Faults;
+        let options = FakeOptions {
+            faults: Faults::default()
+                .error_file()
+                .deleted_resources(2)
+                .relative_urls()
+                .manifest_page_size(1),
+            ..fast_options()
+        };
+        let h = Harness::start(Dataset::new(1, 2), options).await;
+        let token = h.token().await;
+        let (status_url, manifest) =
+            run_export(&h, "$export?_type=Patient,Condition", &token).await;
+        assert_eq!(manifest["output"].as_array().unwrap().len(), 1);
+        let next = manifest["link"][0]["url"].as_str().unwrap();
+        assert_eq!(next, format!("{status_url}?page=2"));
+        let page: Value = h.get(next, Some(&token)).await.json().await.unwrap();
+        assert_eq!(page["output"][0]["type"], "Condition");
+        assert!(page.get("link").is_none(), "the last page links no further");
+
+        let base = url::Url::parse(&status_url).unwrap();
+        let absolute = |entry: &Value| base.join(entry["url"].as_str().unwrap()).unwrap();
+        let errors = h
+            .get(absolute(&manifest["error"][0]).as_str(), Some(&token))
+            .await
+            .text()
+            .await
+            .unwrap();
+        assert_eq!(errors.lines().count(), 2, "one outcome per exported type");
+        assert_eq!(manifest["deleted"][0]["type"], "Bundle");
+        let deleted = h
+            .get(absolute(&manifest["deleted"][0]).as_str(), Some(&token))
+            .await
+            .text()
+            .await
+            .unwrap();
+        let bundle: Value = serde_json::from_str(deleted.trim_end()).unwrap();
+        assert_eq!(bundle["type"], "transaction");
+        assert_eq!(bundle["entry"][1]["request"]["method"], "DELETE");
+        assert_eq!(bundle["entry"][1]["request"]["url"], "Patient/deleted-2");
+    }
+
     #[test]
     fn plans_split_by_file_size_in_type_order() {
         let d = Dataset::new(1, 10);
@@ -976,6 +1510,7 @@ mod tests {
                     since,
                     next_index: 0,
                     written: 0,
+                    stop_after: None,
                 };
                 let mut body = Vec::new();
                 let mut chunks = 0;

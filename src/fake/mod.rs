@@ -10,12 +10,14 @@
 //! cheap authorised read `fhir-sync check` makes.
 //!
 //! All mutable state lives in one [`state::ServerState`] behind an `Arc`, and all knobs in
-//! [`FakeOptions`], so that scripted faults can be added later in one place.
+//! [`FakeOptions`]; scripted export faults (429 storms, cut and expiring files, paging, gzip,
+//! one export at a time) are a [`Faults`] value in the options, fired by request count.
 
 mod auth;
 pub mod data;
 mod discovery;
 mod export;
+mod faults;
 mod outcome;
 mod state;
 #[cfg(test)]
@@ -38,6 +40,7 @@ use url::Url;
 
 pub use data::{Dataset, RESOURCE_TYPES};
 pub use export::ALL_PATIENTS_GROUP_ID;
+pub use faults::Faults;
 
 use state::ServerState;
 
@@ -85,6 +88,8 @@ pub struct FakeOptions {
     /// No authorisation at all: protected endpoints accept requests without a token (an open
     /// test server). Default false.
     pub open_access: bool,
+    /// Scripted export faults (429 storms, cut downloads, expiring links...). Default none.
+    pub faults: Faults,
 }
 
 /// How the token endpoint sends `expires_in`.
@@ -120,6 +125,7 @@ impl Default for FakeOptions {
             revoke_tokens_after_requests: None,
             expires_in: ExpiresIn::Number,
             open_access: false,
+            faults: Faults::default(),
         }
     }
 }
@@ -155,6 +161,14 @@ pub struct RecordedRequest {
     pub status: u16,
     /// The `Host` header: tells the primary origin from [`FakeFhirServer::start_other_origin`].
     pub host: Option<String>,
+}
+
+/// One export kick-off: its method, path and decoded parameters, in the order sent.
+#[derive(Clone, Debug)]
+pub struct RecordedKickOff {
+    pub method: String,
+    pub path: String,
+    pub params: Vec<(String, String)>,
 }
 
 /// A running fake FHIR server on `127.0.0.1` with an OS-chosen port. Dropping it aborts the
@@ -283,6 +297,21 @@ impl FakeFhirServer {
         &self.state.options
     }
 
+    /// Every export kick-off, with its decoded parameters.
+    pub fn kick_offs(&self) -> Vec<RecordedKickOff> {
+        self.state.lock().kick_offs.clone()
+    }
+
+    /// The most file bodies the server was ever streaming at the same time.
+    pub fn max_concurrent_files(&self) -> usize {
+        self.state.lock().faults.max_open_files
+    }
+
+    /// How many file bodies were sent gzip-compressed.
+    pub fn gzipped_files(&self) -> usize {
+        self.state.lock().faults.gzipped_files
+    }
+
     /// How many exports are known (kicked off and not deleted).
     pub fn export_count(&self) -> usize {
         self.state.lock().exports.len()
@@ -348,9 +377,18 @@ fn router(state: Arc<ServerState>) -> Router {
         )
         .route("/fhir/metadata", get(discovery::metadata))
         .route("/auth/token", post(auth::token))
-        .route("/fhir/$export", get(export::kick_off))
-        .route("/fhir/Patient/$export", get(export::kick_off))
-        .route("/fhir/Group/{id}/$export", get(export::group_kick_off))
+        .route(
+            "/fhir/$export",
+            get(export::kick_off).post(export::post_kick_off),
+        )
+        .route(
+            "/fhir/Patient/$export",
+            get(export::kick_off).post(export::post_kick_off),
+        )
+        .route(
+            "/fhir/Group/{id}/$export",
+            get(export::group_kick_off).post(export::group_post_kick_off),
+        )
         .route(
             "/fhir/bulkstatus/{id}",
             get(export::status).delete(export::delete),

@@ -16,7 +16,8 @@ use url::Url;
 
 use super::data::Dataset;
 use super::export::Export;
-use super::{FakeOptions, RecordedRequest, TokenAttempt};
+use super::faults::FaultState;
+use super::{FakeOptions, RecordedKickOff, RecordedRequest, TokenAttempt};
 
 pub(crate) struct ServerState {
     pub(crate) options: FakeOptions,
@@ -49,6 +50,10 @@ pub(crate) struct Inner {
     pub(crate) redirect_files_to: Option<Url>,
     /// Presigned redirect keys and the `Authorization` value they stand in for.
     pub(crate) presigned: HashMap<String, Option<String>>,
+    /// Every kick-off with its decoded parameters (query or `Parameters` body).
+    pub(crate) kick_offs: Vec<RecordedKickOff>,
+    /// Scripted-fault counters and the open-file gauge.
+    pub(crate) faults: FaultState,
 }
 
 #[derive(Clone, Debug)]

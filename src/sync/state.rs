@@ -164,6 +164,7 @@ pub async fn progress(pool: &PgPool, run_id: i64, progress: &str) -> sqlx::Resul
     .map(drop)
 }
 
+/// Counts one retry of a queue step (its request is repeated as a new task).
 pub async fn count_retry(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
     sqlx::query("UPDATE fhir_sync.run SET retries = retries + 1 WHERE id = $1")
         .bind(run_id)
@@ -350,6 +351,19 @@ pub async fn fail(pool: &PgPool, run_id: i64, error: &str, retryable: bool) -> s
     .bind(run_id)
     .bind(error)
     .bind(retryable)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Marks an unfinished run cancelled; its remaining queued steps then do nothing.
+pub async fn cancel(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET status = 'cancelled', finished_at = now(), updated_at = now(), progress = NULL,
+             error = coalesce(error, 'cancelled by an operator')
+         WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')",
+    )
+    .bind(run_id)
     .execute(pool)
     .await?;
     Ok(updated.rows_affected() == 1)

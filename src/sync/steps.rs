@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use apalis::prelude::{BoxDynError, Data, Monitor, WorkerBuilder, WorkerBuilderExt};
@@ -22,7 +23,7 @@ use super::{Session, SyncError, error_chain};
 use crate::bulk::{ManifestFile, StatusCheck};
 use crate::config::{JobConfig, SyncSettings};
 use crate::queue::{self, QueueSettings, TaskQueue};
-use crate::warehouse::{FileKind, FileTarget, LoadLimits, Runs};
+use crate::warehouse::{FileKind, FileTarget, Runs};
 
 /// The queue all run steps go through.
 pub const QUEUE: &str = "fhir-sync-steps";
@@ -71,6 +72,67 @@ impl Step {
             Step::Poll { run_id, seq, .. } => format!("poll:{run_id}:{seq}"),
             Step::LoadFile { file_id, seq, .. } => format!("load:{file_id}:{seq}"),
             Step::Finish { run_id, seq, .. } => format!("finish:{run_id}:{seq}"),
+        }
+    }
+
+    /// The same step as a new task (a new `seq`), one attempt further; `None` once the step
+    /// kind's attempts are used up.
+    fn next_attempt(&self) -> Option<Step> {
+        let next = match self.clone() {
+            Step::KickOff {
+                run_id,
+                seq,
+                attempt,
+            } => Step::KickOff {
+                run_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            },
+            Step::Poll {
+                run_id,
+                seq,
+                errors,
+            } => Step::Poll {
+                run_id,
+                seq: seq + 1,
+                errors: errors + 1,
+            },
+            Step::LoadFile {
+                run_id,
+                file_id,
+                seq,
+                attempt,
+            } => Step::LoadFile {
+                run_id,
+                file_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            },
+            Step::Finish {
+                run_id,
+                seq,
+                attempt,
+            } => Step::Finish {
+                run_id,
+                seq: seq + 1,
+                attempt: attempt + 1,
+            },
+        };
+        let limit = match self {
+            Step::KickOff { .. } => KICK_OFF_ATTEMPTS,
+            Step::Poll { .. } => POLL_ERRORS,
+            Step::LoadFile { .. } => LOAD_ATTEMPTS,
+            Step::Finish { .. } => FINISH_ATTEMPTS,
+        };
+        (next.attempt() < limit).then_some(next)
+    }
+
+    fn attempt(&self) -> u32 {
+        match self {
+            Step::KickOff { attempt, .. }
+            | Step::LoadFile { attempt, .. }
+            | Step::Finish { attempt, .. } => *attempt,
+            Step::Poll { errors, .. } => *errors,
         }
     }
 
@@ -208,6 +270,7 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
     let ctx: Arc<StepContext> = (*ctx).clone();
     let run_id = step.run_id();
     let span = tracing::info_span!("step", run.id = run_id, step = step.name());
+    let retried = step.clone();
     let outcome = AssertUnwindSafe(tracing::Instrument::instrument(
         execute(&ctx, step),
         span.clone(),
@@ -217,6 +280,23 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
     let _entered = span.enter();
     let failure = match outcome {
         Ok(Ok(())) => return Ok(()),
+        // A database blip or a network error outside the steps' own retry loops: the same
+        // step again, later. File downloads have retried already by the time they fail.
+        Ok(Err(error))
+            if error.is_retryable()
+                && !matches!(error, SyncError::Download { .. } | SyncError::Load { .. }) =>
+        {
+            if let Some(next) = retried.next_attempt() {
+                let attempt = next.attempt();
+                let delay = backoff(&ctx.settings, attempt);
+                tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "step failed, retrying");
+                if push_patiently(&ctx, next, delay).await {
+                    let _ = state::count_retry(&ctx.pool, run_id).await;
+                    return Ok(());
+                }
+            }
+            (error_chain(&error), true)
+        }
         Ok(Err(error)) => (error_chain(&error), error.is_retryable()),
         Err(panic) => {
             let message = panic
@@ -229,10 +309,25 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
     };
     tracing::error!(error = %failure.0, retryable = failure.1, "run failed");
     if let Err(e) = state::fail(&ctx.pool, run_id, &failure.0, failure.1).await {
-        // The queue task is done either way; the run stays in its state until an operator acts.
+        // The queue task is done either way; `serve` re-queues the run's step at start-up.
         tracing::error!(error = %e, "could not record the failed run");
     }
     Ok(())
+}
+
+/// Pushes a step, retrying the push itself for a while: it fails when the database is away,
+/// and a step that is never pushed leaves its run waiting until the next `serve` start-up.
+async fn push_patiently(ctx: &StepContext, step: Step, delay: Duration) -> bool {
+    for attempt in 0..10u32 {
+        match ctx.push(step.clone(), delay).await {
+            Ok(()) => return true,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), attempt, "cannot queue the next step yet");
+                tokio::time::sleep(Duration::from_millis(200) * 2u32.pow(attempt.min(5))).await;
+            }
+        }
+    }
+    false
 }
 
 async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
@@ -261,10 +356,11 @@ async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
     }
 }
 
-/// Exponential backoff with full jitter: 1 s, 2 s, 4 s, ... capped at 5 minutes.
-fn backoff(attempt: u32) -> Duration {
-    let ceiling = Duration::from_secs(1) * 2u32.saturating_pow(attempt.min(8));
-    let ceiling = ceiling.min(Duration::from_secs(300));
+/// Exponential backoff with jitter from `sync.retry_base_delay_ms`: base, 2×base, 4×base, ...
+/// each drawn between half and all of that, capped at 5 minutes.
+fn backoff(settings: &SyncSettings, attempt: u32) -> Duration {
+    let base = Duration::from_millis(settings.retry_base_delay_ms.max(1));
+    let ceiling = (base * 2u32.saturating_pow(attempt.min(16))).min(Duration::from_secs(300));
     ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
@@ -280,7 +376,7 @@ async fn retry(
     if !error.is_retryable() || attempt >= limit {
         return Err(error);
     }
-    let delay = backoff(attempt);
+    let delay = backoff(&ctx.settings, attempt);
     tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "step failed, retrying");
     state::count_retry(&ctx.pool, run_id).await?;
     ctx.push(next, delay).await
@@ -331,12 +427,30 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
     }
     let run = state::load(&ctx.pool, run_id).await?;
     let job = job_of(ctx, &run)?;
+    let retries = Arc::new(AtomicU64::new(0));
     let result = async {
         let session = ctx.session(&job).await?;
+        let bulk = session.bulk.clone().with_retry_counter(retries.clone());
+        // Exports this job started before and never deleted (a failed, cancelled or killed
+        // run) may hold the server's one-export-per-client slot: delete them first.
+        super::delete_abandoned_exports(&ctx.pool, &bulk, &job.name, run_id, false).await;
         let request = super::export_request(&job, &session, run.since.clone());
-        Ok::<_, SyncError>(session.bulk.kick_off(&request).await?)
+        match bulk.kick_off(&request).await {
+            Err(crate::bulk::ExportError::Busy { .. })
+                if super::delete_abandoned_exports(&ctx.pool, &bulk, &job.name, run_id, true)
+                    .await
+                    > 0 =>
+            {
+                tracing::info!(
+                    "deleted abandoned exports after the server refused a new one; trying again"
+                );
+                Ok::<_, SyncError>(bulk.kick_off(&request).await?)
+            }
+            other => Ok(other?),
+        }
     }
     .await;
+    add_retries(ctx, run_id, &retries).await?;
     match result {
         Ok(kick_off) => {
             tracing::info!(
@@ -397,16 +511,14 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
             SyncError::Unsupported("the run is exporting but has no status URL".into())
         })?;
     let clamp = |d: Duration| d.clamp(policy.min_interval, policy.max_interval);
+    let retries = Arc::new(AtomicU64::new(0));
     let checked = async {
-        Ok::<_, SyncError>(
-            ctx.session(&job)
-                .await?
-                .bulk
-                .check_status(&status_url)
-                .await?,
-        )
+        let session = ctx.session(&job).await?;
+        let bulk = session.bulk.clone().with_retry_counter(retries.clone());
+        Ok::<_, SyncError>(bulk.check_status(&status_url).await?)
     }
     .await;
+    add_retries(ctx, run_id, &retries).await?;
     match checked {
         Ok(StatusCheck::InProgress {
             progress,
@@ -444,7 +556,7 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 "export status poll failed, will poll again"
             );
             state::count_retry(&ctx.pool, run_id).await?;
-            let delay = clamp(retry_after.unwrap_or_else(|| backoff(errors + 1)));
+            let delay = clamp(retry_after.unwrap_or_else(|| backoff(&ctx.settings, errors + 1)));
             ctx.push(
                 Step::Poll {
                     run_id,
@@ -462,6 +574,9 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                      stops rather than leave deleted resources in the warehouse",
                     manifest.deleted.len()
                 )));
+            }
+            if let Some(expires) = &manifest.expires {
+                super::export_record::expires(&ctx.pool, run_id, expires).await?;
             }
             tracing::info!(
                 export.transaction_time = %manifest.transaction_time,
@@ -564,7 +679,7 @@ async fn load(
         SourceSlot::acquire(&ctx.pool, &job.name, ctx.settings.max_parallel_downloads).await?
     else {
         state::release_file(&ctx.pool, file_id, &owner).await?;
-        let wait = Duration::from_millis(500) + backoff(0) / 2;
+        let wait = Duration::from_millis(200) + backoff(&ctx.settings, 0);
         return ctx
             .push(
                 Step::LoadFile {
@@ -598,7 +713,9 @@ async fn load(
     drop(slot);
     state::release_file(&ctx.pool, file_id, &owner).await?;
     match result {
-        Ok(()) => complete_if_done(ctx, run_id).await,
+        Ok(Ok(())) => complete_if_done(ctx, run_id).await,
+        // The download retried what it could; the run fails with its reason.
+        Ok(Err(error)) => Err(error),
         Err(error) => {
             let next = Step::LoadFile {
                 run_id,
@@ -606,29 +723,27 @@ async fn load(
                 seq: seq + 1,
                 attempt: attempt + 1,
             };
-            let outcome = retry(ctx, run_id, next, attempt + 1, LOAD_ATTEMPTS, error).await;
-            if let Err(error) = &outcome {
-                Runs::new(ctx.pool.clone())
-                    .file_failed(file_id, 0, &error_chain(error))
-                    .await?;
-            }
-            outcome
+            retry(ctx, run_id, next, attempt + 1, LOAD_ATTEMPTS, error).await
         }
     }
 }
 
+/// Loads one file. The outer error is about getting ready (a session, the run's URLs) and is
+/// worth retrying as a step; the inner result is the download's own outcome, which already
+/// retried with backoff and refreshed expired links, so its error is final.
 async fn load_one(
     ctx: &StepContext,
     job: &JobConfig,
     run: &state::RunRow,
     file: &FileRow,
-) -> Result<(), SyncError> {
+) -> Result<Result<(), SyncError>, SyncError> {
     let session = ctx.session(job).await?;
-    let url = file
-        .download_url
-        .as_deref()
-        .and_then(|u| url::Url::parse(u).ok())
-        .ok_or_else(|| SyncError::Unsupported(format!("file {} has no download URL", file.id)))?;
+    let parse = |url: Option<&str>, what: &str| {
+        url.and_then(|u| url::Url::parse(u).ok())
+            .ok_or_else(|| SyncError::Unsupported(format!("file {} has no usable {what}", file.id)))
+    };
+    let url = parse(file.download_url.as_deref(), "download URL")?;
+    let status_url = parse(run.status_url.as_deref(), "status URL")?;
     let kind = if file.kind == "error" {
         FileKind::Error
     } else {
@@ -649,26 +764,35 @@ async fn load_one(
         url,
         count: file.manifest_count.map(|c| c as u64),
     };
-    let limits = LoadLimits {
-        batch_lines: ctx.settings.batch_lines,
-        max_line_bytes: ctx.settings.max_line_bytes,
-    };
-    let bytes = std::sync::atomic::AtomicU64::new(0);
+    let retries = Arc::new(AtomicU64::new(0));
+    let bulk = session.bulk.clone().with_retry_counter(retries.clone());
+    let runs = Runs::new(ctx.pool.clone());
+    let bytes = AtomicU64::new(0);
+    let download = super::Download::new(
+        &ctx.pool,
+        &runs,
+        &bulk,
+        &status_url,
+        run.requires_access_token.unwrap_or(true),
+        &ctx.settings,
+        &bytes,
+        &retries,
+    );
     let span = tracing::info_span!("file", file.id = file.id, resource.type = %file.resource_type);
-    tracing::Instrument::instrument(
-        super::load_file(
-            &ctx.pool,
-            &Runs::new(ctx.pool.clone()),
-            &session.bulk,
-            target,
-            &manifest_file,
-            run.requires_access_token.unwrap_or(true),
-            limits,
-            &bytes,
-        ),
-        span,
-    )
-    .await
+    let outcome =
+        tracing::Instrument::instrument(download.load_file(target, &manifest_file, kind), span)
+            .await;
+    add_retries(ctx, run.id, &retries).await?;
+    Ok(outcome)
+}
+
+/// Adds the retries a step's requests made to the run's count.
+async fn add_retries(ctx: &StepContext, run_id: i64, retries: &AtomicU64) -> Result<(), SyncError> {
+    let count = retries.load(Ordering::Relaxed);
+    if count > 0 {
+        super::export_record::add_retries(&ctx.pool, run_id, count).await?;
+    }
+    Ok(())
 }
 
 async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
@@ -700,7 +824,11 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
         // Every file is loaded: the server may drop the files. Failing here loses nothing.
         match ctx.session(&job).await {
             Ok(session) => {
-                if let Err(e) = session.bulk.delete(&status_url).await {
+                let deleted = session.bulk.delete(&status_url).await;
+                if deleted.is_ok() {
+                    super::export_record::deleted(&ctx.pool, run_id).await?;
+                }
+                if let Err(e) = deleted {
                     tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server");
                 }
             }

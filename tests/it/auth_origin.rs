@@ -36,9 +36,8 @@ async fn client_and_file(env: &TestEnv, allow_insecure_http: bool) -> (BulkClien
     let kick_off = bulk
         .kick_off(&ExportRequest {
             level: ExportLevel::System,
-            group_id: None,
             types: vec!["Patient".into()],
-            since: None,
+            ..ExportRequest::from_config(&env.job.export)
         })
         .await
         .unwrap();
@@ -49,7 +48,7 @@ async fn client_and_file(env: &TestEnv, allow_insecure_http: bool) -> (BulkClien
         timeout: Duration::from_secs(60),
     };
     let manifest = bulk
-        .wait_for_manifest(&kick_off.status_url, &policy, |_| {})
+        .wait_for_manifest(&kick_off.status_url, &policy, async |_| {})
         .await
         .unwrap();
     let file = manifest.output[0].clone();

@@ -96,6 +96,8 @@ pub fn queue_settings() -> QueueSettings {
 pub fn sync_settings() -> SyncSettings {
     SyncSettings {
         batch_lines: 500,
+        // Retries of queue steps and requests wait milliseconds, not seconds.
+        retry_base_delay_ms: 20,
         ..SyncSettings::default()
     }
 }

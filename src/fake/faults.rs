@@ -1,0 +1,171 @@
+//! Scripted export faults for the fake FHIR server: what a test asks the server to get wrong,
+//! and the counters that make each fault fire exactly as often as asked.
+//!
+//! A test builds a [`Faults`] value (`Faults::default().status_429(3).file_500_once()`) and puts
+//! it in `FakeOptions::faults`; the export handlers consult [`FaultState`] (inside the server's
+//! one mutex) before answering. Faults are counted per server, not per export, so "the first
+//! three status polls" means the first three the server sees. Nothing here sleeps or depends on
+//! timing: every fault is triggered by a request count.
+
+/// What the export endpoints should get wrong. Every count is "the first n requests of that kind".
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Kick-off requests answered 429 with `Retry-After: 0`.
+    pub kick_off_429: u32,
+    /// Kick-off requests answered 503 with a transient OperationOutcome.
+    pub kick_off_503: u32,
+    /// Status polls answered 429 with `Retry-After: 0`.
+    pub status_429: u32,
+    /// Status polls answered 500 with a transient OperationOutcome (`issue.code` = `transient`).
+    pub status_transient: u32,
+    /// Every status poll fails with a fatal OperationOutcome carrying this text.
+    pub status_fatal: Option<String>,
+    /// In-progress polls send `Retry-After` as an HTTP-date instead of seconds.
+    pub retry_after_http_date: bool,
+    /// File downloads answered 429 with `Retry-After: 0`.
+    pub file_429: u32,
+    /// File downloads answered 500.
+    pub file_500: u32,
+    /// File downloads that send about half the file and then cut the connection.
+    pub truncate_file: u32,
+    /// File downloads answered 410 Gone; each one also invalidates every file link handed out
+    /// so far, as expiring presigned URLs do, so the client must fetch the manifest again.
+    pub expire_files: u32,
+    /// Manifests list one error file of OperationOutcomes (one per exported type).
+    pub error_file: bool,
+    /// Manifests list one `deleted` file: a Bundle of this many `DELETE Patient/deleted-N`
+    /// entries (ids that are not in the data set, so a test can plant rows for them first).
+    pub deleted_resources: u32,
+    /// Manifest file URLs are relative (`../bulkfiles/...`), resolved against the status URL.
+    pub relative_urls: bool,
+    /// Manifests list at most this many output files per page and link the rest with `next`.
+    pub manifest_page_size: Option<usize>,
+    /// The manifest's `requiresAccessToken` is the string "true" rather than a boolean.
+    pub requires_access_token_as_string: bool,
+    /// Files are sent with `Content-Encoding: gzip` when the client accepts it.
+    pub gzip: bool,
+    /// Files honour `Range: bytes=N-` with 206 Partial Content.
+    pub range: bool,
+    /// Only one export at a time per client: a kick-off while one is not yet deleted is
+    /// answered 429 with an OperationOutcome saying so (as Epic does).
+    pub one_export_at_a_time: bool,
+}
+
+impl Faults {
+    pub fn kick_off_429(mut self, n: u32) -> Self {
+        self.kick_off_429 = n;
+        self
+    }
+    pub fn kick_off_503(mut self, n: u32) -> Self {
+        self.kick_off_503 = n;
+        self
+    }
+    pub fn status_429(mut self, n: u32) -> Self {
+        self.status_429 = n;
+        self
+    }
+    pub fn status_transient(mut self, n: u32) -> Self {
+        self.status_transient = n;
+        self
+    }
+    pub fn status_fatal(mut self, diagnostics: &str) -> Self {
+        self.status_fatal = Some(diagnostics.to_string());
+        self
+    }
+    pub fn retry_after_http_date(mut self) -> Self {
+        self.retry_after_http_date = true;
+        self
+    }
+    pub fn file_429(mut self, n: u32) -> Self {
+        self.file_429 = n;
+        self
+    }
+    pub fn file_500_once(mut self) -> Self {
+        self.file_500 = 1;
+        self
+    }
+    pub fn truncate_file(mut self, n: u32) -> Self {
+        self.truncate_file = n;
+        self
+    }
+    pub fn expire_files(mut self, n: u32) -> Self {
+        self.expire_files = n;
+        self
+    }
+    pub fn error_file(mut self) -> Self {
+        self.error_file = true;
+        self
+    }
+    pub fn deleted_resources(mut self, n: u32) -> Self {
+        self.deleted_resources = n;
+        self
+    }
+    pub fn relative_urls(mut self) -> Self {
+        self.relative_urls = true;
+        self
+    }
+    pub fn manifest_page_size(mut self, files: usize) -> Self {
+        self.manifest_page_size = Some(files.max(1));
+        self
+    }
+    pub fn requires_access_token_as_string(mut self) -> Self {
+        self.requires_access_token_as_string = true;
+        self
+    }
+    pub fn gzip(mut self) -> Self {
+        self.gzip = true;
+        self
+    }
+    pub fn range(mut self) -> Self {
+        self.range = true;
+        self
+    }
+    pub fn one_export_at_a_time(mut self) -> Self {
+        self.one_export_at_a_time = true;
+        self
+    }
+}
+
+/// How many times each fault has fired, and the file-connection gauge.
+#[derive(Debug, Default)]
+pub(crate) struct FaultState {
+    pub(crate) kick_off_429: u32,
+    pub(crate) kick_off_503: u32,
+    pub(crate) status_429: u32,
+    pub(crate) status_transient: u32,
+    pub(crate) file_429: u32,
+    pub(crate) file_500: u32,
+    pub(crate) truncate_file: u32,
+    pub(crate) expire_files: u32,
+    /// Bumped by each expiry; file links carry it and stale ones are answered 410.
+    pub(crate) link_generation: u32,
+    /// File bodies being streamed right now, and the most ever streamed at once.
+    pub(crate) open_files: usize,
+    pub(crate) max_open_files: usize,
+    /// File bodies sent gzip-compressed.
+    pub(crate) gzipped_files: usize,
+}
+
+/// Takes one firing of a fault whose budget is `limit`: true while `used < limit`.
+pub(crate) fn take(used: &mut u32, limit: u32) -> bool {
+    if *used < limit {
+        *used += 1;
+        true
+    } else {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_fires_exactly_its_budget() {
+        let mut used = 0;
+        let fired: Vec<bool> = (0..4).map(|_| take(&mut used, 2)).collect();
+        assert_eq!(fired, [true, true, false, false]);
+        let mut none = 0;
+        assert!(!take(&mut none, 0));
+    }
+}

@@ -1,0 +1,110 @@
+//! Downloads: gzip, the per-source parallelism cap, the file size cap.
+
+use fhir_sync::config::SyncSettings;
+use fhir_sync::fake::{FakeOptions, Faults};
+use fhir_sync::sync;
+
+use crate::export_env::{
+    assert_exactly_the_data_set, ctx, env_with, faulty, retry_fast_settings, run, run_row,
+};
+use crate::helpers::TestEnv;
+
+#[tokio::test]
+async fn gzip_encoded_files_are_decoded() {
+    let env = env_with(30, Faults::default().gzip()).await;
+    let report = run(&env).await.expect("gzip files load");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    assert_eq!(env.fake.gzipped_files(), report.output_files);
+}
+
+#[tokio::test]
+async fn parallel_downloads_never_exceed_the_cap() {
+    // 40 patients at 10 resources per file: dozens of files for two download slots.
+    let options = FakeOptions {
+        resources_per_file: 10,
+        ..faulty(Faults::default())
+    };
+    let env = TestEnv::new(40, options).await;
+    let settings = SyncSettings {
+        max_parallel_downloads: 2,
+        ..retry_fast_settings()
+    };
+    let report = sync::run_job(
+        &ctx(&env, settings),
+        &env.job,
+        sync::RunOptions { full: true },
+    )
+    .await
+    .expect("the sync runs");
+    assert!(report.output_files > 20);
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let most = env.fake.max_concurrent_files();
+    assert!((1..=2).contains(&most), "{most} files at once");
+}
+
+#[tokio::test]
+async fn a_file_over_the_size_cap_fails_the_run() {
+    let env = env_with(20, Faults::default()).await;
+    let settings = SyncSettings {
+        max_file_bytes: 4096,
+        ..retry_fast_settings()
+    };
+    let failed = sync::run_job(
+        &ctx(&env, settings),
+        &env.job,
+        sync::RunOptions { full: true },
+    )
+    .await
+    .expect_err("the files are bigger than 4 KiB");
+    assert!(!failed.error.is_retryable());
+    let (_, error, retryable, _) = run_row(&env, failed.run_id.unwrap()).await;
+    assert_eq!(retryable, Some(false));
+    assert!(error.unwrap().contains("sync.max_file_bytes"));
+}
+
+/// (sum of attempts, number of files) of a run.
+async fn attempts(env: &TestEnv, run_id: i64) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT sum(attempts)::bigint, count(*) FROM fhir_sync.run_file WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_cut_download_resumes_with_a_range_request_when_the_server_takes_ranges() {
+    let env = env_with(40, Faults::default().truncate_file(2).range()).await;
+    let report = run(&env).await.expect("the cut files are resumed");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let partial = env
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/bulkfiles/") && r.status == 206)
+        .count();
+    let seen: Vec<(u16, Option<String>)> = env
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.path.contains("/bulkfiles/"))
+        .map(|r| (r.status, r.query.clone()))
+        .collect();
+    assert!(partial >= 2, "{partial} ranged responses {seen:?}");
+    let (attempts, files) = attempts(&env, report.run_id).await;
+    assert_eq!(attempts, files, "resuming does not restart a file");
+}
+
+#[tokio::test]
+async fn a_cut_download_restarts_the_file_when_the_server_takes_no_ranges() {
+    let env = env_with(40, Faults::default().truncate_file(2)).await;
+    let report = run(&env).await.expect("the cut files are downloaded again");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    assert!(
+        !env.fake.requests().iter().any(|r| r.status == 206),
+        "no Range request to a server that does not advertise them"
+    );
+    let (attempts, files) = attempts(&env, report.run_id).await;
+    assert_eq!(attempts, files + 2);
+}
