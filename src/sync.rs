@@ -236,17 +236,11 @@ async fn execute(
     if let Some(progress) = progress_updates.last() {
         runs.progress(run_id, progress).await?;
     }
-    if !manifest.deleted.is_empty() {
-        return Err(SyncError::Unsupported(format!(
-            "the manifest lists {} deleted file(s); applying deletions is not supported yet, so the run stops \
-             rather than leave deleted resources in the warehouse",
-            manifest.deleted.len()
-        )));
-    }
     tracing::info!(
         export.transaction_time = %manifest.transaction_time,
         output_files = manifest.output.len(),
         error_files = manifest.error.len(),
+        deleted_files = manifest.deleted.len(),
         "export complete"
     );
 
@@ -256,28 +250,35 @@ async fn execute(
         batch_lines: settings.batch_lines,
         max_line_bytes: settings.max_line_bytes,
     };
-    let results: Vec<Result<(), SyncError>> = futures::stream::iter(files.iter())
-        .map(|(record, file, kind)| {
-            let target = FileTarget {
-                run_id,
-                file_id: record.id,
-                source: job.name.clone(),
-                kind: *kind,
-                resource_type: match kind {
-                    FileKind::Output => file.resource_type.clone(),
-                    FileKind::Error => "OperationOutcome".to_string(),
-                },
-            };
-            let span = tracing::info_span!("file", file.id = record.id, resource.type = %file.resource_type);
-            load_file(&ctx.pool, runs, &bulk, target, file, manifest.requires_access_token, limits, &bytes)
-                .instrument(span)
-        })
-        .buffer_unordered(settings.max_parallel_downloads)
-        .collect()
-        .await;
-    let failures: Vec<SyncError> = results.into_iter().filter_map(Result::err).collect();
-    if let Some(first) = failures.into_iter().next() {
-        return Err(first);
+    // Deletions are applied after every output file has loaded: an export's output lists what
+    // exists at its transactionTime, so the loader lets a version loaded by this run's output
+    // win over this run's deletion of the same resource (see `warehouse::loader`).
+    let (deleted, loaded_first): (Vec<_>, Vec<_>) = files
+        .iter()
+        .partition(|(_, _, kind)| *kind == FileKind::Deleted);
+    for phase in [loaded_first, deleted] {
+        let results: Vec<Result<(), SyncError>> = futures::stream::iter(phase)
+            .map(|(record, file, kind)| {
+                let target = FileTarget {
+                    run_id,
+                    file_id: record.id,
+                    source: job.name.clone(),
+                    kind: *kind,
+                    resource_type: kind
+                        .line_type()
+                        .map_or_else(|| file.resource_type.clone(), str::to_string),
+                };
+                let span = tracing::info_span!("file", file.id = record.id, resource.type = %file.resource_type);
+                load_file(&ctx.pool, runs, &bulk, target, file, manifest.requires_access_token, limits, &bytes)
+                    .instrument(span)
+            })
+            .buffer_unordered(settings.max_parallel_downloads)
+            .collect()
+            .await;
+        let failures: Vec<SyncError> = results.into_iter().filter_map(Result::err).collect();
+        if let Some(first) = failures.into_iter().next() {
+            return Err(first);
+        }
     }
 
     // Every file is loaded: the server may now drop the files. A failure here loses nothing.
@@ -312,17 +313,13 @@ async fn register_files<'m>(
         .iter()
         .map(|f| (f, FileKind::Output))
         .chain(manifest.error.iter().map(|f| (f, FileKind::Error)))
+        .chain(manifest.deleted.iter().map(|f| (f, FileKind::Deleted)))
         .collect();
     let rows: Vec<(&str, &str, String, Option<u64>)> = listed
         .iter()
         .map(|(f, kind)| {
-            let kind = if *kind == FileKind::Output {
-                "output"
-            } else {
-                "error"
-            };
             (
-                kind,
+                kind.as_str(),
                 f.resource_type.as_str(),
                 transport::redacted(&f.url),
                 f.count,
@@ -383,14 +380,10 @@ async fn load_file(
             Ok(stats) => {
                 runs.file_loaded(target.file_id, read).await?;
                 let accounted = stats.resumed_after_line + stats.lines;
-                if let Some(count) = file.count
-                    && stats.resumed_after_line == 0
-                    && stats.loaded + stats.rejected != count
-                {
+                if let Some(mismatch) = &stats.count_mismatch {
                     tracing::warn!(
-                        manifest.count = count,
-                        loaded = stats.loaded,
-                        rejected = stats.rejected,
+                        manifest.count = file.count,
+                        mismatch = %mismatch,
                         "the file's line count differs from the manifest's count"
                     );
                 }
