@@ -26,6 +26,13 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = TestDb::unmigrated().await;
+        warehouse::migrate(&db.pool).await.unwrap();
+        db
+    }
+
+    /// A fresh database without any migration applied (for migration tests).
+    pub async fn unmigrated() -> TestDb {
         let name = format!("fhir_sync_test_{}", uuid::Uuid::new_v4().simple());
         let admin =
             PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is not a valid URL");
@@ -42,7 +49,6 @@ impl TestDb {
             .connect_with(admin.database(&name))
             .await
             .unwrap();
-        warehouse::migrate(&pool).await.unwrap();
         TestDb { pool, name }
     }
 }

@@ -7,5 +7,6 @@ mod auth;
 mod config_check;
 mod helpers;
 mod loader;
+mod loader_model;
 mod secrets;
 mod sync;
