@@ -88,8 +88,9 @@ pub struct LoadStats {
     pub count_mismatch: Option<String>,
 }
 
-/// Bytes of COPY data after which a batch is flushed even if it has fewer lines.
-const BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Bytes of COPY data after which a batch is flushed even if it has fewer lines. Two batches per
+/// file can be in memory (one read while the other commits).
+const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// How much of a rejected line is kept for diagnosis.
 const EXCERPT_CHARS: usize = 1000;
 
@@ -288,9 +289,13 @@ where
             path = MergePath::Direct;
         }
     }
-    let mut line_number = 0u64;
-    let mut line = Vec::new();
-    let mut batch = Batch::default();
+    let resume_after = checkpoint;
+    let mut reading = Reading {
+        reader: &mut reader,
+        line: Vec::new(),
+        line_number: 0,
+        lines: 0,
+    };
     let mut flusher = Flusher {
         pool,
         target,
@@ -298,46 +303,97 @@ where
         checkpoint: &mut checkpoint,
         stats: &mut stats,
     };
+    // The next batch is read and parsed while the previous one is committed, so the download,
+    // the light parse and PostgreSQL's work overlap; at most two batches are in memory. Batches
+    // still commit one after the other, each with its checkpoint.
+    let mut pending: Option<(Batch, u64)> = None;
+    let mut submitted_through = resume_after;
     loop {
-        let read = next_line(&mut reader, &mut line, limits.max_line_bytes)
-            .await
-            .map_err(LoadError::Read)?;
-        let Some(read) = read else { break };
-        line_number += 1;
-        if line_number <= *flusher.checkpoint {
-            continue;
+        let (filled, committed) = tokio::join!(
+            reading.fill(target, &frame, limits, resume_after),
+            commit(&mut flusher, pending.take()),
+        );
+        committed?;
+        let (batch, end_of_file) = filled?;
+        // At the end of the file the last batch is committed even when it is empty: a file that
+        // ends in blank lines must still be seen as complete.
+        if reading.line_number > submitted_through {
+            submitted_through = reading.line_number;
+            pending = Some((batch, submitted_through));
         }
-        flusher.stats.lines += 1;
-        match read {
-            LineRead::TooLong { bytes } => {
-                batch.reject(
-                    line_number,
-                    format!(
-                        "line is {bytes} bytes, over the {} byte limit",
-                        limits.max_line_bytes
-                    ),
-                    &line,
-                );
-            }
-            LineRead::Complete => classify(
-                target,
-                &frame,
-                line_number,
-                trim_line_end(&line),
-                &mut batch,
-            ),
-        }
-        if batch.len() >= limits.batch_lines || batch.copy.len() >= BATCH_BYTES {
-            flusher.flush(&mut batch, line_number).await?;
+        if end_of_file {
+            break;
         }
     }
-    // Always commit the final checkpoint, even for an empty batch: a file that ends in blank
-    // lines must still be seen as complete.
-    if line_number > *flusher.checkpoint {
-        flusher.flush(&mut batch, line_number).await?;
-    }
+    commit(&mut flusher, pending.take()).await?;
+    stats.lines = reading.lines;
     stats.count_mismatch = check_count(pool, target.file_id).await?;
     Ok(stats)
+}
+
+/// Reads lines into batches.
+struct Reading<'r, R> {
+    reader: &'r mut R,
+    line: Vec<u8>,
+    /// Lines read so far, including those skipped below the checkpoint.
+    line_number: u64,
+    /// Lines read past the checkpoint.
+    lines: u64,
+}
+
+impl<R: AsyncBufRead + Unpin> Reading<'_, R> {
+    /// Reads until a batch is full (`false`) or the input ends (`true`).
+    async fn fill(
+        &mut self,
+        target: &FileTarget,
+        frame: &RowFrame,
+        limits: LoadLimits,
+        resume_after: u64,
+    ) -> Result<(Batch, bool), LoadError> {
+        let mut batch = Batch::default();
+        loop {
+            let read = next_line(self.reader, &mut self.line, limits.max_line_bytes)
+                .await
+                .map_err(LoadError::Read)?;
+            let Some(read) = read else {
+                return Ok((batch, true));
+            };
+            self.line_number += 1;
+            if self.line_number <= resume_after {
+                continue;
+            }
+            self.lines += 1;
+            match read {
+                LineRead::TooLong { bytes } => {
+                    batch.reject(
+                        self.line_number,
+                        format!(
+                            "line is {bytes} bytes, over the {} byte limit",
+                            limits.max_line_bytes
+                        ),
+                        &self.line,
+                    );
+                }
+                LineRead::Complete => classify(
+                    target,
+                    frame,
+                    self.line_number,
+                    trim_line_end(&self.line),
+                    &mut batch,
+                ),
+            }
+            if batch.len() >= limits.batch_lines || batch.copy.len() >= BATCH_BYTES {
+                return Ok((batch, false));
+            }
+        }
+    }
+}
+
+async fn commit(flusher: &mut Flusher<'_>, pending: Option<(Batch, u64)>) -> Result<(), LoadError> {
+    match pending {
+        Some((mut batch, through_line)) => flusher.flush(&mut batch, through_line).await,
+        None => Ok(()),
+    }
 }
 
 /// Compares the manifest's count with what the file's attempts loaded and rejected in total,
