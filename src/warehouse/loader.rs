@@ -695,7 +695,7 @@ impl Flusher<'_> {
                     if self.path == MergePath::Direct {
                         let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
                         match copy_in(
-                            &mut *savepoint,
+                            &mut savepoint,
                             &format!("COPY fhir_sync.resource {COPY_COLUMNS} FROM STDIN {CSV}"),
                             &batch.copy,
                         )
@@ -718,7 +718,7 @@ impl Flusher<'_> {
                     if !direct_done {
                         sqlx::query(CREATE_STAGING).execute(&mut *tx).await?;
                         copy_in(
-                            &mut *tx,
+                            &mut tx,
                             &format!("COPY fhir_sync_staging {COPY_COLUMNS} FROM STDIN {CSV}"),
                             &batch.copy,
                         )
@@ -731,7 +731,7 @@ impl Flusher<'_> {
                         .execute(&mut *tx)
                         .await?;
                     copy_in(
-                        &mut *tx,
+                        &mut tx,
                         &format!("COPY fhir_sync_outcome_staging (line, outcome) FROM STDIN {CSV}"),
                         &batch.copy,
                     )

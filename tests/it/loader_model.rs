@@ -664,6 +664,9 @@ async fn a_loader_dropped_mid_file_resumes_to_the_exact_row_set() {
     assert_eq!((loaded, rejected, mismatch), (26, 1, None));
 }
 
+/// resource_type, id, version_id, patient_id, first_run_id, last_run_id.
+type MigratedRow = (String, String, Option<String>, Option<String>, i64, i64);
+
 #[tokio::test]
 async fn the_migration_keeps_the_skeletons_rows() {
     let db = TestDb::unmigrated().await;
@@ -679,7 +682,7 @@ async fn the_migration_keeps_the_skeletons_rows() {
     .await
     .unwrap();
     warehouse::migrate(&db.pool).await.unwrap();
-    let rows: Vec<(String, String, Option<String>, Option<String>, i64, i64)> = sqlx::query_as(
+    let rows: Vec<MigratedRow> = sqlx::query_as(
         "SELECT resource_type, id, version_id, patient_id, first_run_id, last_run_id
          FROM fhir_sync.resource ORDER BY resource_type",
     )
