@@ -720,3 +720,41 @@ async fn the_migration_keeps_the_skeletons_rows() {
     .unwrap();
     assert_eq!(in_views, 3);
 }
+
+#[tokio::test]
+async fn the_readme_queries_work_on_demo_data() {
+    let env = crate::helpers::TestEnv::new(5, crate::helpers::TestEnv::fast()).await;
+    env.run().await.unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let section = readme
+        .split("## Querying the warehouse")
+        .nth(1)
+        .expect("the README has a querying section");
+    let sql = section
+        .split("```sql")
+        .nth(1)
+        .and_then(|block| block.split("```").next())
+        .expect("the section has an sql block");
+    let statements: Vec<&str> = sql
+        .split(';')
+        .map(str::trim)
+        .filter(|s| {
+            s.lines()
+                .any(|l| !l.trim().is_empty() && !l.trim().starts_with("--"))
+        })
+        .collect();
+    assert!(statements.len() >= 3, "{statements:?}");
+    for (n, statement) in statements.iter().enumerate() {
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("README query {n} failed: {e}\n{statement}"));
+        if n < 2 {
+            assert!(
+                !rows.is_empty(),
+                "README query {n} returned nothing:\n{statement}"
+            );
+        }
+    }
+}
