@@ -1,6 +1,7 @@
 //! Streaming NDJSON loader: bytes → lines → light parse → COPY batches → set-based merge.
 //!
-//! Memory is bounded by one batch whatever the file size. Each batch commits its rows, its
+//! Memory is bounded by two batches whatever the file size (the next batch is read and parsed
+//! while the previous one commits). Each batch commits its rows, its
 //! rejected lines and the file's new line checkpoint in one transaction, so a crash resumes
 //! after the last committed batch and loading a finished file again changes nothing. A bad line
 //! is recorded (file, line number, reason) and never stops the rest of the file.
