@@ -14,6 +14,8 @@
 //! staging table and the newer-wins merge. The loader never issues row-by-row statements.
 
 use std::borrow::Cow;
+use std::collections::HashSet;
+use std::hash::{BuildHasher, RandomState};
 
 use serde::Deserialize;
 use sqlx::PgPool;
@@ -187,6 +189,11 @@ struct Batch {
     delete_types: Vec<String>,
     delete_ids: Vec<String>,
     delete_times: Vec<Option<String>>,
+    /// Hashes of the ids staged so far, to tell whether an id occurs twice in the batch.
+    id_hashes: HashSet<u64>,
+    /// Whether some id (or a hash collision, which only costs the slower merge) occurs twice.
+    duplicate_ids: bool,
+    hasher: RandomState,
 }
 
 impl Batch {
@@ -507,6 +514,10 @@ fn classify(
                     .filter_map(|r| r.reference.as_deref())
                     .find_map(patient_id_of)
             };
+            let hash = batch.hasher.hash_one(id);
+            if !batch.id_hashes.insert(hash) {
+                batch.duplicate_ids = true;
+            }
             // Columns as in COPY_COLUMNS. Empty unquoted = NULL. Every value written unquoted
             // has been checked to hold no delimiter, quote or newline.
             let copy = &mut batch.copy;
@@ -639,6 +650,24 @@ const MERGE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
                ELSE fhir_sync.version_not_older(EXCLUDED.last_updated, EXCLUDED.version_id,
                                                 r.last_updated, r.version_id) END";
 
+/// [`MERGE_RESOURCES`] for a batch in which every id occurs once.
+const MERGE_UNIQUE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
+        (source, resource_type, id, version_id, last_updated, patient_id, resource, first_run_id, last_run_id)
+    SELECT source, resource_type, id, version_id, last_updated, patient_id, resource,
+        first_run_id, last_run_id
+    FROM fhir_sync_staging
+    ON CONFLICT (source, resource_type, id) DO UPDATE SET
+        version_id = EXCLUDED.version_id,
+        last_updated = EXCLUDED.last_updated,
+        patient_id = EXCLUDED.patient_id,
+        resource = EXCLUDED.resource,
+        last_run_id = EXCLUDED.last_run_id,
+        deleted_at = NULL,
+        deleted_by_run_id = NULL
+    WHERE CASE WHEN r.deleted_at IS NOT NULL THEN EXCLUDED.last_updated > r.deleted_at
+               ELSE fhir_sync.version_not_older(EXCLUDED.last_updated, EXCLUDED.version_id,
+                                                r.last_updated, r.version_id) END";
+
 const CREATE_OUTCOME_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS fhir_sync_outcome_staging (
     line bigint NOT NULL, outcome jsonb NOT NULL
 ) ON COMMIT DELETE ROWS";
@@ -724,7 +753,14 @@ impl Flusher<'_> {
                             &batch.copy,
                         )
                         .await?;
-                        sqlx::query(MERGE_RESOURCES).execute(&mut *tx).await?;
+                        // Without a repeated id the merge needs no DISTINCT ON, whose sort of
+                        // whole rows would spill to disk for a batch larger than work_mem.
+                        let merge = if batch.duplicate_ids {
+                            MERGE_RESOURCES
+                        } else {
+                            MERGE_UNIQUE_RESOURCES
+                        };
+                        sqlx::query(merge).execute(&mut *tx).await?;
                     }
                 }
                 FileKind::Error => {
