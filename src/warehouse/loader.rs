@@ -359,6 +359,9 @@ impl<R: AsyncBufRead + Unpin> Reading<'_, R> {
         resume_after: u64,
     ) -> Result<(Batch, bool), LoadError> {
         let mut batch = Batch::default();
+        // Reserved up front so that the buffer never reallocates (briefly holding two copies)
+        // on its way to BATCH_BYTES; pages count towards RSS only once written.
+        batch.copy.reserve(BATCH_BYTES + 64 * 1024);
         loop {
             let read = next_line(self.reader, &mut self.line, limits.max_line_bytes)
                 .await
