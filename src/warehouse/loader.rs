@@ -700,6 +700,32 @@ const APPLY_DELETIONS: &str = "INSERT INTO fhir_sync.resource AS r
       AND (r.deleted_at IS NULL OR r.deleted_at < EXCLUDED.deleted_at)
       AND (r.last_run_id <> EXCLUDED.deleted_by_run_id OR r.deleted_at IS NOT NULL)";
 
+/// A pooled connection that goes back to the pool only when released. A flush dropped half-way
+/// (its task aborted, say) can leave the connection inside a COPY, where the next user would
+/// fail; such a connection is closed instead, which also rolls its transaction back.
+struct ConnectionGuard(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl ConnectionGuard {
+    fn get(&mut self) -> &mut sqlx::PgConnection {
+        // Present from construction until `release` consumes the guard.
+        self.0
+            .as_mut()
+            .expect("the connection is held until released")
+    }
+
+    fn release(mut self) {
+        self.0.take();
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.as_mut() {
+            connection.close_on_drop();
+        }
+    }
+}
+
 /// Commits batches and advances the checkpoint.
 struct Flusher<'a> {
     pool: &'a PgPool,
@@ -720,7 +746,8 @@ impl Flusher<'_> {
                 ensure_resource_type(self.pool, resource_type).await?;
             }
         }
-        let mut tx = self.pool.begin().await?;
+        let mut connection = ConnectionGuard(Some(self.pool.acquire().await?));
+        let mut tx = sqlx::Acquire::begin(connection.get()).await?;
         if batch.rows > 0 {
             match target.kind {
                 FileKind::Output => {
@@ -833,6 +860,7 @@ impl Flusher<'_> {
             ))));
         }
         tx.commit().await?;
+        connection.release();
         self.stats.loaded += batch.rows;
         self.stats.rejected += rejected as u64;
         self.stats.deletions += batch.delete_ids.len() as u64;
