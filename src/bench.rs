@@ -423,22 +423,21 @@ fn peak_rss_bytes() -> Option<u64> {
 fn report(sync: &(Measurement, Option<u64>), a: &Measurement, b: &Measurement) {
     let (sync, peak) = sync;
     println!(
-        "  {:<44} {:>10} {:>12} {:>9} {:>8}",
-        "", "seconds", "resources/s", "MB/s", "ratio"
+        "  {:<48} {:>8} {:>12} {:>7}",
+        "", "seconds", "resources/s", "MB/s"
     );
-    let line = |name: &str, m: &Measurement, ratio: Option<f64>| {
+    let line = |name: &str, m: &Measurement| {
         println!(
-            "  {:<44} {:>10.2} {:>12.0} {:>9.1} {:>8}",
+            "  {:<48} {:>8.2} {:>12.0} {:>7.1}",
             name,
             m.elapsed.as_secs_f64(),
             m.per_second(),
             m.mb_per_second(),
-            ratio.map_or(String::new(), |r| format!("{r:.2}x"))
         );
     };
-    line("fhir-sync, end to end (HTTP → warehouse)", sync, None);
-    line("(a) psql COPY into a bare jsonb table", a, None);
-    line("(b) psql COPY into staging + INSERT ON CONFLICT", b, None);
+    line("fhir-sync, end to end (HTTP → warehouse)", sync);
+    line("(a) psql COPY into a bare jsonb table", a);
+    line("(b) psql COPY into staging + INSERT ON CONFLICT", b);
     println!(
         "  fhir-sync / (a): {:.2}x   fhir-sync / (b): {:.2}x   peak RSS of fhir-sync (with the fake server): {}",
         sync.per_second() / a.per_second(),
