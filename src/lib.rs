@@ -5,6 +5,7 @@
 //! keep.
 
 pub mod app;
+pub mod bench;
 pub mod bulk;
 pub mod config;
 pub mod demo;

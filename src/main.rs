@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use fhir_sync::config::Settings;
 use fhir_sync::smart::SigningAlgorithm;
-use fhir_sync::{app, demo, ops};
+use fhir_sync::{app, bench, demo, ops};
 
 #[derive(Parser)]
 #[command(
@@ -42,6 +42,24 @@ enum Command {
         seed: u64,
         /// Where to keep a PostgreSQL cluster if the demo has to start one.
         #[arg(long, default_value = ".demo")]
+        state_dir: PathBuf,
+    },
+    /// Measure a full and an incremental sync against the psql COPY baselines (see README).
+    Bench {
+        /// Synthetic patients (each brings 17 more resources, 12 of them Observations).
+        #[arg(long, default_value_t = 20_000)]
+        patients: usize,
+        /// Seed of the synthetic data set.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Most resources per NDJSON file the fake server serves.
+        #[arg(long, default_value_t = 50_000)]
+        resources_per_file: usize,
+        /// One resource in this many changes for the incremental run.
+        #[arg(long, default_value_t = 10)]
+        changed_every: usize,
+        /// Where to keep a PostgreSQL cluster if the bench has to start one.
+        #[arg(long, default_value = ".bench")]
         state_dir: PathBuf,
     },
     /// Run one sync of a job now, in the foreground (incremental from the last successful run).
@@ -192,6 +210,24 @@ fn main() -> ExitCode {
                         state_dir,
                     },
                 )
+                .await
+            }
+            Command::Bench {
+                patients,
+                seed,
+                resources_per_file,
+                changed_every,
+                state_dir,
+            } => {
+                bench::run(&bench::BenchOptions {
+                    patients,
+                    seed,
+                    resources_per_file,
+                    changed_every,
+                    state_dir,
+                    sync: settings.sync.clone(),
+                    queue: settings.queue.clone(),
+                })
                 .await
             }
             Command::Run { job, full } => {

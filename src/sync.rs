@@ -482,14 +482,10 @@ impl<'a> Download<'a> {
                 Ok(stats) => {
                     self.runs.file_loaded(target.file_id, read).await?;
                     let accounted = stats.resumed_after_line + stats.lines;
-                    if let Some(count) = file.count
-                        && stats.resumed_after_line == 0
-                        && stats.loaded + stats.rejected != count
-                    {
+                    if let Some(mismatch) = &stats.count_mismatch {
                         tracing::warn!(
-                            manifest.count = count,
-                            loaded = stats.loaded,
-                            rejected = stats.rejected,
+                            manifest.count = file.count,
+                            mismatch = %mismatch,
                             "the file's line count differs from the manifest's count"
                         );
                     }
@@ -691,6 +687,7 @@ fn find_fresh_link(fresh: &Manifest, listed: &ManifestFile, kind: FileKind) -> O
     let list = match kind {
         FileKind::Output => &fresh.output,
         FileKind::Error => &fresh.error,
+        FileKind::Deleted => &fresh.deleted,
     };
     let key = transport::redacted(&listed.url);
     list.iter()

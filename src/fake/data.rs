@@ -40,21 +40,52 @@ const DATE: &[FormatItem<'static>] = format_description!("[year]-[month]-[day]")
 pub struct Dataset {
     pub seed: u64,
     pub patients: usize,
+    /// 0 for the data set itself; `n` for its "changed" generation (see [`Dataset::changed`]):
+    /// every `n`-th resource of each type, in a newer version.
+    pub changed_every: usize,
 }
 
 impl Dataset {
     pub fn new(seed: u64, patients: usize) -> Self {
-        Dataset { seed, patients }
+        Dataset {
+            seed,
+            patients,
+            changed_every: 0,
+        }
+    }
+
+    /// The resources that changed since this data set, as a data set of their own: every
+    /// `every`-th resource of each type (index 0, `every`, `2·every`, ...; the same ids), each with
+    /// `meta.lastUpdated` after every original one and `meta.versionId` one higher. Serving it
+    /// after the original stands for an incremental export where 1/`every` of the data changed.
+    pub fn changed(&self, every: usize) -> Dataset {
+        Dataset {
+            changed_every: every.max(1),
+            ..self.clone()
+        }
+    }
+
+    /// The index in the original data set of the `index`-th resource of this one.
+    fn base_index(&self, index: usize) -> usize {
+        if self.changed_every == 0 {
+            index
+        } else {
+            index * self.changed_every
+        }
     }
 
     /// How many resources of `resource_type` exist; 0 for any type outside [`RESOURCE_TYPES`].
     pub fn count(&self, resource_type: &str) -> usize {
-        match resource_type {
+        let all = match resource_type {
             "Patient" => self.patients,
             "Encounter" => self.patients * ENCOUNTERS_PER_PATIENT,
             "Observation" => self.patients * OBSERVATIONS_PER_PATIENT,
             "Condition" => self.patients * CONDITIONS_PER_PATIENT,
             _ => 0,
+        };
+        match self.changed_every {
+            0 => all,
+            every => all.div_ceil(every),
         }
     }
 
@@ -74,6 +105,7 @@ impl Dataset {
     /// The logical id of a resource. Ids embed the seed so that two data sets loaded into the
     /// same warehouse never collide, and the index so that they are unique per type.
     pub fn id(&self, resource_type: &str, index: usize) -> String {
+        let index = self.base_index(index);
         let prefix = match resource_type {
             "Patient" => "pat",
             "Encounter" => "enc",
@@ -87,6 +119,9 @@ impl Dataset {
     /// `meta.lastUpdated` of a resource, without building the rest of it. The export planner
     /// uses this to apply `_since` over millions of resources cheaply.
     pub fn last_updated(&self, resource_type: &str, index: usize) -> OffsetDateTime {
+        if self.changed_every != 0 {
+            return self.changed_last_updated(index);
+        }
         let mut rng = self.rng(resource_type, index);
         from_millis(draw_last_updated_ms(&mut rng))
     }
@@ -98,6 +133,19 @@ impl Dataset {
     /// If `resource_type` is not one of [`RESOURCE_TYPES`]: there is nothing sensible to make up,
     /// and every caller in this crate only asks for types it got from that list.
     pub fn resource(&self, resource_type: &str, index: usize) -> Value {
+        if self.changed_every != 0 {
+            let original = Dataset::new(self.seed, self.patients);
+            let mut resource = original.resource(resource_type, self.base_index(index));
+            let version: u64 = resource["meta"]["versionId"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            resource["meta"] = json!({
+                "versionId": (version + 1).to_string(),
+                "lastUpdated": format_instant(self.changed_last_updated(index)),
+            });
+            return resource;
+        }
         // The first draw must be lastUpdated, so that `last_updated` agrees with the resource.
         let mut rng = self.rng(resource_type, index);
         let last_updated = from_millis(draw_last_updated_ms(&mut rng));
@@ -131,6 +179,12 @@ impl Dataset {
         let type_json = serde_json::to_string(resource_type).expect("a string always serialises");
         // `rest` is a non-empty object, so it starts with `{` and has at least one field.
         format!("{{\"resourceType\":{type_json},{}", &rest[1..])
+    }
+
+    /// Changed versions are dated one second apart from the end of the original range, so every
+    /// one is newer than any original version.
+    fn changed_last_updated(&self, index: usize) -> OffsetDateTime {
+        from_millis(LAST_UPDATED_END_MS + 1000 * index as i64)
     }
 
     fn rng(&self, resource_type: &str, index: usize) -> ChaCha8Rng {
@@ -788,5 +842,38 @@ mod tests {
             "an escaped backslash"
         );
         assert!(lines.iter().any(|l| l.contains("Zoë")), "a non-ASCII name");
+    }
+
+    #[test]
+    fn the_changed_generation_is_every_nth_resource_in_a_newer_version() {
+        let d = Dataset::new(9, 7);
+        let changed = d.changed(10);
+        assert_eq!(
+            changed.count("Observation"),
+            d.count("Observation").div_ceil(10)
+        );
+        assert_eq!(changed.count("Patient"), 1);
+        for index in 0..changed.count("Observation") {
+            let old = d.resource("Observation", index * 10);
+            let new = changed.resource("Observation", index);
+            assert_eq!(new["id"], old["id"]);
+            assert_eq!(new["subject"], old["subject"]);
+            assert!(
+                changed.last_updated("Observation", index)
+                    > d.last_updated("Observation", index * 10)
+            );
+            let version = |r: &Value| {
+                r["meta"]["versionId"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<u32>()
+                    .unwrap()
+            };
+            assert_eq!(version(&new), version(&old) + 1);
+            assert_eq!(
+                new["meta"]["lastUpdated"].as_str().unwrap(),
+                format_instant(changed.last_updated("Observation", index))
+            );
+        }
     }
 }

@@ -245,6 +245,22 @@ async fn pending_files(conn: &mut sqlx::PgConnection, run_id: i64) -> sqlx::Resu
     .await
 }
 
+/// Files of a run whose load may be queued now: output and error files not loaded yet, and
+/// deletion files once no output or error file is left to load.
+pub async fn loadable_files(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM fhir_sync.run_file f
+         WHERE run_id = $1 AND status <> 'loaded'
+           AND (kind <> 'deleted' OR NOT EXISTS (
+                SELECT 1 FROM fhir_sync.run_file o
+                WHERE o.run_id = $1 AND o.kind <> 'deleted' AND o.status <> 'loaded'))
+         ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await
+}
+
 pub async fn file(pool: &PgPool, file_id: i64) -> sqlx::Result<FileRow> {
     sqlx::query_as(
         "SELECT id, run_id, kind, resource_type, download_url, manifest_count, status FROM fhir_sync.run_file WHERE id = $1",

@@ -568,13 +568,6 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
             .await
         }
         Ok(StatusCheck::Complete(manifest)) => {
-            if !manifest.deleted.is_empty() {
-                return Err(SyncError::Unsupported(format!(
-                    "the manifest lists {} deleted file(s); applying deletions is not supported yet, so the run \
-                     stops rather than leave deleted resources in the warehouse",
-                    manifest.deleted.len()
-                )));
-            }
             if let Some(expires) = &manifest.expires {
                 super::export_record::expires(&ctx.pool, run_id, expires).await?;
             }
@@ -589,6 +582,7 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 .iter()
                 .map(|f| ("output", f))
                 .chain(manifest.error.iter().map(|f| ("error", f)))
+                .chain(manifest.deleted.iter().map(|f| ("deleted", f)))
                 .map(|(kind, f)| NewFile {
                     kind,
                     resource_type: &f.resource_type,
@@ -604,17 +598,9 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 &files,
             )
             .await?;
-            for file in pending.unwrap_or_default() {
-                ctx.push(
-                    Step::LoadFile {
-                        run_id,
-                        file_id: file.id,
-                        seq: 0,
-                        attempt: 0,
-                    },
-                    Duration::ZERO,
-                )
-                .await?;
+            // Deletion files wait until the output has loaded (see `queue_next_files`).
+            if pending.is_some() {
+                queue_next_files(ctx, run_id).await?;
             }
             // A manifest without files (nothing changed since the watermark) is complete now.
             if state::all_files_loaded(&ctx.pool, run_id).await? {
@@ -744,20 +730,19 @@ async fn load_one(
     };
     let url = parse(file.download_url.as_deref(), "download URL")?;
     let status_url = parse(run.status_url.as_deref(), "status URL")?;
-    let kind = if file.kind == "error" {
-        FileKind::Error
-    } else {
-        FileKind::Output
+    let kind = match file.kind.as_str() {
+        "error" => FileKind::Error,
+        "deleted" => FileKind::Deleted,
+        _ => FileKind::Output,
     };
     let target = FileTarget {
         run_id: run.id,
         file_id: file.id,
         source: job.name.clone(),
         kind,
-        resource_type: match kind {
-            FileKind::Output => file.resource_type.clone(),
-            FileKind::Error => "OperationOutcome".to_string(),
-        },
+        resource_type: kind
+            .line_type()
+            .map_or_else(|| file.resource_type.clone(), str::to_string),
     };
     let manifest_file = ManifestFile {
         resource_type: file.resource_type.clone(),
@@ -796,10 +781,31 @@ async fn add_retries(ctx: &StepContext, run_id: i64, retries: &AtomicU64) -> Res
 }
 
 async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+    queue_next_files(ctx, run_id).await?;
     if state::all_files_loaded(&ctx.pool, run_id).await? {
         ctx.push(
             Step::Finish {
                 run_id,
+                seq: 0,
+                attempt: 0,
+            },
+            Duration::ZERO,
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Queues the load of every file that may start now: output and error files at once, deletion
+/// files once every output and error file has loaded — an export's output lists what existed
+/// at its transactionTime, so the loader lets this run's output win over this run's deletion
+/// of the same resource only if the output is loaded first. Pushes are idempotent per file.
+async fn queue_next_files(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+    for file_id in state::loadable_files(&ctx.pool, run_id).await? {
+        ctx.push(
+            Step::LoadFile {
+                run_id,
+                file_id,
                 seq: 0,
                 attempt: 0,
             },

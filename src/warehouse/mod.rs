@@ -1,8 +1,10 @@
 //! The warehouse: NDJSON into PostgreSQL, and the record of runs and files.
 //!
-//! Resources are loaded with COPY into a temporary staging table and merged set-wise into
-//! `fhir_sync.resource`, one transaction per batch that also advances the file's checkpoint, so
-//! a load interrupted at any point resumes without duplicating or skipping lines. This module
+//! Resources are loaded with COPY (straight into an empty partition, else into a temporary
+//! staging table merged set-wise, newer wins) into `fhir_sync.resource`, partitioned by resource
+//! type, one transaction per batch that also advances the file's checkpoint, so a load
+//! interrupted at any point resumes without duplicating or skipping lines. Deletion Bundles mark
+//! rows deleted; analysts read the per-type views in schema `fhir`. This module
 //! knows nothing of HTTP or FHIR servers: it reads bytes from whatever stream it is given.
 
 mod loader;
@@ -21,6 +23,9 @@ pub enum LoadError {
     Database(#[from] sqlx::Error),
     #[error("reading the file failed")]
     Read(#[source] std::io::Error),
+    /// The file cannot be loaded as asked (a type that is not a FHIR resource type, say).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl LoadError {
@@ -29,6 +34,7 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LoadError::Read(_) => true,
+            LoadError::Invalid(_) => false,
             LoadError::Database(e) => {
                 matches!(
                     e,

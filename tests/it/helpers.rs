@@ -35,6 +35,13 @@ impl TestDb {
 
 impl TestDb {
     pub async fn new() -> TestDb {
+        let db = TestDb::unmigrated().await;
+        fhir_sync::app::prepare_database(&db.pool).await.unwrap();
+        db
+    }
+
+    /// A fresh database without any migration applied (for migration tests).
+    pub async fn unmigrated() -> TestDb {
         let name = format!("fhir_sync_test_{}", uuid::Uuid::new_v4().simple());
         let admin =
             PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is not a valid URL");
@@ -51,7 +58,6 @@ impl TestDb {
             .connect_with(admin.database(&name))
             .await
             .unwrap();
-        fhir_sync::app::prepare_database(&pool).await.unwrap();
         TestDb { pool, name }
     }
 }

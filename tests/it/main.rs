@@ -22,6 +22,7 @@ mod export_manifest;
 mod export_polling;
 mod helpers;
 mod loader;
+mod loader_model;
 mod processes;
 mod queue;
 mod queue_edges;

@@ -1,0 +1,452 @@
+//! `fhir-sync bench`: the loader's throughput against the two `psql` baselines, on this machine.
+//!
+//! One run generates a deterministic synthetic data set (Observation-heavy, 0.5–2 KB per
+//! resource), serves it from the in-process fake FHIR server on loopback, runs a full sync end to
+//! end into a database the bench creates (and drops at the end), and on the same NDJSON measures
+//! (a) `psql` COPY into a bare `jsonb` table and (b) `psql` COPY into a staging table plus one
+//! `INSERT ... ON CONFLICT` into the same keyed schema. It then repeats the three for an
+//! incremental export in which a tenth of the resources changed. It is a measurement, not a
+//! test: it asserts nothing and never runs in CI. It must not touch any database but its own.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use secrecy::SecretString;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{AssertSqlSafe, Connection, PgPool};
+
+use crate::config::SyncSettings;
+use crate::fake::{Dataset, FakeFhirServer, FakeOptions, RESOURCE_TYPES};
+use crate::smart::{self, SigningAlgorithm, SigningKey};
+use crate::sync::{self, SyncContext};
+use crate::{demo, localpg};
+
+/// What to measure.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Synthetic patients; each brings 17 more resources, 12 of them Observations.
+    pub patients: usize,
+    pub seed: u64,
+    /// At most this many resources per NDJSON file the fake serves.
+    pub resources_per_file: usize,
+    /// One resource in this many changes for the incremental run (10 = 10%).
+    pub changed_every: usize,
+    /// Where to keep a PostgreSQL cluster if the bench has to start one.
+    pub state_dir: PathBuf,
+    /// Sync settings (batch size, parallel downloads) for the measured syncs.
+    pub sync: SyncSettings,
+    pub queue: crate::queue::QueueSettings,
+}
+
+/// One measured load.
+#[derive(Debug, Clone, Copy)]
+struct Measurement {
+    resources: u64,
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Measurement {
+    fn per_second(&self) -> f64 {
+        self.resources as f64 / self.elapsed.as_secs_f64()
+    }
+    fn mb_per_second(&self) -> f64 {
+        self.bytes as f64 / 1_000_000.0 / self.elapsed.as_secs_f64()
+    }
+}
+
+/// Runs the benchmark and prints its report.
+pub async fn run(options: &BenchOptions) -> anyhow::Result<()> {
+    let local = localpg::find_or_start(&options.state_dir.join("pg")).await?;
+    let name = format!("fhir_sync_bench_{}", uuid::Uuid::new_v4().simple());
+    let database_url = localpg::ensure_database(&local.admin_url, &name).await?;
+    let result = measure(options, &database_url).await;
+    // The database is dropped whatever happened; the report (or the error) comes after.
+    let dropped = drop_database(&local.admin_url, &name).await;
+    if let Some(started) = &local.started {
+        println!(
+            "\nPostgreSQL was started by the bench in {} (port {}); stop it with: {}",
+            started.data_dir.display(),
+            started.port,
+            started.stop_command
+        );
+    }
+    result?;
+    dropped
+}
+
+async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
+    let admin = PgConnectOptions::from_str(admin_url).context("the admin URL is invalid")?;
+    let mut conn = sqlx::PgConnection::connect_with(&admin)
+        .await
+        .context("cannot connect to drop the bench database")?;
+    // `name` is generated above from a UUID, never from input, so formatting it is safe.
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut conn)
+    .await
+    .with_context(|| format!("cannot drop the bench database {name}"))?;
+    Ok(())
+}
+
+async fn measure(options: &BenchOptions, database_url: &str) -> anyhow::Result<()> {
+    let psql = find_psql()?;
+    let pool = PgPoolOptions::new()
+        .max_connections(options.sync.max_parallel_downloads as u32 + 4)
+        .connect_with(PgConnectOptions::from_str(database_url)?)
+        .await
+        .context("cannot connect to the bench database")?;
+    crate::app::prepare_database(&pool).await?;
+    sqlx::raw_sql(BASELINE_SCHEMA).execute(&pool).await?;
+
+    let dataset = Dataset::new(options.seed, options.patients);
+    let changed = dataset.changed(options.changed_every);
+    let dir = TempDir::new()?;
+    println!(
+        "generating {} resources ({} changed for the incremental run) ...",
+        dataset.total(),
+        changed.total()
+    );
+    let generating = Instant::now();
+    let full_file = dir.path().join("full.ndjson");
+    let changed_file = dir.path().join("changed.ndjson");
+    let full_bytes = write_ndjson(&dataset, &full_file)?;
+    let changed_bytes = write_ndjson(&changed, &changed_file)?;
+    println!(
+        "  full: {} resources, {:.1} MB ({:.0} bytes per resource on average); changed: {} resources, {:.1} MB; \
+         generated in {:.1} s (the fake server spends that CPU time again while serving)",
+        dataset.total(),
+        full_bytes as f64 / 1e6,
+        full_bytes as f64 / dataset.total().max(1) as f64,
+        changed.total(),
+        changed_bytes as f64 / 1e6,
+        generating.elapsed().as_secs_f64()
+    );
+
+    let key_pem = smart::generate(SigningAlgorithm::RS384)?;
+    let key = SigningKey::from_pem(&key_pem, SigningAlgorithm::RS384, None, "the bench key")?;
+
+    println!("\nfull sync of {} resources", dataset.total());
+    let full_sync = sync_from_fake(options, &pool, dataset.clone(), &key, &key_pem).await?;
+    check_rows(&pool, dataset.total() as i64).await?;
+    let full_a = psql_timed(
+        &psql,
+        database_url,
+        &copy_bare(&full_file),
+        dataset.total(),
+        full_bytes,
+    )?;
+    let full_b = psql_timed(
+        &psql,
+        database_url,
+        &copy_and_upsert(&full_file),
+        dataset.total(),
+        full_bytes,
+    )?;
+    report(&full_sync, &full_a, &full_b);
+
+    println!(
+        "\nincremental sync: {} of {} resources changed",
+        changed.total(),
+        dataset.total()
+    );
+    sqlx::raw_sql("TRUNCATE bench.bare").execute(&pool).await?;
+    let inc_sync = sync_from_fake(options, &pool, changed.clone(), &key, &key_pem).await?;
+    check_rows(&pool, dataset.total() as i64).await?;
+    let changed_now: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_sync.resource WHERE source = 'bench' AND last_updated >= '2026-01-01'",
+    )
+    .fetch_one(&pool)
+    .await?;
+    anyhow::ensure!(
+        changed_now == changed.total() as i64,
+        "after the incremental sync {changed_now} rows hold a changed version, expected {}",
+        changed.total()
+    );
+    let inc_a = psql_timed(
+        &psql,
+        database_url,
+        &copy_bare(&changed_file),
+        changed.total(),
+        changed_bytes,
+    )?;
+    let inc_b = psql_timed(
+        &psql,
+        database_url,
+        &copy_and_upsert(&changed_file),
+        changed.total(),
+        changed_bytes,
+    )?;
+    report(&inc_sync, &inc_a, &inc_b);
+    pool.close().await;
+    Ok(())
+}
+
+/// A directory for the NDJSON files, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<TempDir> {
+        let path =
+            std::env::temp_dir().join(format!("fhir-sync-bench-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The baselines' tables, in schema `bench` of the bench database. `bench.resource` has the
+/// warehouse's key and columns, unpartitioned.
+const BASELINE_SCHEMA: &str = "CREATE SCHEMA bench;
+CREATE TABLE bench.bare (resource jsonb);
+CREATE TABLE bench.resource (
+    source text NOT NULL, resource_type text NOT NULL, id text NOT NULL, version_id text,
+    last_updated timestamptz, patient_id text, resource jsonb, first_run_id bigint NOT NULL,
+    last_run_id bigint NOT NULL, deleted_at timestamptz, deleted_by_run_id bigint,
+    PRIMARY KEY (source, resource_type, id)
+);";
+
+const CSV_OPTIONS: &str = "with (format csv, delimiter E'\\x02', quote E'\\x01')";
+
+/// Baseline (a): the physical limit, COPY of the raw lines into a table without a key.
+fn copy_bare(file: &Path) -> String {
+    format!(
+        "\\copy bench.bare (resource) from '{}' {CSV_OPTIONS}\n",
+        file.display()
+    )
+}
+
+/// Baseline (b): the naive keyed load, COPY into staging and one newer-wins upsert.
+fn copy_and_upsert(file: &Path) -> String {
+    format!(
+        "CREATE TEMP TABLE staging (resource jsonb);
+\\copy staging (resource) from '{}' {CSV_OPTIONS}
+INSERT INTO bench.resource AS r (source, resource_type, id, version_id, last_updated, resource, first_run_id, last_run_id)
+SELECT 'bench', resource->>'resourceType', resource->>'id', resource#>>'{{meta,versionId}}',
+       (resource#>>'{{meta,lastUpdated}}')::timestamptz, resource, 1, 1
+FROM staging
+ON CONFLICT (source, resource_type, id) DO UPDATE SET version_id = EXCLUDED.version_id,
+    last_updated = EXCLUDED.last_updated, resource = EXCLUDED.resource, last_run_id = EXCLUDED.last_run_id
+WHERE EXCLUDED.last_updated >= r.last_updated;
+",
+        file.display()
+    )
+}
+
+/// Writes every resource of the data set as NDJSON, type by type in the fake's order, and
+/// returns the bytes written.
+fn write_ndjson(dataset: &Dataset, path: &Path) -> anyhow::Result<u64> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut bytes = 0u64;
+    for resource_type in RESOURCE_TYPES {
+        for index in 0..dataset.count(resource_type) {
+            let line = dataset.ndjson_line(resource_type, index);
+            out.write_all(line.as_bytes())?;
+            out.write_all(b"\n")?;
+            bytes += line.len() as u64 + 1;
+        }
+    }
+    out.flush()?;
+    Ok(bytes)
+}
+
+/// Serves `dataset` from a fresh fake server and syncs it into the warehouse as job `bench`,
+/// returning the end-to-end time and the peak RSS of this process during the sync.
+async fn sync_from_fake(
+    options: &BenchOptions,
+    pool: &PgPool,
+    dataset: Dataset,
+    key: &SigningKey,
+    key_pem: &SecretString,
+) -> anyhow::Result<(Measurement, Option<u64>)> {
+    let server = FakeFhirServer::start(
+        dataset.clone(),
+        FakeOptions {
+            polls_before_ready: 1,
+            retry_after_seconds: 0,
+            resources_per_file: options.resources_per_file,
+            ..FakeOptions::default()
+        },
+    )
+    .await
+    .context("cannot start the fake FHIR server")?;
+    let mut job = demo::demo_job(&server, key_pem.clone());
+    server.register_client(&job.auth.client_id, key.public_jwks());
+    job.name = "bench".into();
+    job.export.poll_min_interval_seconds = 0.001;
+    let ctx = SyncContext {
+        pool: pool.clone(),
+        settings: options.sync.clone(),
+        queue: options.queue.clone(),
+    };
+    checkpoint(pool).await;
+    reset_peak_rss();
+    let started = Instant::now();
+    // Both measured runs are full exports: the incremental one serves a data set in which every
+    // n-th resource changed, and measures the merge of those changes.
+    let run = sync::run_job(&ctx, &job, sync::RunOptions { full: true }).await?;
+    let elapsed = started.elapsed();
+    let peak = peak_rss_bytes();
+    server.shutdown().await;
+    Ok((
+        Measurement {
+            resources: run.resources_loaded() as u64,
+            bytes: run.bytes,
+            elapsed,
+        },
+        peak,
+    ))
+}
+
+async fn check_rows(pool: &PgPool, expected: i64) -> anyhow::Result<()> {
+    let rows: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fhir_sync.resource WHERE source = 'bench'")
+            .fetch_one(pool)
+            .await?;
+    anyhow::ensure!(
+        rows == expected,
+        "the warehouse holds {rows} rows, expected {expected}"
+    );
+    Ok(())
+}
+
+/// Flushes dirty buffers before a measurement so that one load does not pay for the last one's
+/// writes. Needs superuser rights; without them the measurements are only noisier.
+async fn checkpoint(pool: &PgPool) {
+    if let Err(e) = sqlx::raw_sql("CHECKPOINT").execute(pool).await {
+        tracing::debug!(error = %e, "CHECKPOINT before a measurement failed");
+    }
+}
+
+/// Runs a psql script against the bench database and times it.
+fn psql_timed(
+    psql: &Path,
+    database_url: &str,
+    script: &str,
+    resources: usize,
+    bytes: u64,
+) -> anyhow::Result<Measurement> {
+    // A CHECKPOINT first, as before the sync, outside the timed part.
+    run_psql(psql, database_url, "CHECKPOINT;\n").ok();
+    let started = Instant::now();
+    run_psql(psql, database_url, script)?;
+    Ok(Measurement {
+        resources: resources as u64,
+        bytes,
+        elapsed: started.elapsed(),
+    })
+}
+
+fn run_psql(psql: &Path, database_url: &str, script: &str) -> anyhow::Result<()> {
+    let mut child = std::process::Command::new(psql)
+        .arg("--no-psqlrc")
+        .arg("--quiet")
+        .arg("-v")
+        .arg("ON_ERROR_STOP=1")
+        .arg("-d")
+        .arg(database_url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {}", psql.display()))?;
+    child
+        .stdin
+        .take()
+        .context("psql has no stdin")?
+        .write_all(script.as_bytes())?;
+    let output = child.wait_with_output()?;
+    anyhow::ensure!(
+        output.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
+}
+
+/// `psql` from PATH, else from the highest version under /usr/lib/postgresql (Debian).
+fn find_psql() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join("psql");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let version = entry.file_name().to_str()?.parse().ok()?;
+            let psql = entry.path().join("bin/psql");
+            psql.is_file().then_some((version, psql))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, path)| path).context(
+        "psql not found on PATH or under /usr/lib/postgresql; install the PostgreSQL client",
+    )
+}
+
+/// Resets the kernel's peak-RSS counter of this process (Linux: `5` into clear_refs).
+fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// This process's peak resident set size since the last reset (`VmHWM`), if the platform says.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+}
+
+fn report(sync: &(Measurement, Option<u64>), a: &Measurement, b: &Measurement) {
+    let (sync, peak) = sync;
+    println!(
+        "  {:<48} {:>8} {:>12} {:>7}",
+        "", "seconds", "resources/s", "MB/s"
+    );
+    let line = |name: &str, m: &Measurement| {
+        println!(
+            "  {:<48} {:>8.2} {:>12.0} {:>7.1}",
+            name,
+            m.elapsed.as_secs_f64(),
+            m.per_second(),
+            m.mb_per_second(),
+        );
+    };
+    line("fhir-sync, end to end (HTTP → warehouse)", sync);
+    line("(a) psql COPY into a bare jsonb table", a);
+    line("(b) psql COPY into staging + INSERT ON CONFLICT", b);
+    println!(
+        "  fhir-sync / (a): {:.2}x   fhir-sync / (b): {:.2}x   peak RSS of fhir-sync (with the fake server): {}",
+        sync.per_second() / a.per_second(),
+        sync.per_second() / b.per_second(),
+        peak.map_or("unknown".to_string(), |p| format!(
+            "{:.1} MB",
+            p as f64 / 1e6
+        ))
+    );
+}
