@@ -386,6 +386,15 @@ impl BulkClient {
                     diagnostics: outcome_text(&body),
                 });
             }
+            // A server still failing after every retry is still only unavailable: the run's
+            // kick-off step is retried later rather than the run failed for good.
+            if status.is_server_error() {
+                tracing::warn!(diagnostics = %outcome_text(&body), "export kick-off still failing");
+                return Err(ExportError::Status {
+                    context: "export kick-off",
+                    status: status.as_u16(),
+                });
+            }
             return Err(ExportError::Failed {
                 status: status.as_u16(),
                 diagnostics: outcome_text(&body),

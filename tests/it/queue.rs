@@ -227,3 +227,76 @@ async fn missed_ticks_are_caught_up_once() {
         "one old run and one catch-up, not one per missed tick"
     );
 }
+
+#[tokio::test]
+async fn deletion_files_are_applied_after_the_output_through_the_queue() {
+    use fhir_sync::fake::Faults;
+    let env = crate::export_env::env_with(5, Faults::default().deleted_resources(2)).await;
+    let report = env.run().await.expect("a manifest with deletions syncs");
+    // The fake's deletion Bundle names two patients it never served: they become tombstones,
+    // so an older copy arriving later cannot bring them back; nothing visible is lost.
+    let tombstones: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT id, deleted_by_run_id = $1 FROM fhir_sync.resource WHERE deleted_at IS NOT NULL ORDER BY id",
+    )
+    .bind(report.run_id)
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        tombstones,
+        [
+            ("deleted-1".to_string(), true),
+            ("deleted-2".to_string(), true)
+        ]
+    );
+    let visible: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir.patient")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(visible as usize, env.fake.dataset().count("Patient"));
+    // The deletion file started only after every output file had finished.
+    let (last_output_done, deletion_started): (time::OffsetDateTime, time::OffsetDateTime) = sqlx::query_as(
+        "SELECT (SELECT max(finished_at) FROM fhir_sync.run_file WHERE run_id = $1 AND kind <> 'deleted'),
+                (SELECT min(started_at) FROM fhir_sync.run_file WHERE run_id = $1 AND kind = 'deleted')",
+    )
+    .bind(report.run_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert!(
+        deletion_started >= last_output_done,
+        "{deletion_started} < {last_output_done}"
+    );
+}
+
+#[tokio::test]
+async fn a_kick_off_refused_past_the_request_retries_is_retried_as_a_step() {
+    use fhir_sync::fake::Faults;
+    let settings = crate::export_env::retry_fast_settings();
+    // More 503s than one kick-off step makes requests: the step fails retryably and the queue
+    // runs it again later, which then gets through.
+    let storm = settings.request_attempts + 2;
+    let env = crate::export_env::env_with(3, Faults::default().kick_off_503(storm)).await;
+    let ctx = crate::export_env::ctx(&env, settings.clone());
+    let report =
+        fhir_sync::sync::run_job(&ctx, &env.job, fhir_sync::sync::RunOptions { full: true })
+            .await
+            .expect("the step retry gets through");
+    crate::export_env::assert_exactly_the_data_set(&env, report.run_id).await;
+    let retries: i64 = sqlx::query_scalar("SELECT retries FROM fhir_sync.run WHERE id = $1")
+        .bind(report.run_id)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        retries >= storm as i64,
+        "every refused kick-off is counted: {retries}"
+    );
+    let kick_offs = env
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/$export"))
+        .count();
+    assert_eq!(kick_offs as u32, storm + 1);
+}
