@@ -300,3 +300,62 @@ async fn a_kick_off_refused_past_the_request_retries_is_retried_as_a_step() {
         .count();
     assert_eq!(kick_offs as u32, storm + 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_step_fails_its_run_and_the_workers_go_on() {
+    let env = TestEnv::new(3, TestEnv::fast()).await;
+    // A job whose poll policy cannot be built (a NaN interval panics in Duration): job files
+    // are validated against this, so it stands in for a bug inside a step.
+    let mut broken = env.job.clone();
+    broken.name = "broken".into();
+    broken.export.poll_min_interval_seconds = f64::NAN;
+    let ctx = StepContext::new(
+        env.db.pool.clone(),
+        sync_settings(),
+        queue_settings(),
+        Vec::new(),
+    );
+    ctx.register_job(broken.clone());
+    ctx.register_job(env.job.clone());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let workers = tokio::spawn(fhir_sync::sync::steps::run_workers(
+        ctx.clone(),
+        shutdown.clone(),
+        std::time::Duration::from_secs(5),
+    ));
+    let bad = fhir_sync::sync::enqueue_run(&ctx, &broken, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .unwrap();
+    let wait = |run_id| {
+        let pool = env.db.pool.clone();
+        async move {
+            tokio::time::timeout(
+                std::time::Duration::from_secs(60),
+                fhir_sync::sync::wait_for_run(&pool, run_id),
+            )
+            .await
+            .expect("the run ends")
+            .unwrap()
+        }
+    };
+    let bad_end = wait(bad).await;
+    assert_eq!(bad_end.status, "failed");
+    assert!(
+        bad_end
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("a step panicked"),
+        "{:?}",
+        bad_end.error
+    );
+    // The same workers still run the next run to its end.
+    let good = fhir_sync::sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(wait(good).await.status, "succeeded");
+    shutdown.cancel();
+    workers.await.unwrap().unwrap();
+}
