@@ -111,9 +111,24 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
             tracing::error!(job.name = %job.name, error = %sync::error_chain(&e), "catch-up failed");
         }
     }
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let ops = if settings.ops.enabled {
+        let jwks = crate::ops::http::jwks_of(&ctx.jobs())
+            .map_err(|e| anyhow::anyhow!("cannot publish the JWKS: {e}"))?;
+        Some(
+            crate::ops::http::serve(
+                settings.ops.listen,
+                crate::ops::http::router(jwks),
+                shutdown.clone(),
+            )
+            .await?
+            .1,
+        )
+    } else {
+        None
+    };
     let mut scheduler = crate::schedule::start(ctx.clone()).await?;
 
-    let shutdown = tokio_util::sync::CancellationToken::new();
     let retention = {
         let queue = ctx.queue.clone();
         let shutdown = shutdown.clone();
@@ -148,6 +163,9 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     }
     shutdown.cancel();
     let _ = retention.await;
+    if let Some(ops) = ops {
+        let _ = ops.await;
+    }
     match tokio::time::timeout(grace + Duration::from_secs(5), workers).await {
         Ok(Ok(Ok(()))) => tracing::info!("stopped"),
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "workers stopped with an error"),

@@ -13,7 +13,9 @@ pub use job::{
     KeyConfig, KeySource, MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource,
     load_job, load_jobs,
 };
-pub use service::{DatabaseSettings, LogFormat, LoggingSettings, Settings, SyncSettings};
+pub use service::{
+    DatabaseSettings, LogFormat, LoggingSettings, OpsSettings, Settings, SyncSettings,
+};
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -20,6 +20,27 @@ pub struct Settings {
     pub logging: LoggingSettings,
     pub sync: SyncSettings,
     pub queue: crate::queue::QueueSettings,
+    pub ops: OpsSettings,
+}
+
+/// The ops HTTP server that `serve` runs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OpsSettings {
+    /// Run it. Default true.
+    pub enabled: bool,
+    /// Address to listen on. Default `127.0.0.1:8080`. The JWKS it serves is public by nature;
+    /// put it behind your reverse proxy to let an EHR fetch it.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for OpsSettings {
+    fn default() -> Self {
+        OpsSettings {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -2,6 +2,8 @@
 //!
 //! Reads the run tables; never changes them. Never prints a credential or a resource body.
 
+pub mod http;
+
 use std::io::Write;
 
 use crate::config::{LogFormat, LoggingSettings};

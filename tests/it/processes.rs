@@ -71,7 +71,8 @@ fn write_setup(env: &TestEnv, dir: &Path, schedule: Option<&str>) {
     std::fs::write(
         dir.join("config/default.toml"),
         "[sync]\nbatch_lines = 500\n[queue]\npoll_interval_ms = 50\nheartbeat_interval_seconds = 1\n\
-         missed_heartbeats = 2\nfile_lease_seconds = 3\nshutdown_grace_seconds = 1\n",
+         missed_heartbeats = 2\nfile_lease_seconds = 3\nshutdown_grace_seconds = 1\n\
+         [ops]\nlisten = \"127.0.0.1:0\"\n",
     )
     .unwrap();
     let key = dir.join("jobs/demo.pem");
