@@ -105,6 +105,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     if resumed > 0 {
         tracing::info!(steps = resumed, "resumed stranded runs");
     }
+    sync::delete_abandoned_exports_at_start_up(&settings.sync, &ctx.pool, &ctx.jobs()).await;
     let now = time::OffsetDateTime::now_utc();
     for job in ctx.jobs() {
         if let Err(e) = crate::schedule::catch_up(&ctx, &job, now).await {

@@ -695,6 +695,35 @@ fn find_fresh_link(fresh: &Manifest, listed: &ManifestFile, kind: FileKind) -> O
         .map(|f| f.url.clone())
 }
 
+/// At `serve` start-up: deletes, on each job's server, the exports earlier runs of the job left
+/// behind (see [`delete_abandoned_exports`]). Failures are logged; start-up goes on.
+pub async fn delete_abandoned_exports_at_start_up(
+    settings: &SyncSettings,
+    pool: &PgPool,
+    jobs: &[std::sync::Arc<JobConfig>],
+) {
+    for job in jobs {
+        match export_record::abandoned(pool, &job.name, 0, false).await {
+            Ok(abandoned) if !abandoned.is_empty() => {}
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(job.name = %job.name, error = %e, "could not look for abandoned exports");
+                continue;
+            }
+        }
+        match Session::open(settings, job).await {
+            Ok(session) => {
+                let deleted =
+                    delete_abandoned_exports(pool, &session.bulk, &job.name, 0, false).await;
+                tracing::info!(job.name = %job.name, deleted, "deleted exports left by earlier runs");
+            }
+            Err(e) => {
+                tracing::warn!(job.name = %job.name, error = %error_chain(&e), "cannot reach the server to delete abandoned exports")
+            }
+        }
+    }
+}
+
 /// Deletes, on the server, exports this job started in earlier runs and never deleted: runs
 /// that failed (and, when `include_running`, runs still marked running, which is what a killed
 /// process leaves) with a status URL and no recorded deletion. Returns how many were deleted.

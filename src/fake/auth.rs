@@ -196,6 +196,13 @@ fn issue_token(
     };
     let client_id = verify_assertion(state, assertion, param("client_id"), caller)
         .map_err(Refusal::invalid_client)?;
+    if state.options.deny_backend_access {
+        // Authenticated, but the registration does not allow this grant.
+        return Err(Refusal::bad_request(
+            "unauthorized_client",
+            "this client is not allowed the client_credentials grant",
+        ));
+    }
     grant(state, client_id, requested_scope)
 }
 

@@ -794,13 +794,16 @@ pub(crate) async fn file(
         other => other,
     };
     tracing::debug!(truncate, "fake fhir server streaming an export file");
-    let gzip = faults.gzip
-        && headers
+    let accepts = |coding: &str| {
+        headers
             .get_all(header::ACCEPT_ENCODING)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|e| e.trim().starts_with("gzip")));
-    let ranges = faults.range && !gzip;
+            .any(|v| v.split(',').any(|e| e.trim().starts_with(coding)))
+    };
+    let gzip = faults.gzip && accepts("gzip");
+    let deflate = !gzip && faults.deflate && accepts("deflate");
+    let ranges = faults.range && !gzip && !deflate;
     let range = if ranges { range_start(&headers) } else { None };
     let total = match (&range, &source) {
         (Some(_), FileSource::Lines(lines)) => {
@@ -830,7 +833,19 @@ pub(crate) async fn file(
     }
     let body = FileBody {
         source,
-        gzip: gzip.then(|| GzEncoder::new(Vec::new(), Compression::fast())),
+        encoder: if gzip {
+            Some(Encoder::Gzip(GzEncoder::new(
+                Vec::new(),
+                Compression::fast(),
+            )))
+        } else if deflate {
+            Some(Encoder::Deflate(flate2::write::ZlibEncoder::new(
+                Vec::new(),
+                Compression::fast(),
+            )))
+        } else {
+            None
+        },
         cut: truncate,
         done: false,
         skip: range.unwrap_or(0),
@@ -862,6 +877,13 @@ pub(crate) async fn file(
         response
             .headers_mut()
             .insert(header::CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+    }
+    if deflate {
+        state.lock().faults.deflated_files += 1;
+        response.headers_mut().insert(
+            header::CONTENT_ENCODING,
+            HeaderValue::from_static("deflate"),
+        );
     }
     response
 }
@@ -896,11 +918,41 @@ enum FileSource {
     Fixed(Option<Bytes>),
 }
 
-/// A file body being streamed: the plain chunks, optionally gzip-compressed on the fly, and
+/// A content coding applied on the fly.
+enum Encoder {
+    Gzip(GzEncoder<Vec<u8>>),
+    /// HTTP's `deflate` is the zlib format (RFC 9110 §8.4.1.2).
+    Deflate(flate2::write::ZlibEncoder<Vec<u8>>),
+}
+
+impl Encoder {
+    fn encode(&mut self, chunk: &[u8]) -> std::io::Result<Bytes> {
+        // A sync flush after each chunk, so the client can decode what it has so far.
+        match self {
+            Encoder::Gzip(e) => e
+                .write_all(chunk)
+                .and_then(|()| e.flush())
+                .map(|()| Bytes::from(std::mem::take(e.get_mut()))),
+            Encoder::Deflate(e) => e
+                .write_all(chunk)
+                .and_then(|()| e.flush())
+                .map(|()| Bytes::from(std::mem::take(e.get_mut()))),
+        }
+    }
+
+    fn finish(self) -> std::io::Result<Bytes> {
+        match self {
+            Encoder::Gzip(e) => e.finish().map(Bytes::from),
+            Encoder::Deflate(e) => e.finish().map(Bytes::from),
+        }
+    }
+}
+
+/// A file body being streamed: the plain chunks, optionally compressed on the fly, and
 /// optionally cut short with an error (which aborts the connection mid-body).
 struct FileBody {
     source: FileSource,
-    gzip: Option<GzEncoder<Vec<u8>>>,
+    encoder: Option<Encoder>,
     cut: bool,
     done: bool,
     /// Bytes still to drop from the front (a `Range` request's offset).
@@ -941,18 +993,14 @@ impl FileBody {
                         body,
                     ));
                 }
-                let rest = match body.gzip.take() {
-                    Some(encoder) => encoder.finish().map(Bytes::from),
+                let rest = match body.encoder.take() {
+                    Some(encoder) => encoder.finish(),
                     None => return None,
                 };
                 return Some((rest, body));
             }
-            let out = match &mut body.gzip {
-                // A sync flush after each chunk, so the client can decode what it has so far.
-                Some(encoder) => encoder
-                    .write_all(&chunk)
-                    .and_then(|()| encoder.flush())
-                    .map(|()| Bytes::from(std::mem::take(encoder.get_mut()))),
+            let out = match &mut body.encoder {
+                Some(encoder) => encoder.encode(&chunk),
                 None => Ok(chunk),
             };
             Some((out, body))

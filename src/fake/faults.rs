@@ -44,6 +44,8 @@ pub struct Faults {
     pub requires_access_token_as_string: bool,
     /// Files are sent with `Content-Encoding: gzip` when the client accepts it.
     pub gzip: bool,
+    /// Files are sent with `Content-Encoding: deflate` when the client accepts it (and gzip is off).
+    pub deflate: bool,
     /// Files honour `Range: bytes=N-` with 206 Partial Content.
     pub range: bool,
     /// Only one export at a time per client: a kick-off while one is not yet deleted is
@@ -116,6 +118,10 @@ impl Faults {
         self.gzip = true;
         self
     }
+    pub fn deflate(mut self) -> Self {
+        self.deflate = true;
+        self
+    }
     pub fn range(mut self) -> Self {
         self.range = true;
         self
@@ -144,6 +150,8 @@ pub(crate) struct FaultState {
     pub(crate) max_open_files: usize,
     /// File bodies sent gzip-compressed.
     pub(crate) gzipped_files: usize,
+    /// File bodies sent deflate-compressed.
+    pub(crate) deflated_files: usize,
 }
 
 /// Takes one firing of a fault whose budget is `limit`: true while `used < limit`.

@@ -77,6 +77,9 @@ pub struct FakeOptions {
     pub grantable_types: Option<Vec<String>>,
     /// The first this many token requests answer 503. Default 0.
     pub token_server_errors: u32,
+    /// Refuse every correctly authenticated token request with `unauthorized_client`, as an
+    /// EHR does for an app registered without backend access. Default false.
+    pub deny_backend_access: bool,
     /// The first this many requests to protected endpoints answer 401 even with a valid token.
     /// Default 0.
     pub unauthorized_responses: u32,
@@ -121,6 +124,7 @@ impl Default for FakeOptions {
             declare_export: true,
             grantable_types: None,
             token_server_errors: 0,
+            deny_backend_access: false,
             unauthorized_responses: 0,
             revoke_tokens_after_requests: None,
             expires_in: ExpiresIn::Number,
@@ -310,6 +314,11 @@ impl FakeFhirServer {
     /// How many file bodies were sent gzip-compressed.
     pub fn gzipped_files(&self) -> usize {
         self.state.lock().faults.gzipped_files
+    }
+
+    /// File bodies sent with `Content-Encoding: deflate`.
+    pub fn deflated_files(&self) -> usize {
+        self.state.lock().faults.deflated_files
     }
 
     /// How many exports are known (kicked off and not deleted).

@@ -274,6 +274,31 @@ async fn a_refused_key_is_fatal_and_names_the_kid() {
 }
 
 #[tokio::test]
+async fn a_client_without_backend_access_is_fatal_with_a_hint() {
+    let env = TestEnv::new(
+        3,
+        FakeOptions {
+            deny_backend_access: true,
+            ..TestEnv::fast()
+        },
+    )
+    .await;
+    let failed = env.run().await.expect_err("unauthorized_client");
+    let message = error_chain(&failed);
+    assert!(!failed.error.is_retryable(), "{message}");
+    assert!(message.contains("unauthorized_client"), "{message}");
+    assert!(
+        message.contains("ask the EHR to enable backend access"),
+        "{message}"
+    );
+    assert!(
+        message.contains("fhir-sync-demo"),
+        "the hint names the client id: {message}"
+    );
+    assert_eq!(token_requests(&env), (1, 0), "fatal errors are not retried");
+}
+
+#[tokio::test]
 async fn scopes_the_server_never_grants_are_fatal_with_a_hint() {
     let env = TestEnv::new(
         3,

@@ -150,3 +150,22 @@ async fn cancel_deletes_a_runs_export_on_the_server() {
     let missing = sync::cancel_run(&ctx, &jobs, 999_999).await.unwrap_err();
     assert!(sync::error_chain(&missing).contains("no run 999999"));
 }
+
+#[tokio::test]
+async fn serve_start_up_deletes_exports_left_by_earlier_runs() {
+    let env = env_with(5, Faults::default()).await;
+    let abandoned = abandon_an_export(&env).await;
+    let jobs = vec![std::sync::Arc::new(env.job.clone())];
+    sync::delete_abandoned_exports_at_start_up(&retry_fast_settings(), &env.db.pool, &jobs).await;
+    assert_eq!(env.fake.export_count(), 0);
+    assert!(deleted_at(&env, abandoned).await.is_some());
+    // Nothing left to do the next time: no second DELETE.
+    sync::delete_abandoned_exports_at_start_up(&retry_fast_settings(), &env.db.pool, &jobs).await;
+    let deletes = env
+        .fake
+        .requests()
+        .iter()
+        .filter(|r| r.method == "DELETE")
+        .count();
+    assert_eq!(deletes, 1);
+}

@@ -18,6 +18,14 @@ async fn gzip_encoded_files_are_decoded() {
 }
 
 #[tokio::test]
+async fn deflate_encoded_files_are_decoded() {
+    let env = env_with(30, Faults::default().deflate()).await;
+    let report = run(&env).await.expect("deflate files load");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    assert_eq!(env.fake.deflated_files(), report.output_files);
+}
+
+#[tokio::test]
 async fn parallel_downloads_never_exceed_the_cap() {
     // 40 patients at 10 resources per file: dozens of files for two download slots.
     let options = FakeOptions {

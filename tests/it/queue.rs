@@ -359,3 +359,50 @@ async fn a_panicking_step_fails_its_run_and_the_workers_go_on() {
     shutdown.cancel();
     workers.await.unwrap().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_servers_progress_is_recorded_on_the_run_while_it_exports() {
+    // Three 202s with Retry-After: 1, so the export is in progress for a couple of seconds.
+    let env = TestEnv::new(
+        3,
+        fhir_sync::fake::FakeOptions {
+            retry_after_seconds: 1,
+            polls_before_ready: 3,
+            ..TestEnv::fast()
+        },
+    )
+    .await;
+    let ctx = env.ctx();
+    let job = env.job.clone();
+    let run = tokio::spawn(async move {
+        fhir_sync::sync::run_job(&ctx, &job, fhir_sync::sync::RunOptions { full: true }).await
+    });
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let progress = loop {
+        let seen: Option<String> =
+            sqlx::query_scalar("SELECT progress FROM fhir_sync.run WHERE status = 'exporting' AND progress IS NOT NULL")
+                .fetch_optional(&env.db.pool)
+                .await
+                .unwrap();
+        if let Some(progress) = seen {
+            break progress;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline && !run.is_finished(),
+            "no progress was recorded while exporting"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(progress.starts_with("in progress"), "{progress}");
+    let report = run.await.unwrap().unwrap();
+    let after: Option<String> =
+        sqlx::query_scalar("SELECT progress FROM fhir_sync.run WHERE id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        after, None,
+        "progress is cleared once the export is complete"
+    );
+}
