@@ -209,6 +209,24 @@ enum Bearer {
     ManifestFile,
 }
 
+impl PollPolicy {
+    /// The wait after the `errors`-th transient answer (429, bare 5xx, transient outcome):
+    /// the server's `Retry-After` if it sent one, else exponential backoff from the default
+    /// interval. A 429 means "slow down", so it never brings a poll sooner than the default.
+    pub fn after_transient(
+        &self,
+        status: u16,
+        retry_after: Option<Duration>,
+        errors: u32,
+    ) -> Duration {
+        match retry_after {
+            Some(hint) if status == 429 => hint.max(self.default_interval),
+            Some(hint) => hint,
+            None => self.default_interval * 2u32.pow(errors.min(6)),
+        }
+    }
+}
+
 /// Consecutive 5xx/429/transient answers tolerated while polling before the run fails.
 const MAX_POLL_ERRORS: u32 = 10;
 
@@ -415,71 +433,39 @@ impl BulkClient {
         let mut errors = 0u32;
         let mut last_progress: Option<String> = None;
         loop {
-            let context = "export status";
-            let response = self
-                .send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| {
-                    r.header(ACCEPT, "application/json")
-                })
-                .await;
-            let delay = match response {
-                Ok(response) if response.status() == StatusCode::OK => {
-                    let expires = header_text(&response, EXPIRES);
-                    let body = response.bytes().await.map_err(|e| ExportError::Transport {
-                        context,
-                        source: e.without_url(),
-                    })?;
-                    let mut manifest = Manifest::parse(&body, status_url)?;
-                    manifest.expires = expires;
-                    self.follow_pages(&mut manifest, status_url).await?;
-                    return Ok(manifest);
-                }
-                Ok(response) if response.status() == StatusCode::ACCEPTED => {
+            let delay = match self.check_status(status_url).await {
+                Ok(StatusCheck::Complete(manifest)) => return Ok(manifest),
+                Ok(StatusCheck::InProgress {
+                    progress: reported,
+                    retry_after,
+                }) => {
                     errors = 0;
-                    if let Some(value) = header_text(
-                        &response,
-                        "x-progress".parse().expect("a valid header name"),
-                    ) && last_progress.as_ref() != Some(&value)
+                    if let Some(value) = reported
+                        && last_progress.as_ref() != Some(&value)
                     {
                         last_progress = Some(value.clone());
                         progress(value).await;
                     }
-                    retry_after(&response).unwrap_or(policy.default_interval)
+                    retry_after.unwrap_or(policy.default_interval)
                 }
-                Ok(response) => {
-                    let status = response.status();
-                    let hinted = retry_after(&response);
-                    let body = response.bytes().await.unwrap_or_default();
-                    // A 5xx with a fatal OperationOutcome is the spec's "export failed"; a bare
-                    // 5xx or a transient outcome is a hiccup worth polling through.
-                    let transient = status == StatusCode::TOO_MANY_REQUESTS
-                        || (status.is_server_error() && body.is_empty())
-                        || outcome_is_transient(&body);
-                    if !transient {
-                        return Err(ExportError::Failed {
-                            status: status.as_u16(),
-                            diagnostics: outcome_text(&body),
-                        });
-                    }
+                Ok(StatusCheck::Transient {
+                    status,
+                    retry_after,
+                }) => {
                     errors += 1;
                     if errors > MAX_POLL_ERRORS {
                         return Err(ExportError::Status {
-                            context,
-                            status: status.as_u16(),
+                            context: "export status",
+                            status,
                         });
                     }
                     self.count_retry();
                     tracing::warn!(
-                        http.status = status.as_u16(),
+                        http.status = status,
                         attempt = errors,
                         "export status poll failed, will poll again"
                     );
-                    // 429 means "slow down": never poll faster than the default interval.
-                    let backoff = policy.default_interval * 2u32.pow(errors.min(6));
-                    match hinted {
-                        Some(hint) if status != StatusCode::TOO_MANY_REQUESTS => hint,
-                        Some(hint) => hint.max(policy.default_interval),
-                        None => backoff,
-                    }
+                    policy.after_transient(status, retry_after, errors)
                 }
                 Err(e) if e.is_retryable() && errors < MAX_POLL_ERRORS => {
                     errors += 1;

@@ -162,8 +162,11 @@ pub struct StepContext {
     /// This process's name (its queue workers' names start with it).
     pub owner: String,
     jobs: std::sync::RwLock<HashMap<String, Arc<JobConfig>>>,
-    /// One session (HTTP client, discovery, token manager) per job, shared by all its steps.
-    sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// One session (HTTP client, discovery, token manager) per run, shared by all its steps in
+    /// this process: discovery is cached for a run, so a server that moves its token endpoint
+    /// is followed by the next run. A job has one active run at a time, so this is also one
+    /// token manager per source.
+    sessions: tokio::sync::Mutex<HashMap<i64, Arc<Session>>>,
 }
 
 impl StepContext {
@@ -213,14 +216,19 @@ impl StepContext {
             .collect()
     }
 
-    async fn session(&self, job: &JobConfig) -> Result<Arc<Session>, SyncError> {
+    async fn session(&self, job: &JobConfig, run_id: i64) -> Result<Arc<Session>, SyncError> {
         let mut sessions = self.sessions.lock().await;
-        if let Some(session) = sessions.get(&job.name) {
+        if let Some(session) = sessions.get(&run_id) {
             return Ok(session.clone());
         }
         let session = Arc::new(Session::open(&self.settings, job).await?);
-        sessions.insert(job.name.clone(), session.clone());
+        sessions.insert(run_id, session.clone());
         Ok(session)
+    }
+
+    /// Drops a finished run's session.
+    async fn forget_session(&self, run_id: i64) {
+        self.sessions.lock().await.remove(&run_id);
     }
 
     pub async fn push(&self, step: Step, delay: Duration) -> Result<(), SyncError> {
@@ -308,6 +316,7 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
         }
     };
     tracing::error!(error = %failure.0, retryable = failure.1, "run failed");
+    ctx.forget_session(run_id).await;
     if let Err(e) = state::fail(&ctx.pool, run_id, &failure.0, failure.1).await {
         // The queue task is done either way; `serve` re-queues the run's step at start-up.
         tracing::error!(error = %e, "could not record the failed run");
@@ -429,7 +438,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
     let job = job_of(ctx, &run)?;
     let retries = Arc::new(AtomicU64::new(0));
     let result = async {
-        let session = ctx.session(&job).await?;
+        let session = ctx.session(&job, run_id).await?;
         let bulk = session.bulk.clone().with_retry_counter(retries.clone());
         // Exports this job started before and never deleted (a failed, cancelled or killed
         // run) may hold the server's one-export-per-client slot: delete them first.
@@ -513,7 +522,7 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
     let clamp = |d: Duration| d.clamp(policy.min_interval, policy.max_interval);
     let retries = Arc::new(AtomicU64::new(0));
     let checked = async {
-        let session = ctx.session(&job).await?;
+        let session = ctx.session(&job, run_id).await?;
         let bulk = session.bulk.clone().with_retry_counter(retries.clone());
         Ok::<_, SyncError>(bulk.check_status(&status_url).await?)
     }
@@ -556,7 +565,7 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 "export status poll failed, will poll again"
             );
             state::count_retry(&ctx.pool, run_id).await?;
-            let delay = clamp(retry_after.unwrap_or_else(|| backoff(&ctx.settings, errors + 1)));
+            let delay = clamp(policy.after_transient(status, retry_after, errors + 1));
             ctx.push(
                 Step::Poll {
                     run_id,
@@ -723,7 +732,7 @@ async fn load_one(
     run: &state::RunRow,
     file: &FileRow,
 ) -> Result<Result<(), SyncError>, SyncError> {
-    let session = ctx.session(job).await?;
+    let session = ctx.session(job, run.id).await?;
     let parse = |url: Option<&str>, what: &str| {
         url.and_then(|u| url::Url::parse(u).ok())
             .ok_or_else(|| SyncError::Unsupported(format!("file {} has no usable {what}", file.id)))
@@ -828,7 +837,7 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
         .and_then(|u| url::Url::parse(u).ok())
     {
         // Every file is loaded: the server may drop the files. Failing here loses nothing.
-        match ctx.session(&job).await {
+        match ctx.session(&job, run_id).await {
             Ok(session) => {
                 let deleted = session.bulk.delete(&status_url).await;
                 if deleted.is_ok() {
@@ -845,6 +854,7 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
     }
     match state::succeed(&ctx.pool, run_id).await {
         Ok(true) => {
+            ctx.forget_session(run_id).await;
             tracing::info!("run succeeded");
             Ok(())
         }

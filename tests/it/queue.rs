@@ -406,3 +406,66 @@ async fn the_servers_progress_is_recorded_on_the_run_while_it_exports() {
         "progress is cleared once the export is complete"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_run_waits_for_the_active_run_of_its_job() {
+    let env = TestEnv::new(
+        5,
+        fhir_sync::fake::FakeOptions {
+            retry_after_seconds: 1,
+            polls_before_ready: 2,
+            ..TestEnv::fast()
+        },
+    )
+    .await;
+    let ctx = steps(&env);
+    let first = fhir_sync::sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .unwrap();
+    // `overlap = "queue"`: the second run is created while the first is going, and waits.
+    let second = fhir_sync::sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let workers = tokio::spawn(fhir_sync::sync::steps::run_workers(
+        ctx.clone(),
+        shutdown.clone(),
+        std::time::Duration::from_secs(5),
+    ));
+    for run_id in [first, second] {
+        let end = tokio::time::timeout(
+            std::time::Duration::from_secs(60),
+            fhir_sync::sync::wait_for_run(&env.db.pool, run_id),
+        )
+        .await
+        .expect("the run ends")
+        .unwrap();
+        assert_eq!(end.status, "succeeded");
+    }
+    shutdown.cancel();
+    workers.await.unwrap().unwrap();
+    // The runs did not overlap: the second loaded nothing before the first had finished.
+    let (first_done, second_loading): (time::OffsetDateTime, time::OffsetDateTime) =
+        sqlx::query_as(
+            "SELECT (SELECT finished_at FROM fhir_sync.run WHERE id = $1),
+                (SELECT min(started_at) FROM fhir_sync.run_file WHERE run_id = $2)",
+        )
+        .bind(first)
+        .bind(second)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert!(
+        second_loading >= first_done,
+        "{second_loading} < {first_done}"
+    );
+    let kick_offs = env
+        .fake
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.ends_with("/$export"))
+        .count();
+    assert_eq!(kick_offs, 2);
+}
