@@ -357,11 +357,7 @@ async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
             seq,
             attempt,
         } => load(ctx, run_id, file_id, seq, attempt).await,
-        Step::Finish {
-            run_id,
-            seq,
-            attempt,
-        } => finish(ctx, run_id, seq, attempt).await,
+        Step::Finish { run_id, .. } => finish(ctx, run_id).await,
     }
 }
 
@@ -371,24 +367,6 @@ fn backoff(settings: &SyncSettings, attempt: u32) -> Duration {
     let base = Duration::from_millis(settings.retry_base_delay_ms.max(1));
     let ceiling = (base * 2u32.saturating_pow(attempt.min(16))).min(Duration::from_secs(300));
     ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
-}
-
-/// Pushes `next` after a backoff if `error` is retryable and attempts remain; else returns it.
-async fn retry(
-    ctx: &StepContext,
-    run_id: i64,
-    next: Step,
-    attempt: u32,
-    limit: u32,
-    error: SyncError,
-) -> Result<(), SyncError> {
-    if !error.is_retryable() || attempt >= limit {
-        return Err(error);
-    }
-    let delay = backoff(&ctx.settings, attempt);
-    tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "step failed, retrying");
-    state::count_retry(&ctx.pool, run_id).await?;
-    ctx.push(next, delay).await
 }
 
 fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
@@ -487,14 +465,8 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
             }
             Ok(())
         }
-        Err(error) => {
-            let next = Step::KickOff {
-                run_id,
-                seq: seq + 1,
-                attempt: attempt + 1,
-            };
-            retry(ctx, run_id, next, attempt + 1, KICK_OFF_ATTEMPTS, error).await
-        }
+        // The queue handler retries it as a new task, later.
+        Err(error) => Err(error),
     }
 }
 
@@ -612,27 +584,10 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 queue_next_files(ctx, run_id).await?;
             }
             // A manifest without files (nothing changed since the watermark) is complete now.
-            if state::all_files_loaded(&ctx.pool, run_id).await? {
-                ctx.push(
-                    Step::Finish {
-                        run_id,
-                        seq: 0,
-                        attempt: 0,
-                    },
-                    Duration::ZERO,
-                )
-                .await?;
-            }
-            Ok(())
+            complete_if_done(ctx, run_id).await
         }
-        Err(error) => {
-            let next = Step::Poll {
-                run_id,
-                seq: seq + 1,
-                errors: errors + 1,
-            };
-            retry(ctx, run_id, next, errors + 1, POLL_ERRORS, error).await
-        }
+        // The queue handler retries it as a new task, later.
+        Err(error) => Err(error),
     }
 }
 
@@ -711,15 +666,8 @@ async fn load(
         Ok(Ok(())) => complete_if_done(ctx, run_id).await,
         // The download retried what it could; the run fails with its reason.
         Ok(Err(error)) => Err(error),
-        Err(error) => {
-            let next = Step::LoadFile {
-                run_id,
-                file_id,
-                seq: seq + 1,
-                attempt: attempt + 1,
-            };
-            retry(ctx, run_id, next, attempt + 1, LOAD_ATTEMPTS, error).await
-        }
+        // The queue handler retries it as a new task, later.
+        Err(error) => Err(error),
     }
 }
 
@@ -825,7 +773,7 @@ async fn queue_next_files(ctx: &StepContext, run_id: i64) -> Result<(), SyncErro
     Ok(())
 }
 
-async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
+async fn finish(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
     let run = state::load(&ctx.pool, run_id).await?;
     if run.status != "completing" {
         return Ok(());
@@ -859,14 +807,7 @@ async fn finish(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Resul
             Ok(())
         }
         Ok(false) => Ok(()),
-        Err(e) => {
-            let next = Step::Finish {
-                run_id,
-                seq: seq + 1,
-                attempt: attempt + 1,
-            };
-            retry(ctx, run_id, next, attempt + 1, FINISH_ATTEMPTS, e.into()).await
-        }
+        Err(e) => Err(e.into()),
     }
 }
 
