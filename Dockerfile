@@ -1,4 +1,5 @@
-# The fhir-sync image: `docker build -t fhir-sync .`, then e.g. `docker run fhir-sync run <job>`.
+# The fhir-sync image: `docker build -t fhir-sync .`, then `docker run fhir-sync` runs `serve`
+# (or pass another command, e.g. `run <job>`).
 #
 # Two stages: the Rust toolchain builds a release binary, and a slim Debian of the same release
 # (bookworm, so the binary's glibc matches) runs it as an unprivileged user. The image holds no
@@ -27,7 +28,9 @@ COPY config/ /app/config/
 COPY jobs/ /app/jobs/
 WORKDIR /app
 USER 10001:10001
+# The ops HTTP server (health, the client's JWKS) must be reachable from outside the container.
+ENV FHIR_SYNC_OPS__LISTEN=0.0.0.0:8080
+EXPOSE 8080
 ENTRYPOINT ["fhir-sync"]
-# Until the long-running `serve` command lands, the default only validates the mounted
-# configuration; pass `run <job>` (or `status`, `migrate`) to do work.
-CMD ["config", "check"]
+# The scheduler and queue workers; run as many containers as you like against one database.
+CMD ["serve"]

@@ -160,9 +160,13 @@ impl Settings {
             let problems = error
                 .into_iter()
                 .map(|e| {
-                    let file = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
-                        Some(figment::Source::File(path)) => path.clone(),
-                        Some(other) => PathBuf::from(other.to_string()),
+                    // Name where the bad value came from: a file, or the environment.
+                    let file = match e.metadata.as_ref() {
+                        Some(meta) => match &meta.source {
+                            Some(figment::Source::File(path)) => path.clone(),
+                            Some(other) => PathBuf::from(other.to_string()),
+                            None => PathBuf::from(meta.name.to_string()),
+                        },
                         None => default_file.clone(),
                     };
                     let field = e.path.join(".");
