@@ -380,8 +380,10 @@ fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, Sync
 
 async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
     let run = state::load(&ctx.pool, run_id).await?;
-    if run.status == "exporting" || run.status == "loading" {
-        return Ok(()); // A duplicate of a kick-off that already happened.
+    if matches!(run.status.as_str(), "exporting" | "loading" | "completing") {
+        // The kick-off happened; make sure the step after it was queued (a push that failed
+        // after the state changed is why this task is running again).
+        return ensure_next(ctx, run_id).await;
     }
     if run.status == "queued" {
         let job = job_of(ctx, &run)?;
@@ -453,15 +455,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
             )
             .await?
             {
-                ctx.push(
-                    Step::Poll {
-                        run_id,
-                        seq: 0,
-                        errors: 0,
-                    },
-                    Duration::ZERO,
-                )
-                .await?;
+                ensure_next(ctx, run_id).await?;
             }
             Ok(())
         }
@@ -473,7 +467,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
 async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(), SyncError> {
     let run = state::load(&ctx.pool, run_id).await?;
     if run.status != "exporting" {
-        return Ok(());
+        return ensure_next(ctx, run_id).await;
     }
     let job = job_of(ctx, &run)?;
     let policy = super::poll_policy(&job);
@@ -579,12 +573,12 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 &files,
             )
             .await?;
-            // Deletion files wait until the output has loaded (see `queue_next_files`).
-            if pending.is_some() {
-                queue_next_files(ctx, run_id).await?;
+            if pending.is_none() {
+                tracing::debug!("the manifest was registered by an earlier attempt");
             }
-            // A manifest without files (nothing changed since the watermark) is complete now.
-            complete_if_done(ctx, run_id).await
+            // Queues the file loads (deletion files wait for the output, see
+            // `queue_next_files`); a manifest without files is complete at once.
+            ensure_next(ctx, run_id).await
         }
         // The queue handler retries it as a new task, later.
         Err(error) => Err(error),
@@ -600,7 +594,7 @@ async fn load(
 ) -> Result<(), SyncError> {
     let run = state::load(&ctx.pool, run_id).await?;
     if run.status != "loading" {
-        return Ok(());
+        return ensure_next(ctx, run_id).await;
     }
     let file = state::file(&ctx.pool, file_id).await?;
     if file.status == "loaded" {
@@ -739,7 +733,8 @@ async fn add_retries(ctx: &StepContext, run_id: i64, retries: &AtomicU64) -> Res
 
 async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
     queue_next_files(ctx, run_id).await?;
-    if state::all_files_loaded(&ctx.pool, run_id).await? {
+    state::all_files_loaded(&ctx.pool, run_id).await?;
+    if state::load(&ctx.pool, run_id).await?.status == "completing" {
         ctx.push(
             Step::Finish {
                 run_id,
@@ -751,6 +746,28 @@ async fn complete_if_done(ctx: &StepContext, run_id: i64) -> Result<(), SyncErro
         .await?;
     }
     Ok(())
+}
+
+/// Queues the step the run's persisted state calls for next. A state change and the push of
+/// the step after it are two writes; if the push failed (the database went away between them),
+/// the step is retried, finds the state already moved, and lands here. Every push uses the
+/// first key of its step (`seq` 0), so when the step was queued after all this adds nothing.
+async fn ensure_next(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+    match state::load(&ctx.pool, run_id).await?.status.as_str() {
+        "exporting" => {
+            ctx.push(
+                Step::Poll {
+                    run_id,
+                    seq: 0,
+                    errors: 0,
+                },
+                Duration::ZERO,
+            )
+            .await
+        }
+        "loading" | "completing" => complete_if_done(ctx, run_id).await,
+        _ => Ok(()),
+    }
 }
 
 /// Queues the load of every file that may start now: output and error files at once, deletion
