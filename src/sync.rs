@@ -20,7 +20,7 @@ use crate::bulk::{
 };
 use crate::config::{JobConfig, SyncSettings};
 use crate::queue::QueueSettings;
-use crate::smart::{self, AuthError, KeyError};
+use crate::smart::{self, AuthError};
 use crate::transport::{self, HttpOptions};
 use crate::warehouse::{self, FileKind, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
 
@@ -65,8 +65,6 @@ impl RunReport {
 /// Why a run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
-    #[error("cannot load the job's private key")]
-    Key(#[from] KeyError),
     #[error("authorisation failed")]
     Auth(#[from] AuthError),
     #[error("export failed")]
@@ -100,7 +98,7 @@ impl SyncError {
             SyncError::Load { source, .. } => source.is_retryable(),
             SyncError::Database(_) | SyncError::Queue(_) => true,
             SyncError::RunEnded { retryable, .. } => *retryable,
-            SyncError::Key(_) | SyncError::Unsupported(_) | SyncError::Http(_) => false,
+            SyncError::Unsupported(_) | SyncError::Http(_) => false,
         }
     }
 }

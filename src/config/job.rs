@@ -356,21 +356,6 @@ fn default_timezone() -> String {
     "UTC".into()
 }
 
-impl JobConfig {
-    /// Scopes to request: the configured ones, or `system/<Type>.read` per exported type.
-    pub fn requested_scopes(&self) -> Vec<String> {
-        if self.auth.scopes.is_empty() {
-            self.export
-                .types
-                .iter()
-                .map(|t| format!("system/{t}.read"))
-                .collect()
-        } else {
-            self.auth.scopes.clone()
-        }
-    }
-}
-
 /// Reads and validates every `*.toml` in `dir`, returning all problems of all files together.
 pub fn load_jobs(dir: &Path) -> Result<Vec<JobConfig>, ConfigError> {
     let entries = std::fs::read_dir(dir).map_err(|e| {

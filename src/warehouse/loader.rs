@@ -628,12 +628,31 @@ const CREATE_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS fhir_sync_staging 
 
 const CSV: &str = "WITH (FORMAT csv, DELIMITER E'\\x02', QUOTE E'\\x01')";
 
+/// The conflict rule both merges share: newer wins, and a version newer than a row's deletion
+/// revives it.
+macro_rules! merge_on_conflict {
+    () => {
+        "    ON CONFLICT (source, resource_type, id) DO UPDATE SET
+        version_id = EXCLUDED.version_id,
+        last_updated = EXCLUDED.last_updated,
+        patient_id = EXCLUDED.patient_id,
+        resource = EXCLUDED.resource,
+        last_run_id = EXCLUDED.last_run_id,
+        deleted_at = NULL,
+        deleted_by_run_id = NULL
+    WHERE CASE WHEN r.deleted_at IS NOT NULL THEN EXCLUDED.last_updated > r.deleted_at
+               ELSE fhir_sync.version_not_older(EXCLUDED.last_updated, EXCLUDED.version_id,
+                                                r.last_updated, r.version_id) END"
+    };
+}
+
 /// Newer wins: a row is replaced only by a version that is not older (lastUpdated, then
 /// versionId). A deleted row is revived only by a version updated after the deletion; a version
 /// without lastUpdated cannot show that and leaves the tombstone alone. Within a batch the newest
 /// (then the last) line for an id is the one merged: the staging table is emptied at every
 /// commit and filled by one COPY, so its physical order (ctid) is the file's line order.
-const MERGE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
+const MERGE_RESOURCES: &str = concat!(
+    "INSERT INTO fhir_sync.resource AS r
         (source, resource_type, id, version_id, last_updated, patient_id, resource, first_run_id, last_run_id)
     SELECT DISTINCT ON (id) source, resource_type, id, version_id, last_updated, patient_id, resource,
         first_run_id, last_run_id
@@ -641,35 +660,20 @@ const MERGE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
     ORDER BY id, last_updated DESC NULLS LAST,
         CASE WHEN version_id ~ '^[0-9]{1,18}$' THEN version_id::bigint END DESC NULLS LAST,
         version_id COLLATE \"C\" DESC NULLS LAST, ctid DESC
-    ON CONFLICT (source, resource_type, id) DO UPDATE SET
-        version_id = EXCLUDED.version_id,
-        last_updated = EXCLUDED.last_updated,
-        patient_id = EXCLUDED.patient_id,
-        resource = EXCLUDED.resource,
-        last_run_id = EXCLUDED.last_run_id,
-        deleted_at = NULL,
-        deleted_by_run_id = NULL
-    WHERE CASE WHEN r.deleted_at IS NOT NULL THEN EXCLUDED.last_updated > r.deleted_at
-               ELSE fhir_sync.version_not_older(EXCLUDED.last_updated, EXCLUDED.version_id,
-                                                r.last_updated, r.version_id) END";
+",
+    merge_on_conflict!()
+);
 
 /// [`MERGE_RESOURCES`] for a batch in which every id occurs once.
-const MERGE_UNIQUE_RESOURCES: &str = "INSERT INTO fhir_sync.resource AS r
+const MERGE_UNIQUE_RESOURCES: &str = concat!(
+    "INSERT INTO fhir_sync.resource AS r
         (source, resource_type, id, version_id, last_updated, patient_id, resource, first_run_id, last_run_id)
     SELECT source, resource_type, id, version_id, last_updated, patient_id, resource,
         first_run_id, last_run_id
     FROM fhir_sync_staging
-    ON CONFLICT (source, resource_type, id) DO UPDATE SET
-        version_id = EXCLUDED.version_id,
-        last_updated = EXCLUDED.last_updated,
-        patient_id = EXCLUDED.patient_id,
-        resource = EXCLUDED.resource,
-        last_run_id = EXCLUDED.last_run_id,
-        deleted_at = NULL,
-        deleted_by_run_id = NULL
-    WHERE CASE WHEN r.deleted_at IS NOT NULL THEN EXCLUDED.last_updated > r.deleted_at
-               ELSE fhir_sync.version_not_older(EXCLUDED.last_updated, EXCLUDED.version_id,
-                                                r.last_updated, r.version_id) END";
+",
+    merge_on_conflict!()
+);
 
 const CREATE_OUTCOME_STAGING: &str = "CREATE TEMP TABLE IF NOT EXISTS fhir_sync_outcome_staging (
     line bigint NOT NULL, outcome jsonb NOT NULL

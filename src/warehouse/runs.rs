@@ -21,13 +21,6 @@ pub struct FileRecord {
     pub manifest_count: Option<i64>,
 }
 
-/// How a run ended.
-#[derive(Debug, Clone)]
-pub enum RunOutcome {
-    Succeeded,
-    Failed { error: String, retryable: bool },
-}
-
 /// A run as the status command shows it.
 #[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
 pub struct RunSummary {
@@ -76,32 +69,6 @@ impl Runs {
         .bind(since)
         .fetch_one(&self.pool)
         .await
-    }
-
-    /// Stored before anything else happens with the export, so a restart can resume polling
-    /// instead of starting a second export.
-    pub async fn kicked_off(
-        &self,
-        run_id: i64,
-        request_url: &str,
-        status_url: &str,
-    ) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run SET export_request = $2, status_url = $3 WHERE id = $1")
-            .bind(run_id)
-            .bind(request_url)
-            .bind(status_url)
-            .execute(&self.pool)
-            .await
-            .map(drop)
-    }
-
-    pub async fn progress(&self, run_id: i64, progress: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run SET progress = $2 WHERE id = $1")
-            .bind(run_id)
-            .bind(progress)
-            .execute(&self.pool)
-            .await
-            .map(drop)
     }
 
     /// Records the manifest's transaction time and registers its files (idempotently: a file
@@ -185,32 +152,6 @@ impl Runs {
         .bind(file_id)
         .bind(bytes as i64)
         .bind(error)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-    }
-
-    /// Ends the run, totalling its files' counts into the run row.
-    pub async fn finish(&self, run_id: i64, outcome: &RunOutcome) -> sqlx::Result<()> {
-        let (status, error, retryable) = match outcome {
-            RunOutcome::Succeeded => ("succeeded", None, None),
-            RunOutcome::Failed { error, retryable } => {
-                ("failed", Some(error.as_str()), Some(*retryable))
-            }
-        };
-        sqlx::query(
-            "UPDATE fhir_sync.run r SET status = $2, error = $3, error_retryable = $4, finished_at = now(), progress = NULL,
-                 resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
-             FROM (SELECT coalesce(sum(resources_loaded) FILTER (WHERE kind = 'output'), 0) AS loaded,
-                          coalesce(sum(lines_rejected), 0) AS rejected,
-                          coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
-                   FROM fhir_sync.run_file WHERE run_id = $1) t
-             WHERE r.id = $1",
-        )
-        .bind(run_id)
-        .bind(status)
-        .bind(error)
-        .bind(retryable)
         .execute(&self.pool)
         .await
         .map(drop)
