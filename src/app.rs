@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -116,10 +117,15 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     let ops = if settings.ops.enabled {
         let jwks = crate::ops::http::jwks_of(&ctx.jobs())
             .map_err(|e| anyhow::anyhow!("cannot publish the JWKS: {e}"))?;
+        let state = crate::ops::http::OpsState {
+            steps: ctx.clone(),
+            settings: Arc::new(settings.clone()),
+            jwks: Arc::new(jwks),
+        };
         Some(
             crate::ops::http::serve(
                 settings.ops.listen,
-                crate::ops::http::router(jwks),
+                crate::ops::http::router(state),
                 shutdown.clone(),
             )
             .await?

@@ -1,9 +1,11 @@
-//! The ops HTTP server run by `serve`: for now the health check and the client's public JWKS
-//! (so an EHR registered with a JWKS URL sees a rotated key before it signs anything). The
-//! status API, metrics and status page will be added here.
+//! The ops HTTP server run by `serve`: health, the client's public JWKS (so an EHR registered
+//! with a JWKS URL sees a rotated key before it signs anything), the status API
+//! ([`super::api`]), Prometheus metrics ([`super::metrics`]) and the status page
+//! ([`super::page`]).
 //!
-//! It serves public keys only, never private material, and reads nothing from the request but
-//! its path: the JWKS must be fetchable without client authentication (SMART requires it).
+//! The JWKS serves public keys only and must be fetchable without client authentication
+//! (SMART requires it); `/healthz` is open too. Everything else needs the API token when the
+//! server listens beyond loopback.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,8 +18,9 @@ use axum::routing::get;
 use jsonwebtoken::jwk::JwkSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthMethod, JobConfig};
+use crate::config::{AuthMethod, JobConfig, Settings};
 use crate::smart;
+use crate::sync::StepContext;
 
 /// How long an EHR may cache the JWKS. Short, so a newly added key is seen soon; SMART says the
 /// server must not cache longer than this.
@@ -51,15 +54,28 @@ pub fn jwks_of(jobs: &[Arc<JobConfig>]) -> Result<JwkSet, String> {
     Ok(JwkSet { keys: unique })
 }
 
+/// What every ops handler can reach.
+#[derive(Clone)]
+pub struct OpsState {
+    /// The database, the configured jobs and the queue (to start and cancel runs).
+    pub steps: Arc<StepContext>,
+    /// The service settings `serve` runs with.
+    pub settings: Arc<Settings>,
+    pub jwks: Arc<JwkSet>,
+}
+
 /// The ops routes.
-pub fn router(jwks: JwkSet) -> Router {
+pub fn router(state: OpsState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/.well-known/jwks.json", get(jwks_handler))
-        .with_state(Arc::new(jwks))
+        .merge(super::api::routes())
+        .merge(super::metrics::routes())
+        .merge(super::page::routes())
+        .with_state(state)
 }
 
-async fn jwks_handler(State(jwks): State<Arc<JwkSet>>) -> impl IntoResponse {
+async fn jwks_handler(State(state): State<OpsState>) -> impl IntoResponse {
     (
         [
             (header::CONTENT_TYPE, "application/json".to_string()),
@@ -68,7 +84,7 @@ async fn jwks_handler(State(jwks): State<Arc<JwkSet>>) -> impl IntoResponse {
                 format!("public, max-age={JWKS_MAX_AGE_SECONDS}"),
             ),
         ],
-        axum::Json(jwks.as_ref().clone()),
+        axum::Json(state.jwks.as_ref().clone()),
     )
 }
 
@@ -91,6 +107,6 @@ pub async fn serve(
             tracing::error!(error = %e, "the ops HTTP server stopped");
         }
     });
-    tracing::info!(ops.listen = %bound, "ops HTTP server listening (JWKS at /.well-known/jwks.json)");
+    tracing::info!(ops.listen = %bound, "ops HTTP server listening");
     Ok((bound, task))
 }

@@ -2,7 +2,11 @@
 //!
 //! Reads the run tables; never changes them. Never prints a credential or a resource body.
 
+pub mod api;
 pub mod http;
+pub mod metrics;
+pub mod page;
+pub mod report;
 
 use std::io::Write;
 

@@ -74,6 +74,26 @@ pub fn tick_at_or_before(
         .map_err(|e| SyncError::Unsupported(e.to_string()))
 }
 
+/// The first tick of `schedule` strictly after `at`: when the job runs next.
+pub fn next_tick_after(
+    schedule: &ScheduleConfig,
+    at: time::OffsetDateTime,
+) -> Result<time::OffsetDateTime, SyncError> {
+    let (cron, tz) = parse(schedule)?;
+    let at = tz
+        .timestamp_opt(at.unix_timestamp(), 0)
+        .single()
+        .ok_or_else(|| SyncError::Unsupported("time out of range".into()))?;
+    let tick = cron.find_next_occurrence(&at, false).map_err(|e| {
+        SyncError::Unsupported(format!(
+            "schedule.cron {:?} has no next occurrence: {e}",
+            schedule.cron
+        ))
+    })?;
+    time::OffsetDateTime::from_unix_timestamp(tick.timestamp())
+        .map_err(|e| SyncError::Unsupported(e.to_string()))
+}
+
 /// Handles one tick of `job` that fired at `fired_at`.
 pub async fn tick(
     ctx: &StepContext,
@@ -181,6 +201,25 @@ mod tests {
 
     fn at(text: &str) -> time::OffsetDateTime {
         time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).unwrap()
+    }
+
+    #[test]
+    fn next_tick_is_strictly_after_and_in_the_job_time_zone() {
+        let nightly = schedule("0 2 * * *", "UTC");
+        assert_eq!(
+            next_tick_after(&nightly, at("2026-03-10T02:00:00Z")).unwrap(),
+            at("2026-03-11T02:00:00Z")
+        );
+        assert_eq!(
+            next_tick_after(&nightly, at("2026-03-10T01:59:59Z")).unwrap(),
+            at("2026-03-10T02:00:00Z")
+        );
+        // 02:00 in New York (EDT, UTC-4 after 8 March 2026) is 06:00 UTC.
+        let new_york = schedule("0 2 * * *", "America/New_York");
+        assert_eq!(
+            next_tick_after(&new_york, at("2026-03-10T12:00:00Z")).unwrap(),
+            at("2026-03-11T06:00:00Z")
+        );
     }
 
     #[test]

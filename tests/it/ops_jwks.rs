@@ -28,7 +28,16 @@ async fn every_key_of_every_signing_job_is_published_anonymously_with_a_cache_li
     let shutdown = CancellationToken::new();
     let (addr, server) = fhir_sync::ops::http::serve(
         "127.0.0.1:0".parse().unwrap(),
-        fhir_sync::ops::http::router(jwks),
+        fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
+            steps: fhir_sync::sync::StepContext::new(
+                env.db.pool.clone(),
+                Default::default(),
+                Default::default(),
+                Vec::new(),
+            ),
+            settings: Arc::new(Default::default()),
+            jwks: Arc::new(jwks),
+        }),
         shutdown.clone(),
     )
     .await

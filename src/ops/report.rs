@@ -1,0 +1,407 @@
+//! The read model behind every status surface: the HTTP API, the status page and the CLI all
+//! show what these queries return, so they never disagree.
+//!
+//! Only reads. Never returns a credential-bearing column: file URLs come without their query
+//! string (presigned URLs carry credentials there), `download_url` is never selected, and the
+//! export status URL is redacted the same way.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Serialize;
+// The dynamic SQL below only pastes the constant column lists; values are always bound.
+use sqlx::{AssertSqlSafe, PgPool};
+use time::OffsetDateTime;
+
+use crate::config::JobConfig;
+
+/// Run statuses of a run that has not finished.
+pub const ACTIVE_STATUSES: [&str; 5] = [
+    "queued",
+    "kicking_off",
+    "exporting",
+    "loading",
+    "completing",
+];
+
+/// Every run status, in the order a run moves through them.
+pub const ALL_STATUSES: [&str; 9] = [
+    "queued",
+    "kicking_off",
+    "exporting",
+    "loading",
+    "completing",
+    "succeeded",
+    "failed",
+    "cancelled",
+    "skipped",
+];
+
+/// One run, as listed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct RunSummary {
+    pub id: i64,
+    pub job: String,
+    /// One of [`ALL_STATUSES`].
+    pub status: String,
+    /// `schedule`, `catch-up` or `manual`.
+    pub trigger: String,
+    /// The cron tick the run was created for; `None` for manual runs.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub scheduled_for: Option<OffsetDateTime>,
+    /// When the run was created (queued).
+    #[serde(with = "time::serde::rfc3339")]
+    pub started_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// Last state change.
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    /// Whether the run ignored the watermark and exported everything.
+    pub full_export: bool,
+    /// The `_since` the export was requested with.
+    pub since: Option<String>,
+    /// The manifest's `transactionTime`.
+    pub transaction_time: Option<String>,
+    /// The server's last `X-Progress` while exporting.
+    pub progress: Option<String>,
+    pub resources_loaded: i64,
+    pub lines_rejected: i64,
+    pub export_errors: i64,
+    /// Requests repeated because the server or network said "later".
+    pub retries: i64,
+    pub files: i64,
+    pub files_loaded: i64,
+    pub bytes: i64,
+    /// Why the run failed (or was skipped), for a person.
+    pub error: Option<String>,
+    /// Whether the failure may go away by itself (a 503) rather than needing an operator.
+    pub error_retryable: Option<bool>,
+}
+
+impl RunSummary {
+    pub fn is_active(&self) -> bool {
+        ACTIVE_STATUSES.contains(&self.status.as_str())
+    }
+
+    /// Seconds from creation to finish (or to `now` while running).
+    pub fn duration_seconds(&self, now: OffsetDateTime) -> f64 {
+        (self.finished_at.unwrap_or(now) - self.started_at).as_seconds_f64()
+    }
+}
+
+/// One file of a run's manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct FileDetail {
+    pub id: i64,
+    /// `output`, `error` or `deleted`.
+    pub kind: String,
+    pub resource_type: String,
+    /// Without query string.
+    pub url: String,
+    /// The manifest's `count`, when it gave one.
+    pub manifest_count: Option<i64>,
+    /// `pending`, `loading`, `loaded` or `failed`.
+    pub status: String,
+    pub bytes: i64,
+    /// Lines whose effects are committed (the resume checkpoint).
+    pub lines_committed: i64,
+    pub resources_loaded: i64,
+    pub lines_rejected: i64,
+    pub attempts: i32,
+    pub link_refreshes: i32,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    pub error: Option<String>,
+}
+
+/// One OperationOutcome issue from the manifest's error files: what the server said went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct ExportIssue {
+    pub file_id: i64,
+    pub line_number: i64,
+    pub severity: Option<String>,
+    pub code: Option<String>,
+    pub diagnostics: Option<String>,
+}
+
+/// Rejected lines of a run grouped by file and reason (the lines themselves stay in
+/// `fhir_sync.rejected_line`: they may hold patient data).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct RejectSummary {
+    pub file_id: i64,
+    pub reason: String,
+    pub lines: i64,
+    /// The first line number rejected for this reason.
+    pub first_line: i64,
+}
+
+/// Everything about one run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunDetail {
+    #[serde(flatten)]
+    pub run: RunSummary,
+    /// The export's status URL, without query string.
+    pub status_url: Option<String>,
+    /// The `Expires` header of the completed export, as sent.
+    pub export_expires: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub export_deleted_at: Option<OffsetDateTime>,
+    pub files: Vec<FileDetail>,
+    /// The first [`ISSUE_LIMIT`] export issues.
+    pub export_issues: Vec<ExportIssue>,
+    pub rejects: Vec<RejectSummary>,
+}
+
+/// How many export issues a run detail carries; the rest are in `fhir_sync.export_error`.
+pub const ISSUE_LIMIT: i64 = 100;
+
+/// The watermark of a job: the `_since` of its next incremental run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct Watermark {
+    pub transaction_time: String,
+    pub run_id: i64,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+}
+
+/// A job's schedule as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ScheduleView {
+    pub cron: String,
+    pub timezone: String,
+    /// `skip` or `queue`.
+    pub overlap: String,
+}
+
+/// One sync job: configuration, what it did last and what it does next.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobOverview {
+    pub name: String,
+    pub description: Option<String>,
+    pub enabled: bool,
+    pub fhir_base_url: String,
+    pub resource_types: Vec<String>,
+    pub schedule: Option<ScheduleView>,
+    /// The next cron tick; `None` without a schedule or when the job is disabled.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_run_at: Option<OffsetDateTime>,
+    /// The most recent run that is not `skipped`.
+    pub last_run: Option<RunSummary>,
+    /// The unfinished run, if one is queued or going.
+    pub active_run: Option<RunSummary>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_success_at: Option<OffsetDateTime>,
+    pub watermark: Option<Watermark>,
+}
+
+/// Filters of a run listing.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub job: Option<String>,
+    pub status: Option<String>,
+    pub limit: i64,
+}
+
+const RUN_COLUMNS: &str =
+    "r.id, r.job, r.status, r.trigger, r.scheduled_for, r.started_at, r.finished_at,
+    r.updated_at, r.full_export, r.since, r.transaction_time, r.progress, r.resources_loaded,
+    r.lines_rejected, r.export_errors, r.retries, r.error, r.error_retryable,
+    coalesce(f.files, 0) AS files, coalesce(f.files_loaded, 0) AS files_loaded,
+    coalesce(f.bytes, 0)::bigint AS bytes";
+
+const FILE_TOTALS: &str = "LEFT JOIN LATERAL (
+        SELECT count(*) AS files, count(*) FILTER (WHERE status = 'loaded') AS files_loaded,
+               sum(bytes) AS bytes
+        FROM fhir_sync.run_file WHERE run_id = r.id) f ON true";
+
+/// Runs, newest first.
+pub async fn runs(pool: &PgPool, filter: &RunFilter) -> sqlx::Result<Vec<RunSummary>> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+         WHERE ($1::text IS NULL OR r.job = $1) AND ($2::text IS NULL OR r.status = $2)
+         ORDER BY r.started_at DESC, r.id DESC
+         LIMIT $3"
+    )))
+    .bind(filter.job.as_deref())
+    .bind(filter.status.as_deref())
+    .bind(filter.limit.max(0))
+    .fetch_all(pool)
+    .await
+}
+
+/// One run with its files, export issues and rejects; `None` when there is no such run.
+pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDetail>> {
+    let Some(run): Option<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS} WHERE r.id = $1"
+    )))
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let (status_url, export_expires, export_deleted_at): (
+        Option<String>,
+        Option<String>,
+        Option<OffsetDateTime>,
+    ) = sqlx::query_as(
+        "SELECT status_url, export_expires, export_deleted_at FROM fhir_sync.run WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await?;
+    let files = sqlx::query_as(
+        "SELECT id, kind, resource_type, url, manifest_count, status, bytes, lines_committed,
+                resources_loaded, lines_rejected, attempts, link_refreshes, started_at,
+                finished_at, error
+         FROM fhir_sync.run_file WHERE run_id = $1
+         ORDER BY CASE kind WHEN 'output' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, resource_type, id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    let export_issues = sqlx::query_as(
+        "SELECT e.file_id, e.line_number, i->>'severity' AS severity, i->>'code' AS code,
+                coalesce(i->>'diagnostics', i->'details'->>'text') AS diagnostics
+         FROM fhir_sync.export_error e
+         LEFT JOIN LATERAL jsonb_array_elements(
+             CASE WHEN jsonb_typeof(e.outcome->'issue') = 'array' THEN e.outcome->'issue'
+                  ELSE '[]'::jsonb END) i ON true
+         WHERE e.run_id = $1
+         ORDER BY e.file_id, e.line_number
+         LIMIT $2",
+    )
+    .bind(run_id)
+    .bind(ISSUE_LIMIT)
+    .fetch_all(pool)
+    .await?;
+    let rejects = sqlx::query_as(
+        "SELECT file_id, reason, count(*) AS lines, min(line_number) AS first_line
+         FROM fhir_sync.rejected_line WHERE run_id = $1
+         GROUP BY file_id, reason ORDER BY file_id, min(line_number)",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(Some(RunDetail {
+        run,
+        status_url: status_url.as_deref().map(without_query),
+        export_expires,
+        export_deleted_at,
+        files,
+        export_issues,
+        rejects,
+    }))
+}
+
+/// Every configured job with its last, active and next run.
+pub async fn jobs(
+    pool: &PgPool,
+    jobs: &[Arc<JobConfig>],
+    now: OffsetDateTime,
+) -> sqlx::Result<Vec<JobOverview>> {
+    let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
+    let last: Vec<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+         WHERE r.job = ANY($1) AND r.status <> 'skipped'
+         ORDER BY r.job, r.started_at DESC, r.id DESC"
+    )))
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+    let active: Vec<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+         WHERE r.job = ANY($1) AND r.status = ANY($2)
+         ORDER BY r.job, r.started_at DESC, r.id DESC"
+    )))
+    .bind(&names)
+    .bind(&ACTIVE_STATUSES[..])
+    .fetch_all(pool)
+    .await?;
+    let successes: Vec<(String, OffsetDateTime)> = sqlx::query_as(
+        "SELECT job, max(finished_at) FROM fhir_sync.run
+         WHERE job = ANY($1) AND status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job",
+    )
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+    let watermarks: Vec<(String, String, i64, OffsetDateTime)> = sqlx::query_as(
+        "SELECT job, transaction_time, run_id, updated_at FROM fhir_sync.watermark WHERE job = ANY($1)",
+    )
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+
+    let mut last: HashMap<String, RunSummary> =
+        last.into_iter().map(|r| (r.job.clone(), r)).collect();
+    let mut active: HashMap<String, RunSummary> =
+        active.into_iter().map(|r| (r.job.clone(), r)).collect();
+    let successes: HashMap<String, OffsetDateTime> = successes.into_iter().collect();
+    let mut watermarks: HashMap<String, Watermark> = watermarks
+        .into_iter()
+        .map(|(job, transaction_time, run_id, updated_at)| {
+            (
+                job,
+                Watermark {
+                    transaction_time,
+                    run_id,
+                    updated_at,
+                },
+            )
+        })
+        .collect();
+    Ok(jobs
+        .iter()
+        .map(|job| {
+            let next_run_at = job
+                .schedule
+                .as_ref()
+                .filter(|_| job.enabled)
+                .and_then(|s| crate::schedule::next_tick_after(s, now).ok());
+            JobOverview {
+                name: job.name.clone(),
+                description: job.description.clone(),
+                enabled: job.enabled,
+                fhir_base_url: crate::transport::redacted(&job.fhir.base_url),
+                resource_types: job.export.types.clone(),
+                schedule: job.schedule.as_ref().map(|s| ScheduleView {
+                    cron: s.cron.clone(),
+                    timezone: s.timezone.clone(),
+                    overlap: match s.overlap {
+                        crate::config::Overlap::Skip => "skip".into(),
+                        crate::config::Overlap::Queue => "queue".into(),
+                    },
+                }),
+                next_run_at,
+                last_run: last.remove(&job.name),
+                active_run: active.remove(&job.name),
+                last_success_at: successes.get(&job.name).copied(),
+                watermark: watermarks.remove(&job.name),
+            }
+        })
+        .collect())
+}
+
+fn without_query(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(parsed) => crate::transport::redacted(&parsed),
+        Err(_) => url.split(['?', '#']).next().unwrap_or("").to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_urls_lose_their_query() {
+        assert_eq!(
+            without_query("https://ehr.example/status/1?token=secret"),
+            "https://ehr.example/status/1"
+        );
+        assert_eq!(without_query("not a url?token=x"), "not a url");
+    }
+}
