@@ -129,7 +129,7 @@ fn describe() {
     );
     describe_counter!(
         "fhir_sync_http_retries_total",
-        "Requests to FHIR servers repeated because the server or the network said later"
+        "Requests to FHIR servers repeated after a 429, a 5xx, a network error, a broken-off body or a 401 that renewed the token"
     );
     describe_counter!(
         "fhir_sync_token_requests_total",

@@ -37,7 +37,9 @@ fn parse(text: &str) -> Vec<Sample> {
             continue;
         }
         let (series, value) = line.rsplit_once(' ').expect("a sample has a value");
-        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line}"));
         let (name, labels) = match series.split_once('{') {
             None => (series.to_string(), BTreeMap::new()),
             Some((name, rest)) => {
@@ -134,10 +136,16 @@ async fn scrape(pool: &PgPool, jobs: Vec<JobConfig>) -> (u16, String, String) {
         jwks: Arc::new(jsonwebtoken::jwk::JwkSet { keys: Vec::new() }),
     };
     let shutdown = CancellationToken::new();
-    let (addr, server) = serve("127.0.0.1:0".parse().unwrap(), router(state), shutdown.clone())
+    let (addr, server) = serve(
+        "127.0.0.1:0".parse().unwrap(),
+        router(state),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let response = reqwest::get(format!("http://{addr}/metrics"))
         .await
         .unwrap();
-    let response = reqwest::get(format!("http://{addr}/metrics")).await.unwrap();
     let status = response.status().as_u16();
     let content_type = response.headers()[reqwest::header::CONTENT_TYPE]
         .to_str()
@@ -152,7 +160,10 @@ async fn scrape(pool: &PgPool, jobs: Vec<JobConfig>) -> (u16, String, String) {
 async fn scrape_ok(pool: &PgPool, jobs: Vec<JobConfig>) -> Scrape {
     let (status, content_type, body) = scrape(pool, jobs).await;
     assert_eq!(status, 200);
-    assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
     assert_no_unbounded_labels(&body);
     Scrape {
         samples: parse(&body),
@@ -203,22 +214,22 @@ async fn env_with(patients: usize, options: FakeOptions) -> TestEnv {
 fn served(env: &TestEnv) -> BTreeMap<(String, String), f64> {
     let mut counts = BTreeMap::new();
     for request in env.fake.requests() {
-        let endpoint = if request.path.contains("/.well-known/") || request.path.ends_with("/metadata")
-        {
-            "discovery"
-        } else if request.path.ends_with("/auth/token") {
-            "token"
-        } else if request.path.contains("$export") {
-            "kickoff"
-        } else if request.path.contains("/bulkstatus/") && request.method == "DELETE" {
-            "delete"
-        } else if request.path.contains("/bulkstatus/") {
-            "status"
-        } else if request.path.contains("/bulkfiles/") {
-            "file"
-        } else {
-            panic!("unexpected request to {}", request.path)
-        };
+        let endpoint =
+            if request.path.contains("/.well-known/") || request.path.ends_with("/metadata") {
+                "discovery"
+            } else if request.path.ends_with("/auth/token") {
+                "token"
+            } else if request.path.contains("$export") {
+                "kickoff"
+            } else if request.path.contains("/bulkstatus/") && request.method == "DELETE" {
+                "delete"
+            } else if request.path.contains("/bulkstatus/") {
+                "status"
+            } else if request.path.contains("/bulkfiles/") {
+                "file"
+            } else {
+                panic!("unexpected request to {}", request.path)
+            };
         let outcome = metrics::http_outcome(Some(request.status));
         *counts
             .entry((endpoint.to_string(), outcome.to_string()))
@@ -234,7 +245,10 @@ fn requested(scrape: &Scrape, job: &str) -> BTreeMap<(String, String), f64> {
         .into_iter()
         .map(|(labels, value)| {
             let labels: HashMap<String, String> = labels.into_iter().collect();
-            ((labels["endpoint"].clone(), labels["outcome"].clone()), value)
+            (
+                (labels["endpoint"].clone(), labels["outcome"].clone()),
+                value,
+            )
         })
         .collect()
 }
@@ -309,8 +323,7 @@ async fn a_sync_through_429s_and_a_revoked_token_is_counted_per_job() {
 
     // One retry per 429 and per 401 (the request is repeated with the renewed token).
     for endpoint in ["kickoff", "status", "file"] {
-        let expected =
-            served_count(&env, endpoint, 429) + served_count(&env, endpoint, 401);
+        let expected = served_count(&env, endpoint, 429) + served_count(&env, endpoint, 401);
         assert_eq!(
             m.count(
                 "fhir_sync_http_retries_total",
@@ -382,13 +395,12 @@ async fn a_sync_through_429s_and_a_revoked_token_is_counted_per_job() {
     let active = m.series("fhir_sync_runs_active", j);
     assert_eq!(active.len(), 5, "{active:?}");
     assert!(active.values().all(|v| *v == 0.0), "{active:?}");
-    let (finished_at, transaction_time): (time::OffsetDateTime, String) = sqlx::query_as(
-        "SELECT finished_at, transaction_time FROM fhir_sync.run WHERE id = $1",
-    )
-    .bind(report.run_id)
-    .fetch_one(&env.db.pool)
-    .await
-    .unwrap();
+    let (finished_at, transaction_time): (time::OffsetDateTime, String) =
+        sqlx::query_as("SELECT finished_at, transaction_time FROM fhir_sync.run WHERE id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
     let last = m
         .get("fhir_sync_last_success_timestamp_seconds", &[("job", j)])
         .unwrap();
@@ -485,7 +497,10 @@ async fn a_failed_run_is_counted_and_the_alert_number_counts_from_its_first_run(
         1.0
     );
     // Nothing loaded, no success, no watermark; the alert number runs from the first run.
-    assert_eq!(m.get("fhir_sync_resources_loaded_total", &[("job", &j)]), None);
+    assert_eq!(
+        m.get("fhir_sync_resources_loaded_total", &[("job", &j)]),
+        None
+    );
     assert_eq!(
         m.get("fhir_sync_last_success_timestamp_seconds", &[("job", &j)]),
         None
@@ -505,7 +520,10 @@ async fn a_failed_run_is_counted_and_the_alert_number_counts_from_its_first_run(
         .get("fhir_sync_seconds_since_last_success", &[("job", &j)])
         .unwrap();
     // The scrape came before the age was read, so it saw a little less.
-    assert!(since <= age + 0.001 && since >= age - 60.0, "{since} vs {age}");
+    assert!(
+        since <= age + 0.001 && since >= age - 60.0,
+        "{since} vs {age}"
+    );
     let active = m.series("fhir_sync_runs_active", &j);
     assert!(active.values().all(|v| *v == 0.0), "{active:?}");
 }
@@ -562,16 +580,25 @@ async fn queue_depth_oldest_step_and_active_runs_are_read_from_the_database() {
     .unwrap();
 
     let m = scrape_ok(&env.db.pool, vec![env.job.clone()]).await;
-    assert_eq!(m.get("fhir_sync_queue_depth", &[("state", "pending")]), Some(1.0));
+    assert_eq!(
+        m.get("fhir_sync_queue_depth", &[("state", "pending")]),
+        Some(1.0)
+    );
     assert_eq!(
         m.get("fhir_sync_queue_depth", &[("state", "scheduled")]),
         Some(1.0)
     );
-    assert_eq!(m.get("fhir_sync_queue_depth", &[("state", "running")]), Some(0.0));
+    assert_eq!(
+        m.get("fhir_sync_queue_depth", &[("state", "running")]),
+        Some(0.0)
+    );
     let oldest = m.get("fhir_sync_queue_oldest_age_seconds", &[]).unwrap();
     assert!((90.0..150.0).contains(&oldest), "{oldest}");
     assert_eq!(
-        m.get("fhir_sync_runs_active", &[("job", &j), ("status", "queued")]),
+        m.get(
+            "fhir_sync_runs_active",
+            &[("job", &j), ("status", "queued")]
+        ),
         Some(1.0)
     );
     assert_eq!(
@@ -596,7 +623,10 @@ async fn queue_depth_oldest_step_and_active_runs_are_read_from_the_database() {
         BTreeMap::from([(vec![("status".into(), "cancelled".into())], 1.0)])
     );
     assert_eq!(
-        m.get("fhir_sync_runs_active", &[("job", &j), ("status", "queued")]),
+        m.get(
+            "fhir_sync_runs_active",
+            &[("job", &j), ("status", "queued")]
+        ),
         Some(0.0)
     );
 }
@@ -619,8 +649,18 @@ async fn rejected_lines_and_deletions_are_counted_per_job_and_type() {
             run_id,
             "2024-06-01T00:00:00Z",
             &[
-                ("output", "Patient", "https://ehr.example.org/o".into(), None),
-                ("deleted", "Bundle", "https://ehr.example.org/d".into(), None),
+                (
+                    "output",
+                    "Patient",
+                    "https://ehr.example.org/o".into(),
+                    None,
+                ),
+                (
+                    "deleted",
+                    "Bundle",
+                    "https://ehr.example.org/d".into(),
+                    None,
+                ),
             ],
         )
         .await
