@@ -92,6 +92,7 @@ pub async fn run(
 /// `fhir-sync serve`: the scheduler and the queue workers, until SIGTERM or Ctrl-C. Several
 /// processes may serve one database; each tick still starts exactly one run.
 pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
+    crate::ops::metrics::install();
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
     let pool = connect(settings).await?;

@@ -19,6 +19,7 @@ use crate::bulk::{
     BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy, RetryPolicy,
 };
 use crate::config::{JobConfig, SyncSettings};
+use crate::ops::metrics::{self, Endpoint};
 use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError};
 use crate::transport::{self, HttpOptions};
@@ -306,7 +307,7 @@ impl Session {
         }
         let authorized = smart::authorize(&prepared, job).await?;
         if let smart::ExportSupport::NotDeclared(message) =
-            smart::export_support(&http, &job.fhir.base_url, job.export.level).await
+            smart::export_support(&http, &job.fhir.base_url, job.export.level, &job.name).await
         {
             tracing::warn!(reason = %message, "the server may not offer this export; trying anyway");
         }
@@ -549,6 +550,7 @@ impl<'a> Download<'a> {
                 };
                 let delay = policy.delay(attempt, hinted);
                 self.retries.fetch_add(1, Ordering::Relaxed);
+                metrics::http_retry(self.bulk.job(), Endpoint::File);
                 tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
                 tokio::time::sleep(delay).await;
                 continue;
@@ -626,6 +628,7 @@ impl<'a> Download<'a> {
                 }
                 resume.resumes_left -= 1;
                 self.retries.fetch_add(1, Ordering::Relaxed);
+                metrics::http_retry(self.bulk.job(), Endpoint::File);
                 tracing::warn!(
                     offset = resume.offset,
                     "file body broke off; resuming with a Range request"
@@ -646,7 +649,9 @@ impl<'a> Download<'a> {
         });
         // `bytes` counts what arrived (decompressed, since reqwest decodes gzip); past the cap
         // the stream fails so the loader stops reading.
+        let downloaded = metrics::download_bytes(self.bulk.job());
         let stream = Box::pin(stream).and_then(|chunk| {
+            downloaded.increment(chunk.len() as u64);
             let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
             let result = if total > limit {
                 too_large.store(true, Ordering::Relaxed);

@@ -16,6 +16,7 @@ use url::Url;
 
 use super::{ExportError, Manifest, ManifestFile, outcome_is_transient, outcome_text};
 use crate::config::{ExportConfig, ExportLevel, ExportMethod};
+use crate::ops::metrics::{self, Endpoint};
 use crate::smart::TokenManager;
 use crate::transport;
 
@@ -283,8 +284,14 @@ impl BulkClient {
         self.retries.load(Ordering::Relaxed)
     }
 
-    fn count_retry(&self) {
+    /// The job this client works for (its token manager's), the `job` label of its metrics.
+    pub fn job(&self) -> &str {
+        self.tokens.job()
+    }
+
+    fn count_retry(&self, endpoint: Endpoint) {
         self.retries.fetch_add(1, Ordering::Relaxed);
+        metrics::http_retry(self.job(), endpoint);
     }
 
     /// The kick-off URL for `request`. For GET it carries the parameters, form-encoded so that
@@ -332,6 +339,7 @@ impl BulkClient {
                     &request_url,
                     Bearer::FhirOrigin,
                     context,
+                    Endpoint::KickOff,
                     |r| {
                         let r = r
                             .header(ACCEPT, "application/fhir+json")
@@ -350,7 +358,7 @@ impl BulkClient {
                 Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
                     let delay = self.retry.delay(attempt, None);
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "export kick-off failed, retrying");
-                    self.count_retry();
+                    self.count_retry(Endpoint::KickOff);
                     tokio::time::sleep(delay).await;
                     continue;
                 }
@@ -388,7 +396,7 @@ impl BulkClient {
                     retry_in_ms = delay.as_millis() as u64,
                     "export kick-off refused for now, retrying"
                 );
-                self.count_retry();
+                self.count_retry(Endpoint::KickOff);
                 tokio::time::sleep(delay).await;
                 continue;
             }
@@ -459,7 +467,7 @@ impl BulkClient {
                             status,
                         });
                     }
-                    self.count_retry();
+                    self.count_retry(Endpoint::Status);
                     tracing::warn!(
                         http.status = status,
                         attempt = errors,
@@ -469,7 +477,7 @@ impl BulkClient {
                 }
                 Err(e) if e.is_retryable() && errors < MAX_POLL_ERRORS => {
                     errors += 1;
-                    self.count_retry();
+                    self.count_retry(Endpoint::Status);
                     tracing::warn!(error = %e, attempt = errors, "export status poll failed, will poll again");
                     policy.default_interval * 2u32.pow(errors.min(6))
                 }
@@ -492,9 +500,14 @@ impl BulkClient {
     pub async fn check_status(&self, status_url: &Url) -> Result<StatusCheck, ExportError> {
         let context = "export status";
         let response = self
-            .send(Method::GET, status_url, Bearer::FhirOrigin, context, |r| {
-                r.header(ACCEPT, "application/json")
-            })
+            .send(
+                Method::GET,
+                status_url,
+                Bearer::FhirOrigin,
+                context,
+                Endpoint::Status,
+                |r| r.header(ACCEPT, "application/json"),
+            )
             .await?;
         let status = response.status();
         let retry_after = retry_after(&response);
@@ -541,7 +554,7 @@ impl BulkClient {
     /// Fetches the manifest again from a finished export's status URL: the way to get fresh
     /// links after the old ones expired. Counted as a retry.
     pub async fn refresh_manifest(&self, status_url: &Url) -> Result<Manifest, ExportError> {
-        self.count_retry();
+        self.count_retry(Endpoint::Status);
         let policy = PollPolicy {
             min_interval: Duration::ZERO,
             max_interval: self.retry.base_delay.max(Duration::from_millis(1)),
@@ -571,9 +584,14 @@ impl BulkClient {
             let page = loop {
                 attempt += 1;
                 let result = self
-                    .send(Method::GET, &next, Bearer::FhirOrigin, context, |r| {
-                        r.header(ACCEPT, "application/json")
-                    })
+                    .send(
+                        Method::GET,
+                        &next,
+                        Bearer::FhirOrigin,
+                        context,
+                        Endpoint::Manifest,
+                        |r| r.header(ACCEPT, "application/json"),
+                    )
                     .await;
                 let (status, hinted, body) = match result {
                     Ok(response) => {
@@ -586,7 +604,7 @@ impl BulkClient {
                         (status, hinted, body)
                     }
                     Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
-                        self.count_retry();
+                        self.count_retry(Endpoint::Manifest);
                         tokio::time::sleep(self.retry.delay(attempt, None)).await;
                         continue;
                     }
@@ -598,7 +616,7 @@ impl BulkClient {
                 if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
                     && attempt < self.retry.attempts
                 {
-                    self.count_retry();
+                    self.count_retry(Endpoint::Manifest);
                     tokio::time::sleep(self.retry.delay(attempt, hinted)).await;
                     continue;
                 }
@@ -672,16 +690,23 @@ impl BulkClient {
             Bearer::None
         };
         let response = self
-            .send(Method::GET, &file.url, bearer, context, |r| {
-                let r = r.header(ACCEPT, "application/fhir+ndjson");
-                match offset {
-                    // Offsets count decoded bytes, so a resumed request must not be compressed.
-                    Some(offset) => r
-                        .header(reqwest::header::RANGE, format!("bytes={offset}-"))
-                        .header(reqwest::header::ACCEPT_ENCODING, "identity"),
-                    None => r,
-                }
-            })
+            .send(
+                Method::GET,
+                &file.url,
+                bearer,
+                context,
+                Endpoint::File,
+                |r| {
+                    let r = r.header(ACCEPT, "application/fhir+ndjson");
+                    match offset {
+                        // Offsets count decoded bytes, so a resumed request must not be compressed.
+                        Some(offset) => r
+                            .header(reqwest::header::RANGE, format!("bytes={offset}-"))
+                            .header(reqwest::header::ACCEPT_ENCODING, "identity"),
+                        None => r,
+                    }
+                },
+            )
             .await?;
         let status = response.status();
         if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
@@ -707,6 +732,7 @@ impl BulkClient {
                 status_url,
                 Bearer::FhirOrigin,
                 context,
+                Endpoint::Delete,
                 |r| r,
             )
             .await?;
@@ -729,6 +755,7 @@ impl BulkClient {
         url: &Url,
         bearer: Bearer,
         context: &'static str,
+        endpoint: Endpoint,
         build: impl Fn(reqwest::RequestBuilder) -> reqwest::RequestBuilder,
     ) -> Result<Response, ExportError> {
         transport::check_url(url, self.allow_insecure_http).map_err(|m| {
@@ -751,7 +778,15 @@ impl BulkClient {
             if let Some(value) = token.as_ref().and_then(|t| t.authorization()) {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }
-            let response = request.send().await.map_err(|e| ExportError::Transport {
+            let started = Instant::now();
+            let response = request.send().await;
+            metrics::http_request(
+                self.job(),
+                endpoint,
+                response.as_ref().ok().map(|r| r.status().as_u16()),
+                started.elapsed(),
+            );
+            let response = response.map_err(|e| ExportError::Transport {
                 context,
                 source: e.without_url(),
             })?;
@@ -768,6 +803,7 @@ impl BulkClient {
                 (Some(refused), false) => {
                     token = Some(self.tokens.token_after_rejection(refused).await?);
                     renewed = true;
+                    metrics::http_retry(self.job(), endpoint);
                 }
                 _ => return Err(ExportError::Unauthorized { context }),
             }

@@ -385,6 +385,74 @@ pub async fn jobs(
         .collect())
 }
 
+/// What the metrics need to know about runs, read at scrape time: the numbers to alert on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// The database's clock: every process computes ages against the same one.
+    pub now: OffsetDateTime,
+    /// One entry per job asked for, in the order asked.
+    pub jobs: Vec<JobHealth>,
+    /// Unfinished runs of any job, counted per (job, status).
+    pub active_runs: Vec<(String, String, i64)>,
+}
+
+/// The success history of one job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobHealth {
+    pub job: String,
+    /// When the job's first run was created.
+    pub first_run_at: Option<OffsetDateTime>,
+    /// When the job's last successful run finished.
+    pub last_success_at: Option<OffsetDateTime>,
+    /// The watermark's `transactionTime`, as the server sent it.
+    pub watermark: Option<String>,
+}
+
+/// Success history of the `jobs` named, and unfinished runs of every job.
+pub async fn health(pool: &PgPool, jobs: &[String]) -> sqlx::Result<Health> {
+    let now: OffsetDateTime = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
+    let history: Vec<(String, Option<OffsetDateTime>, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT job, min(started_at), max(finished_at) FILTER (WHERE status = 'succeeded')
+         FROM fhir_sync.run WHERE job = ANY($1) GROUP BY job",
+    )
+    .bind(jobs)
+    .fetch_all(pool)
+    .await?;
+    let watermarks: Vec<(String, String)> =
+        sqlx::query_as("SELECT job, transaction_time FROM fhir_sync.watermark WHERE job = ANY($1)")
+            .bind(jobs)
+            .fetch_all(pool)
+            .await?;
+    let active_runs: Vec<(String, String, i64)> = sqlx::query_as(
+        "SELECT job, status, count(*) FROM fhir_sync.run WHERE status = ANY($1)
+         GROUP BY job, status ORDER BY job, status",
+    )
+    .bind(&ACTIVE_STATUSES[..])
+    .fetch_all(pool)
+    .await?;
+    let mut history: HashMap<String, (Option<OffsetDateTime>, Option<OffsetDateTime>)> = history
+        .into_iter()
+        .map(|(job, first, last)| (job, (first, last)))
+        .collect();
+    let mut watermarks: HashMap<String, String> = watermarks.into_iter().collect();
+    Ok(Health {
+        now,
+        jobs: jobs
+            .iter()
+            .map(|job| {
+                let (first_run_at, last_success_at) = history.remove(job).unwrap_or_default();
+                JobHealth {
+                    job: job.clone(),
+                    first_run_at,
+                    last_success_at,
+                    watermark: watermarks.remove(job),
+                }
+            })
+            .collect(),
+        active_runs,
+    })
+}
+
 fn without_query(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(parsed) => crate::transport::redacted(&parsed),

@@ -163,6 +163,30 @@ where
         .await
     }
 
+    /// How many tasks of this queue wait or run, and how long the oldest due one has waited.
+    /// Read from the database, so every process sees the same numbers.
+    pub async fn stats(&self) -> sqlx::Result<QueueStats> {
+        let (scheduled, pending, queued, running, oldest_due_seconds) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE status = 'Pending' AND run_at > now()),
+                    count(*) FILTER (WHERE status = 'Pending' AND run_at <= now()),
+                    count(*) FILTER (WHERE status = 'Queued'),
+                    count(*) FILTER (WHERE status = 'Running'),
+                    coalesce(extract(epoch FROM now() - min(run_at)
+                        FILTER (WHERE status IN ('Pending', 'Queued') AND run_at <= now())), 0)::float8
+             FROM apalis.jobs WHERE job_type = $1 AND status IN ('Pending', 'Queued', 'Running')",
+        )
+        .bind(&self.name)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(QueueStats {
+            scheduled,
+            pending,
+            queued,
+            running,
+            oldest_due_seconds,
+        })
+    }
+
     /// Deletes finished tasks older than the retention period and workers not seen for a day.
     /// apalis keeps both forever otherwise.
     pub async fn purge(&self) -> sqlx::Result<u64> {
@@ -182,6 +206,21 @@ where
             .await?;
         Ok(jobs)
     }
+}
+
+/// A snapshot of one queue (see [`TaskQueue::stats`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueStats {
+    /// Pending tasks whose delay has not passed yet (a poll after `Retry-After`, a retry).
+    pub scheduled: i64,
+    /// Pending tasks that are due: they wait for a free worker.
+    pub pending: i64,
+    /// Tasks a worker has fetched and not started yet.
+    pub queued: i64,
+    pub running: i64,
+    /// Seconds the oldest due task (pending or queued) has waited since it became due; 0 when
+    /// none waits. Growing means no worker is taking work.
+    pub oldest_due_seconds: f64,
 }
 
 fn is_unique_violation(error: &apalis_postgres::Error) -> bool {

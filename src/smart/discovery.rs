@@ -7,6 +7,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::AuthError;
+use crate::ops::metrics::{self, Endpoint};
 use crate::transport;
 
 /// What the server says about its authorization.
@@ -38,14 +39,16 @@ struct WellKnown {
 
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
-/// Discovers the authorization endpoints of the FHIR server at `base`.
+/// Discovers the authorization endpoints of the FHIR server at `base` for `job` (the label of
+/// its request metrics).
 pub async fn discover(
     http: &reqwest::Client,
     base: &Url,
     allow_insecure_http: bool,
+    job: &str,
 ) -> Result<SmartConfiguration, AuthError> {
     let well_known = transport::append_path(base, ".well-known/smart-configuration");
-    let first_failure = match fetch_json::<WellKnown>(http, &well_known).await {
+    let first_failure = match fetch_json::<WellKnown>(http, &well_known, job).await {
         Ok(doc) => match doc.token_endpoint {
             Some(endpoint) => {
                 let token_endpoint = resolve(base, &endpoint, allow_insecure_http, &well_known)?;
@@ -68,7 +71,7 @@ pub async fn discover(
         "smart-configuration unusable, trying the CapabilityStatement"
     );
     let metadata = transport::append_path(base, "metadata");
-    let capability: serde_json::Value = fetch_json(http, &metadata).await?;
+    let capability: serde_json::Value = fetch_json(http, &metadata, job).await?;
     let token = capability["rest"]
         .as_array()
         .into_iter()
@@ -131,18 +134,26 @@ fn resolve(
 async fn fetch_json<T: serde::de::DeserializeOwned>(
     http: &reqwest::Client,
     url: &Url,
+    job: &str,
 ) -> Result<T, AuthError> {
     let failure = |message: String, retryable: bool| AuthError::Discovery {
         url: url.to_string(),
         message,
         retryable,
     };
+    let started = std::time::Instant::now();
     let response = http
         .get(url.clone())
         .header(reqwest::header::ACCEPT, "application/json")
         .send()
-        .await
-        .map_err(|e| failure(e.without_url().to_string(), true))?;
+        .await;
+    metrics::http_request(
+        job,
+        Endpoint::Discovery,
+        response.as_ref().ok().map(|r| r.status().as_u16()),
+        started.elapsed(),
+    );
+    let response = response.map_err(|e| failure(e.without_url().to_string(), true))?;
     let status = response.status();
     if !status.is_success() {
         let retryable = status.as_u16() == 429 || status.is_server_error();
@@ -168,14 +179,16 @@ pub enum ExportSupport {
 }
 
 /// Reads `[base]/metadata` and looks for the export operation of `level`, accepting the
-/// Bulk Data v1.0.0 (all under `rest.operation`), v1.0.1 and v2 shapes.
+/// Bulk Data v1.0.0 (all under `rest.operation`), v1.0.1 and v2 shapes. `job` labels the
+/// request's metrics.
 pub async fn export_support(
     http: &reqwest::Client,
     base: &Url,
     level: crate::config::ExportLevel,
+    job: &str,
 ) -> ExportSupport {
     let metadata = transport::append_path(base, "metadata");
-    match fetch_json::<serde_json::Value>(http, &metadata).await {
+    match fetch_json::<serde_json::Value>(http, &metadata, job).await {
         Ok(capability) => declared_export(&capability, level),
         Err(e) => ExportSupport::Unknown(e.to_string()),
     }

@@ -82,7 +82,7 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
         ));
         None
     } else {
-        match discovery::discover(http, base, job.fhir.allow_insecure_http).await {
+        match discovery::discover(http, base, job.fhir.allow_insecure_http, &job.name).await {
             Ok(d) => {
                 let mut line = check(
                     "discovery",
@@ -250,7 +250,7 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
         }
     };
 
-    match discovery::export_support(http, base, job.export.level).await {
+    match discovery::export_support(http, base, job.export.level, &job.name).await {
         ExportSupport::Offered => report.push(check(
             "export operation",
             Verdict::Pass,

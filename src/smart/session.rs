@@ -70,22 +70,22 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             signing: None,
             notes: Vec::new(),
             scope_style: job.auth.scope_style,
-            tokens: Arc::new(TokenManager::without_authorization(
-                http.clone(),
-                base.clone(),
-            )),
+            tokens: Arc::new(
+                TokenManager::without_authorization(http.clone(), base.clone()).for_job(&job.name),
+            ),
         });
     }
     let mut notes = Vec::new();
     let (discovered, token_url) = match &job.fhir.token_url {
         None => {
-            let discovered = discovery::discover(http, base, allow_insecure_http).await?;
+            let discovered =
+                discovery::discover(http, base, allow_insecure_http, &job.name).await?;
             let url = discovered.token_endpoint.clone();
             (Some(discovered), url)
         }
         // With an override, discovery only informs the algorithm and scope choice, so its
         // failure is a note rather than the end of the run.
-        Some(url) => match discovery::discover(http, base, allow_insecure_http).await {
+        Some(url) => match discovery::discover(http, base, allow_insecure_http, &job.name).await {
             Ok(discovered) => (Some(discovered), url.clone()),
             Err(e) => {
                 notes.push(format!(
@@ -147,7 +147,7 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
         signing,
         notes,
         scope_style,
-        tokens: Arc::new(tokens),
+        tokens: Arc::new(tokens.for_job(&job.name)),
     })
 }
 

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::{AuthError, SigningKey};
+use crate::ops::metrics::{self, Endpoint, TokenReason};
 
 /// A bearer token. `generation` tells tokens apart without comparing secrets. The secret is
 /// absent for jobs that authenticate with `none`.
@@ -68,6 +69,8 @@ pub struct TokenManager {
     credentials: Credentials,
     scopes: Vec<String>,
     state: tokio::sync::Mutex<State>,
+    /// The job this manager works for: the `job` label of its metrics.
+    job: String,
 }
 
 /// Used when the server omits `expires_in`: SMART suggests five minutes for backend tokens.
@@ -104,6 +107,7 @@ impl TokenManager {
             credentials: Credentials::Assertion(Box::new(key)),
             scopes,
             state: tokio::sync::Mutex::new(State::default()),
+            job: String::new(),
         }
     }
 
@@ -122,6 +126,7 @@ impl TokenManager {
             credentials: Credentials::Secret(secret),
             scopes,
             state: tokio::sync::Mutex::new(State::default()),
+            job: String::new(),
         }
     }
 
@@ -134,7 +139,20 @@ impl TokenManager {
             credentials: Credentials::None,
             scopes: Vec::new(),
             state: tokio::sync::Mutex::new(State::default()),
+            job: String::new(),
         }
+    }
+
+    /// Names the job this manager works for, in its metrics and in those of the clients that
+    /// use it.
+    pub fn for_job(mut self, job: &str) -> Self {
+        self.job = job.to_string();
+        self
+    }
+
+    /// The job this manager works for (empty when not named).
+    pub fn job(&self) -> &str {
+        &self.job
     }
 
     /// The scopes this manager asks for.
@@ -156,7 +174,12 @@ impl TokenManager {
         {
             return Ok(cached.token.clone());
         }
-        self.renew(&mut state).await
+        let reason = if state.generation == 0 {
+            TokenReason::Initial
+        } else {
+            TokenReason::Refresh
+        };
+        self.renew(&mut state, reason).await
     }
 
     /// After a 401: renews unless another task already replaced the refused token.
@@ -178,7 +201,7 @@ impl TokenManager {
             token.generation = refused.generation,
             "access token refused by the server, renewing"
         );
-        self.renew(&mut state).await
+        self.renew(&mut state, TokenReason::RenewAfter401).await
     }
 
     /// The `scope` the server granted with the current token, if it said.
@@ -186,7 +209,17 @@ impl TokenManager {
         self.state.lock().await.granted_scope.clone()
     }
 
-    async fn renew(&self, state: &mut State) -> Result<AccessToken, AuthError> {
+    async fn renew(
+        &self,
+        state: &mut State,
+        reason: TokenReason,
+    ) -> Result<AccessToken, AuthError> {
+        let renewed = self.renew_with_retries(state).await;
+        metrics::token_request(&self.job, reason, renewed.is_ok());
+        renewed
+    }
+
+    async fn renew_with_retries(&self, state: &mut State) -> Result<AccessToken, AuthError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -215,6 +248,7 @@ impl TokenManager {
                 Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
                     let delay = Duration::from_millis(500 * 2u64.pow(attempt - 1));
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "token request failed, retrying");
+                    metrics::http_retry(&self.job, Endpoint::Token);
                     tokio::time::sleep(delay).await;
                 }
                 Err(e) => return Err(e),
@@ -262,10 +296,15 @@ impl TokenManager {
             }
             Credentials::None => unreachable!("a manager without credentials never requests"),
         };
-        let response = request
-            .send()
-            .await
-            .map_err(|e| AuthError::Transport(e.without_url()))?;
+        let started = Instant::now();
+        let response = request.send().await;
+        metrics::http_request(
+            &self.job,
+            Endpoint::Token,
+            response.as_ref().ok().map(|r| r.status().as_u16()),
+            started.elapsed(),
+        );
+        let response = response.map_err(|e| AuthError::Transport(e.without_url()))?;
         let status = response.status();
         let body = response
             .bytes()

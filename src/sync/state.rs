@@ -9,6 +9,8 @@
 
 use sqlx::PgPool;
 
+use crate::ops::metrics;
+
 /// Statuses after which nothing more happens to a run.
 pub const TERMINAL: [&str; 4] = ["succeeded", "failed", "cancelled", "skipped"];
 
@@ -70,7 +72,7 @@ pub async fn create(
     scheduled_for: Option<time::OffsetDateTime>,
     full_export: bool,
 ) -> sqlx::Result<Option<i64>> {
-    sqlx::query_scalar(
+    let created: Option<i64> = sqlx::query_scalar(
         "INSERT INTO fhir_sync.run (job, source, fhir_base_url, status, trigger, scheduled_for, full_export)
          VALUES ($1, $1, $2, 'queued', $3, $4, $5)
          ON CONFLICT (job, scheduled_for) WHERE scheduled_for IS NOT NULL DO NOTHING
@@ -82,7 +84,13 @@ pub async fn create(
     .bind(scheduled_for)
     .bind(full_export)
     .fetch_optional(pool)
-    .await
+    .await?;
+    // Counted only by the process whose insert made the run: a tick seen by several
+    // processes is one run.
+    if created.is_some() {
+        metrics::run_started(job);
+    }
+    Ok(created)
 }
 
 /// Records a tick that was not run because the job was busy.
@@ -93,7 +101,7 @@ pub async fn record_skipped(
     scheduled_for: time::OffsetDateTime,
     busy_run: i64,
 ) -> sqlx::Result<()> {
-    sqlx::query(
+    let inserted = sqlx::query(
         "INSERT INTO fhir_sync.run (job, source, fhir_base_url, status, trigger, scheduled_for, finished_at, error)
          VALUES ($1, $1, $2, 'skipped', 'schedule', $3, now(), $4)
          ON CONFLICT (job, scheduled_for) WHERE scheduled_for IS NOT NULL DO NOTHING",
@@ -103,8 +111,11 @@ pub async fn record_skipped(
     .bind(scheduled_for)
     .bind(format!("skipped: run {busy_run} of this job was still in progress (schedule.overlap = \"skip\")"))
     .execute(pool)
-    .await
-    .map(drop)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        metrics::run_skipped(job);
+    }
+    Ok(())
 }
 
 /// The job's unfinished run (queued or active), if any.
@@ -319,7 +330,7 @@ pub async fn all_files_loaded(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> 
 /// transaction: the watermark never moves unless every file of the run is loaded.
 pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
     let mut tx = pool.begin().await?;
-    let row: Option<(String, Option<String>)> = sqlx::query_as(
+    let row: Option<(String, Option<String>, f64)> = sqlx::query_as(
         "UPDATE fhir_sync.run r SET status = 'succeeded', finished_at = now(), updated_at = now(), progress = NULL,
              error = NULL, error_retryable = NULL,
              resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
@@ -328,12 +339,12 @@ pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
                       coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
                FROM fhir_sync.run_file WHERE run_id = $1) t
          WHERE r.id = $1 AND r.status = 'completing'
-         RETURNING r.job, r.transaction_time",
+         RETURNING r.job, r.transaction_time, extract(epoch FROM r.finished_at - r.started_at)::float8",
     )
     .bind(run_id)
     .fetch_optional(&mut *tx)
     .await?;
-    let Some((job, transaction_time)) = row else {
+    let Some((job, transaction_time, duration)) = row else {
         return Ok(false);
     };
     if let Some(transaction_time) = transaction_time {
@@ -349,12 +360,14 @@ pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
         .await?;
     }
     tx.commit().await?;
+    // After the commit: a rolled-back success is no success.
+    metrics::run_finished(&job, "succeeded", duration);
     Ok(true)
 }
 
 /// Fails a run that is not finished yet. The watermark is not touched.
 pub async fn fail(pool: &PgPool, run_id: i64, error: &str, retryable: bool) -> sqlx::Result<bool> {
-    let updated = sqlx::query(
+    let ended: Option<(String, f64)> = sqlx::query_as(
         "UPDATE fhir_sync.run r SET status = 'failed', error = $2, error_retryable = $3, finished_at = now(),
              updated_at = now(), progress = NULL,
              resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
@@ -362,27 +375,41 @@ pub async fn fail(pool: &PgPool, run_id: i64, error: &str, retryable: bool) -> s
                       coalesce(sum(lines_rejected), 0) AS rejected,
                       coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
                FROM fhir_sync.run_file WHERE run_id = $1) t
-         WHERE r.id = $1 AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')",
+         WHERE r.id = $1 AND r.status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')
+         RETURNING r.job, extract(epoch FROM r.finished_at - r.started_at)::float8",
     )
     .bind(run_id)
     .bind(error)
     .bind(retryable)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(updated.rows_affected() == 1)
+    Ok(finished(ended, "failed"))
+}
+
+/// Counts a run the guarded statement ended (`Some`); `None` means another step or process
+/// ended it first and counted it.
+fn finished(ended: Option<(String, f64)>, status: &'static str) -> bool {
+    match ended {
+        Some((job, duration)) => {
+            metrics::run_finished(&job, status, duration);
+            true
+        }
+        None => false,
+    }
 }
 
 /// Marks an unfinished run cancelled; its remaining queued steps then do nothing.
 pub async fn cancel(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
-    let updated = sqlx::query(
+    let ended: Option<(String, f64)> = sqlx::query_as(
         "UPDATE fhir_sync.run SET status = 'cancelled', finished_at = now(), updated_at = now(), progress = NULL,
              error = coalesce(error, 'cancelled by an operator')
-         WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')",
+         WHERE id = $1 AND status NOT IN ('succeeded', 'failed', 'cancelled', 'skipped')
+         RETURNING job, extract(epoch FROM finished_at - started_at)::float8",
     )
     .bind(run_id)
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(updated.rows_affected() == 1)
+    Ok(finished(ended, "cancelled"))
 }
 
 /// The `_since` for the job's next run: the last successful run's transactionTime, moved back

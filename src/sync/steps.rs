@@ -22,6 +22,7 @@ use super::state::{self, FileRow, NewFile};
 use super::{Session, SyncError, error_chain};
 use crate::bulk::{ManifestFile, StatusCheck};
 use crate::config::{JobConfig, SyncSettings};
+use crate::ops::metrics::{self, Endpoint};
 use crate::queue::{self, QueueSettings, TaskQueue};
 use crate::warehouse::{FileKind, FileTarget, Runs};
 
@@ -531,6 +532,7 @@ async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(
                 "export status poll failed, will poll again"
             );
             state::count_retry(&ctx.pool, run_id).await?;
+            metrics::http_retry(&job.name, Endpoint::Status);
             let delay = clamp(policy.after_transient(status, retry_after, errors + 1));
             ctx.push(
                 Step::Poll {

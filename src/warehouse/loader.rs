@@ -865,6 +865,14 @@ impl Flusher<'_> {
         }
         tx.commit().await?;
         connection.release();
+        crate::ops::metrics::batch_committed(
+            &target.source,
+            target.kind,
+            &target.resource_type,
+            batch.rows,
+            rejected as u64,
+            &batch.delete_types,
+        );
         self.stats.loaded += batch.rows;
         self.stats.rejected += rejected as u64;
         self.stats.deletions += batch.delete_ids.len() as u64;

@@ -189,7 +189,7 @@ async fn a_missing_export_operation_is_reported_but_not_fatal() {
         (ExportLevel::Patient, "Patient/$export"),
         (ExportLevel::Group, "Group/[id]/$export"),
     ] {
-        match smart::export_support(&http(), &env.fake.fhir_base_url(), level).await {
+        match smart::export_support(&http(), &env.fake.fhir_base_url(), level, "test").await {
             ExportSupport::NotDeclared(message) => assert!(message.contains(what), "{message}"),
             other => panic!("{level:?}: {other:?}"),
         }
@@ -200,7 +200,13 @@ async fn a_missing_export_operation_is_reported_but_not_fatal() {
 
     let declared = TestEnv::new(1, TestEnv::fast()).await;
     assert_eq!(
-        smart::export_support(&http(), &declared.fake.fhir_base_url(), ExportLevel::Group).await,
+        smart::export_support(
+            &http(),
+            &declared.fake.fhir_base_url(),
+            ExportLevel::Group,
+            "test"
+        )
+        .await,
         ExportSupport::Offered
     );
 }
