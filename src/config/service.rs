@@ -391,7 +391,9 @@ mod tests {
             ops.api_token.as_ref().unwrap().expose_secret(),
             "0123456789abcdef"
         );
-        let problem = ops.resolve_api_token(Some("short-secret".into())).unwrap_err();
+        let problem = ops
+            .resolve_api_token(Some("short-secret".into()))
+            .unwrap_err();
         assert_eq!(problem.field, OPS_API_TOKEN_ENV);
         assert!(
             !problem.to_string().contains("short-secret"),

@@ -204,12 +204,7 @@ pub enum NotReady {
 
 impl std::fmt::Display for NotReady {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let versions = |v: &[i64]| {
-            v.iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
+        let versions = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
         match self {
             NotReady::DatabaseUnreachable => write!(f, "database unreachable"),
             NotReady::DatabaseError => write!(f, "database error; see the server log"),
@@ -265,7 +260,10 @@ async fn check_migrations(pool: &PgPool) -> sqlx::Result<Option<NotReady>> {
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
     {
-        match applied.iter().find(|(version, ..)| *version == migration.version) {
+        match applied
+            .iter()
+            .find(|(version, ..)| *version == migration.version)
+        {
             None => pending.push(migration.version),
             Some((_, _, false)) => failed.push(migration.version),
             Some((_, checksum, true)) if checksum[..] != migration.checksum[..] => {
@@ -441,7 +439,9 @@ async fn start_run(
         }
     };
     let Some(job) = state.steps.job(&name) else {
-        return Err(ApiError::NotFound(format!("there is no job named {name:?}")));
+        return Err(ApiError::NotFound(format!(
+            "there is no job named {name:?}"
+        )));
     };
     if !job.enabled {
         return Err(ApiError::Conflict {
@@ -454,8 +454,7 @@ async fn start_run(
     // A manual run never collides with another (only scheduled ticks are unique), so it is
     // queued even when the job is busy; its kick-off waits for the busy run to end.
     let waits_for_run = sync::state::unfinished_run(&state.steps.pool, &job.name).await?;
-    let Some(run_id) =
-        sync::enqueue_run(&state.steps, &job, Trigger::Manual, None, full).await?
+    let Some(run_id) = sync::enqueue_run(&state.steps, &job, Trigger::Manual, None, full).await?
     else {
         return Err(ApiError::Conflict {
             code: "run_exists",

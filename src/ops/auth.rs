@@ -66,7 +66,11 @@ fn presented_token(headers: &HeaderMap) -> Option<String> {
 
 /// Middleware: lets the request through when it carries the token, else answers 401 with the
 /// challenge and the API's error shape.
-pub async fn require_token(State(token): State<ApiToken>, request: Request, next: Next) -> Response {
+pub async fn require_token(
+    State(token): State<ApiToken>,
+    request: Request,
+    next: Next,
+) -> Response {
     if token.admits(request.headers()) {
         return next.run(request).await;
     }
