@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhir_sync::config::{JobConfig, Settings};
+use fhir_sync::config::{JobConfig, OpsSettings, Settings};
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::ops::http::{OpsState, router, serve};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
@@ -28,9 +28,14 @@ struct Ops {
 
 impl Ops {
     async fn start(pool: sqlx::PgPool, jobs: Vec<JobConfig>, token: Option<&str>) -> Ops {
-        let mut settings = Settings::default();
-        settings.queue = queue_settings();
-        settings.ops.api_token = token.map(|t| SecretString::from(t.to_string()));
+        let settings = Settings {
+            queue: queue_settings(),
+            ops: OpsSettings {
+                api_token: token.map(|t| SecretString::from(t.to_string())),
+                ..OpsSettings::default()
+            },
+            ..Settings::default()
+        };
         let steps = StepContext::new(pool, sync_settings(), queue_settings(), jobs.clone());
         let jobs: Vec<_> = jobs.into_iter().map(Arc::new).collect();
         let state = OpsState {
@@ -854,4 +859,51 @@ fn listening_beyond_loopback_without_a_token_is_a_configuration_problem() {
     assert!(!ok, "the token itself is not a settings-file key: {text}");
     assert!(text.contains("ops.api_token"), "{text}");
     assert!(!text.contains(TOKEN), "{text}");
+}
+
+#[tokio::test]
+async fn a_cancel_whose_export_cannot_be_deleted_still_cancels_and_says_so_without_the_cause() {
+    let db = TestDb::new().await;
+    // A run of a job that has since lost its job file: its export cannot be deleted without
+    // the job's credentials.
+    let run_id = sync::state::create(
+        &db.pool,
+        "retired",
+        "https://ehr.example.org/fhir",
+        sync::Trigger::Manual,
+        None,
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        sync::state::start_kick_off(&db.pool, run_id, None)
+            .await
+            .unwrap()
+    );
+    assert!(
+        sync::state::exporting(
+            &db.pool,
+            run_id,
+            "https://ehr.example.org/fhir/$export",
+            "https://ehr.example.org/fhir/status/42?sig=secret",
+        )
+        .await
+        .unwrap()
+    );
+    let ops = Ops::start(db.pool.clone(), Vec::new(), None).await;
+    let (status, _, body) = ops.post(&format!("/api/v1/runs/{run_id}/cancel")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    assert_eq!(body["export"], "delete_failed");
+    let text = body.to_string();
+    assert!(
+        !text.contains("job file") && !text.contains("secret"),
+        "{text}"
+    );
+    let (_, run) = ops.get(&format!("/api/v1/runs/{run_id}")).await;
+    assert_eq!(run["status"], "cancelled");
+    assert_eq!(run["status_url"], "https://ehr.example.org/fhir/status/42");
+    assert!(run["export_deleted_at"].is_null(), "left for the next run");
 }
