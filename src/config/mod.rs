@@ -14,7 +14,8 @@ pub use job::{
     load_job, load_jobs,
 };
 pub use service::{
-    DatabaseSettings, LogFormat, LoggingSettings, OpsSettings, Settings, SyncSettings,
+    DatabaseSettings, LogFormat, LoggingSettings, OPS_API_TOKEN_ENV, OpsSettings, Settings,
+    SyncSettings,
 };
 
 use std::fmt;

@@ -23,15 +23,31 @@ pub struct Settings {
     pub ops: OpsSettings,
 }
 
+/// The environment variable that carries the ops API token (it never comes from a file of
+/// settings, so it cannot be committed with them).
+pub const OPS_API_TOKEN_ENV: &str = "FHIR_SYNC_OPS__API_TOKEN";
+
+/// Shortest API token accepted: long enough that guessing it over HTTP is hopeless.
+const MIN_API_TOKEN_CHARS: usize = 16;
+
 /// The ops HTTP server that `serve` runs.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OpsSettings {
     /// Run it. Default true.
     pub enabled: bool,
-    /// Address to listen on. Default `127.0.0.1:8080`. The JWKS it serves is public by nature;
-    /// put it behind your reverse proxy to let an EHR fetch it.
+    /// Address to listen on. Default `127.0.0.1:8080`. Any address other than loopback needs an
+    /// API token. The JWKS it serves is public by nature; put it behind your reverse proxy to let
+    /// an EHR fetch it.
     pub listen: std::net::SocketAddr,
+    /// File holding the bearer token the API, metrics and status page require (e.g. a mounted
+    /// secret; surrounding whitespace is ignored). Default: none. `FHIR_SYNC_OPS__API_TOKEN`,
+    /// when set, wins. Without either, the ops server is open, which is allowed on loopback only.
+    pub api_token_file: Option<PathBuf>,
+    /// The token itself, resolved by [`Settings::load`] from `FHIR_SYNC_OPS__API_TOKEN` or
+    /// `api_token_file`. Never read from or written to a settings file.
+    #[serde(skip)]
+    pub api_token: Option<SecretString>,
 }
 
 impl Default for OpsSettings {
@@ -39,7 +55,55 @@ impl Default for OpsSettings {
         OpsSettings {
             enabled: true,
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
+            api_token_file: None,
+            api_token: None,
         }
+    }
+}
+
+impl OpsSettings {
+    /// Sets [`OpsSettings::api_token`] from the environment's value (which wins) or the token
+    /// file. The error names what is wrong without the token's value.
+    pub fn resolve_api_token(&mut self, from_env: Option<String>) -> Result<(), Problem> {
+        // A problem is reported against where the token came from: the environment, or the
+        // token file itself.
+        let problem = |file: PathBuf, field: &str, message: String| Problem {
+            file,
+            field: field.into(),
+            message,
+        };
+        let (token, file, field) = match (from_env, &self.api_token_file) {
+            (Some(token), _) => (token, PathBuf::from("environment"), OPS_API_TOKEN_ENV),
+            (None, Some(path)) => match std::fs::read_to_string(path) {
+                Ok(token) => (token, path.clone(), "ops.api_token_file"),
+                Err(e) => {
+                    return Err(problem(
+                        path.clone(),
+                        "ops.api_token_file",
+                        format!("cannot read the API token file: {e}"),
+                    ));
+                }
+            },
+            (None, None) => {
+                self.api_token = None;
+                return Ok(());
+            }
+        };
+        let token = token.trim();
+        if token.chars().count() < MIN_API_TOKEN_CHARS {
+            return Err(problem(
+                file,
+                field,
+                format!("the API token must be at least {MIN_API_TOKEN_CHARS} characters long"),
+            ));
+        }
+        self.api_token = Some(SecretString::from(token.to_string()));
+        Ok(())
+    }
+
+    /// Whether the server is reachable from other machines (so it must not be open).
+    pub fn listens_beyond_loopback(&self) -> bool {
+        !self.listen.ip().is_loopback()
     }
 }
 
@@ -155,8 +219,14 @@ impl Settings {
         let figment = Figment::from(Serialized::defaults(Settings::default()))
             .merge(Toml::file(&default_file))
             .merge(Toml::file(&env_file))
-            .merge(Env::prefixed("FHIR_SYNC_").ignore(&["env"]).split("__"));
-        let settings: Settings = figment.extract().map_err(|error| {
+            // The API token is read below, verbatim: figment would turn a token that looks
+            // like a number into one, and `api_token` is not a settings-file key.
+            .merge(
+                Env::prefixed("FHIR_SYNC_")
+                    .ignore(&["env", "ops__api_token"])
+                    .split("__"),
+            );
+        let mut settings: Settings = figment.extract().map_err(|error| {
             let problems = error
                 .into_iter()
                 .map(|e| {
@@ -179,12 +249,18 @@ impl Settings {
                 .collect();
             ConfigError { problems }
         })?;
-        settings.validate(&default_file)?;
+        let mut problems = Vec::new();
+        if let Err(problem) = settings
+            .ops
+            .resolve_api_token(std::env::var(OPS_API_TOKEN_ENV).ok())
+        {
+            problems.push(problem);
+        }
+        settings.validate(&default_file, problems)?;
         Ok(settings)
     }
 
-    fn validate(&self, file: &Path) -> Result<(), ConfigError> {
-        let mut problems = Vec::new();
+    fn validate(&self, file: &Path, mut problems: Vec<Problem>) -> Result<(), ConfigError> {
         let mut check = |ok: bool, field: &str, message: &str| {
             if !ok {
                 problems.push(Problem {
@@ -230,6 +306,19 @@ impl Settings {
             "sync.request_attempts",
             "must be at least 1",
         );
+        let open_beyond_loopback = self.ops.enabled
+            && self.ops.listens_beyond_loopback()
+            && self.ops.api_token.is_none()
+            && self.ops.api_token_file.is_none();
+        check(
+            !open_beyond_loopback,
+            "ops.api_token_file",
+            &format!(
+                "required because ops.listen ({}) is not a loopback address: name a file holding \
+                 the API token, or set {OPS_API_TOKEN_ENV}",
+                self.ops.listen
+            ),
+        );
         if problems.is_empty() {
             Ok(())
         } else {
@@ -251,5 +340,79 @@ impl Settings {
         url.set_password(Some(password.trim_end_matches(['\r', '\n'])))
             .map_err(|()| ConfigError::single(path, "database.url", "cannot carry a password"))?;
         Ok(SecretString::from(url.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(settings: &Settings) -> Vec<Problem> {
+        match settings.validate(Path::new("config/default.toml"), Vec::new()) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.problems,
+        }
+    }
+
+    fn listening_on(address: &str) -> Settings {
+        let mut settings = Settings::default();
+        settings.ops.listen = address.parse().unwrap();
+        settings
+    }
+
+    #[test]
+    fn an_open_ops_server_is_allowed_on_loopback_only() {
+        assert!(problems(&listening_on("127.0.0.1:8080")).is_empty());
+        assert!(problems(&listening_on("[::1]:8080")).is_empty());
+        let found = problems(&listening_on("0.0.0.0:8080"));
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].field, "ops.api_token_file");
+        assert!(found[0].message.contains("0.0.0.0:8080"), "{found:?}");
+        assert!(found[0].message.contains(OPS_API_TOKEN_ENV), "{found:?}");
+
+        let mut disabled = listening_on("0.0.0.0:8080");
+        disabled.ops.enabled = false;
+        assert!(problems(&disabled).is_empty());
+
+        let mut with_token = listening_on("0.0.0.0:8080");
+        with_token
+            .ops
+            .resolve_api_token(Some("0123456789abcdef0123".into()))
+            .unwrap();
+        assert!(problems(&with_token).is_empty());
+    }
+
+    #[test]
+    fn the_token_from_the_environment_is_trimmed_and_must_be_long_enough() {
+        let mut ops = OpsSettings::default();
+        ops.resolve_api_token(Some("  0123456789abcdef\n".into()))
+            .unwrap();
+        assert_eq!(
+            ops.api_token.as_ref().unwrap().expose_secret(),
+            "0123456789abcdef"
+        );
+        let problem = ops
+            .resolve_api_token(Some("short-secret".into()))
+            .unwrap_err();
+        assert_eq!(problem.field, OPS_API_TOKEN_ENV);
+        assert!(
+            !problem.to_string().contains("short-secret"),
+            "the value stays out of the message: {problem}"
+        );
+        ops.resolve_api_token(None).unwrap();
+        assert!(ops.api_token.is_none());
+    }
+
+    #[test]
+    fn the_token_is_never_printed_or_serialized() {
+        let mut settings = Settings::default();
+        settings
+            .ops
+            .resolve_api_token(Some("the-token-0123456789".into()))
+            .unwrap();
+        assert!(!format!("{settings:?}").contains("the-token-0123456789"));
+        let toml = toml::to_string(&settings).unwrap();
+        assert!(!toml.contains("the-token"), "{toml}");
+        assert!(!toml.contains("api_token ="), "{toml}");
     }
 }

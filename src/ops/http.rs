@@ -4,8 +4,9 @@
 //! ([`super::page`]).
 //!
 //! The JWKS serves public keys only and must be fetchable without client authentication
-//! (SMART requires it); `/healthz` is open too. Everything else needs the API token when the
-//! server listens beyond loopback.
+//! (SMART requires it); `/healthz` and `/readyz` are open too. Everything else needs the API
+//! token ([`super::auth`]) when one is configured, which settings validation insists on when
+//! the server listens beyond loopback.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,19 +60,33 @@ pub fn jwks_of(jobs: &[Arc<JobConfig>]) -> Result<JwkSet, String> {
 pub struct OpsState {
     /// The database, the configured jobs and the queue (to start and cancel runs).
     pub steps: Arc<StepContext>,
-    /// The service settings `serve` runs with.
+    /// The service settings `serve` runs with (`ops.api_token` decides whether routes need it).
     pub settings: Arc<Settings>,
+    /// The public keys of every job, served at `/.well-known/jwks.json`.
     pub jwks: Arc<JwkSet>,
 }
 
-/// The ops routes.
+/// The ops routes. With an API token configured (`ops.api_token_file` or
+/// `FHIR_SYNC_OPS__API_TOKEN`), the API, the metrics and the status page require it; health,
+/// readiness and the JWKS stay anonymous (probes and EHRs carry no token).
 pub fn router(state: OpsState) -> Router {
+    let mut protected = Router::new()
+        .merge(super::api::routes())
+        .merge(super::metrics::routes())
+        .merge(super::page::routes());
+    if let Some(token) = &state.settings.ops.api_token {
+        // `route_layer`: only requests that match a route are checked, so the layer wraps
+        // exactly the routes above and nothing merged later.
+        protected = protected.route_layer(axum::middleware::from_fn_with_state(
+            super::auth::ApiToken::new(token.clone()),
+            super::auth::require_token,
+        ));
+    }
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/.well-known/jwks.json", get(jwks_handler))
-        .merge(super::api::routes())
-        .merge(super::metrics::routes())
-        .merge(super::page::routes())
+        .merge(super::api::public_routes())
+        .merge(protected)
         .with_state(state)
 }
 

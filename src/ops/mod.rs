@@ -3,6 +3,7 @@
 //! Reads the run tables; never changes them. Never prints a credential or a resource body.
 
 pub mod api;
+pub mod auth;
 pub mod http;
 pub mod metrics;
 pub mod page;

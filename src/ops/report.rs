@@ -70,6 +70,8 @@ pub struct RunSummary {
     pub export_errors: i64,
     /// Requests repeated because the server or network said "later".
     pub retries: i64,
+    /// Files in the manifest. Named `file_count` in JSON: a run detail's `files` is the list.
+    #[serde(rename = "file_count")]
     pub files: i64,
     pub files_loaded: i64,
     pub bytes: i64,
@@ -463,6 +465,50 @@ fn without_query(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_detail_serializes_each_key_once() {
+        let at = time::macros::datetime!(2026-11-29 03:00 UTC);
+        let detail = RunDetail {
+            run: RunSummary {
+                id: 1,
+                job: "demo".into(),
+                status: "succeeded".into(),
+                trigger: "manual".into(),
+                scheduled_for: None,
+                started_at: at,
+                finished_at: Some(at),
+                updated_at: at,
+                full_export: true,
+                since: None,
+                transaction_time: None,
+                progress: None,
+                resources_loaded: 0,
+                lines_rejected: 0,
+                export_errors: 0,
+                retries: 0,
+                files: 0,
+                files_loaded: 0,
+                bytes: 0,
+                error: None,
+                error_retryable: None,
+            },
+            status_url: None,
+            export_expires: None,
+            export_deleted_at: None,
+            files: Vec::new(),
+            export_issues: Vec::new(),
+            rejects: Vec::new(),
+        };
+        // `flatten` writes the summary's keys next to the detail's; a name used by both would
+        // appear twice and a JSON reader would keep only one.
+        let text = serde_json::to_string(&detail).unwrap();
+        let keys = serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(&text)
+            .unwrap()
+            .len();
+        assert_eq!(text.matches("\":").count(), keys, "{text}");
+        assert!(text.contains("\"file_count\":0") && text.contains("\"files\":[]"));
+    }
 
     #[test]
     fn status_urls_lose_their_query() {
