@@ -24,6 +24,7 @@ mod helpers;
 mod loader;
 mod loader_model;
 mod ops_jwks;
+mod ops_page;
 mod processes;
 mod queue;
 mod queue_edges;
