@@ -499,6 +499,8 @@ impl Drop for DriverProcess {
             .args(["-KILL", "--", &group])
             .stderr(Stdio::null())
             .status();
+        // In case `kill` is missing: at least the driver goes, so that `wait` cannot hang.
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
