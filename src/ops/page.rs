@@ -24,12 +24,12 @@ use super::report::{self, FileDetail, JobOverview, RunDetail, RunFilter, RunSumm
 pub const REFRESH_SECONDS: u32 = 10;
 /// Runs listed under "Recent runs".
 const RECENT_RUNS: i64 = 25;
-/// Runs whose failures are spelled out under "Failures".
+/// Runs whose reasons are spelled out under "Failures and server-reported issues".
 const FAILED_RUNS_SHOWN: usize = 5;
 /// Export issues shown per run on `/`; the run's own page shows the report's whole list.
 const ISSUES_SHOWN: usize = 10;
-/// Characters of a run's error shown in the recent-runs table (the whole text is under
-/// "Failures" and on the run's page).
+/// Characters of a run's error shown in the summary and the recent-runs table (the whole text
+/// is under "Failures and server-reported issues" and on the run's page).
 const ERROR_EXCERPT_CHARS: usize = 160;
 
 /// Scripts are never needed: the page refreshes with `<meta http-equiv="refresh">`.
@@ -270,7 +270,7 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
                 (files_table(&run.files))
             }
         }
-        h2 { "Failures" }
+        h2 { "Failures and server-reported issues" }
         @if view.failures.is_empty() {
             p.muted #failures-none { "No recent failures." }
         }
