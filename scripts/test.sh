@@ -10,6 +10,11 @@
 # DATABASE_URL is exported for the tests only: .cargo/config.toml sets SQLX_OFFLINE=true, so sqlx's
 # query macros never check queries against it while compiling.
 #
+# The status page test (tests/it/ops_page.rs) drives headless Chromium through chromedriver. When
+# either is missing and the script runs as root with apt-get (CI on a fresh machine), it installs
+# Debian's chromium and chromium-driver packages quietly (about 40 s with apt-get update on a
+# 2-core machine); otherwise it stops and says what to install.
+#
 # FHIR_SYNC_TEST_PG_PORT (default 5432) moves the probe, which exercises the throwaway-cluster path
 # on a machine whose own server is running: FHIR_SYNC_TEST_PG_PORT=5499 scripts/test.sh
 set -euo pipefail
@@ -111,6 +116,29 @@ start_throwaway_cluster() {
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/postgres"
   echo "scripts/test.sh: using a throwaway PostgreSQL cluster ($("$pg_ctl" --version)) on 127.0.0.1:$port in $cluster_dir"
 }
+
+ensure_browser() {
+  if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+    return 0
+  fi
+  local install="apt-get install -y chromium chromium-driver"
+  if [[ "$(id -u)" -ne 0 ]] || ! command -v apt-get >/dev/null 2>&1; then
+    fail "the status page test needs headless Chromium and chromedriver, which are not on PATH; install them (on Debian: sudo $install), or run this script as root to have it install them"
+  fi
+  echo "scripts/test.sh: installing chromium and chromium-driver for the status page test"
+  local started=$SECONDS log
+  log="$(mktemp "${TMPDIR:-/tmp}/fhir-sync-apt.XXXXXX")"
+  # Waits for the dpkg lock instead of failing when another apt-get is running. The output is
+  # shown only when something goes wrong.
+  { DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update &&
+    DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 install -y \
+      chromium chromium-driver; } >"$log" 2>&1 ||
+    { tail -n 20 "$log" >&2; rm -f "$log"; fail "could not install chromium and chromium-driver ($install); install them and run again"; }
+  rm -f "$log"
+  echo "scripts/test.sh: installed $(chromium --version 2>/dev/null || echo chromium) in $((SECONDS - started)) s"
+}
+
+ensure_browser
 
 if [[ -n "${DATABASE_URL:-}" ]]; then
   # Only the host part is printed: the URL may carry a password.

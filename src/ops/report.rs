@@ -196,6 +196,10 @@ pub struct JobOverview {
     pub active_run: Option<RunSummary>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_success_at: Option<OffsetDateTime>,
+    /// Set when the job is late: the tick before its latest one, when no run has succeeded
+    /// since it (see [`overdue_since`]). `None` when on time, unscheduled or disabled.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub overdue_since: Option<OffsetDateTime>,
     pub watermark: Option<Watermark>,
 }
 
@@ -230,6 +234,18 @@ pub async fn runs(pool: &PgPool, filter: &RunFilter) -> sqlx::Result<Vec<RunSumm
     .bind(filter.job.as_deref())
     .bind(filter.status.as_deref())
     .bind(filter.limit.max(0))
+    .fetch_all(pool)
+    .await
+}
+
+/// Runs that have not finished (queued or going), oldest first.
+pub async fn active_runs(pool: &PgPool) -> sqlx::Result<Vec<RunSummary>> {
+    sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+         WHERE r.status = ANY($1)
+         ORDER BY r.started_at, r.id"
+    )))
+    .bind(&ACTIVE_STATUSES[..])
     .fetch_all(pool)
     .await
 }
@@ -381,6 +397,11 @@ pub async fn jobs(
                 last_run: last.remove(&job.name),
                 active_run: active.remove(&job.name),
                 last_success_at: successes.get(&job.name).copied(),
+                overdue_since: job
+                    .schedule
+                    .as_ref()
+                    .filter(|_| job.enabled)
+                    .and_then(|s| overdue_since(s, successes.get(&job.name).copied(), now)),
                 watermark: watermarks.remove(&job.name),
             }
         })
@@ -455,6 +476,26 @@ pub async fn health(pool: &PgPool, jobs: &[String]) -> sqlx::Result<Health> {
     })
 }
 
+/// When a scheduled job is overdue: the tick before its latest one, if no run has succeeded
+/// since that tick. By the latest tick a whole schedule period has passed in which the earlier
+/// tick's run should have started and finished, so a job that is merely running its current
+/// tick, or was just configured between two ticks, is not flagged; a missed tick (no process
+/// running) or a failed run is. A job that never succeeded is overdue once two ticks have
+/// passed.
+pub fn overdue_since(
+    schedule: &crate::config::ScheduleConfig,
+    last_success_at: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> Option<OffsetDateTime> {
+    let latest = crate::schedule::tick_at_or_before(schedule, now).ok()?;
+    let before =
+        crate::schedule::tick_at_or_before(schedule, latest - time::Duration::seconds(1)).ok()?;
+    match last_success_at {
+        Some(success) if success >= before => None,
+        _ => Some(before),
+    }
+}
+
 fn without_query(url: &str) -> String {
     match url::Url::parse(url) {
         Ok(parsed) => crate::transport::redacted(&parsed),
@@ -517,5 +558,36 @@ mod tests {
             "https://ehr.example/status/1"
         );
         assert_eq!(without_query("not a url?token=x"), "not a url");
+    }
+
+    #[test]
+    fn a_job_is_overdue_once_a_whole_period_passed_without_a_success() {
+        let daily = crate::config::ScheduleConfig {
+            cron: "0 2 * * *".into(),
+            timezone: "UTC".into(),
+            overlap: Default::default(),
+        };
+        let now = time::macros::datetime!(2026-11-29 03:00 UTC);
+        let yesterday_tick = time::macros::datetime!(2026-11-28 02:00 UTC);
+        // (last success, expected) at 03:00, an hour after today's 02:00 tick.
+        let cases = [
+            // Yesterday's run succeeded; today's may still be going.
+            (Some(time::macros::datetime!(2026-11-28 02:30 UTC)), None),
+            // Today's run already succeeded.
+            (Some(time::macros::datetime!(2026-11-29 02:20 UTC)), None),
+            // Nothing since the day before yesterday: yesterday's tick produced no success.
+            (
+                Some(time::macros::datetime!(2026-11-27 02:30 UTC)),
+                Some(yesterday_tick),
+            ),
+            (None, Some(yesterday_tick)),
+        ];
+        for (last_success, expected) in cases {
+            assert_eq!(
+                overdue_since(&daily, last_success, now),
+                expected,
+                "last success {last_success:?}"
+            );
+        }
     }
 }

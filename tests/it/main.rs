@@ -26,6 +26,7 @@ mod loader_model;
 mod ops_api;
 mod ops_jwks;
 mod ops_metrics;
+mod ops_page;
 mod processes;
 mod queue;
 mod queue_edges;
