@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 
 use crate::config::{self, Settings};
 use crate::smart::{self, SigningAlgorithm, SigningKey};
@@ -25,7 +25,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
         .context("database.url is not a valid PostgreSQL URL")?;
     let host = options.get_host().to_string();
     let database = options.get_database().unwrap_or("postgres").to_string();
-    PgPoolOptions::new()
+    warehouse::pool_options()
         .max_connections(settings.database.max_connections)
         .acquire_timeout(Duration::from_secs(
             settings.database.connect_timeout_seconds,

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use secrecy::SecretString;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, Connection, PgPool};
 
 use crate::config::SyncSettings;
@@ -96,7 +96,7 @@ async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
 
 async fn measure(options: &BenchOptions, database_url: &str) -> anyhow::Result<()> {
     let psql = find_psql()?;
-    let pool = PgPoolOptions::new()
+    let pool = crate::warehouse::pool_options()
         .max_connections(options.sync.max_parallel_downloads as u32 + 4)
         .connect_with(PgConnectOptions::from_str(database_url)?)
         .await

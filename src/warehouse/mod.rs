@@ -16,6 +16,41 @@ pub use runs::{FileRecord, RunSummary, Runs, TypeCount};
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// True when the statement runs inside a transaction block opened by an earlier statement.
+/// Send it with the simple query protocol (`raw_sql`).
+pub const IN_TRANSACTION_BLOCK: &str = "SELECT transaction_timestamp() <> statement_timestamp()";
+
+/// Pool options every fhir-sync pool starts from.
+///
+/// sqlx 0.9.0 can hand out a connection that is still inside a transaction: a future
+/// cancelled while `Pool::begin` waits for the server's answer to `BEGIN` (a timeout, a
+/// `select!`, a worker stopped at shutdown) returns the connection to the pool without the
+/// rollback it would otherwise queue (sqlx issues #4385 and #4393, fixed upstream after
+/// 0.9.0). The next borrower's writes then run inside that forgotten transaction: invisible to
+/// every other connection, and lost when it ends. So every released connection is asked
+/// whether it is inside a transaction block; one that is gets closed, which ends the
+/// transaction on the server. The question costs one round trip per release. Outside an
+/// explicit transaction a statement is its own transaction, so its start time is the
+/// transaction's; inside one begun earlier they differ. (Only with the simple query protocol:
+/// the extended one stamps Parse and Execute apart.)
+pub fn pool_options() -> sqlx::postgres::PgPoolOptions {
+    use sqlx::Row;
+    sqlx::postgres::PgPoolOptions::new().after_release(|conn, _meta| {
+        Box::pin(async move {
+            let in_transaction: bool = sqlx::raw_sql(IN_TRANSACTION_BLOCK)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+            if in_transaction {
+                tracing::warn!(
+                    "closing a database connection returned inside a transaction (a cancelled BEGIN)"
+                );
+            }
+            Ok(!in_transaction)
+        })
+    })
+}
+
 /// Why loading a file failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {

@@ -8,7 +8,7 @@ use fhir_sync::queue::QueueSettings;
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
 use fhir_sync::sync::{self, RunFailed, RunOptions, RunReport, SyncContext};
 use secrecy::SecretString;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
 
 fn admin_url() -> String {
@@ -53,7 +53,7 @@ impl TestDb {
             .await
             .unwrap();
         conn.close().await.unwrap();
-        let pool = PgPoolOptions::new()
+        let pool = fhir_sync::warehouse::pool_options()
             .max_connections(8)
             .connect_with(admin.database(&name))
             .await
@@ -162,5 +162,12 @@ impl TestEnv {
     /// An incremental export from the job's watermark, through the queue, to its end.
     pub async fn run_incremental(&self) -> Result<RunReport, RunFailed> {
         sync::run_job(&self.ctx(), &self.job, RunOptions { full: false }).await
+    }
+}
+
+impl TestDb {
+    /// Connection options for this database, to build a pool of another shape.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(&self.url()).expect("a test database URL is valid")
     }
 }

@@ -27,6 +27,7 @@ mod ops_api;
 mod ops_jwks;
 mod ops_metrics;
 mod ops_page;
+mod pool;
 mod processes;
 mod queue;
 mod queue_edges;
