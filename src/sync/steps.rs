@@ -277,7 +277,14 @@ pub async fn run_workers(
 async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
     let ctx: Arc<StepContext> = (*ctx).clone();
     let run_id = step.run_id();
-    let span = tracing::info_span!("step", run.id = run_id, step = step.name());
+    // `job.name` is filled in by `job_of`, the first thing every step does once it has read
+    // the run, so every line a step logs about its work carries the job and the run.
+    let span = tracing::info_span!(
+        "step",
+        job.name = tracing::field::Empty,
+        run.id = run_id,
+        step = step.name()
+    );
     let retried = step.clone();
     let outcome = AssertUnwindSafe(tracing::Instrument::instrument(
         execute(&ctx, step),
@@ -370,6 +377,7 @@ fn backoff(settings: &SyncSettings, attempt: u32) -> Duration {
 }
 
 fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
+    tracing::Span::current().record("job.name", run.job.as_str());
     ctx.job(&run.job).ok_or_else(|| {
         SyncError::Unsupported(format!(
             "job {:?} is not configured in this process (jobs/{}.toml missing?)",
@@ -641,7 +649,7 @@ async fn load(
     let heartbeat = {
         let pool = ctx.pool.clone();
         let owner = owner.clone();
-        tokio::spawn(async move {
+        let renewal = async move {
             let mut every = tokio::time::interval(Duration::from_secs(lease.div_ceil(3).max(1)));
             every.tick().await;
             loop {
@@ -650,7 +658,12 @@ async fn load(
                     tracing::warn!(error = %e, "could not renew the file lease");
                 }
             }
-        })
+        };
+        // A spawned task leaves the step's span behind unless it is handed over.
+        tokio::spawn(tracing::Instrument::instrument(
+            renewal,
+            tracing::info_span!("lease", file.id = file_id),
+        ))
     };
     let result = load_one(ctx, &job, &run, &file).await;
     heartbeat.abort();
