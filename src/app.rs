@@ -384,7 +384,11 @@ pub async fn status(
 const HISTORY_UNREADABLE: &str = "cannot read the run history (has `fhir-sync migrate` run?)";
 
 /// `fhir-sync runs list`: the runs part of `status`, with a status filter.
-pub async fn runs_list(settings: &Settings, filter: report::RunFilter, json: bool) -> anyhow::Result<()> {
+pub async fn runs_list(
+    settings: &Settings,
+    filter: report::RunFilter,
+    json: bool,
+) -> anyhow::Result<()> {
     if let Some(status) = &filter.status
         && !report::ALL_STATUSES.contains(&status.as_str())
     {

@@ -275,7 +275,14 @@ fn main() -> ExitCode {
                 }
             }
             Command::Status { job, limit, json } => {
-                app::status(&settings, cli.jobs_dir.as_deref(), job.as_deref(), limit, json).await
+                app::status(
+                    &settings,
+                    cli.jobs_dir.as_deref(),
+                    job.as_deref(),
+                    limit,
+                    json,
+                )
+                .await
             }
             Command::Runs {
                 command: RunsCommand::Show { id, json },

@@ -154,11 +154,7 @@ pub fn write_run_detail(
         run.job,
         run.status,
         run.trigger,
-        if run.full_export {
-            ", full export"
-        } else {
-            ""
-        }
+        if run.full_export { ", full export" } else { "" }
     )?;
     let field = |out: &mut dyn Write, name: &str, value: String| -> std::io::Result<()> {
         writeln!(out, "  {name:<18} {value}")
@@ -167,11 +163,7 @@ pub fn write_run_detail(
         field(out, "scheduled for", utc(tick))?;
     }
     field(out, "started", utc(run.started_at))?;
-    field(
-        out,
-        "finished",
-        run.finished_at.map_or("-".into(), utc),
-    )?;
+    field(out, "finished", run.finished_at.map_or("-".into(), utc))?;
     let duration = human_duration(run.duration_seconds(now));
     field(
         out,
@@ -273,10 +265,7 @@ pub fn write_run_detail(
     }
     if !detail.rejects.is_empty() {
         writeln!(out)?;
-        writeln!(
-            out,
-            "rejected lines (contents in fhir_sync.rejected_line):"
-        )?;
+        writeln!(out, "rejected lines (contents in fhir_sync.rejected_line):")?;
         let rows: Vec<[String; 4]> = detail
             .rejects
             .iter()
@@ -324,8 +313,17 @@ fn write_files_table(out: &mut impl Write, files: &[FileDetail]) -> std::io::Res
     write_table(
         out,
         &[
-            "file", "kind", "type", "status", "bytes", "lines", "loaded", "rejected", "attempts",
-            "refreshes", "error",
+            "file",
+            "kind",
+            "type",
+            "status",
+            "bytes",
+            "lines",
+            "loaded",
+            "rejected",
+            "attempts",
+            "refreshes",
+            "error",
         ],
         &[
             true, false, false, false, true, true, true, true, true, true, false,
@@ -497,7 +495,9 @@ mod tests {
         assert_eq!(lines.len(), 3, "{text}");
         assert!(lines[0].starts_with("run  job   status"), "{text}");
         assert!(
-            lines[1].starts_with(" 12  epic  failed     schedule  2026-11-29 02:00:00    3m 05s       3600"),
+            lines[1].starts_with(
+                " 12  epic  failed     schedule  2026-11-29 02:00:00    3m 05s       3600"
+            ),
             "{text}"
         );
         assert!(

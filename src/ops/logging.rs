@@ -23,8 +23,8 @@ use crate::config::{LogFormat, LoggingSettings};
 /// `RUST_LOG` when set, else by `logging.level`. Colours only when stderr is a terminal, so a
 /// log file or a pipe never receives escape codes.
 pub fn init_logging(settings: &LoggingSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&settings.level));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.level));
     let ansi = std::io::stderr().is_terminal();
     // A second call (tests, or a library user with their own subscriber) keeps the first one.
     let _ = subscriber(settings.format, filter, super::progress::LogWriter, ansi).try_init();
@@ -79,7 +79,10 @@ where
             .unwrap_or_default();
         line.insert("timestamp".into(), Value::String(timestamp));
         line.insert("level".into(), Value::String(metadata.level().to_string()));
-        line.insert("target".into(), Value::String(metadata.target().to_string()));
+        line.insert(
+            "target".into(),
+            Value::String(metadata.target().to_string()),
+        );
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 line.insert("span".into(), Value::String(span.name().to_string()));

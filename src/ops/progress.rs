@@ -152,11 +152,8 @@ fn file_bar(file: &FileDetail) -> ProgressBar {
         Some(count) if count > 0 => {
             let bar = ProgressBar::new(count as u64);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "  {prefix:<26} [{bar:30}] {human_pos}/{human_len} lines  {per_sec}",
-                )
-                .expect("a valid template")
-                .progress_chars("=> "),
+                lines_style("  {prefix:<26} [{bar:30}] {human_pos}/{human_len} lines  {rate}")
+                    .progress_chars("=> "),
             );
             bar
         }
@@ -164,14 +161,29 @@ fn file_bar(file: &FileDetail) -> ProgressBar {
         _ => {
             let bar = ProgressBar::no_length();
             bar.set_style(
-                ProgressStyle::with_template("  {prefix:<26} {spinner} {human_pos} lines  {per_sec}")
-                    .expect("a valid template"),
+                ProgressStyle::with_template(
+                    "  {prefix:<26} {spinner} {human_pos} lines  {per_sec}",
+                )
+                .expect("a valid template"),
             );
             bar
         }
     };
     bar.set_prefix(prefix);
     bar
+}
+
+/// A file bar's style; `{rate}` is whole lines per second (indicatif's own rate keeps four
+/// decimals).
+fn lines_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template)
+        .expect("a valid template")
+        .with_key(
+            "rate",
+            |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{:.0} lines/s", state.per_sec());
+            },
+        )
 }
 
 /// The phase line: what the run is doing, in words.
@@ -206,19 +218,16 @@ pub fn phase_message(run: &RunSummary, files: &[FileDetail]) -> String {
 /// Shows the run's progress on `target` until `stop` is cancelled, then shows its final state
 /// once more and takes the bars away. A failed read is skipped: the display must never be the
 /// reason a run fails.
-pub async fn watch(
-    pool: PgPool,
-    run_id: i64,
-    target: ProgressDrawTarget,
-    stop: CancellationToken,
-) {
+pub async fn watch(pool: PgPool, run_id: i64, target: ProgressDrawTarget, stop: CancellationToken) {
     let mut progress = RunProgress::new(run_id, target);
     loop {
         let stopping = stop.is_cancelled();
         match read(&pool, run_id).await {
             Ok(Some((run, files))) => progress.update(&run, &files),
             Ok(None) => {}
-            Err(e) => tracing::debug!(run.id = run_id, error = %e, "cannot read the run's progress"),
+            Err(e) => {
+                tracing::debug!(run.id = run_id, error = %e, "cannot read the run's progress")
+            }
         }
         if stopping {
             break;
@@ -304,10 +313,7 @@ mod tests {
             phase_message(&exporting, &[]),
             "exporting (server says: 45% done)"
         );
-        let files = [
-            file(1, "loaded", Some(10), 10),
-            file(2, "loading", None, 4),
-        ];
+        let files = [file(1, "loaded", Some(10), 10), file(2, "loading", None, 4)];
         assert_eq!(
             phase_message(&run("loading"), &files),
             "loading: 1/2 files, 14 resources loaded"

@@ -277,8 +277,8 @@ pub async fn run_workers(
 async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
     let ctx: Arc<StepContext> = (*ctx).clone();
     let run_id = step.run_id();
-    // `job.name` is filled in by `job_of`, the first thing every step does once it has read
-    // the run, so every line a step logs about its work carries the job and the run.
+    // `job.name` is filled in by `load_run`, the first thing every step does, so every line a
+    // step logs about its work carries the job and the run.
     let span = tracing::info_span!(
         "step",
         job.name = tracing::field::Empty,
@@ -376,8 +376,15 @@ fn backoff(settings: &SyncSettings, attempt: u32) -> Duration {
     ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
-fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
+/// Reads the run a step is about and names its job on the step's span (the queue task only
+/// carries the run id). Call it once per step: a span shows each recording of a field.
+async fn load_run(ctx: &StepContext, run_id: i64) -> Result<state::RunRow, SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
     tracing::Span::current().record("job.name", run.job.as_str());
+    Ok(run)
+}
+
+fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
     ctx.job(&run.job).ok_or_else(|| {
         SyncError::Unsupported(format!(
             "job {:?} is not configured in this process (jobs/{}.toml missing?)",
@@ -387,7 +394,7 @@ fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, Sync
 }
 
 async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if matches!(run.status.as_str(), "exporting" | "loading" | "completing") {
         // The kick-off happened; make sure the step after it was queued (a push that failed
         // after the state changed is why this task is running again).
@@ -473,7 +480,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
 }
 
 async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "exporting" {
         return ensure_next(ctx, run_id).await;
     }
@@ -600,7 +607,7 @@ async fn load(
     seq: u32,
     attempt: u32,
 ) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "loading" {
         return ensure_next(ctx, run_id).await;
     }
@@ -804,7 +811,7 @@ async fn queue_next_files(ctx: &StepContext, run_id: i64) -> Result<(), SyncErro
 }
 
 async fn finish(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "completing" {
         return Ok(());
     }
