@@ -106,10 +106,16 @@ struct FieldVisitor<'a>(&'a mut Map<String, Value>);
 
 impl FieldVisitor<'_> {
     fn put(&mut self, field: &Field, value: Value) {
-        // Events bridged from the `log` crate carry their metadata as `log.*` fields; the
-        // line has its own target and level.
-        if !field.name().starts_with("log.") {
-            self.0.insert(field.name().to_string(), value);
+        // Events bridged from the `log` crate (rustls, for one) carry their metadata as `log.*`
+        // fields under the target `log`; the real target replaces it, the rest is noise.
+        match field.name() {
+            "log.target" => {
+                self.0.insert("target".into(), value);
+            }
+            name if name.starts_with("log.") => {}
+            name => {
+                self.0.insert(name.to_string(), value);
+            }
         }
     }
 }

@@ -179,7 +179,15 @@ async fn status_and_runs_show_tell_a_finished_run_from_a_failed_one() {
         "{shown}"
     );
     assert!(shown.contains(first_line), "{shown}");
-    assert!(shown.contains("(needs an operator)") || shown.contains("(may pass on a later run)"));
+    let verdict = match detail.run.error_retryable {
+        Some(true) => "(may pass on a later run)",
+        Some(false) => "(needs an operator)",
+        None => "",
+    };
+    assert!(
+        shown.contains(&format!("{first_line} {verdict}")),
+        "{shown}"
+    );
     assert!(shown.contains("\nfiles:\n"), "{shown}");
     let file_error = failed_file
         .error
