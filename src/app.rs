@@ -3,6 +3,7 @@
 //! Each takes already-parsed arguments, does its work through the library, and returns an
 //! error for `main` to report; none of them parses the command line or exits the process.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -14,9 +15,10 @@ use sqlx::PgPool;
 use sqlx::postgres::PgConnectOptions;
 
 use crate::config::{self, Settings};
+use crate::ops::{console, report};
 use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
-use crate::warehouse::{self, Runs};
+use crate::warehouse;
 
 /// Opens the pool described by `settings`.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
@@ -84,8 +86,27 @@ pub async fn run(
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
     };
-    let report = sync::run_job(&ctx, &job, sync::RunOptions { full }).await?;
-    print_report(&job.name, &report);
+    // Bars only for a person watching; a log file or a pipe gets the plain log lines.
+    let show_progress = std::io::stderr().is_terminal();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut progress = None;
+    let result = sync::run_job_with(&ctx, &job, sync::RunOptions { full }, |run_id| {
+        if show_progress {
+            progress = Some(tokio::spawn(crate::ops::progress::watch(
+                ctx.pool.clone(),
+                run_id,
+                indicatif::ProgressDrawTarget::stderr(),
+                stop.clone(),
+            )));
+        }
+    })
+    .await;
+    stop.cancel();
+    if let Some(progress) = progress {
+        // The bars are gone before the report is printed.
+        let _ = progress.await;
+    }
+    print_report(&job.name, &result?);
     Ok(())
 }
 
@@ -314,22 +335,96 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
     }
 }
 
-/// `fhir-sync status`: recent runs.
+/// `fhir-sync status`: every configured job (schedule, next run, last run and success,
+/// watermark, active run), then the most recent runs; `--job` narrows both to one job.
 pub async fn status(
     settings: &Settings,
+    jobs_dir_override: Option<&Path>,
     job: Option<&str>,
     limit: i64,
     json: bool,
 ) -> anyhow::Result<()> {
+    // A broken job file must not hide the run history from whoever is on call: say so and
+    // show the runs.
+    let configured = match config::load_jobs(&jobs_dir(settings, jobs_dir_override)) {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            eprintln!("warning: jobs are not shown: {e}");
+            Vec::new()
+        }
+    };
+    let configured: Vec<Arc<config::JobConfig>> = configured
+        .into_iter()
+        .filter(|j| job.is_none_or(|name| j.name == name))
+        .map(Arc::new)
+        .collect();
     let pool = connect(settings).await?;
-    let runs = Runs::new(pool)
-        .recent(job, limit)
+    let now = time::OffsetDateTime::now_utc();
+    let jobs = report::jobs(&pool, &configured, now)
         .await
-        .context("cannot read the run history (has `fhir-sync migrate` run?)")?;
+        .context(HISTORY_UNREADABLE)?;
+    let runs = report::runs(
+        &pool,
+        &report::RunFilter {
+            job: job.map(str::to_string),
+            status: None,
+            limit,
+        },
+    )
+    .await
+    .context(HISTORY_UNREADABLE)?;
+    let status = console::StatusReport { jobs, runs };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        console::write_status(&mut std::io::stdout().lock(), &status, now)?;
+    }
+    Ok(())
+}
+
+const HISTORY_UNREADABLE: &str = "cannot read the run history (has `fhir-sync migrate` run?)";
+
+/// `fhir-sync runs list`: the runs part of `status`, with a status filter.
+pub async fn runs_list(
+    settings: &Settings,
+    filter: report::RunFilter,
+    json: bool,
+) -> anyhow::Result<()> {
+    if let Some(status) = &filter.status
+        && !report::ALL_STATUSES.contains(&status.as_str())
+    {
+        anyhow::bail!(
+            "--status {status:?} is not a run status; use one of {}",
+            report::ALL_STATUSES.join(", ")
+        );
+    }
+    let pool = connect(settings).await?;
+    let runs = report::runs(&pool, &filter)
+        .await
+        .context(HISTORY_UNREADABLE)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&runs)?);
     } else {
-        crate::ops::write_runs_table(&mut std::io::stdout().lock(), &runs)?;
+        let now = time::OffsetDateTime::now_utc();
+        console::write_runs_table(&mut std::io::stdout().lock(), &runs, now)?;
+    }
+    Ok(())
+}
+
+/// `fhir-sync runs show <id>`: one run with its files, export issues and rejected lines.
+pub async fn runs_show(settings: &Settings, run_id: i64, json: bool) -> anyhow::Result<()> {
+    let pool = connect(settings).await?;
+    let Some(detail) = report::run_detail(&pool, run_id)
+        .await
+        .context(HISTORY_UNREADABLE)?
+    else {
+        anyhow::bail!("there is no run {run_id} (`fhir-sync status` lists the recent ones)");
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&detail)?);
+    } else {
+        let now = time::OffsetDateTime::now_utc();
+        console::write_run_detail(&mut std::io::stdout().lock(), &detail, now)?;
     }
     Ok(())
 }

@@ -90,17 +90,22 @@ enum Command {
         /// Job name: the file stem of jobs/<name>.toml.
         job: String,
     },
-    /// Show recent runs.
+    /// Show every job (schedule, next run, last run and success, watermark) and recent runs.
     Status {
-        /// Only this job's runs.
+        /// Only this job and its runs.
         #[arg(long)]
         job: Option<String>,
         /// How many runs.
         #[arg(long, default_value_t = 20)]
         limit: i64,
-        /// Print JSON instead of a table.
+        /// Print JSON ({"jobs": [...], "runs": [...]}) instead of tables.
         #[arg(long)]
         json: bool,
+    },
+    /// Look at runs.
+    Runs {
+        #[command(subcommand)]
+        command: RunsCommand,
     },
     /// Cancel a run's export on the FHIR server (DELETE its status URL).
     Cancel {
@@ -130,6 +135,33 @@ enum KeysCommand {
     Jwks {
         /// Job name: the file stem of jobs/<name>.toml.
         job: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunsCommand {
+    /// One run in detail: state, timings, files, the server's export issues, rejected lines.
+    Show {
+        /// The run id, as `fhir-sync status` shows it.
+        id: i64,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent runs, newest first (the runs part of `status`).
+    List {
+        /// Only this job's runs.
+        #[arg(long)]
+        job: Option<String>,
+        /// Only runs in this status (queued, loading, succeeded, failed, ...).
+        #[arg(long)]
+        status: Option<String>,
+        /// How many runs.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -243,7 +275,29 @@ fn main() -> ExitCode {
                 }
             }
             Command::Status { job, limit, json } => {
-                app::status(&settings, job.as_deref(), limit, json).await
+                app::status(
+                    &settings,
+                    cli.jobs_dir.as_deref(),
+                    job.as_deref(),
+                    limit,
+                    json,
+                )
+                .await
+            }
+            Command::Runs {
+                command: RunsCommand::Show { id, json },
+            } => app::runs_show(&settings, id, json).await,
+            Command::Runs {
+                command:
+                    RunsCommand::List {
+                        job,
+                        status,
+                        limit,
+                        json,
+                    },
+            } => {
+                let filter = fhir_sync::ops::report::RunFilter { job, status, limit };
+                app::runs_list(&settings, filter, json).await
             }
             Command::Cancel { run } => app::cancel(&settings, cli.jobs_dir.as_deref(), run).await,
             Command::Keys { .. } | Command::Config { .. } => {

@@ -141,6 +141,17 @@ pub async fn run_job(
     job: &JobConfig,
     options: RunOptions,
 ) -> Result<RunReport, RunFailed> {
+    run_job_with(ctx, job, options, |_| {}).await
+}
+
+/// [`run_job`], calling `on_queued` with the run's id as soon as the run exists (to show its
+/// progress while it goes).
+pub async fn run_job_with(
+    ctx: &SyncContext,
+    job: &JobConfig,
+    options: RunOptions,
+    on_queued: impl FnOnce(i64),
+) -> Result<RunReport, RunFailed> {
     let failed = |run_id, error| RunFailed {
         job: job.name.clone(),
         run_id,
@@ -158,13 +169,18 @@ pub async fn run_job(
         .await
         .map_err(|e| failed(None, e))?
         .expect("a manual run has no tick to collide with");
+    on_queued(run_id);
     let shutdown = CancellationToken::new();
     let workers = tokio::spawn(steps::run_workers(
         steps.clone(),
         shutdown.clone(),
         Duration::from_secs(30),
     ));
-    let ended = wait_for_run(&ctx.pool, run_id).await;
+    let ended = tracing::Instrument::instrument(
+        wait_for_run(&ctx.pool, run_id),
+        tracing::info_span!("run", job.name = %job.name, run.id = run_id),
+    )
+    .await;
     shutdown.cancel();
     match workers.await {
         Ok(Ok(())) => {}

@@ -250,15 +250,33 @@ pub async fn active_runs(pool: &PgPool) -> sqlx::Result<Vec<RunSummary>> {
     .await
 }
 
-/// One run with its files, export issues and rejects; `None` when there is no such run.
-pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDetail>> {
-    let Some(run): Option<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
+/// One run as listed; `None` when there is no such run.
+pub async fn run(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunSummary>> {
+    sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS} WHERE r.id = $1"
     )))
     .bind(run_id)
     .fetch_optional(pool)
-    .await?
-    else {
+    .await
+}
+
+/// The files of a run: output first, then deletions, then error files.
+pub async fn run_files(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<FileDetail>> {
+    sqlx::query_as(
+        "SELECT id, kind, resource_type, url, manifest_count, status, bytes, lines_committed,
+                resources_loaded, lines_rejected, attempts, link_refreshes, started_at,
+                finished_at, error
+         FROM fhir_sync.run_file WHERE run_id = $1
+         ORDER BY CASE kind WHEN 'output' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, resource_type, id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await
+}
+
+/// One run with its files, export issues and rejects; `None` when there is no such run.
+pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDetail>> {
+    let Some(run) = run(pool, run_id).await? else {
         return Ok(None);
     };
     let (status_url, export_expires, export_deleted_at): (
@@ -271,16 +289,7 @@ pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDe
     .bind(run_id)
     .fetch_one(pool)
     .await?;
-    let files = sqlx::query_as(
-        "SELECT id, kind, resource_type, url, manifest_count, status, bytes, lines_committed,
-                resources_loaded, lines_rejected, attempts, link_refreshes, started_at,
-                finished_at, error
-         FROM fhir_sync.run_file WHERE run_id = $1
-         ORDER BY CASE kind WHEN 'output' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, resource_type, id",
-    )
-    .bind(run_id)
-    .fetch_all(pool)
-    .await?;
+    let files = run_files(pool, run_id).await?;
     let export_issues = sqlx::query_as(
         "SELECT e.file_id, e.line_number, i->>'severity' AS severity, i->>'code' AS code,
                 coalesce(i->>'diagnostics', i->'details'->>'text') AS diagnostics

@@ -278,7 +278,14 @@ pub async fn run_workers(
 async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
     let ctx: Arc<StepContext> = (*ctx).clone();
     let run_id = step.run_id();
-    let span = tracing::info_span!("step", run.id = run_id, step = step.name());
+    // `job.name` is filled in by `load_run`, the first thing every step does, so every line a
+    // step logs about its work carries the job and the run.
+    let span = tracing::info_span!(
+        "step",
+        job.name = tracing::field::Empty,
+        run.id = run_id,
+        step = step.name()
+    );
     let retried = step.clone();
     let outcome = AssertUnwindSafe(tracing::Instrument::instrument(
         execute(&ctx, step),
@@ -370,6 +377,14 @@ fn backoff(settings: &SyncSettings, attempt: u32) -> Duration {
     ceiling.mul_f64(0.5 + rand::random::<f64>() * 0.5)
 }
 
+/// Reads the run a step is about and names its job on the step's span (the queue task only
+/// carries the run id). Call it once per step: a span shows each recording of a field.
+async fn load_run(ctx: &StepContext, run_id: i64) -> Result<state::RunRow, SyncError> {
+    let run = state::load(&ctx.pool, run_id).await?;
+    tracing::Span::current().record("job.name", run.job.as_str());
+    Ok(run)
+}
+
 fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, SyncError> {
     ctx.job(&run.job).ok_or_else(|| {
         SyncError::Unsupported(format!(
@@ -380,7 +395,7 @@ fn job_of(ctx: &StepContext, run: &state::RunRow) -> Result<Arc<JobConfig>, Sync
 }
 
 async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if matches!(run.status.as_str(), "exporting" | "loading" | "completing") {
         // The kick-off happened; make sure the step after it was queued (a push that failed
         // after the state changed is why this task is running again).
@@ -466,7 +481,7 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
 }
 
 async fn poll(ctx: &StepContext, run_id: i64, seq: u32, errors: u32) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "exporting" {
         return ensure_next(ctx, run_id).await;
     }
@@ -594,7 +609,7 @@ async fn load(
     seq: u32,
     attempt: u32,
 ) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "loading" {
         return ensure_next(ctx, run_id).await;
     }
@@ -643,7 +658,7 @@ async fn load(
     let heartbeat = {
         let pool = ctx.pool.clone();
         let owner = owner.clone();
-        tokio::spawn(async move {
+        let renewal = async move {
             let mut every = tokio::time::interval(Duration::from_secs(lease.div_ceil(3).max(1)));
             every.tick().await;
             loop {
@@ -652,7 +667,12 @@ async fn load(
                     tracing::warn!(error = %e, "could not renew the file lease");
                 }
             }
-        })
+        };
+        // A spawned task leaves the step's span behind unless it is handed over.
+        tokio::spawn(tracing::Instrument::instrument(
+            renewal,
+            tracing::info_span!("lease", file.id = file_id),
+        ))
     };
     let result = load_one(ctx, &job, &run, &file).await;
     heartbeat.abort();
@@ -793,7 +813,7 @@ async fn queue_next_files(ctx: &StepContext, run_id: i64) -> Result<(), SyncErro
 }
 
 async fn finish(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
-    let run = state::load(&ctx.pool, run_id).await?;
+    let run = load_run(ctx, run_id).await?;
     if run.status != "completing" {
         return Ok(());
     }

@@ -11,7 +11,7 @@ mod loader;
 mod runs;
 
 pub use loader::{FileKind, FileTarget, LoadLimits, LoadStats, load_ndjson};
-pub use runs::{FileRecord, RunSummary, Runs, TypeCount};
+pub use runs::{FileRecord, Runs, TypeCount};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

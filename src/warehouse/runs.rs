@@ -1,10 +1,9 @@
 //! The record of sync runs and their files: `fhir_sync.run` and `fhir_sync.run_file`.
 //!
-//! These rows are the history ops people read (status command, later the API); they outlive
-//! any queue entry. URLs are stored without query strings, errors without secrets.
+//! These rows are the history ops people read (through `ops::report`); they outlive any queue
+//! entry. URLs are stored without query strings, errors without secrets.
 
 use sqlx::PgPool;
-use time::OffsetDateTime;
 
 /// Access to the run tables.
 #[derive(Clone)]
@@ -19,24 +18,6 @@ pub struct FileRecord {
     pub kind: String,
     pub resource_type: String,
     pub manifest_count: Option<i64>,
-}
-
-/// A run as the status command shows it.
-#[derive(Debug, Clone, sqlx::FromRow, serde::Serialize)]
-pub struct RunSummary {
-    pub id: i64,
-    pub job: String,
-    pub status: String,
-    #[serde(with = "time::serde::rfc3339")]
-    pub started_at: OffsetDateTime,
-    #[serde(with = "time::serde::rfc3339::option")]
-    pub finished_at: Option<OffsetDateTime>,
-    pub transaction_time: Option<String>,
-    pub resources_loaded: i64,
-    pub lines_rejected: i64,
-    pub export_errors: i64,
-    pub files: i64,
-    pub error: Option<String>,
 }
 
 /// Resources loaded by a run, per type.
@@ -166,23 +147,6 @@ impl Runs {
              GROUP BY resource_type ORDER BY resource_type",
         )
         .bind(run_id)
-        .fetch_all(&self.pool)
-        .await
-    }
-
-    /// The newest runs, newest first, optionally of one job.
-    pub async fn recent(&self, job: Option<&str>, limit: i64) -> sqlx::Result<Vec<RunSummary>> {
-        sqlx::query_as(
-            "SELECT r.id, r.job, r.status, r.started_at, r.finished_at, r.transaction_time, r.resources_loaded,
-                    r.lines_rejected, r.export_errors, r.error,
-                    (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id) AS files
-             FROM fhir_sync.run r
-             WHERE $1::text IS NULL OR r.job = $1
-             ORDER BY r.started_at DESC, r.id DESC
-             LIMIT $2",
-        )
-        .bind(job)
-        .bind(limit)
         .fetch_all(&self.pool)
         .await
     }

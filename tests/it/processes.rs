@@ -65,7 +65,7 @@ impl Drop for Serve {
 }
 
 /// Writes config/ and jobs/demo.toml for serve processes talking to the test's fake server.
-fn write_setup(env: &TestEnv, dir: &Path, schedule: Option<&str>) {
+pub(crate) fn write_setup(env: &TestEnv, dir: &Path, schedule: Option<&str>) {
     std::fs::create_dir_all(dir.join("config")).unwrap();
     std::fs::create_dir_all(dir.join("jobs")).unwrap();
     std::fs::write(
