@@ -76,7 +76,7 @@ pub async fn run(
             path.display()
         );
     }
-    let job = config::load_job(&path)?;
+    let job = config::load_job(&path)?.with_alert_defaults(&settings.alerts);
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx = SyncContext {
@@ -84,7 +84,9 @@ pub async fn run(
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
     };
-    let report = sync::run_job(&ctx, &job, sync::RunOptions { full }).await?;
+    let outcome = sync::run_job(&ctx, &job, sync::RunOptions { full }).await;
+    crate::ops::alert::flush(crate::ops::alert::FLUSH_LIMIT).await;
+    let report = outcome?;
     print_report(&job.name, &report);
     Ok(())
 }
@@ -94,6 +96,7 @@ pub async fn run(
 pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
+    let jobs = jobs.into_iter().map(|j| j.with_alert_defaults(&settings.alerts)).collect();
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx =
@@ -153,6 +156,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
             }
         })
     };
+    let alerts = crate::ops::alert::spawn_staleness_checker(ctx.clone(), shutdown.clone());
     let grace = Duration::from_secs(settings.queue.shutdown_grace_seconds);
     let workers = tokio::spawn(crate::sync::steps::run_workers(
         ctx.clone(),
@@ -170,6 +174,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     }
     shutdown.cancel();
     let _ = retention.await;
+    let _ = alerts.await;
     if let Some(ops) = ops {
         let _ = ops.await;
     }

@@ -10,6 +10,7 @@ mod client;
 mod manifest;
 
 pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
+pub(crate) use client::retry_after;
 pub use manifest::{Manifest, ManifestFile};
 
 use crate::smart::AuthError;

@@ -2,6 +2,7 @@
 //!
 //! Reads the run tables; never changes them. Never prints a credential or a resource body.
 
+pub mod alert;
 pub mod api;
 pub mod http;
 pub mod metrics;
