@@ -96,7 +96,10 @@ pub async fn run(
 pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
-    let jobs = jobs.into_iter().map(|j| j.with_alert_defaults(&settings.alerts)).collect();
+    let jobs = jobs
+        .into_iter()
+        .map(|j| j.with_alert_defaults(&settings.alerts))
+        .collect();
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx =

@@ -9,8 +9,8 @@
 mod client;
 mod manifest;
 
-pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
 pub(crate) use client::retry_after;
+pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
 pub use manifest::{Manifest, ManifestFile};
 
 use crate::smart::AuthError;

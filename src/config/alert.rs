@@ -400,8 +400,8 @@ mod tests {
             assert!(problems[0].1.contains(message), "{text}: {problems:?}");
             assert!(!problems[0].1.contains("SECRET"), "{text}: {problems:?}");
         }
-        let allowed = file("webhook_url_file = \"plain\"\nallow_insecure_http = true")
-            .validate(dir.path());
+        let allowed =
+            file("webhook_url_file = \"plain\"\nallow_insecure_http = true").validate(dir.path());
         assert!(allowed.is_ok(), "the opt-in allows plain http");
     }
 

@@ -879,8 +879,15 @@ mod tests {
     #[test]
     fn the_alert_table_is_validated_with_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let hook = write(dir.path(), "hook", "https://hooks.example.org/services/SECRET");
-        let valid = VALID.replace("private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n", "method = \"none\"\n");
+        let hook = write(
+            dir.path(),
+            "hook",
+            "https://hooks.example.org/services/SECRET",
+        );
+        let valid = VALID.replace(
+            "private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n",
+            "method = \"none\"\n",
+        );
         let path = write(
             dir.path(),
             "ok.toml",
@@ -893,14 +900,20 @@ mod tests {
         assert_eq!(job.alert.staleness().map(|(_, h)| h), Some(26));
         assert!(!format!("{job:?}").contains("SECRET"));
 
-        let path = write(dir.path(), "typo.toml", &format!("{valid}[alert]\nno_success_within = 26\n"));
+        let path = write(
+            dir.path(),
+            "typo.toml",
+            &format!("{valid}[alert]\nno_success_within = 26\n"),
+        );
         let err = load_job(&path).unwrap_err();
         assert_eq!(err.problems[0].field, "alert.no_success_within", "{err}");
 
         let path = write(
             dir.path(),
             "bad.toml",
-            &format!("{valid}[alert]\nwebhook_url_env = \"FHIR_SYNC_TEST_WEBHOOK_THAT_IS_NOT_SET\"\n[schedule]\ncron = \"61 * * * *\"\n"),
+            &format!(
+                "{valid}[alert]\nwebhook_url_env = \"FHIR_SYNC_TEST_WEBHOOK_THAT_IS_NOT_SET\"\n[schedule]\ncron = \"61 * * * *\"\n"
+            ),
         );
         let err = load_job(&path).unwrap_err();
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();

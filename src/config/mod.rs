@@ -9,9 +9,7 @@ mod alert;
 mod job;
 mod service;
 
-pub use alert::{
-    AlertConfig, AlertSettings, Delivery, Webhook, WebhookSource, WebhookUrl,
-};
+pub use alert::{AlertConfig, AlertSettings, Delivery, Webhook, WebhookSource, WebhookUrl};
 pub use job::{
     AuthConfig, AuthMethod, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig,
     KeyConfig, KeySource, MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource,

@@ -287,7 +287,10 @@ mod tests {
         let err = Settings::load(dir.path()).unwrap_err();
         assert_eq!(err.problems.len(), 1, "{err}");
         assert_eq!(err.problems[0].field, "alerts.webhook_url");
-        assert!(err.to_string().contains("FHIR_SYNC_ALERTS__WEBHOOK_URL"), "{err}");
+        assert!(
+            err.to_string().contains("FHIR_SYNC_ALERTS__WEBHOOK_URL"),
+            "{err}"
+        );
         assert!(!err.to_string().contains("SECRET"), "{err}");
     }
 
@@ -307,6 +310,10 @@ mod tests {
         .unwrap();
         let err = Settings::load(dir.path()).unwrap_err();
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
-        assert_eq!(fields, ["alerts.webhook_url_file", "alerts.attempts"], "{err}");
+        assert_eq!(
+            fields,
+            ["alerts.webhook_url_file", "alerts.attempts"],
+            "{err}"
+        );
     }
 }

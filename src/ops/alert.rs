@@ -151,7 +151,7 @@ pub fn run_failed(ctx: &Arc<StepContext>, run_id: i64) {
     let span = tracing::info_span!("alert", run.id = run_id, alert.event = "run_failed");
     track(tokio::spawn(
         async move {
-            if let Err(e) = send_run_failed(&ctx, run_id).await {
+            if let Err(e) = notify_run_failed(&ctx, run_id).await {
                 tracing::warn!(error = %e, "cannot send the run failure alert");
             }
         }
@@ -159,7 +159,10 @@ pub fn run_failed(ctx: &Arc<StepContext>, run_id: i64) {
     ));
 }
 
-async fn send_run_failed(ctx: &StepContext, run_id: i64) -> sqlx::Result<()> {
+/// Sends the `run_failed` alert of run `run_id` and waits for the delivery to end. `true` when
+/// this call claimed the alert; `false` when the job wants no such alert or the alert was
+/// already claimed (by another process, or an earlier call).
+pub async fn notify_run_failed(ctx: &StepContext, run_id: i64) -> sqlx::Result<bool> {
     let (job, error, retryable, started_at, finished_at): (
         String,
         Option<String>,
@@ -173,10 +176,10 @@ async fn send_run_failed(ctx: &StepContext, run_id: i64) -> sqlx::Result<()> {
     .fetch_one(&ctx.pool)
     .await?;
     let Some(config) = ctx.job(&job) else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(webhook) = config.alert.failure_webhook() else {
-        return Ok(());
+        return Ok(false);
     };
     let alert = Alert::run_failed(
         &job,
@@ -186,8 +189,11 @@ async fn send_run_failed(ctx: &StepContext, run_id: i64) -> sqlx::Result<()> {
         started_at,
         finished_at,
     );
-    claim_and_deliver(&ctx.pool, &job, run_id, alert, webhook, config.alert.delivery).await;
-    Ok(())
+    let Some(claim) = claim(&ctx.pool, &job, &alert, run_id, webhook).await? else {
+        return Ok(false);
+    };
+    deliver(&ctx.pool, &job, claim, &alert, config.alert.delivery).await;
+    Ok(true)
 }
 
 /// A job found without a recent success, whose alert this call claimed and is sending.
@@ -315,23 +321,6 @@ async fn claim(
     Ok(id.map(|id| Claim { id, url }))
 }
 
-async fn claim_and_deliver(
-    pool: &PgPool,
-    job: &str,
-    episode: i64,
-    alert: Alert,
-    webhook: &Webhook,
-    delivery: Delivery,
-) {
-    match claim(pool, job, &alert, episode, webhook).await {
-        Ok(Some(claim)) => deliver(pool, job, claim, &alert, delivery).await,
-        Ok(None) => {}
-        Err(e) => {
-            tracing::warn!(job.name = %job, alert.event = alert.kind(), error = %e, "cannot record the alert, not sending it")
-        }
-    }
-}
-
 /// Posts the alert, retrying what may pass (network errors, timeouts, 5xx, 429), and records
 /// each attempt on the alert's row. Failures end up in a warning, never in the caller.
 async fn deliver(pool: &PgPool, job: &str, claim: Claim, alert: &Alert, delivery: Delivery) {
@@ -379,7 +368,7 @@ async fn deliver(pool: &PgPool, job: &str, claim: Claim, alert: &Alert, delivery
         };
         record(pool, claim.id, attempt, Some(&error)).await;
         if !retryable || attempt == policy.attempts {
-            tracing::warn!(job.name = %job, webhook.host = %host, attempts = attempt, error = %error, "alert delivery failed");
+            tracing::warn!(job.name = %job, webhook.host = %host, attempts = attempt, error = %error, "alert not delivered, giving up");
             return;
         }
         let delay = policy.delay(attempt, retry_after);
