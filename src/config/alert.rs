@@ -418,7 +418,14 @@ mod tests {
             source: WebhookSource::Inline(SecretString::from("https://job.example.org/y")),
             allow_insecure_http: false,
         };
-        let cases: [(AlertConfig, Option<&str>, Option<&str>, Option<u32>); 3] = [
+        // (the job's table, failure webhook host, staleness webhook host, staleness hours)
+        type Case = (
+            AlertConfig,
+            Option<&'static str>,
+            Option<&'static str>,
+            Option<u32>,
+        );
+        let cases: [Case; 3] = [
             // Nothing set: everything from the service.
             (
                 AlertConfig::default(),
