@@ -78,7 +78,7 @@ pub async fn run(
             path.display()
         );
     }
-    let job = config::load_job(&path)?;
+    let job = config::load_job(&path)?.with_alert_defaults(&settings.alerts);
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx = SyncContext {
@@ -106,6 +106,7 @@ pub async fn run(
         // The bars are gone before the report is printed.
         let _ = progress.await;
     }
+    crate::ops::alert::flush(crate::ops::alert::FLUSH_LIMIT).await;
     print_report(&job.name, &result?);
     Ok(())
 }
@@ -116,6 +117,10 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     crate::ops::metrics::install();
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
+    let jobs = jobs
+        .into_iter()
+        .map(|j| j.with_alert_defaults(&settings.alerts))
+        .collect();
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx =
@@ -175,6 +180,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
             }
         })
     };
+    let alerts = crate::ops::alert::spawn_staleness_checker(ctx.clone(), shutdown.clone());
     let grace = Duration::from_secs(settings.queue.shutdown_grace_seconds);
     let workers = tokio::spawn(crate::sync::steps::run_workers(
         ctx.clone(),
@@ -192,6 +198,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     }
     shutdown.cancel();
     let _ = retention.await;
+    let _ = alerts.await;
     if let Some(ops) = ops {
         let _ = ops.await;
     }

@@ -68,6 +68,7 @@ pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
             ..ExportConfig::default()
         },
         schedule: None,
+        alert: Default::default(),
     }
 }
 

@@ -820,7 +820,7 @@ fn header_text(response: &Response, name: reqwest::header::HeaderName) -> Option
 }
 
 /// `Retry-After` as delta-seconds or an HTTP-date.
-fn retry_after(response: &Response) -> Option<Duration> {
+pub(crate) fn retry_after(response: &Response) -> Option<Duration> {
     let value = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
     if let Ok(seconds) = value.parse::<u64>() {
         return Some(Duration::from_secs(seconds));

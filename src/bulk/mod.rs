@@ -9,6 +9,7 @@
 mod client;
 mod manifest;
 
+pub(crate) use client::retry_after;
 pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
 pub use manifest::{Manifest, ManifestFile};
 

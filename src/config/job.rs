@@ -10,7 +10,8 @@ use std::str::FromStr;
 use serde::Deserialize;
 use url::Url;
 
-use super::{ConfigError, Problem};
+use super::alert::AlertFile;
+use super::{AlertConfig, AlertSettings, ConfigError, Problem};
 use crate::fhir;
 use crate::smart::SigningAlgorithm;
 
@@ -27,6 +28,17 @@ pub struct JobConfig {
     pub auth: AuthConfig,
     pub export: ExportConfig,
     pub schedule: Option<ScheduleConfig>,
+    /// Where and when to alert about this job (`[alert]`); unset fields take the service's
+    /// `[alerts]` values once [`JobConfig::with_alert_defaults`] has run.
+    pub alert: AlertConfig,
+}
+
+impl JobConfig {
+    /// The job with what its `[alert]` table leaves unset taken from the service settings.
+    pub fn with_alert_defaults(mut self, service: &AlertSettings) -> Self {
+        self.alert.inherit(service);
+        self
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -39,6 +51,7 @@ struct JobFile {
     auth: AuthFile,
     export: ExportConfig,
     schedule: Option<ScheduleConfig>,
+    alert: Option<AlertFile>,
 }
 
 fn default_true() -> bool {
@@ -718,6 +731,17 @@ fn validate(
         }
     }
 
+    let alert = match file.alert.map(|a| a.validate(base_dir)) {
+        None => AlertConfig::default(),
+        Some(Ok(alert)) => alert,
+        Some(Err(alert_problems)) => {
+            for (field, message) in alert_problems {
+                problem(field, message);
+            }
+            AlertConfig::default()
+        }
+    };
+
     if !problems.is_empty() {
         return Err(ConfigError { problems });
     }
@@ -745,6 +769,7 @@ fn validate(
         },
         export: file.export,
         schedule: file.schedule,
+        alert,
     })
 }
 
@@ -849,5 +874,49 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("method = \"post\""), "{err}");
+    }
+
+    #[test]
+    fn the_alert_table_is_validated_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let hook = write(
+            dir.path(),
+            "hook",
+            "https://hooks.example.org/services/SECRET",
+        );
+        let valid = VALID.replace(
+            "private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n",
+            "method = \"none\"\n",
+        );
+        let path = write(
+            dir.path(),
+            "ok.toml",
+            &format!(
+                "{valid}[alert]\nwebhook_url_file = {:?}\nno_success_within_hours = 26\n",
+                hook.file_name().unwrap()
+            ),
+        );
+        let job = load_job(&path).unwrap();
+        assert_eq!(job.alert.staleness().map(|(_, h)| h), Some(26));
+        assert!(!format!("{job:?}").contains("SECRET"));
+
+        let path = write(
+            dir.path(),
+            "typo.toml",
+            &format!("{valid}[alert]\nno_success_within = 26\n"),
+        );
+        let err = load_job(&path).unwrap_err();
+        assert_eq!(err.problems[0].field, "alert.no_success_within", "{err}");
+
+        let path = write(
+            dir.path(),
+            "bad.toml",
+            &format!(
+                "{valid}[alert]\nwebhook_url_env = \"FHIR_SYNC_TEST_WEBHOOK_THAT_IS_NOT_SET\"\n[schedule]\ncron = \"61 * * * *\"\n"
+            ),
+        );
+        let err = load_job(&path).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(fields, ["schedule.cron", "alert.webhook_url_env"], "{err}");
     }
 }

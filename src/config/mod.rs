@@ -5,9 +5,11 @@
 //! at once, each with its file and dotted field. This module reads files but never contacts a
 //! FHIR server or the database, and never puts secret values into an error message.
 
+mod alert;
 mod job;
 mod service;
 
+pub use alert::{AlertConfig, AlertSettings, Delivery, Webhook, WebhookSource, WebhookUrl};
 pub use job::{
     AuthConfig, AuthMethod, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig,
     KeyConfig, KeySource, MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource,

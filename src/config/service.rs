@@ -21,6 +21,7 @@ pub struct Settings {
     pub sync: SyncSettings,
     pub queue: crate::queue::QueueSettings,
     pub ops: OpsSettings,
+    pub alerts: super::AlertSettings,
 }
 
 /// The environment variable that carries the ops API token (it never comes from a file of
@@ -249,6 +250,16 @@ impl Settings {
                 .collect();
             ConfigError { problems }
         })?;
+        // The webhook URL carries a credential: only the environment may hold it.
+        if let Some(meta) = figment.find_metadata("alerts.webhook_url")
+            && let Some(figment::Source::File(path)) = &meta.source
+        {
+            return Err(ConfigError::single(
+                path,
+                "alerts.webhook_url",
+                "holds a secret: set FHIR_SYNC_ALERTS__WEBHOOK_URL or alerts.webhook_url_file instead",
+            ));
+        }
         let mut problems = Vec::new();
         if let Err(problem) = settings
             .ops
@@ -319,6 +330,13 @@ impl Settings {
                 self.ops.listen
             ),
         );
+        for (field, message) in self.alerts.problems() {
+            problems.push(Problem {
+                file: file.to_path_buf(),
+                field,
+                message,
+            });
+        }
         if problems.is_empty() {
             Ok(())
         } else {
@@ -414,5 +432,46 @@ mod tests {
         let toml = toml::to_string(&settings).unwrap();
         assert!(!toml.contains("the-token"), "{toml}");
         assert!(!toml.contains("api_token ="), "{toml}");
+    }
+
+    #[test]
+    fn a_webhook_url_in_a_file_is_refused_without_echoing_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "[alerts]\nwebhook_url = \"https://hooks.example.org/SECRET\"\n",
+        )
+        .unwrap();
+        let err = Settings::load(dir.path()).unwrap_err();
+        assert_eq!(err.problems.len(), 1, "{err}");
+        assert_eq!(err.problems[0].field, "alerts.webhook_url");
+        assert!(
+            err.to_string().contains("FHIR_SYNC_ALERTS__WEBHOOK_URL"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn alert_settings_load_with_their_defaults_and_are_validated() {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = Settings::load(dir.path()).unwrap();
+        assert!(settings.alerts.webhook().is_none());
+        assert_eq!(settings.alerts.no_success_within_hours, None);
+        assert!(settings.alerts.on_failure);
+        assert_eq!(settings.alerts.attempts, 5);
+
+        std::fs::write(
+            dir.path().join("default.toml"),
+            "[alerts]\nwebhook_url_file = \"/nonexistent/hook\"\nno_success_within_hours = 26\nattempts = 0\n",
+        )
+        .unwrap();
+        let err = Settings::load(dir.path()).unwrap_err();
+        let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["alerts.webhook_url_file", "alerts.attempts"],
+            "{err}"
+        );
     }
 }

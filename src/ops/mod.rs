@@ -4,6 +4,7 @@
 //! Reads the run tables (the API also starts and cancels runs, through `sync`). Never shows a
 //! credential or a resource body.
 
+pub mod alert;
 pub mod api;
 pub mod auth;
 pub mod console;

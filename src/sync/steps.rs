@@ -325,9 +325,12 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
     };
     tracing::error!(error = %failure.0, retryable = failure.1, "run failed");
     ctx.forget_session(run_id).await;
-    if let Err(e) = state::fail(&ctx.pool, run_id, &failure.0, failure.1).await {
+    match state::fail(&ctx.pool, run_id, &failure.0, failure.1).await {
+        // Only the process whose update failed the run alerts, so the alert goes out once.
+        Ok(true) => crate::ops::alert::run_failed(&ctx, run_id),
+        Ok(false) => {}
         // The queue task is done either way; `serve` re-queues the run's step at start-up.
-        tracing::error!(error = %e, "could not record the failed run");
+        Err(e) => tracing::error!(error = %e, "could not record the failed run"),
     }
     Ok(())
 }

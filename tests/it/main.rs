@@ -23,6 +23,7 @@ mod export_polling;
 mod helpers;
 mod loader;
 mod loader_model;
+mod ops_alerts;
 mod ops_api;
 mod ops_cli;
 mod ops_jwks;
