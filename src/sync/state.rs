@@ -130,12 +130,16 @@ pub async fn unfinished_run(pool: &PgPool, job: &str) -> sqlx::Result<Option<i64
     .await
 }
 
-/// Moves `queued` → `kicking_off`. `Ok(false)` when the run was not queued; `Err` with a
-/// unique violation when another run of the job is active (the caller waits and tries again).
+/// Moves `queued` → `kicking_off`. `Ok(false)` when the run was not queued, or when an older
+/// run of the same job is still queued (runs of a job start in the order they were created;
+/// the caller tells the two apart by re-reading the status); `Err` with a unique violation when
+/// another run of the job is active (the caller waits and tries again).
 pub async fn start_kick_off(pool: &PgPool, run_id: i64, since: Option<&str>) -> sqlx::Result<bool> {
     let updated = sqlx::query(
-        "UPDATE fhir_sync.run SET status = 'kicking_off', since = $2, updated_at = now()
-         WHERE id = $1 AND status = 'queued'",
+        "UPDATE fhir_sync.run r SET status = 'kicking_off', since = $2, updated_at = now()
+         WHERE r.id = $1 AND r.status = 'queued'
+           AND NOT EXISTS (SELECT 1 FROM fhir_sync.run o
+                           WHERE o.job = r.job AND o.status = 'queued' AND o.id < r.id)",
     )
     .bind(run_id)
     .bind(since)

@@ -411,24 +411,29 @@ async fn kick_off(ctx: &StepContext, run_id: i64, seq: u32, attempt: u32) -> Res
         } else {
             state::watermark(&ctx.pool, &run.job, job.export.since_overlap_seconds).await?
         };
-        match state::start_kick_off(&ctx.pool, run_id, since.as_deref()).await {
-            Ok(true) => {}
-            Ok(false) => return Ok(()),
-            Err(e) if is_unique_violation(&e) => {
-                // Another run of this job is active: this one stays queued and looks again later.
-                tracing::info!("another run of the job is active; waiting");
-                return ctx
-                    .push(
-                        Step::KickOff {
-                            run_id,
-                            seq: seq + 1,
-                            attempt,
-                        },
-                        BUSY_WAIT,
-                    )
-                    .await;
-            }
+        // Runs of a job go one at a time, oldest first; a run whose turn has not come stays
+        // queued and looks again later.
+        let waiting_for = match state::start_kick_off(&ctx.pool, run_id, since.as_deref()).await {
+            Ok(true) => None,
+            Ok(false) => match state::load(&ctx.pool, run_id).await?.status.as_str() {
+                "queued" => Some("an older run of the job is still queued"),
+                _ => return Ok(()),
+            },
+            Err(e) if is_unique_violation(&e) => Some("another run of the job is active"),
             Err(e) => return Err(e.into()),
+        };
+        if let Some(reason) = waiting_for {
+            tracing::info!(reason, "waiting for the run's turn");
+            return ctx
+                .push(
+                    Step::KickOff {
+                        run_id,
+                        seq: seq + 1,
+                        attempt,
+                    },
+                    BUSY_WAIT,
+                )
+                .await;
         }
     } else if run.status != "kicking_off" {
         return Ok(()); // Finished, failed or cancelled meanwhile.
