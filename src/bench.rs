@@ -163,7 +163,7 @@ async fn measure_single_file(
         resources_per_file: observations.max(1),
         gzip: options.gzip,
     };
-    let (sync, peak) =
+    let (sync, rss) =
         sync_from_fake(options, pool, &spec, &["Observation"], &key, &key_pem).await?;
     check_rows(pool, observations as i64).await?;
     println!(
@@ -172,9 +172,8 @@ async fn measure_single_file(
     );
     print_line("fhir-sync, end to end (HTTP → warehouse)", &sync);
     println!(
-        "  {:.1} MB of NDJSON (decoded); peak RSS of fhir-sync: {} (target: under 128 MB)",
+        "  {:.1} MB of NDJSON (decoded); peak RSS of fhir-sync: {rss} (target: under 128 MB)",
         sync.bytes as f64 / 1e6,
-        format_peak(peak)
     );
     Ok(())
 }
@@ -399,7 +398,7 @@ async fn sync_from_fake(
     types: &[&str],
     key: &SigningKey,
     key_pem: &SecretString,
-) -> anyhow::Result<(Measurement, Option<u64>)> {
+) -> anyhow::Result<(Measurement, Rss)> {
     let server = FakeProcess::spawn(&options.exe, spec, &key.public_jwks()).await?;
     let mut job = demo::fake_job(server.base_url().clone(), key_pem.clone());
     job.name = "bench".into();
@@ -412,12 +411,13 @@ async fn sync_from_fake(
     };
     checkpoint(pool).await;
     reset_peak_rss();
+    let at_start = rss_bytes("VmRSS");
     let started = Instant::now();
     // Both measured runs are full exports: the incremental one serves a data set in which every
     // n-th resource changed, and measures the merge of those changes.
     let run = sync::run_job(&ctx, &job, sync::RunOptions { full: true }).await;
     let elapsed = started.elapsed();
-    let peak = peak_rss_bytes();
+    let peak = rss_bytes("VmHWM");
     server.stop().await?;
     let run = run?;
     Ok((
@@ -426,7 +426,7 @@ async fn sync_from_fake(
             bytes: run.bytes,
             elapsed,
         },
-        peak,
+        Rss { at_start, peak },
     ))
 }
 
@@ -538,7 +538,10 @@ impl FakeProcess {
             .spawn()
             .with_context(|| format!("cannot start {} bench-fake-server", exe.display()))?;
         let mut stdin = child.stdin.take().context("the fake server has no stdin")?;
-        let stdout = child.stdout.take().context("the fake server has no stdout")?;
+        let stdout = child
+            .stdout
+            .take()
+            .context("the fake server has no stdout")?;
         let mut jwks = serde_json::to_string(jwks)?;
         jwks.push('\n');
         stdin.write_all(jwks.as_bytes()).await?;
@@ -676,23 +679,44 @@ fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
-/// This process's peak resident set size since the last reset (`VmHWM`), if the platform says.
-fn peak_rss_bytes() -> Option<u64> {
-    vm_hwm_bytes(&std::fs::read_to_string("/proc/self/status").ok()?)
+/// This process's resident set size now (`VmRSS`) or at its peak since the last reset
+/// (`VmHWM`), if the platform says.
+fn rss_bytes(field: &str) -> Option<u64> {
+    status_bytes(&std::fs::read_to_string("/proc/self/status").ok()?, field)
 }
 
-/// `VmHWM` from the text of `/proc/<pid>/status`, in bytes.
-fn vm_hwm_bytes(status: &str) -> Option<u64> {
+/// A `kB` field of `/proc/<pid>/status`, in bytes.
+fn status_bytes(status: &str, field: &str) -> Option<u64> {
     status
         .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|rest| rest.trim().strip_suffix("kB"))
         .and_then(|kb| kb.trim().parse::<u64>().ok())
         .map(|kb| kb * 1024)
 }
 
-fn format_peak(peak: Option<u64>) -> String {
-    peak.map_or("unknown".to_string(), |p| format!("{:.1} MB", p as f64 / 1e6))
+/// The resident set of fhir-sync during one sync.
+#[derive(Debug, Clone, Copy)]
+struct Rss {
+    /// When the sync started (the process, its runtime and its connections, no data).
+    at_start: Option<u64>,
+    peak: Option<u64>,
+}
+
+impl std::fmt::Display for Rss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mb = |bytes: Option<u64>| {
+            bytes.map_or("unknown".to_string(), |b| {
+                format!("{:.1} MB", b as f64 / 1e6)
+            })
+        };
+        write!(
+            f,
+            "{} ({} when the sync started)",
+            mb(self.peak),
+            mb(self.at_start)
+        )
+    }
 }
 
 fn print_line(name: &str, m: &Measurement) {
@@ -705,8 +729,8 @@ fn print_line(name: &str, m: &Measurement) {
     );
 }
 
-fn report(sync: &(Measurement, Option<u64>), a: &Measurement, b: &Measurement) {
-    let (sync, peak) = sync;
+fn report(sync: &(Measurement, Rss), a: &Measurement, b: &Measurement) {
+    let (sync, rss) = sync;
     println!(
         "  {:<48} {:>8} {:>12} {:>7}",
         "", "seconds", "resources/s", "MB/s"
@@ -715,10 +739,9 @@ fn report(sync: &(Measurement, Option<u64>), a: &Measurement, b: &Measurement) {
     print_line("(a) psql COPY into a bare jsonb table", a);
     print_line("(b) psql COPY into staging + INSERT ON CONFLICT", b);
     println!(
-        "  fhir-sync / (a): {:.2}x   fhir-sync / (b): {:.2}x   peak RSS of fhir-sync: {}",
+        "  fhir-sync / (a): {:.2}x   fhir-sync / (b): {:.2}x   peak RSS of fhir-sync: {rss}",
         sync.per_second() / a.per_second(),
         sync.per_second() / b.per_second(),
-        format_peak(*peak)
     );
 }
 
@@ -727,11 +750,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn peak_rss_is_read_from_vm_hwm() {
-        let status = "Name:\tfhir-sync\nVmPeak:\t  900000 kB\nVmHWM:\t   45312 kB\nVmRSS:\t   40000 kB\n";
-        assert_eq!(vm_hwm_bytes(status), Some(45312 * 1024));
-        assert_eq!(vm_hwm_bytes("VmRSS:\t 1 kB\n"), None);
-        assert_eq!(vm_hwm_bytes("VmHWM:\t lots\n"), None);
+    fn rss_fields_are_read_from_proc_status() {
+        let status =
+            "Name:\tfhir-sync\nVmPeak:\t  900000 kB\nVmHWM:\t   45312 kB\nVmRSS:\t   40000 kB\n";
+        assert_eq!(status_bytes(status, "VmHWM"), Some(45312 * 1024));
+        assert_eq!(status_bytes(status, "VmRSS"), Some(40000 * 1024));
+        assert_eq!(status_bytes("VmRSS:\t 1 kB\n", "VmHWM"), None);
+        assert_eq!(status_bytes("VmHWM:\t lots\n", "VmHWM"), None);
+        assert_eq!(status_bytes("VmHWMX:\t 1 kB\n", "VmHWM"), None);
     }
 
     #[test]
@@ -765,7 +791,10 @@ mod tests {
             plain.args().join(" "),
             "bench-fake-server --seed 7 --patients 3 --resources-per-file 50"
         );
-        assert_eq!(spec.dataset().total(), Dataset::new(7, 3).changed(10).total());
+        assert_eq!(
+            spec.dataset().total(),
+            Dataset::new(7, 3).changed(10).total()
+        );
         assert_eq!(plain.dataset().total(), Dataset::new(7, 3).total());
     }
 }

@@ -426,7 +426,10 @@ async fn a_newer_version_is_merged_onto_the_page_of_the_one_it_replaces() {
     .fetch_one(&db.pool)
     .await
     .unwrap();
-    assert!(pages > 2 && on_first_page > 1, "{pages} pages, {on_first_page} rows on the first");
+    assert!(
+        pages > 2 && on_first_page > 1,
+        "{pages} pages, {on_first_page} rows on the first"
+    );
     assert_eq!(block("p0".into()).await, 0.0);
 
     // An incremental run's newer version goes through the staged merge, and lands on the same

@@ -169,12 +169,7 @@ async fn a_step_queued_before_the_workers_start_runs_without_waiting_for_a_poll(
         poll_interval_ms: 60_000,
         ..queue_settings()
     };
-    let ctx = StepContext::new(
-        env.db.pool.clone(),
-        sync_settings(),
-        slow_poll,
-        Vec::new(),
-    );
+    let ctx = StepContext::new(env.db.pool.clone(), sync_settings(), slow_poll, Vec::new());
     ctx.register_job(env.job.clone());
     let run_id = sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
         .await
