@@ -27,18 +27,25 @@ pub struct DemoOptions {
     pub state_dir: PathBuf,
 }
 
-const CLIENT_ID: &str = "fhir-sync-demo";
+/// The client id the demo (and the bench) registers with the fake server.
+pub const CLIENT_ID: &str = "fhir-sync-demo";
 const DATABASE: &str = "fhir_sync_demo";
 
 /// The built-in `demo` job pointed at `server`.
 pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
+    fake_job(server.fhir_base_url(), key_pem)
+}
+
+/// The built-in `demo` job pointed at a fake server's FHIR base URL, which may be served by
+/// another process (the bench's).
+pub fn fake_job(base_url: url::Url, key_pem: SecretString) -> JobConfig {
     JobConfig {
         name: "demo".into(),
         file: PathBuf::from("(built-in demo job)"),
         description: Some("the embedded fake FHIR server".into()),
         enabled: true,
         fhir: FhirConfig {
-            base_url: server.fhir_base_url(),
+            base_url,
             allow_insecure_http: false,
             token_url: None,
         },

@@ -61,6 +61,28 @@ enum Command {
         /// Where to keep a PostgreSQL cluster if the bench has to start one.
         #[arg(long, default_value = ".bench")]
         state_dir: PathBuf,
+        /// Serve the files gzip-encoded (Content-Encoding: gzip).
+        #[arg(long)]
+        gzip: bool,
+        /// Instead of the comparison, load one Observation file of about this many MB and report
+        /// the peak RSS (the memory target's case).
+        #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..))]
+        single_file_mb: Option<u64>,
+    },
+    /// The bench's fake FHIR server, run as a child process of `bench` (internal).
+    #[command(hide = true)]
+    BenchFakeServer {
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        patients: usize,
+        #[arg(long)]
+        resources_per_file: usize,
+        /// Serve the changed generation of the data set (every n-th resource, newer).
+        #[arg(long)]
+        changed_every: Option<usize>,
+        #[arg(long)]
+        gzip: bool,
     },
     /// Run one sync of a job now, in the foreground (incremental from the last successful run).
     Run {
@@ -250,6 +272,8 @@ fn main() -> ExitCode {
                 resources_per_file,
                 changed_every,
                 state_dir,
+                gzip,
+                single_file_mb,
             } => {
                 bench::run(&bench::BenchOptions {
                     patients,
@@ -259,6 +283,25 @@ fn main() -> ExitCode {
                     state_dir,
                     sync: settings.sync.clone(),
                     queue: settings.queue.clone(),
+                    gzip,
+                    single_file_mb,
+                    exe: std::env::current_exe()?,
+                })
+                .await
+            }
+            Command::BenchFakeServer {
+                seed,
+                patients,
+                resources_per_file,
+                changed_every,
+                gzip,
+            } => {
+                bench::serve_fake(&bench::FakeSpec {
+                    seed,
+                    patients,
+                    changed_every,
+                    resources_per_file,
+                    gzip,
                 })
                 .await
             }

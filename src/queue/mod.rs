@@ -143,11 +143,20 @@ where
         }
     }
 
-    /// A backend for one worker: tasks are fetched on NOTIFY (prompt pick-up of new tasks) and
-    /// on an interval (delayed tasks, and notifications missed while reconnecting).
+    /// A backend for one worker: tasks are fetched once at start-up, on NOTIFY (prompt pick-up
+    /// of new tasks) and on an interval (delayed tasks, and notifications missed while
+    /// reconnecting).
     pub fn worker_backend(&self) -> apalis::prelude::PollWith<PostgresStorage<T>, Strategy> {
         use apalis::prelude::BackendExt;
+        use futures::StreamExt;
+        // apalis' interval first fires one interval after the worker starts, and a NOTIFY sent
+        // before the worker listened is lost: without this first fetch, a task queued just
+        // before the workers start (every `fhir-sync run`) waits a whole poll interval. The
+        // stream yields once and then stays pending, so it never fetches again.
+        let at_start = futures::stream::once(futures::future::ready(()))
+            .chain(futures::stream::pending::<()>());
         let strategy = Strategy::new()
+            .stream(at_start)
             .stream(Pubsub::new(self.pool.clone(), self.name.clone()))
             .interval(Duration::from_millis(self.settings.poll_interval_ms));
         self.storage().poll_with_strategy(strategy)

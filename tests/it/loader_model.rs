@@ -391,6 +391,61 @@ async fn in_one_run_the_output_wins_over_an_undated_deletion_of_the_same_resourc
 }
 
 #[tokio::test]
+async fn a_newer_version_is_merged_onto_the_page_of_the_one_it_replaces() {
+    let db = TestDb::new().await;
+    // Rows of about 1.1 KB: a packed 8 KB page would have no room for another one.
+    let family = |n: usize| format!("{n:04}{}", "x".repeat(1000));
+    let first: Vec<String> = (0..40)
+        .map(|n| patient(&format!("p{n}"), "1", "2024-01-01T00:00:00Z", &family(n)))
+        .collect();
+    load(&db, &output(&db, "Patient").await, &first).await;
+    let options: Vec<String> = sqlx::query_scalar(
+        "SELECT unnest(reloptions) FROM pg_class WHERE oid = 'fhir_sync.resource_patient'::regclass",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(options, ["fillfactor=80"]);
+    let block = |id: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, f64>(
+                "SELECT (ctid::text::point)[0] FROM fhir_sync.resource_patient WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        }
+    };
+    let (on_first_page, pages): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE (ctid::text::point)[0] = 0),
+                count(DISTINCT (ctid::text::point)[0])
+         FROM fhir_sync.resource_patient",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        pages > 2 && on_first_page > 1,
+        "{pages} pages, {on_first_page} rows on the first"
+    );
+    assert_eq!(block("p0".into()).await, 0.0);
+
+    // An incremental run's newer version goes through the staged merge, and lands on the same
+    // page (a HOT update: no new key entry, no page at the end of the table).
+    let newer = patient("p0", "2", "2025-01-01T00:00:00Z", &family(0));
+    load(&db, &output(&db, "Patient").await, &[newer]).await;
+    assert_eq!(block("p0".into()).await, 0.0);
+    let version: String =
+        sqlx::query_scalar("SELECT version_id FROM fhir_sync.resource WHERE id = 'p0'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(version, "2");
+}
+
+#[tokio::test]
 async fn version_ids_break_ties_numerically() {
     let db = TestDb::new().await;
     let at = "2024-01-01T00:00:00Z";

@@ -12,6 +12,7 @@ mod auth_methods;
 mod auth_origin;
 mod auth_support;
 mod auth_tokens;
+mod bench;
 mod config_check;
 mod export_cleanup;
 mod export_download;

@@ -161,6 +161,54 @@ async fn steps_queued_by_another_process_start_without_waiting_for_a_heartbeat()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_queued_before_the_workers_start_runs_without_waiting_for_a_poll() {
+    let env = TestEnv::new(3, TestEnv::fast()).await;
+    // A minute between polls: the kick-off, queued before any worker listened for its NOTIFY,
+    // starts promptly only if workers fetch once when they start.
+    let slow_poll = QueueSettings {
+        poll_interval_ms: 60_000,
+        ..queue_settings()
+    };
+    let ctx = StepContext::new(env.db.pool.clone(), sync_settings(), slow_poll, Vec::new());
+    ctx.register_job(env.job.clone());
+    let run_id = sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(sync::steps::run_workers(
+        ctx,
+        shutdown.clone(),
+        Duration::from_secs(5),
+    ));
+    let mut listener = sqlx::postgres::PgListener::connect_with(&env.db.pool)
+        .await
+        .unwrap();
+    listener.listen("fhir_sync_run").await.unwrap();
+    let started = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let status: String =
+                sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
+                    .bind(run_id)
+                    .fetch_one(&env.db.pool)
+                    .await
+                    .unwrap();
+            if status != "queued" {
+                return status;
+            }
+            // Every state change notifies; the bound only guards a notification sent between
+            // the query and this wait.
+            let _ = tokio::time::timeout(Duration::from_millis(200), listener.recv()).await;
+        }
+    })
+    .await
+    .expect("the kick-off starts well before the first 60 s poll");
+    assert_ne!(started, "failed");
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_outage_mid_run_does_not_end_the_workers() {
     let env = TestEnv::new(
         1_000,
