@@ -117,7 +117,8 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     /// File holding the database password (e.g. a mounted secret). Default: none.
     pub password_file: Option<PathBuf>,
-    /// Maximum pooled connections. Default 10.
+    /// Maximum pooled connections. Default 16: a file merging into the warehouse uses two
+    /// (`sync.max_parallel_downloads` files at once), plus the queue, leases and the ops server.
     pub max_connections: u32,
     /// Seconds to wait for a connection before giving up. Default 10.
     pub connect_timeout_seconds: u64,
@@ -128,7 +129,7 @@ impl Default for DatabaseSettings {
         DatabaseSettings {
             url: SecretString::from("postgres://postgres@127.0.0.1:5432/fhir_sync"),
             password_file: None,
-            max_connections: 10,
+            max_connections: 16,
             connect_timeout_seconds: 10,
         }
     }

@@ -1,7 +1,7 @@
 //! Streaming NDJSON loader: bytes → lines → light parse → COPY batches → set-based merge.
 //!
 //! Memory is bounded by two batches whatever the file size (the next batch is read and parsed
-//! while the previous one commits). Each batch commits its rows, its
+//! while the previous one is staged or commits). Each batch commits its rows, its
 //! rejected lines and the file's new line checkpoint in one transaction, so a crash resumes
 //! after the last committed batch and loading a finished file again changes nothing. A bad line
 //! is recorded (file, line number, reason) and never stops the rest of the file.
@@ -11,7 +11,10 @@
 //! savepoint: with no stored row and no duplicate id in the batch, that is exactly what the merge
 //! would have produced, at a fraction of the cost. The first unique violation proves otherwise;
 //! the savepoint is rolled back and this and every later batch of the file goes through a
-//! staging table and the newer-wins merge. The loader never issues row-by-row statements.
+//! staging table and the newer-wins merge. Staged batches are pipelined over two connections:
+//! batch n+1 is COPYed into the staging table of its own open transaction while batch n merges
+//! and commits, and merges only after batch n has committed, so batches still commit in file
+//! order. The loader never issues row-by-row statements.
 //! Partitions are created with fillfactor 80 (migration `partition_fillfactor`): the merge's
 //! updates then mostly find room on their own page and are HOT, which keeps an incremental load
 //! from writing a key entry and a fresh page for every changed resource.
@@ -320,39 +323,70 @@ where
         stats: &mut stats,
     };
     // The next batch is read and parsed while the previous one is committed, so the download,
-    // the light parse and PostgreSQL's work overlap; at most two batches are in memory. Batches
-    // still commit one after the other, each with its checkpoint. The two COPY buffers take
-    // turns for the whole file rather than being allocated per batch: a fresh multi-megabyte
-    // buffer per batch costs page faults, and the allocator may keep freed ones resident.
+    // the light parse and PostgreSQL's work overlap. Once a file merges through the staging
+    // table, a third stage joins: batch n+1 is COPYed into the staging table of its own
+    // transaction (on a second connection) while batch n merges and commits, so PostgreSQL
+    // parses one batch's JSON while it merges the other's. Batches still merge and commit one
+    // after the other, each with its checkpoint, and a staged batch touches nothing but its own
+    // temporary table until its turn. The two COPY buffers take turns for the whole file rather
+    // than being allocated per batch (a staged batch hands its buffer back once its COPY is
+    // sent): a fresh multi-megabyte buffer per batch costs page faults, and the allocator may
+    // keep freed ones resident.
     let mut pending: Option<(Batch, u64)> = None;
+    let mut staged: Option<Staged> = None;
     let mut spare = Vec::new();
     let mut submitted_through = resume_after;
+    let mut end_of_file = false;
     loop {
-        let (filled, committed) = tokio::join!(
-            reading.fill(
-                target,
-                &frame,
-                limits,
-                resume_after,
-                std::mem::take(&mut spare)
-            ),
-            commit(&mut flusher, pending.take()),
+        let pipelined = flusher.pipelines();
+        let to_stage = if pipelined { pending.take() } else { None };
+        let to_commit = if pipelined { None } else { pending.take() };
+        let to_finish = staged.take();
+        let buffer = std::mem::take(&mut spare);
+        let (filled, staged_now, committed) = tokio::join!(
+            async {
+                if end_of_file {
+                    return Ok(None);
+                }
+                reading
+                    .fill(target, &frame, limits, resume_after, buffer)
+                    .await
+                    .map(Some)
+            },
+            async {
+                match to_stage {
+                    Some((batch, through_line)) => stage(pool, batch, through_line).await.map(Some),
+                    None => Ok(None),
+                }
+            },
+            async {
+                // At most one of the two is set: a staged batch only exists once pipelined.
+                if let Some(batch) = to_finish {
+                    flusher.finish_staged(batch).await?;
+                }
+                commit(&mut flusher, to_commit).await
+            },
         );
         if let Some(buffer) = committed? {
             spare = buffer;
         }
-        let (batch, end_of_file) = filled?;
-        // At the end of the file the last batch is committed even when it is empty: a file that
-        // ends in blank lines must still be seen as complete.
-        if reading.line_number > submitted_through {
-            submitted_through = reading.line_number;
-            pending = Some((batch, submitted_through));
+        if let Some((batch, buffer)) = staged_now? {
+            staged = Some(batch);
+            spare = buffer;
         }
-        if end_of_file {
+        if let Some((batch, at_end)) = filled? {
+            end_of_file = at_end;
+            // At the end of the file the last batch is committed even when it is empty: a file
+            // that ends in blank lines must still be seen as complete.
+            if reading.line_number > submitted_through {
+                submitted_through = reading.line_number;
+                pending = Some((batch, submitted_through));
+            }
+        }
+        if end_of_file && pending.is_none() && staged.is_none() {
             break;
         }
     }
-    commit(&mut flusher, pending.take()).await?;
     stats.lines = reading.lines;
     stats.count_mismatch = check_count(pool, target.file_id).await?;
     Ok(stats)
@@ -772,6 +806,95 @@ struct Flusher<'a> {
 }
 
 impl Flusher<'_> {
+    /// Whether batches go through [`stage`] and [`Flusher::finish_staged`]: resources merged
+    /// through the staging table. First loads (`Direct`), error and deletion files commit each
+    /// batch in one go.
+    fn pipelines(&self) -> bool {
+        self.target.kind == FileKind::Output && self.path == MergePath::Staged
+    }
+
+    /// Merges a staged batch, records its rejects and checkpoint, and commits.
+    async fn finish_staged(&mut self, mut staged: Staged) -> Result<(), LoadError> {
+        let batch = &staged.batch;
+        let conn = staged.connection.get();
+        if batch.rows > 0 {
+            let merge = if batch.duplicate_ids {
+                MERGE_RESOURCES
+            } else {
+                MERGE_UNIQUE_RESOURCES
+            };
+            sqlx::query(merge).execute(&mut *conn).await?;
+        }
+        self.record(&mut *conn, batch, staged.through_line).await?;
+        sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
+        staged.connection.release();
+        self.committed(batch, staged.through_line);
+        Ok(())
+    }
+
+    /// Records a batch's rejected lines and moves the file's checkpoint, inside the batch's
+    /// transaction. The checkpoint only moves forward from where this loader found it: if
+    /// another process moved it meanwhile, an error, and nothing of the batch is committed.
+    async fn record(
+        &self,
+        conn: &mut sqlx::PgConnection,
+        batch: &Batch,
+        through_line: u64,
+    ) -> Result<(), LoadError> {
+        let target = self.target;
+        if !batch.reject_lines.is_empty() {
+            sqlx::query(
+                "INSERT INTO fhir_sync.rejected_line (file_id, line_number, run_id, reason, raw_excerpt)
+                 SELECT $1, line, $2, reason, excerpt FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS r(line, reason, excerpt)
+                 ON CONFLICT (file_id, line_number) DO NOTHING",
+            )
+            .bind(target.file_id)
+            .bind(target.run_id)
+            .bind(&batch.reject_lines)
+            .bind(&batch.reject_reasons)
+            .bind(&batch.reject_excerpts)
+            .execute(&mut *conn)
+            .await?;
+        }
+        let updated = sqlx::query(
+            "UPDATE fhir_sync.run_file SET lines_committed = $3, resources_loaded = resources_loaded + $4,
+                 lines_rejected = lines_rejected + $5
+             WHERE id = $1 AND lines_committed = $2",
+        )
+        .bind(target.file_id)
+        .bind(*self.checkpoint as i64)
+        .bind(through_line as i64)
+        .bind(batch.rows as i64)
+        .bind(batch.reject_lines.len() as i64)
+        .execute(&mut *conn)
+        .await?;
+        if updated.rows_affected() != 1 {
+            return Err(LoadError::Database(sqlx::Error::Protocol(format!(
+                "file {} checkpoint moved while loading it; another loader is working on it",
+                target.file_id
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Counts a committed batch and moves the in-memory checkpoint.
+    fn committed(&mut self, batch: &Batch, through_line: u64) {
+        let target = self.target;
+        let rejected = batch.reject_lines.len() as u64;
+        crate::ops::metrics::batch_committed(
+            &target.source,
+            target.kind,
+            &target.resource_type,
+            batch.rows,
+            rejected,
+            &batch.delete_types,
+        );
+        self.stats.loaded += batch.rows;
+        self.stats.rejected += rejected;
+        self.stats.deletions += batch.delete_ids.len() as u64;
+        *self.checkpoint = through_line;
+    }
+
     async fn flush(&mut self, batch: &Batch, through_line: u64) -> Result<(), LoadError> {
         let target = self.target;
         if !batch.delete_types.is_empty() {
@@ -866,58 +989,58 @@ impl Flusher<'_> {
                 }
             }
         }
-        if !batch.reject_lines.is_empty() {
-            sqlx::query(
-                "INSERT INTO fhir_sync.rejected_line (file_id, line_number, run_id, reason, raw_excerpt)
-                 SELECT $1, line, $2, reason, excerpt FROM UNNEST($3::bigint[], $4::text[], $5::text[]) AS r(line, reason, excerpt)
-                 ON CONFLICT (file_id, line_number) DO NOTHING",
-            )
-            .bind(target.file_id)
-            .bind(target.run_id)
-            .bind(&batch.reject_lines)
-            .bind(&batch.reject_reasons)
-            .bind(&batch.reject_excerpts)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let rejected = batch.reject_lines.len() as i64;
-        // The checkpoint only moves forward from where this loader found it: if another process
-        // moved it meanwhile, nothing of this batch is committed.
-        let updated = sqlx::query(
-            "UPDATE fhir_sync.run_file SET lines_committed = $3, resources_loaded = resources_loaded + $4,
-                 lines_rejected = lines_rejected + $5
-             WHERE id = $1 AND lines_committed = $2",
-        )
-        .bind(target.file_id)
-        .bind(*self.checkpoint as i64)
-        .bind(through_line as i64)
-        .bind(batch.rows as i64)
-        .bind(rejected)
-        .execute(&mut *tx)
-        .await?;
-        if updated.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Err(LoadError::Database(sqlx::Error::Protocol(format!(
-                "file {} checkpoint moved while loading it; another loader is working on it",
-                target.file_id
-            ))));
-        }
+        // On an error the transaction rolls back when `tx` drops (or the connection closes).
+        self.record(&mut tx, batch, through_line).await?;
         tx.commit().await?;
         connection.release();
-        crate::ops::metrics::batch_committed(
-            &target.source,
-            target.kind,
-            &target.resource_type,
-            batch.rows,
-            rejected as u64,
-            &batch.delete_types,
-        );
-        self.stats.loaded += batch.rows;
-        self.stats.rejected += rejected as u64;
-        self.stats.deletions += batch.delete_ids.len() as u64;
-        *self.checkpoint = through_line;
+        self.committed(batch, through_line);
         Ok(())
     }
+}
+
+/// A batch whose rows sit in the staging table of an open transaction, waiting for their turn
+/// to merge. Dropped without [`Flusher::finish_staged`], its connection is closed, which rolls
+/// the transaction back.
+struct Staged {
+    connection: ConnectionGuard,
+    /// The batch, its COPY data handed back already.
+    batch: Batch,
+    through_line: u64,
+}
+
+/// Opens a transaction on a connection of its own and COPYs the batch into its staging table.
+/// Returns the staged batch and the batch's COPY buffer, free for the next batch.
+async fn stage(
+    pool: &PgPool,
+    mut batch: Batch,
+    through_line: u64,
+) -> Result<(Staged, Vec<u8>), LoadError> {
+    let mut connection = ConnectionGuard(Some(pool.acquire().await?));
+    let conn = connection.get();
+    // A plain BEGIN rather than sqlx's transaction type, which would borrow the connection;
+    // `ConnectionGuard` closes the connection (ending the transaction) if the batch is dropped
+    // before its COMMIT. The commit need not wait for its WAL flush (see `Flusher::flush`).
+    sqlx::raw_sql("BEGIN; SET LOCAL synchronous_commit = off")
+        .execute(&mut *conn)
+        .await?;
+    if batch.rows > 0 {
+        sqlx::query(CREATE_STAGING).execute(&mut *conn).await?;
+        copy_in(
+            conn,
+            &format!("COPY fhir_sync_staging {COPY_COLUMNS} FROM STDIN {CSV}"),
+            &batch.copy,
+        )
+        .await?;
+    }
+    let buffer = std::mem::take(&mut batch.copy);
+    Ok((
+        Staged {
+            connection,
+            batch,
+            through_line,
+        },
+        buffer,
+    ))
 }
 
 async fn copy_in(

@@ -719,6 +719,120 @@ async fn a_loader_dropped_mid_file_resumes_to_the_exact_row_set() {
     assert_eq!((loaded, rejected, mismatch), (26, 1, None));
 }
 
+/// An incremental load: the partition holds rows already, so batches go through the staging
+/// table, the next one staged on a second connection while the previous one merges.
+#[tokio::test]
+async fn an_incremental_load_dropped_mid_file_leaves_no_transaction_open_and_resumes_exactly() {
+    let db = TestDb::new().await;
+    let first = output(&db, "Patient").await;
+    let old: Vec<String> = (0..30)
+        .map(|i| patient(&format!("p{i:02}"), "1", "2024-01-01T00:00:00Z", "old"))
+        .collect();
+    load(&db, &first, &old).await;
+
+    let target = output(&db, "Patient").await;
+    let mut lines: Vec<String> = (0..30)
+        .map(|i| {
+            patient(
+                &format!("p{i:02}"),
+                "2",
+                "2024-02-01T00:00:00Z",
+                &format!("new {i}"),
+            )
+        })
+        .collect();
+    lines.insert(5, "garbage".into());
+    let body = lines.join("\n") + "\n";
+    let limits = LoadLimits {
+        batch_lines: 4,
+        ..LIMITS
+    };
+    let stall_at = lines[..17].iter().map(|l| l.len() + 1).sum::<usize>() + 20;
+    let stalled = Arc::new(Notify::new());
+    let reader = StallsAt {
+        data: body.clone().into_bytes(),
+        stall_at,
+        pos: 0,
+        stalled: stalled.clone(),
+    };
+    let pool = db.pool.clone();
+    let task_target = target.clone();
+    let task = tokio::spawn(async move {
+        load_ndjson(&pool, &task_target, BufReader::new(reader), limits).await
+    });
+    stalled.notified().await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    let committed: i64 =
+        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
+            .bind(target.file_id)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        committed % 4 == 0 && (4..=16).contains(&committed),
+        "{committed}"
+    );
+    let new_rows: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_sync.resource WHERE resource #>> '{name,0,family}' <> 'old'",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        new_rows,
+        committed - 1,
+        "exactly the committed lines were merged (one is garbage)"
+    );
+    // The staged batch's transaction did not outlive the loader: its connection was closed.
+    let database: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let open: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = $1 AND state LIKE 'idle in transaction%'",
+        )
+        .bind(&database)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{open} transactions left open"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    let stats = load_ndjson(&db.pool, &target, body.as_bytes(), limits)
+        .await
+        .unwrap();
+    assert_eq!(stats.resumed_after_line, committed as u64);
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT id, resource #>> '{name,0,family}' FROM fhir_sync.resource ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String)> = (0..30)
+        .map(|i| (format!("p{i:02}"), format!("new {i}")))
+        .collect();
+    assert_eq!(rows, expected);
+    let (loaded, rejected): (i64, i64) = sqlx::query_as(
+        "SELECT resources_loaded, lines_rejected FROM fhir_sync.run_file WHERE id = $1",
+    )
+    .bind(target.file_id)
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!((loaded, rejected), (30, 1));
+}
+
 /// resource_type, id, version_id, patient_id, first_run_id, last_run_id.
 type MigratedRow = (String, String, Option<String>, Option<String>, i64, i64);
 
