@@ -10,6 +10,7 @@ use std::io::Write;
 use serde::Serialize;
 use time::OffsetDateTime;
 
+use super::format::{first_line, human_bytes, human_duration, utc};
 use super::report::{FileDetail, JobOverview, RunDetail, RunSummary};
 
 /// `fhir-sync status --json`: `{"jobs": [...], "runs": [...]}`.
@@ -365,64 +366,6 @@ fn write_table<const N: usize>(
         writeln!(out, "{}", line(row.each_ref().map(String::as_str)))?;
     }
     Ok(())
-}
-
-/// `2026-11-29 03:04:05` in UTC.
-pub fn utc(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        at.year(),
-        at.month() as u8,
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second()
-    )
-}
-
-/// `0.4s`, `12.0s`, `3m 05s`, `2h 07m`, `3d 4h`: precise when short, coarse when long.
-pub fn human_duration(seconds: f64) -> String {
-    let seconds = seconds.max(0.0);
-    if seconds < 60.0 {
-        return format!("{seconds:.1}s");
-    }
-    let whole = seconds as u64;
-    let (days, hours, minutes, secs) = (
-        whole / 86_400,
-        whole / 3600 % 24,
-        whole / 60 % 60,
-        whole % 60,
-    );
-    if days > 0 {
-        format!("{days}d {hours}h")
-    } else if hours > 0 {
-        format!("{hours}h {minutes:02}m")
-    } else {
-        format!("{minutes}m {secs:02}s")
-    }
-}
-
-/// `512 B`, `1.5 kB`, `12.3 MB`, `4.0 GB` (powers of 1000, as download tools show).
-pub fn human_bytes(bytes: i64) -> String {
-    let bytes = bytes.max(0) as f64;
-    match bytes {
-        b if b < 1e3 => format!("{b} B"),
-        b if b < 1e6 => format!("{:.1} kB", b / 1e3),
-        b if b < 1e9 => format!("{:.1} MB", b / 1e6),
-        b => format!("{:.1} GB", b / 1e9),
-    }
-}
-
-/// The first line of `text`, cut to `max` characters with `…`; `""` for none.
-pub fn first_line(text: Option<&str>, max: usize) -> String {
-    let line = text.and_then(|t| t.lines().next()).unwrap_or("");
-    if line.chars().count() <= max {
-        line.to_string()
-    } else {
-        let cut: String = line.chars().take(max.saturating_sub(1)).collect();
-        format!("{cut}…")
-    }
 }
 
 #[cfg(test)]

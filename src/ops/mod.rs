@@ -8,6 +8,7 @@ pub mod alert;
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod format;
 pub mod http;
 pub mod logging;
 pub mod metrics;

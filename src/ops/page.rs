@@ -17,6 +17,9 @@ use maud::{DOCTYPE, Markup, PreEscaped, html};
 use sqlx::PgPool;
 use time::OffsetDateTime;
 
+use super::format::{
+    excerpt, human_bytes, human_duration as duration, percent, relative, thousands,
+};
 use super::http::OpsState;
 use super::report::{self, FileDetail, JobOverview, RunDetail, RunFilter, RunSummary};
 
@@ -575,102 +578,7 @@ fn when(at: Option<OffsetDateTime>, now: OffsetDateTime, missing: &str) -> Marku
 
 /// `2026-11-29 03:47:03 UTC`.
 fn utc(at: OffsetDateTime) -> String {
-    let at = at.to_offset(time::UtcOffset::UTC);
-    format!(
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-        at.year(),
-        at.month() as u8,
-        at.day(),
-        at.hour(),
-        at.minute(),
-        at.second()
-    )
-}
-
-/// `3 h ago`, `in 20 min`, `just now`: the unit is the largest that fits, rounded down.
-fn relative(at: OffsetDateTime, now: OffsetDateTime) -> String {
-    let seconds = (now - at).whole_seconds();
-    if seconds.abs() < 5 {
-        return "just now".into();
-    }
-    let amount = match seconds.unsigned_abs() {
-        s if s < 60 => format!("{s} s"),
-        s if s < 3600 => format!("{} min", s / 60),
-        s if s < 48 * 3600 => format!("{} h", s / 3600),
-        s => format!("{} d", s / 86_400),
-    };
-    if seconds > 0 {
-        format!("{amount} ago")
-    } else {
-        format!("in {amount}")
-    }
-}
-
-/// `4.2 s`, `3 min 20 s`, `2 h 05 min`.
-fn duration(seconds: f64) -> String {
-    let seconds = seconds.max(0.0);
-    if seconds < 60.0 {
-        return format!("{seconds:.1} s");
-    }
-    let whole = seconds as u64;
-    if whole < 3600 {
-        format!("{} min {:02} s", whole / 60, whole % 60)
-    } else {
-        format!("{} h {:02} min", whole / 3600, (whole % 3600) / 60)
-    }
-}
-
-/// `1,234,567`.
-fn thousands(n: i64) -> String {
-    let digits = n.unsigned_abs().to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
-    if n < 0 {
-        out.push('-');
-    }
-    for (i, digit) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(digit);
-    }
-    out
-}
-
-/// `512 B`, `1.5 KB`, `3.2 MB` (powers of 1000, as download sizes are usually quoted).
-fn human_bytes(bytes: i64) -> String {
-    const UNITS: [&str; 5] = ["KB", "MB", "GB", "TB", "PB"];
-    if bytes < 1000 {
-        return format!("{bytes} B");
-    }
-    let mut value = bytes as f64;
-    let mut unit = "B";
-    for next in UNITS {
-        if value < 1000.0 {
-            break;
-        }
-        value /= 1000.0;
-        unit = next;
-    }
-    format!("{value:.1} {unit}")
-}
-
-/// Whole percent, rounded down so that an unfinished file never shows 100 %.
-fn percent(done: i64, total: i64) -> String {
-    if total <= 0 {
-        return "0 %".into();
-    }
-    format!("{} %", done.saturating_mul(100) / total)
-}
-
-/// The first `max` characters, with an ellipsis when cut.
-fn excerpt(text: &str, max: usize) -> String {
-    let mut chars = text.chars();
-    let head: String = chars.by_ref().take(max).collect();
-    if chars.next().is_some() {
-        format!("{head}…")
-    } else {
-        head
-    }
+    format!("{} UTC", super::format::utc(at))
 }
 
 #[cfg(test)]
@@ -709,11 +617,11 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(1_234_567), "1,234,567");
         assert_eq!(thousands(-1000), "-1,000");
-        assert_eq!(duration(4.24), "4.2 s");
-        assert_eq!(duration(200.0), "3 min 20 s");
-        assert_eq!(duration(7500.0), "2 h 05 min");
+        assert_eq!(duration(4.24), "4.2s");
+        assert_eq!(duration(200.0), "3m 20s");
+        assert_eq!(duration(7500.0), "2h 05m");
         assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(1500), "1.5 KB");
+        assert_eq!(human_bytes(1500), "1.5 kB");
         assert_eq!(human_bytes(3_200_000), "3.2 MB");
         assert_eq!(percent(999, 1000), "99 %");
         assert_eq!(percent(5, 0), "0 %");
