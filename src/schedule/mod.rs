@@ -59,19 +59,7 @@ pub fn tick_at_or_before(
     schedule: &ScheduleConfig,
     at: time::OffsetDateTime,
 ) -> Result<time::OffsetDateTime, SyncError> {
-    let (cron, tz) = parse(schedule)?;
-    let at = tz
-        .timestamp_opt(at.unix_timestamp(), 0)
-        .single()
-        .ok_or_else(|| SyncError::Unsupported("time out of range".into()))?;
-    let tick = cron.find_previous_occurrence(&at, true).map_err(|e| {
-        SyncError::Unsupported(format!(
-            "schedule.cron {:?} has no previous occurrence: {e}",
-            schedule.cron
-        ))
-    })?;
-    time::OffsetDateTime::from_unix_timestamp(tick.timestamp())
-        .map_err(|e| SyncError::Unsupported(e.to_string()))
+    occurrence(schedule, at, Direction::AtOrBefore)
 }
 
 /// The first tick of `schedule` strictly after `at`: when the job runs next.
@@ -79,14 +67,31 @@ pub fn next_tick_after(
     schedule: &ScheduleConfig,
     at: time::OffsetDateTime,
 ) -> Result<time::OffsetDateTime, SyncError> {
+    occurrence(schedule, at, Direction::After)
+}
+
+enum Direction {
+    AtOrBefore,
+    After,
+}
+
+fn occurrence(
+    schedule: &ScheduleConfig,
+    at: time::OffsetDateTime,
+    direction: Direction,
+) -> Result<time::OffsetDateTime, SyncError> {
     let (cron, tz) = parse(schedule)?;
     let at = tz
         .timestamp_opt(at.unix_timestamp(), 0)
         .single()
         .ok_or_else(|| SyncError::Unsupported("time out of range".into()))?;
-    let tick = cron.find_next_occurrence(&at, false).map_err(|e| {
+    let (tick, which) = match direction {
+        Direction::AtOrBefore => (cron.find_previous_occurrence(&at, true), "previous"),
+        Direction::After => (cron.find_next_occurrence(&at, false), "next"),
+    };
+    let tick = tick.map_err(|e| {
         SyncError::Unsupported(format!(
-            "schedule.cron {:?} has no next occurrence: {e}",
+            "schedule.cron {:?} has no {which} occurrence: {e}",
             schedule.cron
         ))
     })?;
