@@ -1,27 +1,10 @@
 //! No log line of a run carries a token, an assertion, a client secret or key material, even
 //! at TRACE level and through renewals, 401s and redirects.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use fhir_sync::fake::FakeOptions;
 use secrecy::ExposeSecret;
 
-use crate::helpers::TestEnv;
-
-/// Collects everything a tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::helpers::{Captured, TestEnv};
 
 // The default current-thread runtime, so the subscriber set for this thread sees the client and
 // the fake server alike.
@@ -54,7 +37,7 @@ async fn no_log_line_carries_a_secret() {
     env.fake.redirect_files_to(&other);
     env.run().await.expect("the run succeeds");
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     assert!(
         logs.contains("access token refused by the server, renewing"),
         "renewals are logged"

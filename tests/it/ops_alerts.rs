@@ -2,9 +2,8 @@
 //! retried, a dead receiver never holds up a run, and "no recent success" alerts once per
 //! episode however often (and from however many processes) it is checked.
 
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
@@ -21,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::export_env::{env_with, run, run_row};
-use crate::helpers::{TestEnv, queue_settings, sync_settings};
+use crate::helpers::{Captured, TestEnv, queue_settings, sync_settings};
 
 /// How long a test waits for something that should happen in milliseconds.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -223,26 +222,6 @@ async fn a_receiver_that_fails_once_gets_the_alert_on_the_retry() {
         "two attempts, delivered"
     );
     receiver.nothing_more();
-}
-
-/// Collects everything a tracing subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
-    }
-}
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 // The default current-thread runtime, so the subscriber set for this thread sees the spawned

@@ -3,30 +3,13 @@
 //! presigned URLs: no token, assertion, key, presigned query or resource body in any line, and
 //! every line about a file carries the job, the run and the file.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use fhir_sync::config::LogFormat;
 use fhir_sync::fake::{FakeOptions, Faults, RESOURCE_TYPES};
 use secrecy::ExposeSecret;
 use serde_json::Value;
 use tracing_subscriber::EnvFilter;
 
-use crate::helpers::TestEnv;
-
-/// Collects everything a subscriber writes.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+use crate::helpers::{Captured, TestEnv};
 
 /// Strings that occur only inside resource bodies of the fake's data set: names, record
 /// numbers, phone numbers, clinical notes and timestamps of when things happened.
@@ -94,7 +77,7 @@ async fn json_logs_of_a_faulty_sync_carry_ids_and_no_secret_or_body() {
         .await
         .expect("the run succeeds through its faults");
 
-    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let logs = captured.text();
     let lines: Vec<Value> = logs
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))

@@ -1,38 +1,14 @@
 //! No private key, client assertion or access token ever reaches a log line, at any level.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
-
 use secrecy::ExposeSecret;
-use tracing_subscriber::fmt::MakeWriter;
 
-use crate::helpers::TestEnv;
-
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = Capture;
-    fn make_writer(&'a self) -> Capture {
-        self.clone()
-    }
-}
+use crate::helpers::{Captured, TestEnv};
 
 // A current-thread runtime: the fake server, the client and the connection tasks all run on
 // this thread, so the thread-local subscriber sees every event of every crate.
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_sync_logs_no_secret_at_trace_level() {
-    let capture = Capture::default();
+    let capture = Captured::default();
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::TRACE)
         .with_writer(capture.clone())
@@ -49,7 +25,7 @@ async fn a_full_sync_logs_no_secret_at_trace_level() {
     let env = TestEnv::new(10, TestEnv::fast()).await;
     env.run().await.expect("sync succeeds");
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("run succeeded"),
         "the capture works and saw the run"
