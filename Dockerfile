@@ -1,5 +1,6 @@
 # The fhir-sync image: `docker build -t fhir-sync .`, then `docker run fhir-sync` runs `serve`
-# (or pass another command, e.g. `run <job>`).
+# (or pass another command, e.g. `run <job>`). `serve` needs an API token for its ops server:
+# `docker run -e FHIR_SYNC_OPS__API_TOKEN=... -e FHIR_SYNC_DATABASE__URL=... fhir-sync`.
 #
 # Two stages: the Rust toolchain builds a release binary, and a slim Debian of the same release
 # (bookworm, so the binary's glibc matches) runs it as an unprivileged user. The image holds no
@@ -28,7 +29,10 @@ COPY config/ /app/config/
 COPY jobs/ /app/jobs/
 WORKDIR /app
 USER 10001:10001
-# The ops HTTP server (health, the client's JWKS) must be reachable from outside the container.
+# The ops HTTP server (health, readiness, the client's JWKS, the status API, metrics and page)
+# must be reachable from outside the container. Beyond loopback it requires an API token, so
+# `serve` refuses to start without one: pass FHIR_SYNC_OPS__API_TOKEN, or mount a file and set
+# FHIR_SYNC_OPS__API_TOKEN_FILE. /healthz, /readyz and the JWKS stay anonymous for probes.
 ENV FHIR_SYNC_OPS__LISTEN=0.0.0.0:8080
 EXPOSE 8080
 ENTRYPOINT ["fhir-sync"]
