@@ -343,6 +343,8 @@ where
         let to_commit = if pipelined { None } else { pending.take() };
         let to_finish = staged.take();
         let buffer = std::mem::take(&mut spare);
+        // Tells the stage that the batch before it has finished (or that there is none).
+        let (finished, turn) = tokio::sync::oneshot::channel::<()>();
         let (filled, staged_now, committed) = tokio::join!(
             async {
                 if end_of_file {
@@ -355,14 +357,18 @@ where
             },
             async {
                 match to_stage {
-                    Some((batch, through_line)) => stage(pool, batch, through_line).await.map(Some),
+                    Some((batch, through_line)) => {
+                        stage(pool, batch, through_line, turn).await.map(Some)
+                    }
                     None => Ok(None),
                 }
             },
             async {
                 // At most one of the two is set: a staged batch only exists once pipelined.
                 if let Some(batch) = to_finish {
-                    flusher.finish_staged(batch).await?;
+                    let result = flusher.finish_staged(batch).await;
+                    drop(finished);
+                    result?;
                 }
                 commit(&mut flusher, to_commit).await
             },
@@ -1010,12 +1016,26 @@ struct Staged {
 
 /// Opens a transaction on a connection of its own and COPYs the batch into its staging table.
 /// Returns the staged batch and the batch's COPY buffer, free for the next batch.
+///
+/// It overlaps with the previous batch's merge only on a connection the pool has idle: it
+/// never waits for a second connection while the previous batch holds one, so files loading at
+/// once cannot starve the pool (and whoever else needs it) between them. Without an idle
+/// connection it waits for `turn`, the previous batch's end, and takes the one that freed.
 async fn stage(
     pool: &PgPool,
     mut batch: Batch,
     through_line: u64,
+    turn: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<(Staged, Vec<u8>), LoadError> {
-    let mut connection = ConnectionGuard(Some(pool.acquire().await?));
+    let connection = match pool.try_acquire() {
+        Some(connection) => connection,
+        None => {
+            // Sent or dropped when the previous batch is done, whether it committed or not.
+            let _ = turn.await;
+            pool.acquire().await?
+        }
+    };
+    let mut connection = ConnectionGuard(Some(connection));
     let conn = connection.get();
     // A plain BEGIN rather than sqlx's transaction type, which would borrow the connection;
     // `ConnectionGuard` closes the connection (ending the transaction) if the batch is dropped
