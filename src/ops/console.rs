@@ -376,27 +376,17 @@ mod tests {
 
     fn run(id: i64, status: &str, error: Option<&str>) -> RunSummary {
         RunSummary {
-            id,
-            job: "epic".into(),
-            status: status.into(),
             trigger: "schedule".into(),
-            scheduled_for: None,
-            started_at: datetime!(2026-11-29 02:00:00 UTC),
             finished_at: Some(datetime!(2026-11-29 02:03:05 UTC)),
             updated_at: datetime!(2026-11-29 02:03:05 UTC),
-            full_export: false,
-            since: None,
-            transaction_time: None,
-            progress: None,
             resources_loaded: 3600,
             lines_rejected: 2,
-            export_errors: 0,
             retries: 1,
             files: 12,
             files_loaded: 12,
             bytes: 1_500_000,
             error: error.map(str::to_string),
-            error_retryable: None,
+            ..RunSummary::for_test(id, "epic", status, datetime!(2026-11-29 02:00:00 UTC))
         }
     }
 

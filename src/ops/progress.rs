@@ -255,30 +255,7 @@ mod tests {
     use super::*;
 
     fn run(status: &str) -> RunSummary {
-        let now = OffsetDateTime::now_utc();
-        RunSummary {
-            id: 3,
-            job: "epic".into(),
-            status: status.into(),
-            trigger: "manual".into(),
-            scheduled_for: None,
-            started_at: now,
-            finished_at: None,
-            updated_at: now,
-            full_export: false,
-            since: None,
-            transaction_time: None,
-            progress: None,
-            resources_loaded: 0,
-            lines_rejected: 0,
-            export_errors: 0,
-            retries: 0,
-            files: 0,
-            files_loaded: 0,
-            bytes: 0,
-            error: None,
-            error_retryable: None,
-        }
+        RunSummary::for_test(3, "epic", status, OffsetDateTime::now_utc())
     }
 
     fn file(id: i64, status: &str, count: Option<i64>, committed: i64) -> FileDetail {

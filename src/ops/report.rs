@@ -92,6 +92,37 @@ impl RunSummary {
     }
 }
 
+#[cfg(test)]
+impl RunSummary {
+    /// A manual run created at `at`, not finished, with every count zero: the base of the test
+    /// runs of everything that shows runs.
+    pub(crate) fn for_test(id: i64, job: &str, status: &str, at: OffsetDateTime) -> RunSummary {
+        RunSummary {
+            id,
+            job: job.into(),
+            status: status.into(),
+            trigger: "manual".into(),
+            scheduled_for: None,
+            started_at: at,
+            finished_at: None,
+            updated_at: at,
+            full_export: false,
+            since: None,
+            transaction_time: None,
+            progress: None,
+            resources_loaded: 0,
+            lines_rejected: 0,
+            export_errors: 0,
+            retries: 0,
+            files: 0,
+            files_loaded: 0,
+            bytes: 0,
+            error: None,
+            error_retryable: None,
+        }
+    }
+}
+
 /// One file of a run's manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct FileDetail {
@@ -276,19 +307,30 @@ pub async fn run_files(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<FileDetai
 
 /// One run with its files, export issues and rejects; `None` when there is no such run.
 pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDetail>> {
-    let Some(run) = run(pool, run_id).await? else {
+    /// The run row as listed plus the export columns only the detail shows, in one read.
+    #[derive(sqlx::FromRow)]
+    struct DetailRow {
+        #[sqlx(flatten)]
+        run: RunSummary,
+        status_url: Option<String>,
+        export_expires: Option<String>,
+        export_deleted_at: Option<OffsetDateTime>,
+    }
+    let Some(DetailRow {
+        run,
+        status_url,
+        export_expires,
+        export_deleted_at,
+    }) = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT {RUN_COLUMNS}, r.status_url, r.export_expires, r.export_deleted_at
+         FROM fhir_sync.run r {FILE_TOTALS} WHERE r.id = $1"
+    )))
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await?
+    else {
         return Ok(None);
     };
-    let (status_url, export_expires, export_deleted_at): (
-        Option<String>,
-        Option<String>,
-        Option<OffsetDateTime>,
-    ) = sqlx::query_as(
-        "SELECT status_url, export_expires, export_deleted_at FROM fhir_sync.run WHERE id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(pool)
-    .await?;
     let files = run_files(pool, run_id).await?;
     let export_issues = sqlx::query_as(
         "SELECT e.file_id, e.line_number, i->>'severity' AS severity, i->>'code' AS code,
@@ -521,27 +563,9 @@ mod tests {
         let at = time::macros::datetime!(2026-11-29 03:00 UTC);
         let detail = RunDetail {
             run: RunSummary {
-                id: 1,
-                job: "demo".into(),
-                status: "succeeded".into(),
-                trigger: "manual".into(),
-                scheduled_for: None,
-                started_at: at,
                 finished_at: Some(at),
-                updated_at: at,
                 full_export: true,
-                since: None,
-                transaction_time: None,
-                progress: None,
-                resources_loaded: 0,
-                lines_rejected: 0,
-                export_errors: 0,
-                retries: 0,
-                files: 0,
-                files_loaded: 0,
-                bytes: 0,
-                error: None,
-                error_retryable: None,
+                ..RunSummary::for_test(1, "demo", "succeeded", at)
             },
             status_url: None,
             export_expires: None,
