@@ -630,6 +630,43 @@ impl AsyncRead for StallsAt {
     }
 }
 
+/// Loads `lines` into `target` until the download hangs 20 bytes into line `stall_line`
+/// (1-based), drops the loader there, and returns the file's committed checkpoint.
+async fn load_until_dropped(
+    db: &TestDb,
+    target: &FileTarget,
+    lines: &[String],
+    stall_line: usize,
+    limits: LoadLimits,
+) -> i64 {
+    let body = lines.join("\n") + "\n";
+    let stall_at = lines[..stall_line - 1]
+        .iter()
+        .map(|l| l.len() + 1)
+        .sum::<usize>()
+        + 20;
+    let stalled = Arc::new(Notify::new());
+    let reader = StallsAt {
+        data: body.into_bytes(),
+        stall_at,
+        pos: 0,
+        stalled: stalled.clone(),
+    };
+    let pool = db.pool.clone();
+    let task_target = target.clone();
+    let task = tokio::spawn(async move {
+        load_ndjson(&pool, &task_target, BufReader::new(reader), limits).await
+    });
+    stalled.notified().await;
+    task.abort();
+    assert!(task.await.unwrap_err().is_cancelled());
+    sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
+        .bind(target.file_id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_loader_dropped_mid_file_resumes_to_the_exact_row_set() {
     let db = TestDb::new().await;
@@ -655,28 +692,7 @@ async fn a_loader_dropped_mid_file_resumes_to_the_exact_row_set() {
     // Stall in the middle of line 14: batches of 4 lines mean lines 1-8 are committed, and lines
     // 9-12 too unless the drop interrupts their commit (a batch is committed while the next one
     // is read), which must then leave no trace of them.
-    let stall_at = lines[..13].iter().map(|l| l.len() + 1).sum::<usize>() + 20;
-    let stalled = Arc::new(Notify::new());
-    let reader = StallsAt {
-        data: body.clone().into_bytes(),
-        stall_at,
-        pos: 0,
-        stalled: stalled.clone(),
-    };
-    let pool = db.pool.clone();
-    let task_target = target.clone();
-    let task = tokio::spawn(async move {
-        load_ndjson(&pool, &task_target, BufReader::new(reader), limits).await
-    });
-    stalled.notified().await;
-    task.abort();
-    assert!(task.await.unwrap_err().is_cancelled());
-    let committed: i64 =
-        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
-            .bind(target.file_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let committed = load_until_dropped(&db, &target, &lines, 14, limits).await;
     assert!(committed == 8 || committed == 12, "{committed}");
     let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.resource")
         .fetch_one(&db.pool)
@@ -747,28 +763,7 @@ async fn an_incremental_load_dropped_mid_file_leaves_no_transaction_open_and_res
         batch_lines: 4,
         ..LIMITS
     };
-    let stall_at = lines[..17].iter().map(|l| l.len() + 1).sum::<usize>() + 20;
-    let stalled = Arc::new(Notify::new());
-    let reader = StallsAt {
-        data: body.clone().into_bytes(),
-        stall_at,
-        pos: 0,
-        stalled: stalled.clone(),
-    };
-    let pool = db.pool.clone();
-    let task_target = target.clone();
-    let task = tokio::spawn(async move {
-        load_ndjson(&pool, &task_target, BufReader::new(reader), limits).await
-    });
-    stalled.notified().await;
-    task.abort();
-    assert!(task.await.unwrap_err().is_cancelled());
-    let committed: i64 =
-        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
-            .bind(target.file_id)
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+    let committed = load_until_dropped(&db, &target, &lines, 18, limits).await;
     assert!(
         committed % 4 == 0 && (4..=16).contains(&committed),
         "{committed}"
