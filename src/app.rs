@@ -70,15 +70,8 @@ pub async fn run(
     job_name: &str,
     full: bool,
 ) -> anyhow::Result<()> {
-    let dir = jobs_dir(settings, jobs_dir_override);
-    let path = dir.join(format!("{job_name}.toml"));
-    if !path.exists() {
-        anyhow::bail!(
-            "no job named {job_name:?}: {} does not exist",
-            path.display()
-        );
-    }
-    let job = config::load_job(&path)?.with_alert_defaults(&settings.alerts);
+    let job = find_job(&jobs_dir(settings, jobs_dir_override), job_name)?
+        .with_alert_defaults(&settings.alerts);
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
     let ctx = SyncContext {

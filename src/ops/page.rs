@@ -68,10 +68,12 @@ impl StatusView {
             },
         )
         .await?;
-        let mut running = Vec::new();
-        for run in report::active_runs(pool).await? {
-            running.extend(report::run_detail(pool, run.id).await?);
-        }
+        let active: Vec<i64> = report::active_runs(pool)
+            .await?
+            .iter()
+            .map(|r| r.id)
+            .collect();
+        let running = details(pool, &active).await?;
         // The failed last run of every job, even one older than the recent list, then recent
         // runs that failed or whose server reported issues.
         let mut failure_ids: Vec<i64> = jobs
