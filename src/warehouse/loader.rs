@@ -208,6 +208,17 @@ struct Batch {
 }
 
 impl Batch {
+    /// The merge of the staged rows into the warehouse. Without a repeated id it needs no
+    /// DISTINCT ON, whose sort of whole rows would spill to disk for a batch larger than
+    /// work_mem.
+    fn merge_statement(&self) -> &'static str {
+        if self.duplicate_ids {
+            MERGE_RESOURCES
+        } else {
+            MERGE_UNIQUE_RESOURCES
+        }
+    }
+
     fn len(&self) -> usize {
         self.rows as usize + self.reject_lines.len() + self.delete_ids.len()
     }
@@ -824,12 +835,9 @@ impl Flusher<'_> {
         let batch = &staged.batch;
         let conn = staged.connection.get();
         if batch.rows > 0 {
-            let merge = if batch.duplicate_ids {
-                MERGE_RESOURCES
-            } else {
-                MERGE_UNIQUE_RESOURCES
-            };
-            sqlx::query(merge).execute(&mut *conn).await?;
+            sqlx::query(batch.merge_statement())
+                .execute(&mut *conn)
+                .await?;
         }
         self.record(&mut *conn, batch, staged.through_line).await?;
         sqlx::raw_sql("COMMIT").execute(&mut *conn).await?;
@@ -955,14 +963,9 @@ impl Flusher<'_> {
                             &batch.copy,
                         )
                         .await?;
-                        // Without a repeated id the merge needs no DISTINCT ON, whose sort of
-                        // whole rows would spill to disk for a batch larger than work_mem.
-                        let merge = if batch.duplicate_ids {
-                            MERGE_RESOURCES
-                        } else {
-                            MERGE_UNIQUE_RESOURCES
-                        };
-                        sqlx::query(merge).execute(&mut *tx).await?;
+                        sqlx::query(batch.merge_statement())
+                            .execute(&mut *tx)
+                            .await?;
                     }
                 }
                 FileKind::Error => {
