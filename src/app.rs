@@ -99,6 +99,23 @@ pub async fn run(
         // The bars are gone before the report is printed.
         let _ = progress.await;
     }
+    // The failure alert of this run, from this process (a serving process's sweep would send
+    // it too, once: whichever claims it first).
+    if let Err(sync::RunFailed {
+        run_id: Some(run_id),
+        ..
+    }) = &result
+    {
+        let alerting = crate::sync::StepContext::new(
+            ctx.pool.clone(),
+            ctx.settings.clone(),
+            ctx.queue.clone(),
+            vec![job.clone()],
+        );
+        if let Err(e) = crate::ops::alert::notify_run_failed(&alerting, *run_id).await {
+            tracing::warn!(error = %e, "cannot send the run failure alert");
+        }
+    }
     crate::ops::alert::flush(crate::ops::alert::FLUSH_LIMIT).await;
     print_report(&job.name, &result?);
     Ok(())
@@ -173,7 +190,7 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
             }
         })
     };
-    let alerts = crate::ops::alert::spawn_staleness_checker(ctx.clone(), shutdown.clone());
+    let alerts = crate::ops::alert::spawn_alerting(ctx.clone(), shutdown.clone());
     let grace = Duration::from_secs(settings.queue.shutdown_grace_seconds);
     let workers = tokio::spawn(crate::sync::steps::run_workers(
         ctx.clone(),
@@ -494,6 +511,8 @@ pub async fn cancel(
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
     };
+    // A run that had ended cannot be cancelled; its export is still deleted if it is left.
+    let before = crate::warehouse::runs::status(&ctx.pool, run_id).await?;
     let outcome = sync::cancel_run(&ctx, &jobs, run_id)
         .await
         .map_err(|e| anyhow::anyhow!("cannot cancel run {run_id}: {}", sync::error_chain(&e)))?;
@@ -507,6 +526,9 @@ pub async fn cancel(
         sync::CancelOutcome::NeverStarted => {
             println!("run {run_id}: no export was started, nothing to cancel")
         }
+    }
+    if let Some(status) = before.filter(|s| s.is_terminal()) {
+        anyhow::bail!("run {run_id} had already ended ({status}); there was no run to cancel");
     }
     Ok(())
 }

@@ -53,6 +53,9 @@ pub struct BenchOptions {
     /// Instead of the full and incremental comparison, load one Observation file of about this
     /// many megabytes (10^6 bytes) and report fhir-sync's peak RSS while loading it.
     pub single_file_mb: Option<u64>,
+    /// Instead of the comparison, sync this many one-line files (one Patient each) and report
+    /// the cost per file: the queue and bookkeeping work a file costs whatever its size.
+    pub files: Option<usize>,
     /// The `fhir-sync` executable that serves the fake server (this one, normally).
     pub exe: PathBuf,
 }
@@ -126,9 +129,10 @@ async fn measure(options: &BenchOptions, database_url: &str) -> anyhow::Result<(
             "not encoded"
         }
     );
-    let result = match options.single_file_mb {
-        Some(megabytes) => measure_single_file(options, &pool, megabytes).await,
-        None => measure_full_and_incremental(options, &pool, database_url).await,
+    let result = match (options.files, options.single_file_mb) {
+        (Some(files), _) => measure_many_files(options, &pool, files).await,
+        (None, Some(megabytes)) => measure_single_file(options, &pool, megabytes).await,
+        (None, None) => measure_full_and_incremental(options, &pool, database_url).await,
     };
     pool.close().await;
     result
@@ -174,6 +178,36 @@ async fn measure_single_file(
     println!(
         "  {:.1} MB of NDJSON (decoded); peak RSS of fhir-sync: {rss} (target: under 128 MB)",
         sync.bytes as f64 / 1e6,
+    );
+    Ok(())
+}
+
+/// The many-small-files case: `files` Patient files of one line each, so that the time is the
+/// per-file cost of a run (queueing, leases, slots, bookkeeping), which must stay linear.
+async fn measure_many_files(
+    options: &BenchOptions,
+    pool: &PgPool,
+    files: usize,
+) -> anyhow::Result<()> {
+    println!(
+        "
+many files: {files} files of one Patient line each"
+    );
+    let key_pem = smart::generate(SigningAlgorithm::RS384)?;
+    let key = SigningKey::from_pem(&key_pem, SigningAlgorithm::RS384, None, "the bench key")?;
+    let spec = FakeSpec {
+        seed: options.seed,
+        patients: files,
+        changed_every: None,
+        resources_per_file: 1,
+        gzip: options.gzip,
+    };
+    let (sync, _) = sync_from_fake(options, pool, &spec, &["Patient"], &key, &key_pem).await?;
+    check_rows(pool, files as i64).await?;
+    let seconds = sync.elapsed.as_secs_f64();
+    println!(
+        "  {files} files in {seconds:.1} s end to end: {:.1} ms per file",
+        seconds * 1000.0 / files.max(1) as f64
     );
     Ok(())
 }

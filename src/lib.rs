@@ -5,6 +5,7 @@
 //! keep.
 
 pub mod app;
+pub mod backoff;
 pub mod bench;
 pub mod bulk;
 pub mod config;
@@ -12,6 +13,7 @@ pub mod demo;
 pub mod fake;
 pub mod fhir;
 pub mod localpg;
+pub mod metrics;
 pub mod ops;
 pub mod queue;
 pub mod schedule;

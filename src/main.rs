@@ -68,6 +68,9 @@ enum Command {
         /// the peak RSS (the memory target's case).
         #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..))]
         single_file_mb: Option<u64>,
+        /// Instead of the comparison, sync N one-line files and report the cost per file.
+        #[arg(long, value_name = "N", conflicts_with = "single_file_mb")]
+        files: Option<usize>,
     },
     /// The bench's fake FHIR server, run as a child process of `bench` (internal).
     #[command(hide = true)]
@@ -274,6 +277,7 @@ fn main() -> ExitCode {
                 state_dir,
                 gzip,
                 single_file_mb,
+                files,
             } => {
                 bench::run(&bench::BenchOptions {
                     patients,
@@ -285,6 +289,7 @@ fn main() -> ExitCode {
                     queue: settings.queue.clone(),
                     gzip,
                     single_file_mb,
+                    files,
                     exe: std::env::current_exe()?,
                 })
                 .await

@@ -1,34 +1,32 @@
 //! One sync run of one job, start to finish: discovery → token → `$export` kick-off → polling →
 //! download and load of every file → DELETE of the export → run recorded.
 //!
-//! This is the only place that strings `smart`, `bulk` and `warehouse` together. It records
-//! every step in the run tables (retries included) and classifies failures as retryable or
-//! fatal; it retries files, refreshes expired links, and deletes exports that earlier runs
-//! abandoned on the server. It never logs a credential or a resource body.
+//! This is the only place that strings `smart`, `bulk` and `warehouse` together: a run is a
+//! chain of queued steps (`steps`, one file per step), each failure mapped to a directive by
+//! the one retry policy (`policy`), each file streamed into the loader by `download`; the run
+//! and file records are written only through the run store (`warehouse::runs`). Here: queueing
+//! a run and driving it in-process, the authorised session, `cancel`, and the clean-up of
+//! exports earlier runs abandoned on the server. It never logs a credential or a resource
+//! body, and never imports `ops`.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::{StreamExt, TryStreamExt};
 use sqlx::PgPool;
-use tokio_util::io::StreamReader;
-
 use tokio_util::sync::CancellationToken;
 
-use crate::bulk::{
-    BulkClient, ExportError, ExportRequest, Manifest, ManifestFile, PollPolicy, RetryPolicy,
-};
+use crate::bulk::{BulkClient, ExportError, ExportRequest, PollPolicy, RetryPolicy};
 use crate::config::{JobConfig, SyncSettings};
-use crate::ops::metrics::{self, Endpoint};
 use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError};
 use crate::transport::{self, HttpOptions};
-use crate::warehouse::{self, FileKind, FileTarget, LoadError, LoadLimits, Runs, TypeCount};
+use crate::warehouse::runs::{self, RunStatus};
+use crate::warehouse::{LoadError, TypeCount};
 
-pub mod state;
+mod download;
+pub mod policy;
 pub mod steps;
 
-pub use state::Trigger;
+pub use crate::warehouse::runs::{RunEnd, Trigger};
 pub use steps::{Step, StepContext};
 
 /// What a run needs from the service: the database, the sync settings and the queue settings.
@@ -76,15 +74,28 @@ pub enum SyncError {
     Download { file: String, source: ExportError },
     #[error("database error")]
     Database(#[from] sqlx::Error),
-    #[error("{0}")]
-    Unsupported(String),
     #[error("cannot build the HTTP client")]
     Http(#[source] anyhow::Error),
+    #[error("cannot queue the run's next step")]
+    Queue(#[from] crate::queue::QueueError),
+    #[error("there is no run {0}")]
+    NoSuchRun(i64),
+    /// A run of a job this process has no job file for (it was removed, or the processes
+    /// serving one database read different job directories).
+    #[error("job {job:?} is not configured in this process (jobs/{job}.toml missing?)")]
+    JobNotConfigured { job: String },
+    /// A run or file record lacks what its state promises (a status URL while exporting).
+    #[error("run {run_id} has no usable {what}")]
+    BadRecord { run_id: i64, what: &'static str },
+    /// A job's schedule cannot be evaluated.
     #[error("{0}")]
-    Queue(String),
+    Schedule(String),
+    /// This process is stopping: the step's work goes back to the queue.
+    #[error("the process is stopping")]
+    Stopped,
     #[error("the run ended {status}: {error}")]
     RunEnded {
-        status: String,
+        status: RunStatus,
         error: String,
         retryable: bool,
     },
@@ -97,9 +108,13 @@ impl SyncError {
             SyncError::Auth(e) => e.is_retryable(),
             SyncError::Export(e) | SyncError::Download { source: e, .. } => e.is_retryable(),
             SyncError::Load { source, .. } => source.is_retryable(),
-            SyncError::Database(_) | SyncError::Queue(_) => true,
+            SyncError::Database(_) | SyncError::Queue(_) | SyncError::Stopped => true,
             SyncError::RunEnded { retryable, .. } => *retryable,
-            SyncError::Unsupported(_) | SyncError::Http(_) => false,
+            SyncError::Http(_)
+            | SyncError::NoSuchRun(_)
+            | SyncError::JobNotConfigured { .. }
+            | SyncError::BadRecord { .. }
+            | SyncError::Schedule(_) => false,
         }
     }
 }
@@ -188,7 +203,7 @@ pub async fn run_job_with(
         Err(e) => tracing::warn!(error = %e, "queue workers panicked"),
     }
     let run = ended.map_err(|e| failed(Some(run_id), e.into()))?;
-    if run.status != "succeeded" {
+    if run.status != RunStatus::Succeeded {
         let error = run
             .error
             .unwrap_or_else(|| format!("the run ended {}", run.status));
@@ -201,19 +216,12 @@ pub async fn run_job_with(
             },
         ));
     }
-    let runs = Runs::new(ctx.pool.clone());
-    let types = runs
-        .type_counts(run_id)
+    let types = runs::type_counts(&ctx.pool, run_id)
         .await
         .map_err(|e| failed(Some(run_id), e.into()))?;
-    let (output_files, error_files, bytes): (i64, i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE kind = 'output'), count(*) FILTER (WHERE kind = 'error'), coalesce(sum(bytes), 0)::bigint
-         FROM fhir_sync.run_file WHERE run_id = $1",
-    )
-    .bind(run_id)
-    .fetch_one(&ctx.pool)
-    .await
-    .map_err(|e| failed(Some(run_id), e.into()))?;
+    let (output_files, error_files, bytes) = runs::file_totals(&ctx.pool, run_id)
+        .await
+        .map_err(|e| failed(Some(run_id), e.into()))?;
     Ok(RunReport {
         run_id,
         transaction_time: run.transaction_time.unwrap_or_default(),
@@ -238,7 +246,7 @@ pub async fn enqueue_run(
 ) -> Result<Option<i64>, SyncError> {
     let base = transport::redacted(&job.fhir.base_url);
     let Some(run_id) =
-        state::create(&steps.pool, &job.name, &base, trigger, scheduled_for, full).await?
+        runs::create(&steps.pool, &job.name, &base, trigger, scheduled_for, full).await?
     else {
         return Ok(None);
     };
@@ -258,48 +266,51 @@ pub async fn enqueue_run(
     Ok(Some(run_id))
 }
 
-/// The end state of a run, as [`wait_for_run`] reports it.
-#[derive(Debug, Clone, sqlx::FromRow)]
-pub struct RunEnd {
-    pub status: String,
-    pub error: Option<String>,
-    pub error_retryable: Option<bool>,
-    pub transaction_time: Option<String>,
-    pub since: Option<String>,
-    pub export_errors: i64,
-}
-
 /// Waits until the run is finished, logging each state change. Listens for the run table's
 /// notifications; the periodic re-read only covers a notification lost while reconnecting.
+/// The database going away for a while (the workers ride it out) does not end the wait; it
+/// fails only once reads have failed for [`WAIT_PATIENCE`] in a row.
 pub async fn wait_for_run(pool: &PgPool, run_id: i64) -> sqlx::Result<RunEnd> {
     let mut listener = sqlx::postgres::PgListener::connect_with(pool).await?;
     listener.listen("fhir_sync_run").await?;
     let mut last = String::new();
+    let mut failing_since: Option<Instant> = None;
     loop {
-        let (status, progress): (String, Option<String>) =
-            sqlx::query_as("SELECT status, progress FROM fhir_sync.run WHERE id = $1")
-                .bind(run_id)
-                .fetch_one(pool)
-                .await?;
-        let now = format!("{status} {}", progress.as_deref().unwrap_or(""));
-        if now != last {
-            tracing::info!(run.id = run_id, run.status = %status, export.progress = progress.as_deref().unwrap_or(""), "run state");
-            last = now;
-        }
-        if state::TERMINAL.contains(&status.as_str()) {
-            return sqlx::query_as(
-                "SELECT status, error, error_retryable, transaction_time, since, export_errors FROM fhir_sync.run WHERE id = $1",
-            )
-            .bind(run_id)
-            .fetch_one(pool)
-            .await;
+        let read = match runs::status_and_progress(pool, run_id).await {
+            Ok((status, _)) if status.is_terminal() => runs::run_end(pool, run_id).await.map(Ok),
+            Ok(now) => Ok(Err(now)),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(Ok(end)) => return Ok(end),
+            Ok(Err((status, progress))) => {
+                failing_since = None;
+                let now = format!("{status} {}", progress.as_deref().unwrap_or(""));
+                if now != last {
+                    tracing::info!(run.id = run_id, run.status = %status, export.progress = progress.as_deref().unwrap_or(""), "run state");
+                    last = now;
+                }
+            }
+            Err(e) if failing_since.is_some_and(|at| at.elapsed() > WAIT_PATIENCE) => {
+                return Err(e);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the run's state; trying again");
+                failing_since.get_or_insert_with(Instant::now);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
         }
         // Any run's change wakes us; the loop re-reads ours.
         let _ = tokio::time::timeout(Duration::from_secs(5), listener.recv()).await;
     }
 }
 
-/// What a job's steps share: the HTTP client, discovery, the token manager and the bulk client.
+/// How long [`wait_for_run`] keeps reading through database errors.
+const WAIT_PATIENCE: Duration = Duration::from_secs(120);
+
+/// What a run's steps share in one process: the bulk client (with the HTTP client and the
+/// token manager inside it, discovery done) and the types the granted scopes cover.
 pub struct Session {
     pub bulk: BulkClient,
     /// The job's types that the granted scopes cover (all of them unless the job drops types).
@@ -371,29 +382,34 @@ pub async fn cancel_run(
     jobs: &[JobConfig],
     run_id: i64,
 ) -> Result<CancelOutcome, SyncError> {
-    let Some((job_name, status_url, deleted_at)) =
-        export_record::export_of(&ctx.pool, run_id).await?
+    let Some(runs::ExportRecord {
+        job: job_name,
+        status_url,
+        export_deleted_at,
+        ..
+    }) = runs::export_of(&ctx.pool, run_id).await?
     else {
-        return Err(SyncError::Unsupported(format!("there is no run {run_id}")));
+        return Err(SyncError::NoSuchRun(run_id));
     };
-    state::cancel(&ctx.pool, run_id).await?;
-    if deleted_at.is_some() {
+    runs::cancel(&ctx.pool, run_id).await?;
+    if export_deleted_at.is_some() {
         return Ok(CancelOutcome::AlreadyDeleted);
     }
     let Some(status_url) = status_url else {
         return Ok(CancelOutcome::NeverStarted);
     };
-    let job = jobs.iter().find(|j| j.name == job_name).ok_or_else(|| {
-        SyncError::Unsupported(format!(
-            "run {run_id} belongs to job {job_name:?}, which has no job file any more; its export cannot be cancelled without the job's credentials"
-        ))
-    })?;
-    let status_url = url::Url::parse(&status_url).map_err(|e| {
-        SyncError::Unsupported(format!("run {run_id} has an unusable status URL: {e}"))
+    // Without the job's credentials the export cannot be deleted on the server.
+    let job = jobs
+        .iter()
+        .find(|j| j.name == job_name)
+        .ok_or(SyncError::JobNotConfigured { job: job_name })?;
+    let status_url = url::Url::parse(&status_url).map_err(|_| SyncError::BadRecord {
+        run_id,
+        what: "status URL",
     })?;
     let session = Session::open(&ctx.settings, job).await?;
     session.bulk.delete(&status_url).await?;
-    export_record::deleted(&ctx.pool, run_id).await?;
+    runs::export_deleted(&ctx.pool, run_id).await?;
     Ok(CancelOutcome::Deleted)
 }
 
@@ -426,294 +442,6 @@ pub fn retry_policy(settings: &SyncSettings) -> RetryPolicy {
     }
 }
 
-/// Times one file's link may be refreshed from the status URL before the run gives up on it.
-const MAX_LINK_REFRESHES: u32 = 3;
-
-/// What every file download of one run shares.
-pub(crate) struct Download<'a> {
-    pool: &'a PgPool,
-    runs: &'a Runs,
-    bulk: &'a BulkClient,
-    status_url: &'a url::Url,
-    requires_access_token: bool,
-    limits: LoadLimits,
-    max_file_bytes: u64,
-    total_bytes: &'a AtomicU64,
-    retries: &'a AtomicU64,
-}
-
-impl<'a> Download<'a> {
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) fn new(
-        pool: &'a PgPool,
-        runs: &'a Runs,
-        bulk: &'a BulkClient,
-        status_url: &'a url::Url,
-        requires_access_token: bool,
-        settings: &SyncSettings,
-        total_bytes: &'a AtomicU64,
-        retries: &'a AtomicU64,
-    ) -> Self {
-        Download {
-            pool,
-            runs,
-            bulk,
-            status_url,
-            requires_access_token,
-            limits: LoadLimits {
-                batch_lines: settings.batch_lines,
-                max_line_bytes: settings.max_line_bytes,
-            },
-            max_file_bytes: settings.max_file_bytes,
-            total_bytes,
-            retries,
-        }
-    }
-
-    /// Downloads and loads one file, retrying 429, 5xx, cut connections and truncated bodies
-    /// with backoff (each attempt restarts the download and the loader skips the lines it
-    /// already committed, so nothing is loaded twice), and fetching fresh links from the status
-    /// URL when the file's link has expired.
-    pub(crate) async fn load_file(
-        &self,
-        target: FileTarget,
-        listed: &ManifestFile,
-        kind: FileKind,
-    ) -> Result<(), SyncError> {
-        let mut file = listed.clone();
-        let name = transport::redacted(&file.url);
-        self.runs.file_started(target.file_id).await?;
-        let policy = self.bulk.retry_policy();
-        let mut attempt = 0;
-        let mut refreshes = 0;
-        loop {
-            attempt += 1;
-            export_record::file_attempt(self.pool, target.file_id).await?;
-            let bytes = AtomicU64::new(0);
-            let result = self.download_and_load(&target, &file, &bytes).await;
-            let read = bytes.load(Ordering::Relaxed);
-            self.total_bytes.fetch_add(read, Ordering::Relaxed);
-            let error = match result {
-                Ok(stats) => {
-                    self.runs.file_loaded(target.file_id, read).await?;
-                    let accounted = stats.resumed_after_line + stats.lines;
-                    if let Some(mismatch) = &stats.count_mismatch {
-                        tracing::warn!(
-                            manifest.count = file.count,
-                            mismatch = %mismatch,
-                            "the file's line count differs from the manifest's count"
-                        );
-                    }
-                    tracing::info!(
-                        lines = accounted,
-                        loaded = stats.loaded,
-                        rejected = stats.rejected,
-                        bytes = read,
-                        attempts = attempt,
-                        "file loaded"
-                    );
-                    return Ok(());
-                }
-                Err(error) => error,
-            };
-            let expired = matches!(
-                &error,
-                SyncError::Download {
-                    source: ExportError::Expired { .. },
-                    ..
-                }
-            );
-            if expired && refreshes < MAX_LINK_REFRESHES {
-                refreshes += 1;
-                tracing::warn!(file = %name, "the file link expired; fetching fresh links from the status URL");
-                export_record::link_refreshed(self.pool, target.file_id).await?;
-                let fresh = self.bulk.refresh_manifest(self.status_url).await;
-                match fresh.map(|m| find_fresh_link(&m, listed, kind)) {
-                    Ok(Some(url)) => {
-                        file.url = url;
-                        // A fresh link is a new chance: it does not use up a retry.
-                        attempt -= 1;
-                        continue;
-                    }
-                    Ok(None) => {
-                        let error = SyncError::Download {
-                            file: name.clone(),
-                            source: ExportError::BadResponse(
-                                "the file link expired and the refreshed manifest no longer lists the file".into(),
-                            ),
-                        };
-                        self.runs
-                            .file_failed(target.file_id, read, &error_chain(&error))
-                            .await?;
-                        return Err(error);
-                    }
-                    Err(source) => {
-                        let error = SyncError::Export(source);
-                        self.runs
-                            .file_failed(target.file_id, read, &error_chain(&error))
-                            .await?;
-                        return Err(error);
-                    }
-                }
-            }
-            if !expired && error.is_retryable() && attempt < policy.attempts {
-                let hinted = match &error {
-                    SyncError::Download {
-                        source: ExportError::FileStatus { retry_after, .. },
-                        ..
-                    } => *retry_after,
-                    _ => None,
-                };
-                let delay = policy.delay(attempt, hinted);
-                self.retries.fetch_add(1, Ordering::Relaxed);
-                metrics::http_retry(self.bulk.job(), Endpoint::File);
-                tracing::warn!(error = %error_chain(&error), attempt, retry_in_ms = delay.as_millis() as u64, "file failed, retrying");
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            let error = if expired {
-                SyncError::Download {
-                    file: name.clone(),
-                    source: ExportError::BadResponse(format!(
-                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried); the server may be dropping the export's files"
-                    )),
-                }
-            } else {
-                error
-            };
-            self.runs
-                .file_failed(target.file_id, read, &error_chain(&error))
-                .await?;
-            tracing::warn!(error = %error_chain(&error), file = %name, "file failed");
-            return Err(error);
-        }
-    }
-
-    async fn download_and_load(
-        &self,
-        target: &FileTarget,
-        file: &ManifestFile,
-        bytes: &AtomicU64,
-    ) -> Result<warehouse::LoadStats, SyncError> {
-        let name = transport::redacted(&file.url);
-        let download_error = |source| SyncError::Download {
-            file: name.clone(),
-            source,
-        };
-        let response = self
-            .bulk
-            .open_file(file, self.requires_access_token)
-            .await
-            .map_err(download_error)?;
-        let limit = self.max_file_bytes;
-        if response
-            .content_length()
-            .is_some_and(|length| length > limit)
-        {
-            return Err(download_error(ExportError::TooLarge { limit }));
-        }
-        let too_large = std::sync::atomic::AtomicBool::new(false);
-        // A server that says it takes byte ranges (and is not compressing, which would make
-        // offsets ambiguous) gets a `Range` request when the body breaks off, and the loader
-        // reads on as if nothing happened. Otherwise a break fails this attempt and the retry
-        // restarts the file, the loader skipping the lines it has committed.
-        let resumable = response
-            .headers()
-            .get(reqwest::header::ACCEPT_RANGES)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"bytes"))
-            && !response
-                .headers()
-                .contains_key(reqwest::header::CONTENT_ENCODING);
-        let resume = Resume {
-            current: Box::pin(response.bytes_stream()),
-            offset: 0,
-            resumes_left: if resumable { MAX_RANGE_RESUMES } else { 0 },
-        };
-        let stream = futures::stream::unfold(resume, |mut resume| async move {
-            loop {
-                let error = match resume.current.next().await {
-                    Some(Ok(chunk)) => {
-                        resume.offset += chunk.len() as u64;
-                        return Some((Ok(chunk), resume));
-                    }
-                    None => return None,
-                    Some(Err(error)) => std::io::Error::other(error.without_url()),
-                };
-                if resume.resumes_left == 0 {
-                    return Some((Err(error), resume));
-                }
-                resume.resumes_left -= 1;
-                self.retries.fetch_add(1, Ordering::Relaxed);
-                metrics::http_retry(self.bulk.job(), Endpoint::File);
-                tracing::warn!(
-                    offset = resume.offset,
-                    "file body broke off; resuming with a Range request"
-                );
-                match self
-                    .bulk
-                    .resume_file(file, self.requires_access_token, resume.offset)
-                    .await
-                {
-                    Ok(response) => resume.current = Box::pin(response.bytes_stream()),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "could not resume the file; it will be restarted");
-                        resume.resumes_left = 0;
-                        return Some((Err(error), resume));
-                    }
-                }
-            }
-        });
-        // `bytes` counts what arrived (decompressed, since reqwest decodes gzip); past the cap
-        // the stream fails so the loader stops reading.
-        let downloaded = metrics::download_bytes(self.bulk.job());
-        let stream = Box::pin(stream).and_then(|chunk| {
-            downloaded.increment(chunk.len() as u64);
-            let total = bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed) + chunk.len() as u64;
-            let result = if total > limit {
-                too_large.store(true, Ordering::Relaxed);
-                Err(std::io::Error::other(
-                    "the file is larger than sync.max_file_bytes",
-                ))
-            } else {
-                Ok(chunk)
-            };
-            futures::future::ready(result)
-        });
-        let reader = tokio::io::BufReader::with_capacity(256 * 1024, StreamReader::new(stream));
-        let result = warehouse::load_ndjson(self.pool, target, reader, self.limits).await;
-        if too_large.load(Ordering::Relaxed) {
-            return Err(download_error(ExportError::TooLarge { limit }));
-        }
-        result.map_err(|source| SyncError::Load { file: name, source })
-    }
-}
-
-/// Byte-range resumptions of one download attempt before the attempt is given up.
-const MAX_RANGE_RESUMES: u32 = 3;
-
-/// The state of a file body that may be resumed with `Range` requests.
-struct Resume {
-    current: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    /// Bytes of the body received so far.
-    offset: u64,
-    resumes_left: u32,
-}
-
-/// The fresh URL of `listed` in a re-fetched manifest: the entry with the same URL without its
-/// query string (expiring links usually differ only in their signature), else the entry at the
-/// same position among the same type's files.
-fn find_fresh_link(fresh: &Manifest, listed: &ManifestFile, kind: FileKind) -> Option<url::Url> {
-    let list = match kind {
-        FileKind::Output => &fresh.output,
-        FileKind::Error => &fresh.error,
-        FileKind::Deleted => &fresh.deleted,
-    };
-    let key = transport::redacted(&listed.url);
-    list.iter()
-        .find(|f| transport::redacted(&f.url) == key)
-        .map(|f| f.url.clone())
-}
-
 /// At `serve` start-up: deletes, on each job's server, the exports earlier runs of the job left
 /// behind (see [`delete_abandoned_exports`]). Failures are logged; start-up goes on.
 pub async fn delete_abandoned_exports_at_start_up(
@@ -722,7 +450,7 @@ pub async fn delete_abandoned_exports_at_start_up(
     jobs: &[std::sync::Arc<JobConfig>],
 ) {
     for job in jobs {
-        match export_record::abandoned(pool, &job.name, 0, false).await {
+        match runs::abandoned_exports(pool, &job.name, 0, false).await {
             Ok(abandoned) if !abandoned.is_empty() => {}
             Ok(_) => continue,
             Err(e) => {
@@ -754,7 +482,7 @@ pub async fn delete_abandoned_exports(
     current_run: i64,
     include_running: bool,
 ) -> usize {
-    let abandoned = match export_record::abandoned(pool, job, current_run, include_running).await {
+    let abandoned = match runs::abandoned_exports(pool, job, current_run, include_running).await {
         Ok(abandoned) => abandoned,
         Err(e) => {
             tracing::warn!(error = %e, "could not look for abandoned exports");
@@ -772,7 +500,7 @@ pub async fn delete_abandoned_exports(
                     abandoned.run_id = run_id,
                     "deleted an abandoned export on the server"
                 );
-                if let Err(e) = export_record::deleted(pool, run_id).await {
+                if let Err(e) = runs::export_deleted(pool, run_id).await {
                     tracing::warn!(error = %e, "could not record the deleted export");
                 }
                 deleted += 1;
@@ -783,86 +511,4 @@ pub async fn delete_abandoned_exports(
         }
     }
     deleted
-}
-
-/// The export-specific columns of the run tables (migration `20261129000200_export.sql`).
-pub(crate) mod export_record {
-    use sqlx::PgPool;
-
-    /// Adds a step's retries to the run's count (several workers add to it concurrently).
-    pub(crate) async fn add_retries(pool: &PgPool, run_id: i64, retries: u64) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run SET retries = retries + $2 WHERE id = $1")
-            .bind(run_id)
-            .bind(retries as i64)
-            .execute(pool)
-            .await
-            .map(drop)
-    }
-
-    pub(crate) async fn expires(pool: &PgPool, run_id: i64, expires: &str) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run SET export_expires = $2 WHERE id = $1")
-            .bind(run_id)
-            .bind(expires)
-            .execute(pool)
-            .await
-            .map(drop)
-    }
-
-    pub(crate) async fn deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run SET export_deleted_at = coalesce(export_deleted_at, now()) WHERE id = $1")
-            .bind(run_id)
-            .execute(pool)
-            .await
-            .map(drop)
-    }
-
-    pub(crate) async fn file_attempt(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
-        sqlx::query("UPDATE fhir_sync.run_file SET attempts = attempts + 1 WHERE id = $1")
-            .bind(file_id)
-            .execute(pool)
-            .await
-            .map(drop)
-    }
-
-    pub(crate) async fn link_refreshed(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1 WHERE id = $1",
-        )
-        .bind(file_id)
-        .execute(pool)
-        .await
-        .map(drop)
-    }
-
-    /// (run id, status URL) of this job's exports that were started and never deleted.
-    pub(crate) async fn abandoned(
-        pool: &PgPool,
-        job: &str,
-        current_run: i64,
-        include_running: bool,
-    ) -> sqlx::Result<Vec<(i64, String)>> {
-        sqlx::query_as(
-            "SELECT id, status_url FROM fhir_sync.run
-             WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
-               AND (status IN ('succeeded', 'failed', 'cancelled')
-                    OR ($3 AND status IN ('kicking_off', 'exporting', 'loading', 'completing') AND id < $2))
-             ORDER BY id",
-        )
-        .bind(job)
-        .bind(current_run)
-        .bind(include_running)
-        .fetch_all(pool)
-        .await
-    }
-
-    /// The job name and status URL of a run, for `fhir-sync cancel`.
-    pub(crate) async fn export_of(
-        pool: &PgPool,
-        run_id: i64,
-    ) -> sqlx::Result<Option<(String, Option<String>, Option<time::OffsetDateTime>)>> {
-        sqlx::query_as("SELECT job, status_url, export_deleted_at FROM fhir_sync.run WHERE id = $1")
-            .bind(run_id)
-            .fetch_optional(pool)
-            .await
-    }
 }

@@ -1,9 +1,11 @@
-//! The `$export` HTTP client: kick-off (GET or POST, with retries), polling, paged manifests,
+//! The `$export` HTTP client: kick-off (GET or POST), status checks, paged manifests,
 //! downloads and the final DELETE.
 //!
-//! It retries what a server says is temporary (429, 5xx, transient OperationOutcomes, dropped
-//! connections) and counts every retry so the run record can show them; it never retries a
-//! 4xx refusal. File bodies are handed out as responses, never read here.
+//! The kick-off and each status check are one request: the run's steps retry and pace them
+//! (see `sync::policy`). Manifest pages and manifest refreshes retry what a server says is
+//! temporary (429, 5xx, dropped connections) with the one backoff and count every retry so the
+//! run record can show them; nothing retries a 4xx refusal. File bodies are handed out as
+//! responses, never read here.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -16,7 +18,7 @@ use url::Url;
 
 use super::{ExportError, Manifest, ManifestFile, outcome_is_transient, outcome_text};
 use crate::config::{ExportConfig, ExportLevel, ExportMethod};
-use crate::ops::metrics::{self, Endpoint};
+use crate::metrics::{self, Endpoint};
 use crate::smart::TokenManager;
 use crate::transport;
 
@@ -147,23 +149,15 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The wait before retry number `retry` (1-based): the server's `Retry-After` when it gave
-    /// one, else exponential backoff with ±50 % jitter so parallel downloads do not retry in
-    /// lockstep.
+    /// The wait before retry number `retry` (1-based): [`crate::backoff`]'s, the one rule.
     pub fn delay(&self, retry: u32, retry_after: Option<Duration>) -> Duration {
-        if let Some(hint) = retry_after {
-            return hint.min(MAX_RETRY_DELAY);
-        }
-        let backoff = self
-            .base_delay
-            .saturating_mul(2u32.saturating_pow(retry.saturating_sub(1).min(16)))
-            .min(MAX_RETRY_DELAY);
-        backoff.mul_f64(rand::random_range(0.5..1.5))
+        self.backoff().delay(retry, retry_after)
+    }
+
+    pub fn backoff(&self) -> crate::backoff::Backoff {
+        crate::backoff::Backoff::new(self.base_delay)
     }
 }
-
-/// No single retry waits longer than this, whatever the server asks.
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(300);
 
 /// A started export.
 #[derive(Debug, Clone)]
@@ -211,25 +205,33 @@ enum Bearer {
 }
 
 impl PollPolicy {
-    /// The wait after the `errors`-th transient answer (429, bare 5xx, transient outcome):
-    /// the server's `Retry-After` if it sent one, else exponential backoff from the default
-    /// interval. A 429 means "slow down", so it never brings a poll sooner than the default.
-    pub fn after_transient(
-        &self,
-        status: u16,
-        retry_after: Option<Duration>,
-        errors: u32,
-    ) -> Duration {
-        match retry_after {
-            Some(hint) if status == 429 => hint.max(self.default_interval),
-            Some(hint) => hint,
-            None => self.default_interval * 2u32.pow(errors.min(6)),
-        }
+    /// The wait after a 202: the server's `Retry-After` (else the default interval), within
+    /// the job's bounds.
+    pub fn after_progress(&self, retry_after: Option<Duration>) -> Duration {
+        retry_after
+            .unwrap_or(self.default_interval)
+            .clamp(self.min_interval, self.max_interval)
+    }
+
+    /// The wait after a 429: the server's `Retry-After` (else the default interval) and not
+    /// less than the minimum, but never cut to the maximum interval: throttling is the
+    /// server's word, bounded only by the export's deadline (the caller's cap).
+    pub fn after_throttling(&self, retry_after: Option<Duration>) -> Duration {
+        retry_after
+            .unwrap_or(self.default_interval)
+            .max(self.min_interval)
+    }
+
+    /// The wait after a transient failure (a bare 5xx, a transient OperationOutcome): the
+    /// server's `Retry-After` within the job's bounds, else `backoff`, the retry policy's delay
+    /// for this failure — never the poll interval doubled, which waits minutes for an export
+    /// that is ready in seconds.
+    pub fn after_failure(&self, retry_after: Option<Duration>, backoff: Duration) -> Duration {
+        retry_after
+            .unwrap_or(backoff)
+            .clamp(self.min_interval, self.max_interval)
     }
 }
-
-/// Consecutive 5xx/429/transient answers tolerated while polling before the run fails.
-const MAX_POLL_ERRORS: u32 = 10;
 
 /// A manifest with more pages than this is treated as a server loop.
 const MAX_MANIFEST_PAGES: usize = 10_000;
@@ -317,10 +319,12 @@ impl BulkClient {
         url
     }
 
-    /// Starts an export and returns its status URL. 429 and 5xx (and dropped connections) are
-    /// retried with backoff; other 4xx are fatal with the server's diagnostics. A server that
-    /// still answers 429 (or 409) after every retry is reported as [`ExportError::Busy`]: in
-    /// practice that is an export already running for this client.
+    /// Starts an export and returns its status URL. One request: the run's kick-off step is
+    /// the one place a refused kick-off is retried (retries must never multiply across
+    /// layers). A 429 or 409 is [`ExportError::Busy`] (in practice an export already running
+    /// for this client); a bare or transient 5xx is a retryable [`ExportError::Status`]; a 5xx
+    /// whose OperationOutcome reports an error, and any other 4xx, are fatal with the
+    /// server's diagnostics.
     pub async fn kick_off(&self, request: &ExportRequest) -> Result<KickOff, ExportError> {
         let request_url = self.kick_off_url(request);
         let context = "export kick-off";
@@ -330,170 +334,71 @@ impl BulkClient {
         };
         let body = (request.method == ExportMethod::Post)
             .then(|| request.parameters_resource().to_string());
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let response = self
-                .send(
-                    method.clone(),
-                    &request_url,
-                    Bearer::FhirOrigin,
-                    context,
-                    Endpoint::KickOff,
-                    |r| {
-                        let r = r
-                            .header(ACCEPT, "application/fhir+json")
-                            .header("Prefer", request.prefer());
-                        match &body {
-                            Some(body) => r
-                                .header(CONTENT_TYPE, "application/fhir+json")
-                                .body(body.clone()),
-                            None => r,
-                        }
-                    },
-                )
-                .await;
-            let response = match response {
-                Ok(response) => response,
-                Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
-                    let delay = self.retry.delay(attempt, None);
-                    tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "export kick-off failed, retrying");
-                    self.count_retry(Endpoint::KickOff);
-                    tokio::time::sleep(delay).await;
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            let status = response.status();
-            if status == StatusCode::ACCEPTED {
-                let location = response
-                    .headers()
-                    .get(CONTENT_LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .ok_or_else(|| {
-                        ExportError::BadResponse(
-                            "the kick-off answered 202 without Content-Location".into(),
-                        )
-                    })?;
-                let status_url = request_url.join(location).map_err(|e| {
-                    ExportError::BadResponse(format!(
-                        "Content-Location {location:?} is not a URL: {e}"
-                    ))
+        let response = self
+            .send(
+                method,
+                &request_url,
+                Bearer::FhirOrigin,
+                context,
+                Endpoint::KickOff,
+                |r| {
+                    let r = r
+                        .header(ACCEPT, "application/fhir+json")
+                        .header("Prefer", request.prefer());
+                    match &body {
+                        Some(body) => r
+                            .header(CONTENT_TYPE, "application/fhir+json")
+                            .body(body.clone()),
+                        None => r,
+                    }
+                },
+            )
+            .await?;
+        let status = response.status();
+        if status == StatusCode::ACCEPTED {
+            let location = response
+                .headers()
+                .get(CONTENT_LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| {
+                    ExportError::BadResponse(
+                        "the kick-off answered 202 without Content-Location".into(),
+                    )
                 })?;
-                return Ok(KickOff {
-                    request_url,
-                    status_url,
-                });
-            }
-            let hinted = retry_after(&response);
-            let body = response.bytes().await.unwrap_or_default();
-            let temporary = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
-            if temporary && attempt < self.retry.attempts {
-                let delay = self.retry.delay(attempt, hinted);
-                tracing::warn!(
-                    http.status = status.as_u16(),
-                    attempt,
-                    retry_in_ms = delay.as_millis() as u64,
-                    "export kick-off refused for now, retrying"
-                );
-                self.count_retry(Endpoint::KickOff);
-                tokio::time::sleep(delay).await;
-                continue;
-            }
-            if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
-                return Err(ExportError::Busy {
-                    status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
-                });
-            }
-            if status.is_client_error() {
-                return Err(ExportError::Refused {
-                    status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
-                });
-            }
-            // A server still failing after every retry is still only unavailable: the run's
-            // kick-off step is retried later rather than the run failed for good.
-            if status.is_server_error() {
-                tracing::warn!(diagnostics = %outcome_text(&body), "export kick-off still failing");
-                return Err(ExportError::Status {
-                    context: "export kick-off",
-                    status: status.as_u16(),
-                });
-            }
-            return Err(ExportError::Failed {
+            let status_url = request_url.join(location).map_err(|e| {
+                ExportError::BadResponse(format!("Content-Location {location:?} is not a URL: {e}"))
+            })?;
+            return Ok(KickOff {
+                request_url,
+                status_url,
+            });
+        }
+        let body = response.bytes().await.unwrap_or_default();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
+            return Err(ExportError::Busy {
                 status: status.as_u16(),
                 diagnostics: outcome_text(&body),
             });
         }
-    }
-
-    /// Polls the status URL until the manifest is ready, honouring `Retry-After` (seconds or
-    /// HTTP-date) within the policy's bounds, and returns the whole manifest (every page).
-    /// `progress` receives each new `X-Progress` value as it arrives.
-    pub async fn wait_for_manifest(
-        &self,
-        status_url: &Url,
-        policy: &PollPolicy,
-        mut progress: impl AsyncFnMut(String),
-    ) -> Result<Manifest, ExportError> {
-        let started = Instant::now();
-        let mut errors = 0u32;
-        let mut last_progress: Option<String> = None;
-        loop {
-            let delay = match self.check_status(status_url).await {
-                Ok(StatusCheck::Complete(manifest)) => return Ok(manifest),
-                Ok(StatusCheck::InProgress {
-                    progress: reported,
-                    retry_after,
-                }) => {
-                    errors = 0;
-                    if let Some(value) = reported
-                        && last_progress.as_ref() != Some(&value)
-                    {
-                        last_progress = Some(value.clone());
-                        progress(value).await;
-                    }
-                    retry_after.unwrap_or(policy.default_interval)
-                }
-                Ok(StatusCheck::Transient {
-                    status,
-                    retry_after,
-                }) => {
-                    errors += 1;
-                    if errors > MAX_POLL_ERRORS {
-                        return Err(ExportError::Status {
-                            context: "export status",
-                            status,
-                        });
-                    }
-                    self.count_retry(Endpoint::Status);
-                    tracing::warn!(
-                        http.status = status,
-                        attempt = errors,
-                        "export status poll failed, will poll again"
-                    );
-                    policy.after_transient(status, retry_after, errors)
-                }
-                Err(e) if e.is_retryable() && errors < MAX_POLL_ERRORS => {
-                    errors += 1;
-                    self.count_retry(Endpoint::Status);
-                    tracing::warn!(error = %e, attempt = errors, "export status poll failed, will poll again");
-                    policy.default_interval * 2u32.pow(errors.min(6))
-                }
-                Err(e) => return Err(e),
-            };
-            let elapsed = started.elapsed();
-            if elapsed > policy.timeout {
-                return Err(ExportError::TimedOut {
-                    seconds: policy.timeout.as_secs(),
-                });
-            }
-            let wait = delay
-                .clamp(policy.min_interval, policy.max_interval)
-                .min(policy.timeout - elapsed + Duration::from_millis(1));
-            tokio::time::sleep(wait).await;
+        if status.is_client_error() {
+            return Err(ExportError::Refused {
+                status: status.as_u16(),
+                diagnostics: outcome_text(&body),
+            });
         }
+        // A server that says what failed ("File generation failed") will say it again; a bare
+        // or transient 5xx is only unavailable for now.
+        if status.is_server_error() && !outcome_reports_an_error(&body) {
+            tracing::warn!(diagnostics = %outcome_text(&body), http.status = status.as_u16(), "export kick-off refused for now");
+            return Err(ExportError::Status {
+                context: "export kick-off",
+                status: status.as_u16(),
+            });
+        }
+        Err(ExportError::Failed {
+            status: status.as_u16(),
+            diagnostics: outcome_text(&body),
+        })
     }
 
     /// One status request, for callers that schedule their own polls (the queue's poll step).
@@ -550,19 +455,29 @@ impl BulkClient {
         }
     }
 
-    /// Opens one output file for streaming. The body is not read here.
     /// Fetches the manifest again from a finished export's status URL: the way to get fresh
-    /// links after the old ones expired. Counted as a retry.
+    /// links after the old ones expired. Counted as a retry; a passing failure is tried again
+    /// up to the policy's attempts.
     pub async fn refresh_manifest(&self, status_url: &Url) -> Result<Manifest, ExportError> {
         self.count_retry(Endpoint::Status);
-        let policy = PollPolicy {
-            min_interval: Duration::ZERO,
-            max_interval: self.retry.base_delay.max(Duration::from_millis(1)),
-            default_interval: self.retry.base_delay,
-            timeout: Duration::from_secs(600),
-        };
-        self.wait_for_manifest(status_url, &policy, async |_| {})
-            .await
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let hinted = match self.check_status(status_url).await {
+                Ok(StatusCheck::Complete(manifest)) => return Ok(manifest),
+                Ok(StatusCheck::InProgress { retry_after, .. })
+                | Ok(StatusCheck::Transient { retry_after, .. }) => retry_after,
+                Err(e) if e.is_retryable() && attempt < self.retry.attempts => None,
+                Err(e) => return Err(e),
+            };
+            if attempt >= self.retry.attempts {
+                return Err(ExportError::BadResponse(
+                    "the finished export's status URL no longer returns its manifest".into(),
+                ));
+            }
+            self.count_retry(Endpoint::Status);
+            tokio::time::sleep(self.retry.delay(attempt, hinted)).await;
+        }
     }
 
     /// Appends the pages a manifest links with `next` (output, error and deleted lists).
@@ -819,6 +734,17 @@ fn header_text(response: &Response, name: reqwest::header::HeaderName) -> Option
         .map(str::to_string)
 }
 
+/// Whether a body is an OperationOutcome with an issue that is not `transient`: the server's
+/// considered answer rather than a passing failure.
+fn outcome_reports_an_error(body: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|outcome| {
+        outcome["resourceType"] == "OperationOutcome"
+            && outcome["issue"]
+                .as_array()
+                .is_some_and(|issues| issues.iter().any(|i| i["code"] != "transient"))
+    })
+}
+
 /// `Retry-After` as delta-seconds or an HTTP-date.
 pub(crate) fn retry_after(response: &Response) -> Option<Duration> {
     let value = response.headers().get(RETRY_AFTER)?.to_str().ok()?.trim();
@@ -864,28 +790,42 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_with_jitter_and_honours_the_server() {
-        let policy = RetryPolicy {
-            attempts: 5,
-            base_delay: Duration::from_millis(100),
+    fn polls_honour_throttling_beyond_the_interval_and_back_off_on_failures() {
+        let policy = PollPolicy {
+            min_interval: Duration::from_millis(10),
+            max_interval: Duration::from_secs(60),
+            default_interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(900),
         };
-        for (retry, nominal) in [(1, 100u64), (2, 200), (3, 400)] {
-            let delay = policy.delay(retry, None);
-            assert!(
-                delay >= Duration::from_millis(nominal / 2)
-                    && delay <= Duration::from_millis(nominal * 3 / 2),
-                "retry {retry}: {delay:?}"
-            );
-        }
+        let hour = Some(Duration::from_secs(3600));
+        assert_eq!(policy.after_progress(hour), Duration::from_secs(60));
+        assert_eq!(policy.after_progress(None), Duration::from_secs(5));
+        assert_eq!(policy.after_throttling(hour), Duration::from_secs(3600));
         assert_eq!(
-            policy.delay(1, Some(Duration::from_secs(7))),
-            Duration::from_secs(7)
+            policy.after_throttling(Some(Duration::ZERO)),
+            Duration::from_millis(10)
         );
         assert_eq!(
-            policy.delay(1, Some(Duration::from_secs(86_400))),
-            MAX_RETRY_DELAY
+            policy.after_failure(None, Duration::from_secs(1)),
+            Duration::from_secs(1),
+            "the retry backoff, not the poll interval"
         );
-        assert!(policy.delay(40, None) <= MAX_RETRY_DELAY.mul_f64(1.5));
+        assert_eq!(
+            policy.after_failure(hour, Duration::from_secs(1)),
+            Duration::from_secs(60)
+        );
+    }
+
+    #[test]
+    fn an_outcome_with_an_error_issue_is_the_servers_answer() {
+        assert!(outcome_reports_an_error(
+            br#"{"resourceType":"OperationOutcome","issue":[{"code":"exception","diagnostics":"File generation failed"}]}"#
+        ));
+        assert!(!outcome_reports_an_error(
+            br#"{"resourceType":"OperationOutcome","issue":[{"code":"transient"}]}"#
+        ));
+        assert!(!outcome_reports_an_error(b"<html>bad gateway</html>"));
+        assert!(!outcome_reports_an_error(b""));
     }
 
     #[test]

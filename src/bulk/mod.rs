@@ -1,8 +1,10 @@
-//! FHIR Bulk Data `$export`: kick-off, status polling, the completion manifest and file
-//! downloads.
+//! FHIR Bulk Data `$export`: kick-off, status checks, the completion manifest and file
+//! downloads. One request per call for the kick-off and the status (the run's queued steps
+//! pace and retry them); manifest pages are retried here.
 //!
 //! This module (with `smart`) is the only code that talks HTTP to a FHIR server. It hands file
-//! bodies out as byte streams and never buffers a whole file; it knows nothing of the database.
+//! bodies out as responses to stream and never buffers a whole file; it knows nothing of the
+//! database.
 //! The bearer token goes to the FHIR server's own origin, and to file URLs only when the
 //! manifest says `requiresAccessToken`.
 
@@ -55,6 +57,11 @@ pub enum ExportError {
     Expired { status: u16 },
     #[error("the file is larger than sync.max_file_bytes ({limit} bytes)")]
     TooLarge { limit: u64 },
+    /// The file arrived slower than the minimum over a window (a server that trickles).
+    #[error(
+        "the download was slower than sync.min_download_bytes_per_second ({minimum} bytes/s over {window_seconds} s)"
+    )]
+    TooSlow { minimum: u64, window_seconds: u64 },
 }
 
 impl ExportError {
@@ -67,6 +74,7 @@ impl ExportError {
             ExportError::Transport { .. }
             | ExportError::TimedOut { .. }
             | ExportError::Busy { .. }
+            | ExportError::TooSlow { .. }
             | ExportError::Expired { .. } => true,
             ExportError::Refused { .. }
             | ExportError::Failed { .. }

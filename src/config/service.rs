@@ -193,6 +193,13 @@ pub struct SyncSettings {
     /// First retry delay in milliseconds; it doubles per attempt (with jitter), and a
     /// server's `Retry-After` overrides it. Default 1000.
     pub retry_base_delay_ms: u64,
+    /// Slowest download accepted, in bytes per second averaged over each
+    /// `download_window_seconds`: a server that trickles a file (every read on time, the
+    /// file never done) fails that attempt, which is then retried. 0 turns the check off.
+    /// Default 1024.
+    pub min_download_bytes_per_second: u64,
+    /// The window over which `min_download_bytes_per_second` is measured. Default 60.
+    pub download_window_seconds: u64,
 }
 
 impl Default for SyncSettings {
@@ -207,6 +214,8 @@ impl Default for SyncSettings {
             max_file_bytes: 64 * 1024 * 1024 * 1024,
             request_attempts: 6,
             retry_base_delay_ms: 1000,
+            min_download_bytes_per_second: 1024,
+            download_window_seconds: 60,
         }
     }
 }
@@ -312,6 +321,11 @@ impl Settings {
             self.sync.max_file_bytes >= 1024,
             "sync.max_file_bytes",
             "must be at least 1024",
+        );
+        check(
+            self.sync.download_window_seconds >= 1,
+            "sync.download_window_seconds",
+            "must be at least 1",
         );
         check(
             self.sync.request_attempts >= 1,

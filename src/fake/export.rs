@@ -206,6 +206,16 @@ async fn start_export(
         if take(&mut inner.faults.kick_off_429, faults.kick_off_429) {
             return too_many_requests("too many requests; slow down");
         }
+        if take(
+            &mut inner.faults.kick_off_500_outcome,
+            faults.kick_off_500_outcome,
+        ) {
+            return outcome::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "File generation failed",
+            );
+        }
         if take(&mut inner.faults.kick_off_503, faults.kick_off_503) {
             return outcome::error(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -494,7 +504,12 @@ pub(crate) async fn status(
             return outcome::error(StatusCode::INTERNAL_SERVER_ERROR, "exception", diagnostics);
         }
         if take(&mut inner.faults.status_429, faults.status_429) {
-            return too_many_requests("too many status requests; slow down");
+            let mut response = too_many_requests("too many status requests; slow down");
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(faults.status_429_retry_after_seconds),
+            );
+            return response;
         }
         if take(&mut inner.faults.status_transient, faults.status_transient) {
             return outcome::error(
@@ -581,7 +596,12 @@ fn manifest(
 ) -> serde_json::Value {
     let faults = &state.options.faults;
     let link = |name: &str| -> String {
-        if faults.relative_urls {
+        if faults.query_string_parts {
+            format!(
+                "{}?part={name}&sig={generation}",
+                state.url(&format!("/fhir/bulkfiles/{id}/data"))
+            )
+        } else if faults.relative_urls {
             // Relative to `/fhir/bulkstatus/{id}`.
             format!("../bulkfiles/{id}/{name}?sig={generation}")
         } else {
@@ -716,6 +736,8 @@ fn unknown_export() -> Response {
 #[derive(serde::Deserialize)]
 pub(crate) struct FileQuery {
     sig: Option<u32>,
+    /// The file's name when the URL names it in the query (`Faults::query_string_parts`).
+    part: Option<String>,
 }
 
 /// `GET /fhir/bulkfiles/{id}/{file}`.
@@ -725,6 +747,10 @@ pub(crate) async fn file(
     Query(query): Query<FileQuery>,
     headers: HeaderMap,
 ) -> Response {
+    let name = match &query.part {
+        Some(part) if name == "data" => part.clone(),
+        _ => name,
+    };
     // When the manifest says no token is needed the files behave like presigned URLs: any
     // Authorization header is ignored rather than refused.
     let client_id = if state.options.requires_access_token {
@@ -736,7 +762,7 @@ pub(crate) async fn file(
         None
     };
     let faults = &state.options.faults;
-    let (source, truncate) = {
+    let (source, truncate, trickle) = {
         let mut inner = state.lock();
         let inner = &mut *inner;
         let Some(export) = inner
@@ -782,9 +808,10 @@ pub(crate) async fn file(
             );
         }
         let truncate = take(&mut inner.faults.truncate_file, faults.truncate_file);
+        let trickle = take(&mut inner.faults.trickle_file, faults.trickle_file);
         inner.faults.open_files += 1;
         inner.faults.max_open_files = inner.faults.max_open_files.max(inner.faults.open_files);
-        (source, truncate)
+        (source, truncate, trickle)
     };
     let source = match source {
         FileSource::Lines(mut lines) if truncate => {
@@ -847,6 +874,7 @@ pub(crate) async fn file(
             None
         },
         cut: truncate,
+        trickle,
         done: false,
         skip: range.unwrap_or(0),
         _open: OpenFile(state.clone()),
@@ -954,6 +982,8 @@ struct FileBody {
     source: FileSource,
     encoder: Option<Encoder>,
     cut: bool,
+    /// After the first chunk, send one byte every 100 ms and never finish.
+    trickle: bool,
     done: bool,
     /// Bytes still to drop from the front (a `Range` request's offset).
     skip: u64,
@@ -964,7 +994,15 @@ impl FileBody {
     fn into_stream(self) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
         futures::stream::unfold(self, |mut body| async move {
             if body.done {
+                if body.trickle {
+                    // A trickle is the fault itself: the client must give up on it.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    return Some((Ok(Bytes::from_static(b" ")), body));
+                }
                 return None;
+            }
+            if body.trickle {
+                body.done = true;
             }
             let mut chunk = match &mut body.source {
                 FileSource::Lines(lines) => lines.next_chunk(),

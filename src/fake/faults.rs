@@ -16,6 +16,10 @@ pub struct Faults {
     pub kick_off_503: u32,
     /// Status polls answered 429 with `Retry-After: 0`.
     pub status_429: u32,
+    /// The `Retry-After` of the status polls' 429s, in seconds (0 unless set).
+    pub status_429_retry_after_seconds: u64,
+    /// Kick-off requests answered 500 with a fatal OperationOutcome (`issue.code` = `exception`).
+    pub kick_off_500_outcome: u32,
     /// Status polls answered 500 with a transient OperationOutcome (`issue.code` = `transient`).
     pub status_transient: u32,
     /// Every status poll fails with a fatal OperationOutcome carrying this text.
@@ -28,6 +32,11 @@ pub struct Faults {
     pub file_500: u32,
     /// File downloads that send about half the file and then cut the connection.
     pub truncate_file: u32,
+    /// File downloads that send their first chunk and then one byte every 100 ms, forever (a
+    /// server that trickles).
+    pub trickle_file: u32,
+    /// File URLs differ only in their query string: `.../bulkfiles/{id}/data?part={name}`.
+    pub query_string_parts: bool,
     /// File downloads answered 410 Gone; each one also invalidates every file link handed out
     /// so far, as expiring presigned URLs do, so the client must fetch the manifest again.
     pub expire_files: u32,
@@ -64,6 +73,24 @@ impl Faults {
     }
     pub fn status_429(mut self, n: u32) -> Self {
         self.status_429 = n;
+        self
+    }
+    /// Status polls answered 429 with `Retry-After: seconds`.
+    pub fn status_429_retry_after(mut self, n: u32, seconds: u64) -> Self {
+        self.status_429 = n;
+        self.status_429_retry_after_seconds = seconds;
+        self
+    }
+    pub fn kick_off_500_outcome(mut self, n: u32) -> Self {
+        self.kick_off_500_outcome = n;
+        self
+    }
+    pub fn trickle_file(mut self, n: u32) -> Self {
+        self.trickle_file = n;
+        self
+    }
+    pub fn query_string_parts(mut self) -> Self {
+        self.query_string_parts = true;
         self
     }
     pub fn status_transient(mut self, n: u32) -> Self {
@@ -137,11 +164,13 @@ impl Faults {
 pub(crate) struct FaultState {
     pub(crate) kick_off_429: u32,
     pub(crate) kick_off_503: u32,
+    pub(crate) kick_off_500_outcome: u32,
     pub(crate) status_429: u32,
     pub(crate) status_transient: u32,
     pub(crate) file_429: u32,
     pub(crate) file_500: u32,
     pub(crate) truncate_file: u32,
+    pub(crate) trickle_file: u32,
     pub(crate) expire_files: u32,
     /// Bumped by each expiry; file links carry it and stale ones are answered 410.
     pub(crate) link_generation: u32,

@@ -1,10 +1,11 @@
 //! Webhook alerts: a run failed, or a job has had no successful run for too long.
 //!
 //! Each alert is sent once across all processes: a row in `fhir_sync.alert_sent`, keyed by job,
-//! kind and episode, is inserted first, and only the process whose insert won sends the alert
-//! (a failed run's alert additionally comes only from the process whose guarded update failed
-//! the run). Delivery runs in a task of its own: it retries network errors, 5xx and 429 with
-//! backoff, records its outcome on the row, and never blocks or fails a run. The webhook URL is
+//! kind and episode, is inserted first, and only the process whose insert won sends the alert.
+//! Failed runs are found by a sweep of the run table (every few seconds in `serve`, and by the
+//! foreground `run` for its own run), so an alert survives the death of the process that
+//! failed the run. Delivery retries network errors, 5xx and 429 with the one backoff, records
+//! its outcome on the row, and never blocks or fails a run. The webhook URL is
 //! a secret: logs and the database only ever see its scheme and host.
 
 use std::sync::{Arc, Mutex};
@@ -17,12 +18,20 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::bulk::RetryPolicy;
+use crate::backoff::Backoff;
 use crate::config::{Delivery, JobConfig, Webhook, WebhookUrl};
 use crate::sync::{StepContext, error_chain};
+use crate::warehouse::runs::{self, RunStatus};
 
 /// How often `serve` looks for jobs without a recent success.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How often `serve` looks for failed runs whose alert was not sent.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How far back the failure sweep looks: a failure older than this (one from before alerts
+/// were configured, say) is not alerted any more.
+pub const SWEEP_HOURS: i64 = 24;
 
 /// How long the foreground `run` waits for its alerts to be delivered before it exits.
 pub const FLUSH_LIMIT: Duration = Duration::from_secs(60);
@@ -143,20 +152,24 @@ pub async fn flush(limit: Duration) -> bool {
         .is_ok()
 }
 
-/// Sends the `run_failed` alert of run `run_id` in the background, if its job wants one.
-/// Call it only when this process's guarded update failed the run (`sync::state::fail`
-/// returned true), which happens once per run.
-pub fn run_failed(ctx: &Arc<StepContext>, run_id: i64) {
-    let ctx = ctx.clone();
-    let span = tracing::info_span!("alert", run.id = run_id, alert.event = "run_failed");
-    track(tokio::spawn(
-        async move {
-            if let Err(e) = notify_run_failed(&ctx, run_id).await {
-                tracing::warn!(error = %e, "cannot send the run failure alert");
-            }
+/// Sends the `run_failed` alert of every run that failed in the last [`SWEEP_HOURS`] and whose
+/// alert nobody has claimed, waiting for each delivery. The run's failure and its alert are
+/// two writes, possibly by two processes: a process that fails a run and dies is covered by
+/// whichever process sweeps next, and the claim (the `alert_sent` insert) makes each alert go
+/// out once however many processes sweep. Returns the runs whose alerts this call claimed.
+pub async fn sweep_failed_runs(ctx: &StepContext) -> sqlx::Result<Vec<i64>> {
+    let mut claimed = Vec::new();
+    for (run_id, job) in runs::failed_runs_without_alert(&ctx.pool, SWEEP_HOURS).await? {
+        // A job this process does not know may be another process's to alert for.
+        if ctx.job(&job).is_none() {
+            continue;
         }
-        .instrument(span),
-    ));
+        let span = tracing::info_span!("alert", job.name = %job, run.id = run_id, alert.event = "run_failed");
+        if notify_run_failed(ctx, run_id).instrument(span).await? {
+            claimed.push(run_id);
+        }
+    }
+    Ok(claimed)
 }
 
 /// Sends the `run_failed` alert of run `run_id` and waits for the delivery to end. `true` when
@@ -222,10 +235,11 @@ pub async fn check_staleness(
         let cutoff = now - time::Duration::hours(i64::from(hours));
         let last_success: Option<(i64, OffsetDateTime)> = sqlx::query_as(
             "SELECT id, finished_at FROM fhir_sync.run
-             WHERE job = $1 AND status = 'succeeded' AND finished_at IS NOT NULL
+             WHERE job = $1 AND status = $2 AND finished_at IS NOT NULL
              ORDER BY finished_at DESC, id DESC LIMIT 1",
         )
         .bind(&job.name)
+        .bind(RunStatus::Succeeded)
         .fetch_optional(pool)
         .await?;
         let (episode, last_success_at, stale) = match last_success {
@@ -263,17 +277,22 @@ pub async fn check_staleness(
     Ok(claimed)
 }
 
-/// Runs [`check_staleness`] every [`CHECK_INTERVAL`] until `shutdown`.
-pub fn spawn_staleness_checker(
-    ctx: Arc<StepContext>,
-    shutdown: CancellationToken,
-) -> JoinHandle<()> {
+/// Runs [`sweep_failed_runs`] every [`SWEEP_INTERVAL`] and [`check_staleness`] every
+/// [`CHECK_INTERVAL`] until `shutdown`.
+pub fn spawn_alerting(ctx: Arc<StepContext>, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
+        let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut every = tokio::time::interval(CHECK_INTERVAL);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
+                _ = sweep.tick() => {
+                    if let Err(e) = sweep_failed_runs(&ctx).await {
+                        tracing::warn!(error = %e, "the failed-run alert sweep failed");
+                    }
+                }
                 _ = every.tick() => {
                     let now = OffsetDateTime::now_utc();
                     if let Err(e) = check_staleness(&ctx.pool, &ctx.jobs(), now).await {
@@ -339,11 +358,9 @@ async fn deliver(pool: &PgPool, job: &str, claim: Claim, alert: &Alert, delivery
             return;
         }
     };
-    let policy = RetryPolicy {
-        attempts: delivery.attempts.max(1),
-        base_delay: Duration::from_millis(delivery.retry_base_delay_ms),
-    };
-    for attempt in 1..=policy.attempts {
+    let attempts = delivery.attempts.max(1);
+    let backoff = Backoff::new(Duration::from_millis(delivery.retry_base_delay_ms));
+    for attempt in 1..=attempts {
         let (error, retryable, retry_after) = match client
             .post(claim.url.expose().clone())
             .json(alert)
@@ -367,11 +384,11 @@ async fn deliver(pool: &PgPool, job: &str, claim: Claim, alert: &Alert, delivery
             Err(e) => (error_chain(&e.without_url()), true, None),
         };
         record(pool, claim.id, attempt, Some(&error)).await;
-        if !retryable || attempt == policy.attempts {
+        if !retryable || attempt == attempts {
             tracing::warn!(job.name = %job, webhook.host = %host, attempts = attempt, error = %error, "alert not delivered, giving up");
             return;
         }
-        let delay = policy.delay(attempt, retry_after);
+        let delay = backoff.delay(attempt, retry_after);
         tracing::warn!(job.name = %job, webhook.host = %host, attempt, error = %error, retry_in_ms = delay.as_millis() as u64, "alert delivery failed, retrying");
         tokio::time::sleep(delay).await;
     }

@@ -453,7 +453,8 @@ async fn start_run(
     }
     // A manual run never collides with another (only scheduled ticks are unique), so it is
     // queued even when the job is busy; its kick-off waits for the busy run to end.
-    let waits_for_run = sync::state::unfinished_run(&state.steps.pool, &job.name).await?;
+    let waits_for_run =
+        crate::warehouse::runs::unfinished_run(&state.steps.pool, &job.name).await?;
     let Some(run_id) = sync::enqueue_run(&state.steps, &job, Trigger::Manual, None, full).await?
     else {
         return Err(ApiError::Conflict {
@@ -496,7 +497,7 @@ async fn cancel_run(
     let pool = &state.steps.pool;
     // The guarded transition decides, so a run that ends while this request is in flight is
     // either cancelled or reported finished, never both.
-    if !sync::state::cancel(pool, id).await? {
+    if !crate::warehouse::runs::cancel(pool, id).await? {
         let status: Option<String> =
             sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
                 .bind(id)

@@ -229,6 +229,9 @@ pub fn write_run_detail(
             writeln!(out, "  {:<18} {more}", "")?;
         }
     }
+    if let Some(hint) = &run.hint {
+        field(out, "hint", hint.clone())?;
+    }
 
     writeln!(out)?;
     if detail.files.is_empty() {
@@ -439,6 +442,25 @@ mod tests {
         );
         assert!(!text.contains("more detail"));
         assert!(lines[2].ends_with("12/12"), "no trailing blanks: {text:?}");
+    }
+
+    #[test]
+    fn a_failed_run_shows_its_hint_below_the_error() {
+        let mut run = run(
+            9,
+            "failed",
+            Some("export failed: the export was not ready after 5 s"),
+        );
+        run.hint = Some("the server needs longer: raise export.timeout_seconds".into());
+        let detail = RunDetail::for_test(run);
+        let mut out = Vec::new();
+        write_run_detail(&mut out, &detail, datetime!(2026-11-29 03:00:00 UTC)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let error = text.find("error").unwrap();
+        let hint = text
+            .find("hint               the server needs longer: raise export.timeout_seconds")
+            .unwrap_or_else(|| panic!("{text}"));
+        assert!(error < hint, "{text}");
     }
 
     #[test]

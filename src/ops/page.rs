@@ -447,6 +447,9 @@ fn failure_reasons(run: &RunDetail, issues_shown: usize) -> Markup {
                 Some(false) => { p.small { strong { "Needs an operator" } ": this will fail again until the cause is fixed." } }
                 None => {}
             }
+            @if let Some(hint) = &run.run.hint {
+                p.hint { strong { "Hint: " } (hint) }
+            }
         }
         @if !failed_files.is_empty() {
             h4 { "Files that failed" }

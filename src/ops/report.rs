@@ -79,6 +79,8 @@ pub struct RunSummary {
     pub error: Option<String>,
     /// Whether the failure may go away by itself (a 503) rather than needing an operator.
     pub error_retryable: Option<bool>,
+    /// What an operator can change so that the job succeeds, when there is something.
+    pub hint: Option<String>,
 }
 
 impl RunSummary {
@@ -119,6 +121,7 @@ impl RunSummary {
             bytes: 0,
             error: None,
             error_retryable: None,
+            hint: None,
         }
     }
 }
@@ -188,6 +191,22 @@ pub struct RunDetail {
     pub rejects: Vec<RejectSummary>,
 }
 
+#[cfg(test)]
+impl RunDetail {
+    /// The detail of `run` with no export, files, issues or rejects yet.
+    pub(crate) fn for_test(run: RunSummary) -> RunDetail {
+        RunDetail {
+            run,
+            status_url: None,
+            export_expires: None,
+            export_deleted_at: None,
+            files: Vec::new(),
+            export_issues: Vec::new(),
+            rejects: Vec::new(),
+        }
+    }
+}
+
 /// How many export issues a run detail carries; the rest are in `fhir_sync.export_error`.
 pub const ISSUE_LIMIT: i64 = 100;
 
@@ -245,7 +264,7 @@ pub struct RunFilter {
 const RUN_COLUMNS: &str =
     "r.id, r.job, r.status, r.trigger, r.scheduled_for, r.started_at, r.finished_at,
     r.updated_at, r.full_export, r.since, r.transaction_time, r.progress, r.resources_loaded,
-    r.lines_rejected, r.export_errors, r.retries, r.error, r.error_retryable,
+    r.lines_rejected, r.export_errors, r.retries, r.error, r.error_retryable, r.hint,
     coalesce(f.files, 0) AS files, coalesce(f.files_loaded, 0) AS files_loaded,
     coalesce(f.bytes, 0)::bigint AS bytes";
 
@@ -561,19 +580,11 @@ mod tests {
     #[test]
     fn a_run_detail_serializes_each_key_once() {
         let at = time::macros::datetime!(2026-11-29 03:00 UTC);
-        let detail = RunDetail {
-            run: RunSummary {
-                finished_at: Some(at),
-                full_export: true,
-                ..RunSummary::for_test(1, "demo", "succeeded", at)
-            },
-            status_url: None,
-            export_expires: None,
-            export_deleted_at: None,
-            files: Vec::new(),
-            export_issues: Vec::new(),
-            rejects: Vec::new(),
-        };
+        let detail = RunDetail::for_test(RunSummary {
+            finished_at: Some(at),
+            full_export: true,
+            ..RunSummary::for_test(1, "demo", "succeeded", at)
+        });
         // `flatten` writes the summary's keys next to the detail's; a name used by both would
         // appear twice and a JSON reader would keep only one.
         let text = serde_json::to_string(&detail).unwrap();

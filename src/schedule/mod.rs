@@ -16,7 +16,8 @@ use croner::parser::{CronParser, Seconds};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::config::{JobConfig, Overlap, ScheduleConfig};
-use crate::sync::{self, StepContext, SyncError, Trigger, state};
+use crate::sync::{self, StepContext, SyncError, Trigger};
+use crate::warehouse::runs;
 
 /// What a tick did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,9 +45,9 @@ fn parse(schedule: &ScheduleConfig) -> Result<(Cron, chrono_tz::Tz), SyncError> 
         .seconds(Seconds::Required)
         .build()
         .parse(&six_fields(&schedule.cron))
-        .map_err(|e| SyncError::Unsupported(format!("schedule.cron {:?}: {e}", schedule.cron)))?;
+        .map_err(|e| SyncError::Schedule(format!("schedule.cron {:?}: {e}", schedule.cron)))?;
     let tz = chrono_tz::Tz::from_str(&schedule.timezone).map_err(|_| {
-        SyncError::Unsupported(format!(
+        SyncError::Schedule(format!(
             "schedule.timezone {:?} is not an IANA time zone",
             schedule.timezone
         ))
@@ -84,19 +85,19 @@ fn occurrence(
     let at = tz
         .timestamp_opt(at.unix_timestamp(), 0)
         .single()
-        .ok_or_else(|| SyncError::Unsupported("time out of range".into()))?;
+        .ok_or_else(|| SyncError::Schedule("time out of range".into()))?;
     let (tick, which) = match direction {
         Direction::AtOrBefore => (cron.find_previous_occurrence(&at, true), "previous"),
         Direction::After => (cron.find_next_occurrence(&at, false), "next"),
     };
     let tick = tick.map_err(|e| {
-        SyncError::Unsupported(format!(
+        SyncError::Schedule(format!(
             "schedule.cron {:?} has no {which} occurrence: {e}",
             schedule.cron
         ))
     })?;
     time::OffsetDateTime::from_unix_timestamp(tick.timestamp())
-        .map_err(|e| SyncError::Unsupported(e.to_string()))
+        .map_err(|e| SyncError::Schedule(e.to_string()))
 }
 
 /// Handles one tick of `job` that fired at `fired_at`.
@@ -106,7 +107,7 @@ pub async fn tick(
     fired_at: time::OffsetDateTime,
 ) -> Result<TickOutcome, SyncError> {
     let Some(schedule) = &job.schedule else {
-        return Err(SyncError::Unsupported(format!(
+        return Err(SyncError::Schedule(format!(
             "job {} has no schedule",
             job.name
         )));
@@ -114,10 +115,10 @@ pub async fn tick(
     // A timer may fire a moment early or late; the tick is the occurrence it fired for.
     let scheduled_for = tick_at_or_before(schedule, fired_at + time::Duration::seconds(1))?;
     if schedule.overlap == Overlap::Skip
-        && let Some(busy_run) = state::unfinished_run(&ctx.pool, &job.name).await?
+        && let Some(busy_run) = runs::unfinished_run(&ctx.pool, &job.name).await?
     {
         let base = crate::transport::redacted(&job.fhir.base_url);
-        state::record_skipped(&ctx.pool, &job.name, &base, scheduled_for, busy_run).await?;
+        runs::record_skipped(&ctx.pool, &job.name, &base, scheduled_for, busy_run).await?;
         tracing::warn!(job.name = %job.name, busy_run, "tick skipped: the previous run is still going");
         return Ok(TickOutcome::Skipped { busy_run });
     }
@@ -144,14 +145,14 @@ pub async fn catch_up(
         return Ok(None);
     }
     let missed = tick_at_or_before(schedule, now)?;
-    let (last_tick, last_start) = state::schedule_history(&ctx.pool, &job.name).await?;
+    let (last_tick, last_start) = runs::schedule_history(&ctx.pool, &job.name).await?;
     let Some(last_start) = last_start else {
         return Ok(None); // A new job starts at its next tick, not at deploy time.
     };
     if last_start >= missed || last_tick.is_some_and(|t| t >= missed) {
         return Ok(None);
     }
-    if state::unfinished_run(&ctx.pool, &job.name).await?.is_some() {
+    if runs::unfinished_run(&ctx.pool, &job.name).await?.is_some() {
         return Ok(None);
     }
     tracing::info!(job.name = %job.name, tick = %missed, "catching up a missed tick");

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::AuthError;
-use crate::ops::metrics::{self, Endpoint};
+use crate::metrics::{self, Endpoint};
 use crate::transport;
 
 /// What the server says about its authorization.

@@ -14,7 +14,7 @@ use serde::Deserialize;
 use url::Url;
 
 use super::{AuthError, SigningKey};
-use crate::ops::metrics::{self, Endpoint, TokenReason};
+use crate::metrics::{self, Endpoint, TokenReason};
 
 /// A bearer token. `generation` tells tokens apart without comparing secrets. The secret is
 /// absent for jobs that authenticate with `none`.

@@ -22,7 +22,8 @@
 //! Memory per file being loaded: two batches of COPY data (each flushed at `batch_lines` lines
 //! or `BATCH_BYTES`, whichever comes first, so at most `BATCH_BYTES` plus one line), the line
 //! being read (at most `max_line_bytes`), and the reader's buffer. A process loads at most
-//! `sync.max_parallel_downloads` files at once.
+//! `queue.concurrency` files at once, and at most `sync.max_parallel_downloads` of one source
+//! across every process.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -883,10 +884,9 @@ impl Flusher<'_> {
         .execute(&mut *conn)
         .await?;
         if updated.rows_affected() != 1 {
-            return Err(LoadError::Database(sqlx::Error::Protocol(format!(
-                "file {} checkpoint moved while loading it; another loader is working on it",
-                target.file_id
-            ))));
+            return Err(LoadError::Superseded {
+                file_id: target.file_id,
+            });
         }
         Ok(())
     }
@@ -895,9 +895,9 @@ impl Flusher<'_> {
     fn committed(&mut self, batch: &Batch, through_line: u64) {
         let target = self.target;
         let rejected = batch.reject_lines.len() as u64;
-        crate::ops::metrics::batch_committed(
+        crate::metrics::batch_committed(
             &target.source,
-            target.kind,
+            target.kind.batch_rows(),
             &target.resource_type,
             batch.rows,
             rejected,

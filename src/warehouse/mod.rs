@@ -8,10 +8,10 @@
 //! knows nothing of HTTP or FHIR servers: it reads bytes from whatever stream it is given.
 
 mod loader;
-mod runs;
+pub mod runs;
 
 pub use loader::{FileKind, FileTarget, LoadLimits, LoadStats, load_ndjson};
-pub use runs::{FileRecord, Runs, TypeCount};
+pub use runs::{FileRow, FileStatus, RunStatus, Trigger, TypeCount};
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -61,6 +61,10 @@ pub enum LoadError {
     /// The file cannot be loaded as asked (a type that is not a FHIR resource type, say).
     #[error("{0}")]
     Invalid(String),
+    /// The file's checkpoint moved under this loader: its lease lapsed and another loader
+    /// holds the file now. Not a failure of the run: this loader yields.
+    #[error("file {file_id} is being loaded by another worker now (this loader's lease lapsed)")]
+    Superseded { file_id: i64 },
 }
 
 impl LoadError {
@@ -69,7 +73,7 @@ impl LoadError {
     pub fn is_retryable(&self) -> bool {
         match self {
             LoadError::Read(_) => true,
-            LoadError::Invalid(_) => false,
+            LoadError::Invalid(_) | LoadError::Superseded { .. } => false,
             LoadError::Database(e) => {
                 matches!(
                     e,

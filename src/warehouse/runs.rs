@@ -1,23 +1,281 @@
-//! The record of sync runs and their files: `fhir_sync.run` and `fhir_sync.run_file`.
+//! The run store: the only code that writes `fhir_sync.run` and `fhir_sync.run_file` (the
+//! loader's line checkpoint excepted, which must commit with its batch), and the typed states
+//! those rows hold.
+//!
+//! Every transition of a run is one guarded statement (`... WHERE status = <expected>`), so a
+//! step that runs twice, or late, changes nothing:
+//!
+//! ```text
+//! queued → kicking_off → exporting → loading → completing → succeeded
+//!    └──────────┴────────────┴──────────┴───────────┴──────→ failed | cancelled
+//! (a tick that finds the job busy records a 'skipped' run instead)
+//! ```
 //!
 //! These rows are the history ops people read (through `ops::report`); they outlive any queue
-//! entry. URLs are stored without query strings, errors without secrets.
+//! entry. URLs are stored without query strings (the signed download link only until the file
+//! is loaded), errors without secrets. It knows nothing of HTTP or of the queue.
+
+use std::fmt;
+use std::str::FromStr;
 
 use sqlx::PgPool;
+use sqlx::postgres::{PgArgumentBuffer, PgTypeInfo, PgValueRef};
 
-/// Access to the run tables.
-#[derive(Clone)]
-pub struct Runs {
-    pool: PgPool,
+pub use super::FileKind;
+use crate::metrics::{self, BatchRows};
+
+/// Maps a fieldless enum to the `text` values of a column (sqlx and serde both), one place per
+/// enum: no status string literal outside these lists and the migrations.
+macro_rules! text_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        text_enum!(@impls $name { $($variant => $text),+ });
+
+        impl $name {
+            /// The database (and JSON) spelling.
+            pub fn as_str(self) -> &'static str {
+                self.text()
+            }
+        }
+    };
+    // `FileKind` has its `as_str` beside its definition in the loader.
+    (@impls $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            fn text(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownValue;
+            fn from_str(text: &str) -> Result<Self, UnknownValue> {
+                match text {
+                    $($text => Ok($name::$variant),)+
+                    other => Err(UnknownValue {
+                        what: stringify!($name),
+                        value: other.chars().take(40).collect(),
+                    }),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.text())
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.text() == *other
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(self.text())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                text.parse().map_err(serde::de::Error::custom)
+            }
+        }
+
+        impl sqlx::Type<sqlx::Postgres> for $name {
+            fn type_info() -> PgTypeInfo {
+                <&str as sqlx::Type<sqlx::Postgres>>::type_info()
+            }
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <&str as sqlx::Type<sqlx::Postgres>>::compatible(ty)
+            }
+        }
+
+        impl sqlx::Encode<'_, sqlx::Postgres> for $name {
+            fn encode_by_ref(
+                &self,
+                buf: &mut PgArgumentBuffer,
+            ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+                <&str as sqlx::Encode<sqlx::Postgres>>::encode(self.text(), buf)
+            }
+        }
+
+        impl sqlx::postgres::PgHasArrayType for $name {
+            fn array_type_info() -> PgTypeInfo {
+                <&str as sqlx::postgres::PgHasArrayType>::array_type_info()
+            }
+        }
+
+        impl sqlx::Decode<'_, sqlx::Postgres> for $name {
+            fn decode(value: PgValueRef<'_>) -> Result<Self, sqlx::error::BoxDynError> {
+                let text = <&str as sqlx::Decode<sqlx::Postgres>>::decode(value)?;
+                Ok(text.parse()?)
+            }
+        }
+    };
 }
 
-/// One file of a run, as registered from the manifest.
-#[derive(Debug, Clone)]
-pub struct FileRecord {
+/// A stored value no variant spells (a row written by a newer version, or a bug): an error,
+/// never silently some default.
+#[derive(Debug, thiserror::Error)]
+#[error("{value:?} is not a known {what}")]
+pub struct UnknownValue {
+    what: &'static str,
+    value: String,
+}
+
+/// Where a run is in its life (`fhir_sync.run.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RunStatus {
+    Queued,
+    KickingOff,
+    Exporting,
+    Loading,
+    Completing,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Skipped,
+}
+
+text_enum!(RunStatus {
+    Queued => "queued",
+    KickingOff => "kicking_off",
+    Exporting => "exporting",
+    Loading => "loading",
+    Completing => "completing",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Cancelled => "cancelled",
+    Skipped => "skipped",
+});
+
+impl RunStatus {
+    /// Statuses after which nothing more happens to a run.
+    pub const TERMINAL: [RunStatus; 4] = [
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+        RunStatus::Skipped,
+    ];
+    /// Statuses of a run that holds its job's one active slot.
+    pub const ACTIVE: [RunStatus; 4] = [
+        RunStatus::KickingOff,
+        RunStatus::Exporting,
+        RunStatus::Loading,
+        RunStatus::Completing,
+    ];
+
+    pub fn is_terminal(self) -> bool {
+        Self::TERMINAL.contains(&self)
+    }
+}
+
+/// Where a file of a run is (`fhir_sync.run_file.status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FileStatus {
+    Pending,
+    Loading,
+    Loaded,
+    Failed,
+}
+
+text_enum!(FileStatus {
+    Pending => "pending",
+    Loading => "loading",
+    Loaded => "loaded",
+    Failed => "failed",
+});
+
+text_enum!(@impls FileKind {
+    Output => "output",
+    Error => "error",
+    Deleted => "deleted",
+});
+
+impl FileKind {
+    /// The counter a committed batch of such a file goes to.
+    pub fn batch_rows(self) -> BatchRows {
+        match self {
+            FileKind::Output => BatchRows::Resources,
+            FileKind::Error => BatchRows::Outcomes,
+            FileKind::Deleted => BatchRows::Deletions,
+        }
+    }
+}
+
+/// How a run was started (`fhir_sync.run.trigger`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    Manual,
+    Schedule,
+    CatchUp,
+}
+
+text_enum!(Trigger {
+    Manual => "manual",
+    Schedule => "schedule",
+    CatchUp => "catch-up",
+});
+
+/// The columns of a run the steps need.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunRow {
     pub id: i64,
-    pub kind: String,
+    pub job: String,
+    pub status: RunStatus,
+    pub status_url: Option<String>,
+    pub since: Option<String>,
+    pub full_export: bool,
+    pub requires_access_token: Option<bool>,
+    pub transaction_time: Option<String>,
+    pub started_at: time::OffsetDateTime,
+}
+
+impl RunRow {
+    pub fn is_terminal(&self) -> bool {
+        self.status.is_terminal()
+    }
+}
+
+/// The end state of a run, as a waiting caller reports it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RunEnd {
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub error_retryable: Option<bool>,
+    pub hint: Option<String>,
+    pub transaction_time: Option<String>,
+    pub since: Option<String>,
+    pub export_errors: i64,
+}
+
+/// One file of a manifest to register.
+pub struct NewFile<'a> {
+    pub kind: FileKind,
+    pub resource_type: &'a str,
+    pub url: &'a url::Url,
+    pub count: Option<u64>,
+}
+
+/// A registered file, as the load step needs it.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct FileRow {
+    pub id: i64,
+    pub run_id: i64,
+    pub kind: FileKind,
     pub resource_type: String,
+    /// The signed link as the manifest gave it; `None` once the file is loaded.
+    pub download_url: Option<String>,
     pub manifest_count: Option<i64>,
+    pub status: FileStatus,
+    /// The entry's place among the manifest's files of its kind, from 0.
+    pub position: Option<i32>,
 }
 
 /// Resources loaded by a run, per type.
@@ -29,125 +287,745 @@ pub struct TypeCount {
     pub lines_rejected: i64,
 }
 
-impl Runs {
-    pub fn new(pool: PgPool) -> Self {
-        Runs { pool }
-    }
+const FILE_COLUMNS: &str =
+    "id, run_id, kind, resource_type, download_url, manifest_count, status, position";
 
-    pub async fn start(
-        &self,
-        job: &str,
-        source: &str,
-        fhir_base_url: &str,
-        since: Option<&str>,
-    ) -> sqlx::Result<i64> {
-        sqlx::query_scalar(
-            "INSERT INTO fhir_sync.run (job, source, fhir_base_url, since) VALUES ($1, $2, $3, $4) RETURNING id",
+pub async fn load(pool: &PgPool, run_id: i64) -> sqlx::Result<RunRow> {
+    sqlx::query_as(
+        "SELECT id, job, status, status_url, since, full_export, requires_access_token, transaction_time, started_at
+         FROM fhir_sync.run WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// The run's status, or `None` when there is no such run.
+pub async fn status(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunStatus>> {
+    sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
+        .bind(run_id)
+        .fetch_optional(pool)
+        .await
+}
+
+/// The status and the server's progress text, for a caller that watches a run.
+pub async fn status_and_progress(
+    pool: &PgPool,
+    run_id: i64,
+) -> sqlx::Result<(RunStatus, Option<String>)> {
+    sqlx::query_as("SELECT status, progress FROM fhir_sync.run WHERE id = $1")
+        .bind(run_id)
+        .fetch_one(pool)
+        .await
+}
+
+pub async fn run_end(pool: &PgPool, run_id: i64) -> sqlx::Result<RunEnd> {
+    sqlx::query_as(
+        "SELECT status, error, error_retryable, hint, transaction_time, since, export_errors
+         FROM fhir_sync.run WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Creates a queued run. For a scheduled tick, returns `None` when another process already
+/// created the run for the same tick.
+pub async fn create(
+    pool: &PgPool,
+    job: &str,
+    fhir_base_url: &str,
+    trigger: Trigger,
+    scheduled_for: Option<time::OffsetDateTime>,
+    full_export: bool,
+) -> sqlx::Result<Option<i64>> {
+    let created: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO fhir_sync.run (job, source, fhir_base_url, status, trigger, scheduled_for, full_export)
+         VALUES ($1, $1, $2, $3, $4, $5, $6)
+         ON CONFLICT (job, scheduled_for) WHERE scheduled_for IS NOT NULL DO NOTHING
+         RETURNING id",
+    )
+    .bind(job)
+    .bind(fhir_base_url)
+    .bind(RunStatus::Queued)
+    .bind(trigger)
+    .bind(scheduled_for)
+    .bind(full_export)
+    .fetch_optional(pool)
+    .await?;
+    // Counted only by the process whose insert made the run: a tick seen by several
+    // processes is one run.
+    if created.is_some() {
+        metrics::run_started(job);
+    }
+    Ok(created)
+}
+
+/// Records a tick that was not run because the job was busy.
+pub async fn record_skipped(
+    pool: &PgPool,
+    job: &str,
+    fhir_base_url: &str,
+    scheduled_for: time::OffsetDateTime,
+    busy_run: i64,
+) -> sqlx::Result<()> {
+    let inserted = sqlx::query(
+        "INSERT INTO fhir_sync.run (job, source, fhir_base_url, status, trigger, scheduled_for, finished_at, error)
+         VALUES ($1, $1, $2, $5, $6, $3, now(), $4)
+         ON CONFLICT (job, scheduled_for) WHERE scheduled_for IS NOT NULL DO NOTHING",
+    )
+    .bind(job)
+    .bind(fhir_base_url)
+    .bind(scheduled_for)
+    .bind(format!("skipped: run {busy_run} of this job was still in progress (schedule.overlap = \"skip\")"))
+    .bind(RunStatus::Skipped)
+    .bind(Trigger::Schedule)
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 1 {
+        metrics::run_skipped(job);
+    }
+    Ok(())
+}
+
+fn unfinished() -> Vec<RunStatus> {
+    RunStatus::ALL
+        .iter()
+        .copied()
+        .filter(|s| !s.is_terminal())
+        .collect()
+}
+
+/// The job's unfinished run (queued or active), if any.
+pub async fn unfinished_run(pool: &PgPool, job: &str) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM fhir_sync.run WHERE job = $1 AND status = ANY($2) ORDER BY id LIMIT 1",
+    )
+    .bind(job)
+    .bind(unfinished())
+    .fetch_optional(pool)
+    .await
+}
+
+/// Unfinished runs nothing has touched for `idle_seconds`, with their status.
+pub async fn idle_unfinished_runs(
+    pool: &PgPool,
+    idle_seconds: f64,
+) -> sqlx::Result<Vec<(i64, RunStatus)>> {
+    sqlx::query_as(
+        "SELECT id, status FROM fhir_sync.run
+         WHERE status = ANY($2) AND updated_at < now() - make_interval(secs => $1)",
+    )
+    .bind(idle_seconds)
+    .bind(unfinished())
+    .fetch_all(pool)
+    .await
+}
+
+/// Moves `queued` → `kicking_off`. `Ok(false)` when the run was not queued, or when an older
+/// run of the same job is still queued (runs of a job start in the order they were created;
+/// the caller tells the two apart by re-reading the status); `Err` with a unique violation when
+/// another run of the job is active (the caller waits and tries again).
+pub async fn start_kick_off(pool: &PgPool, run_id: i64, since: Option<&str>) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run r SET status = $3, since = $2, updated_at = now()
+         WHERE r.id = $1 AND r.status = $4
+           AND NOT EXISTS (SELECT 1 FROM fhir_sync.run o
+                           WHERE o.job = r.job AND o.status = $4 AND o.id < r.id)",
+    )
+    .bind(run_id)
+    .bind(since)
+    .bind(RunStatus::KickingOff)
+    .bind(RunStatus::Queued)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Stores the status URL and moves to `exporting`, in one statement: a restart that finds the
+/// status URL polls it instead of starting a second export.
+pub async fn exporting(
+    pool: &PgPool,
+    run_id: i64,
+    request_url: &str,
+    status_url: &str,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET status = $4, export_request = $2, status_url = $3, updated_at = now()
+         WHERE id = $1 AND status = $5",
+    )
+    .bind(run_id)
+    .bind(request_url)
+    .bind(status_url)
+    .bind(RunStatus::Exporting)
+    .bind(RunStatus::KickingOff)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+pub async fn progress(pool: &PgPool, run_id: i64, progress: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run SET progress = $2 WHERE id = $1 AND progress IS DISTINCT FROM $2",
+    )
+    .bind(run_id)
+    .bind(progress)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Adds retries to the run's count (several workers add to it concurrently).
+pub async fn add_retries(pool: &PgPool, run_id: i64, retries: u64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE fhir_sync.run SET retries = retries + $2 WHERE id = $1")
+        .bind(run_id)
+        .bind(retries as i64)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Counts one retry of a queue step (its request is repeated as a new task).
+pub async fn count_retry(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
+    add_retries(pool, run_id, 1).await
+}
+
+/// The `Expires` header of the completed status response, as sent.
+pub async fn expires(pool: &PgPool, run_id: i64, expires: &str) -> sqlx::Result<()> {
+    sqlx::query("UPDATE fhir_sync.run SET export_expires = $2 WHERE id = $1")
+        .bind(run_id)
+        .bind(expires)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Records that the run's export was deleted on the server (the first time counts).
+pub async fn export_deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE fhir_sync.run SET export_deleted_at = coalesce(export_deleted_at, now()) WHERE id = $1")
+        .bind(run_id)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Registers the manifest's files and moves `exporting` → `loading`, in one transaction.
+/// Every entry is a file of its own, identified by its place in the manifest (never by its
+/// URL, which is stored without its query string). Returns the registered files, or `None`
+/// if the run was no longer exporting.
+pub async fn manifest_ready(
+    pool: &PgPool,
+    run_id: i64,
+    transaction_time: &str,
+    requires_access_token: bool,
+    files: &[NewFile<'_>],
+) -> sqlx::Result<Option<Vec<FileRow>>> {
+    let mut tx = pool.begin().await?;
+    let moved = sqlx::query(
+        "UPDATE fhir_sync.run SET status = $4, transaction_time = $2, requires_access_token = $3,
+             progress = NULL, updated_at = now()
+         WHERE id = $1 AND status = $5",
+    )
+    .bind(run_id)
+    .bind(transaction_time)
+    .bind(requires_access_token)
+    .bind(RunStatus::Loading)
+    .bind(RunStatus::Exporting)
+    .execute(&mut *tx)
+    .await?;
+    if moved.rows_affected() != 1 {
+        return Ok(None);
+    }
+    let mut kinds = Vec::with_capacity(files.len());
+    let mut positions = Vec::with_capacity(files.len());
+    let mut next = [0i32; 3];
+    for file in files {
+        let slot = match file.kind {
+            FileKind::Output => 0,
+            FileKind::Error => 1,
+            FileKind::Deleted => 2,
+        };
+        kinds.push(file.kind.as_str());
+        positions.push(next[slot]);
+        next[slot] += 1;
+    }
+    let types: Vec<&str> = files.iter().map(|f| f.resource_type).collect();
+    let urls: Vec<String> = files
+        .iter()
+        .map(|f| crate::transport::redacted(f.url))
+        .collect();
+    let links: Vec<&str> = files.iter().map(|f| f.url.as_str()).collect();
+    let counts: Vec<Option<i64>> = files.iter().map(|f| f.count.map(|c| c as i64)).collect();
+    // One statement for the whole manifest: thousands of files register in one round trip.
+    sqlx::query(
+        "INSERT INTO fhir_sync.run_file (run_id, kind, resource_type, url, download_url, manifest_count, position)
+         SELECT $1, kind, resource_type, url, link, count, position
+         FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::bigint[], $7::int[])
+              WITH ORDINALITY AS f(kind, resource_type, url, link, count, position, n)
+         ORDER BY n
+         ON CONFLICT (run_id, kind, position) DO NOTHING",
+    )
+    .bind(run_id)
+    .bind(&kinds)
+    .bind(&types)
+    .bind(&urls)
+    .bind(&links)
+    .bind(&counts)
+    .bind(&positions)
+    .execute(&mut *tx)
+    .await?;
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {FILE_COLUMNS} FROM fhir_sync.run_file WHERE run_id = $1 ORDER BY id"
+    )))
+    .bind(run_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(Some(rows))
+}
+
+/// Files of a run whose load may be queued now: output and error files not loaded yet, and
+/// deletion files once no output or error file is left to load. For recovery: the step chain
+/// queues each file once, when it is unblocked.
+pub async fn loadable_files(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM fhir_sync.run_file f
+         WHERE run_id = $1 AND status <> $2
+           AND (kind <> $3 OR NOT EXISTS (
+                SELECT 1 FROM fhir_sync.run_file o
+                WHERE o.run_id = $1 AND o.kind <> $3 AND o.status <> $2))
+         ORDER BY id",
+    )
+    .bind(run_id)
+    .bind(FileStatus::Loaded)
+    .bind(FileKind::Deleted)
+    .fetch_all(pool)
+    .await
+}
+
+/// How many files of a run are not loaded yet: (output and error files, deletion files).
+pub async fn files_left(pool: &PgPool, run_id: i64) -> sqlx::Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE kind <> $3), count(*) FILTER (WHERE kind = $3)
+         FROM fhir_sync.run_file WHERE run_id = $1 AND status <> $2",
+    )
+    .bind(run_id)
+    .bind(FileStatus::Loaded)
+    .bind(FileKind::Deleted)
+    .fetch_one(pool)
+    .await
+}
+
+/// The run's files of `kind` not loaded yet.
+pub async fn unloaded_files_of_kind(
+    pool: &PgPool,
+    run_id: i64,
+    kind: FileKind,
+) -> sqlx::Result<Vec<i64>> {
+    sqlx::query_scalar(
+        "SELECT id FROM fhir_sync.run_file WHERE run_id = $1 AND kind = $2 AND status <> $3 ORDER BY id",
+    )
+    .bind(run_id)
+    .bind(kind)
+    .bind(FileStatus::Loaded)
+    .fetch_all(pool)
+    .await
+}
+
+pub async fn file(pool: &PgPool, file_id: i64) -> sqlx::Result<FileRow> {
+    sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {FILE_COLUMNS} FROM fhir_sync.run_file WHERE id = $1"
+    )))
+    .bind(file_id)
+    .fetch_one(pool)
+    .await
+}
+
+/// Takes (or renews) the lease on a file for `owner`. `false` when another live worker holds it.
+pub async fn lease_file(
+    pool: &PgPool,
+    file_id: i64,
+    owner: &str,
+    seconds: u64,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run_file SET lease_owner = $2, lease_expires_at = now() + make_interval(secs => $3)
+         WHERE id = $1 AND (lease_owner IS NULL OR lease_owner = $2 OR lease_expires_at < now())",
+    )
+    .bind(file_id)
+    .bind(owner)
+    .bind(seconds as f64)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+pub async fn release_file(pool: &PgPool, file_id: i64, owner: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run_file SET lease_owner = NULL, lease_expires_at = NULL WHERE id = $1 AND lease_owner = $2",
+    )
+    .bind(file_id)
+    .bind(owner)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+pub async fn file_started(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run_file SET status = $2, started_at = coalesce(started_at, now()), error = NULL WHERE id = $1",
+    )
+    .bind(file_id)
+    .bind(FileStatus::Loading)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Counts one download attempt of a file.
+pub async fn file_attempt(pool: &PgPool, file_id: i64) -> sqlx::Result<()> {
+    sqlx::query("UPDATE fhir_sync.run_file SET attempts = attempts + 1 WHERE id = $1")
+        .bind(file_id)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
+/// Counts one refresh of a file's expired link and stores the fresh one.
+pub async fn link_refreshed(pool: &PgPool, file_id: i64, link: &url::Url) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run_file SET link_refreshes = link_refreshes + 1, download_url = $2 WHERE id = $1",
+    )
+    .bind(file_id)
+    .bind(link.as_str())
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Marks a file loaded. Its signed link is dropped: it is a credential and no longer needed.
+pub async fn file_loaded(pool: &PgPool, file_id: i64, bytes: u64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run_file SET status = $3, finished_at = now(), bytes = bytes + $2, download_url = NULL
+         WHERE id = $1",
+    )
+    .bind(file_id)
+    .bind(bytes as i64)
+    .bind(FileStatus::Loaded)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+pub async fn file_failed(pool: &PgPool, file_id: i64, bytes: u64, error: &str) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE fhir_sync.run_file SET status = $4, finished_at = now(), bytes = bytes + $2, error = $3 WHERE id = $1",
+    )
+    .bind(file_id)
+    .bind(bytes as i64)
+    .bind(error)
+    .bind(FileStatus::Failed)
+    .execute(pool)
+    .await
+    .map(drop)
+}
+
+/// Moves `loading` → `completing` once every file is loaded. `true` for the one caller that
+/// made the move: the statement re-checks both conditions under the row lock, so when two
+/// files finish together exactly one of them moves the run on.
+pub async fn all_files_loaded(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET status = $2, updated_at = now()
+         WHERE id = $1 AND status = $3
+           AND NOT EXISTS (SELECT 1 FROM fhir_sync.run_file WHERE run_id = $1 AND status <> $4)",
+    )
+    .bind(run_id)
+    .bind(RunStatus::Completing)
+    .bind(RunStatus::Loading)
+    .bind(FileStatus::Loaded)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Sums the run's files into its totals, as part of an ending statement.
+const TOTALS: &str =
+    "SELECT coalesce(sum(resources_loaded) FILTER (WHERE kind = 'output'), 0) AS loaded,
+                      coalesce(sum(lines_rejected), 0) AS rejected,
+                      coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
+               FROM fhir_sync.run_file WHERE run_id = $1";
+
+/// Moves `completing` → `succeeded`, totals the counts and advances the job's watermark, in one
+/// transaction: the watermark never moves unless every file of the run is loaded.
+pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    let mut tx = pool.begin().await?;
+    let row: Option<(String, Option<String>, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE fhir_sync.run r SET status = $2, finished_at = now(), updated_at = now(), progress = NULL,
+             error = NULL, error_retryable = NULL, hint = NULL,
+             resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
+         FROM ({TOTALS}) t
+         WHERE r.id = $1 AND r.status = $3
+         RETURNING r.job, r.transaction_time, extract(epoch FROM r.finished_at - r.started_at)::float8",
+    )))
+    .bind(run_id)
+    .bind(RunStatus::Succeeded)
+    .bind(RunStatus::Completing)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some((job, transaction_time, duration)) = row else {
+        return Ok(false);
+    };
+    if let Some(transaction_time) = transaction_time {
+        sqlx::query(
+            "INSERT INTO fhir_sync.watermark (job, transaction_time, run_id) VALUES ($1, $2, $3)
+             ON CONFLICT (job) DO UPDATE SET transaction_time = EXCLUDED.transaction_time,
+                 run_id = EXCLUDED.run_id, updated_at = now()",
         )
+        .bind(&job)
+        .bind(&transaction_time)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    // After the commit: a rolled-back success is no success.
+    metrics::run_finished(&job, RunStatus::Succeeded.as_str(), duration);
+    Ok(true)
+}
+
+/// Fails a run that is not finished yet, with the reason and the operator's hint. The
+/// watermark is not touched. `true` for the one caller whose statement ended the run.
+pub async fn fail(
+    pool: &PgPool,
+    run_id: i64,
+    error: &str,
+    retryable: bool,
+    hint: Option<&str>,
+) -> sqlx::Result<bool> {
+    let ended: Option<(String, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "UPDATE fhir_sync.run r SET status = $5, error = $2, error_retryable = $3, hint = $4,
+             finished_at = now(), updated_at = now(), progress = NULL,
+             resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
+         FROM ({TOTALS}) t
+         WHERE r.id = $1 AND NOT (r.status = ANY($6))
+         RETURNING r.job, extract(epoch FROM r.finished_at - r.started_at)::float8",
+    )))
+    .bind(run_id)
+    .bind(error)
+    .bind(retryable)
+    .bind(hint)
+    .bind(RunStatus::Failed)
+    .bind(RunStatus::TERMINAL.to_vec())
+    .fetch_optional(pool)
+    .await?;
+    Ok(finished(ended, RunStatus::Failed))
+}
+
+/// Counts a run the guarded statement ended (`Some`); `None` means another step or process
+/// ended it first and counted it.
+fn finished(ended: Option<(String, f64)>, status: RunStatus) -> bool {
+    match ended {
+        Some((job, duration)) => {
+            metrics::run_finished(&job, status.as_str(), duration);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Marks an unfinished run cancelled; its remaining queued steps then do nothing. `false`
+/// when the run had already ended.
+pub async fn cancel(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    let ended: Option<(String, f64)> = sqlx::query_as(
+        "UPDATE fhir_sync.run SET status = $2, finished_at = now(), updated_at = now(), progress = NULL,
+             error = coalesce(error, 'cancelled by an operator')
+         WHERE id = $1 AND NOT (status = ANY($3))
+         RETURNING job, extract(epoch FROM finished_at - started_at)::float8",
+    )
+    .bind(run_id)
+    .bind(RunStatus::Cancelled)
+    .bind(RunStatus::TERMINAL.to_vec())
+    .fetch_optional(pool)
+    .await?;
+    Ok(finished(ended, RunStatus::Cancelled))
+}
+
+/// The `_since` for the job's next run: the last successful run's transactionTime, moved back
+/// by `overlap_seconds` when configured (safe because loads are newer-wins).
+pub async fn watermark(
+    pool: &PgPool,
+    job: &str,
+    overlap_seconds: u64,
+) -> sqlx::Result<Option<String>> {
+    let stored: Option<String> =
+        sqlx::query_scalar("SELECT transaction_time FROM fhir_sync.watermark WHERE job = $1")
+            .bind(job)
+            .fetch_optional(pool)
+            .await?;
+    Ok(stored.map(|since| {
+        if overlap_seconds == 0 {
+            return since;
+        }
+        match crate::fhir::parse_instant(&since) {
+            Some(instant) => {
+                let earlier = instant - time::Duration::seconds(overlap_seconds as i64);
+                earlier
+                    .format(&time::format_description::well_known::Rfc3339)
+                    .unwrap_or(since)
+            }
+            None => since,
+        }
+    }))
+}
+
+/// The latest tick a run was created for, and when the job's newest run started.
+pub async fn schedule_history(
+    pool: &PgPool,
+    job: &str,
+) -> sqlx::Result<(Option<time::OffsetDateTime>, Option<time::OffsetDateTime>)> {
+    sqlx::query_as("SELECT max(scheduled_for), max(started_at) FROM fhir_sync.run WHERE job = $1")
         .bind(job)
-        .bind(source)
-        .bind(fhir_base_url)
-        .bind(since)
-        .fetch_one(&self.pool)
+        .fetch_one(pool)
         .await
+}
+
+/// (run id, status URL) of this job's exports that were started and never deleted: runs that
+/// ended, and (when `include_running`) older runs still marked active, which is what a killed
+/// process leaves.
+pub async fn abandoned_exports(
+    pool: &PgPool,
+    job: &str,
+    current_run: i64,
+    include_running: bool,
+) -> sqlx::Result<Vec<(i64, String)>> {
+    sqlx::query_as(
+        "SELECT id, status_url FROM fhir_sync.run
+         WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
+           AND (status = ANY($4) OR ($3 AND status = ANY($5) AND id < $2))
+         ORDER BY id",
+    )
+    .bind(job)
+    .bind(current_run)
+    .bind(include_running)
+    .bind(vec![
+        RunStatus::Succeeded,
+        RunStatus::Failed,
+        RunStatus::Cancelled,
+    ])
+    .bind(RunStatus::ACTIVE.to_vec())
+    .fetch_all(pool)
+    .await
+}
+
+/// What `cancel` needs of a run: its job, status, status URL and when its export was deleted.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ExportRecord {
+    pub job: String,
+    pub status: RunStatus,
+    pub status_url: Option<String>,
+    pub export_deleted_at: Option<time::OffsetDateTime>,
+}
+
+pub async fn export_of(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<ExportRecord>> {
+    sqlx::query_as(
+        "SELECT job, status, status_url, export_deleted_at FROM fhir_sync.run WHERE id = $1",
+    )
+    .bind(run_id)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Output files and resources per type for one run.
+pub async fn type_counts(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<TypeCount>> {
+    sqlx::query_as(
+        "SELECT resource_type, count(*) AS files, sum(resources_loaded)::bigint AS resources_loaded,
+                sum(lines_rejected)::bigint AS lines_rejected
+         FROM fhir_sync.run_file WHERE run_id = $1 AND kind = $2
+         GROUP BY resource_type ORDER BY resource_type",
+    )
+    .bind(run_id)
+    .bind(FileKind::Output)
+    .fetch_all(pool)
+    .await
+}
+
+/// (output files, error files, bytes received) of a run.
+pub async fn file_totals(pool: &PgPool, run_id: i64) -> sqlx::Result<(i64, i64, i64)> {
+    sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE kind = $2), count(*) FILTER (WHERE kind = $3), coalesce(sum(bytes), 0)::bigint
+         FROM fhir_sync.run_file WHERE run_id = $1",
+    )
+    .bind(run_id)
+    .bind(FileKind::Output)
+    .bind(FileKind::Error)
+    .fetch_one(pool)
+    .await
+}
+
+/// Failed runs of the last `within_hours` whose `run_failed` alert nobody claimed yet (the
+/// process that failed them died before it could, or it was never sent), oldest first.
+pub async fn failed_runs_without_alert(
+    pool: &PgPool,
+    within_hours: i64,
+) -> sqlx::Result<Vec<(i64, String)>> {
+    sqlx::query_as(
+        "SELECT r.id, r.job FROM fhir_sync.run r
+         WHERE r.status = $1 AND r.finished_at > now() - make_interval(hours => $2::int)
+           AND NOT EXISTS (SELECT 1 FROM fhir_sync.alert_sent a
+                           WHERE a.job = r.job AND a.kind = 'run_failed' AND a.episode = r.id)
+         ORDER BY r.id",
+    )
+    .bind(RunStatus::Failed)
+    .bind(within_hours as i32)
+    .fetch_all(pool)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_state_round_trips_through_its_text() {
+        for status in RunStatus::ALL {
+            assert_eq!(status.as_str().parse::<RunStatus>().unwrap(), *status);
+            assert_eq!(
+                serde_json::to_value(status).unwrap(),
+                serde_json::Value::String(status.to_string())
+            );
+        }
+        for status in FileStatus::ALL {
+            assert_eq!(status.as_str().parse::<FileStatus>().unwrap(), *status);
+        }
+        for kind in FileKind::ALL {
+            assert_eq!(kind.as_str().parse::<FileKind>().unwrap(), *kind);
+        }
+        assert_eq!(
+            "catch-up".parse::<Trigger>().unwrap(),
+            Trigger::CatchUp,
+            "a trigger keeps its stored spelling"
+        );
     }
 
-    /// Records the manifest's transaction time and registers its files (idempotently: a file
-    /// already registered keeps its row and checkpoint). `files` holds (kind, type, redacted
-    /// url, count).
-    pub async fn manifest(
-        &self,
-        run_id: i64,
-        transaction_time: &str,
-        files: &[(&str, &str, String, Option<u64>)],
-    ) -> sqlx::Result<Vec<FileRecord>> {
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(
-            "UPDATE fhir_sync.run SET transaction_time = $2, progress = NULL WHERE id = $1",
-        )
-        .bind(run_id)
-        .bind(transaction_time)
-        .execute(&mut *tx)
-        .await?;
-        let kinds: Vec<&str> = files.iter().map(|f| f.0).collect();
-        let types: Vec<&str> = files.iter().map(|f| f.1).collect();
-        let urls: Vec<&str> = files.iter().map(|f| f.2.as_str()).collect();
-        let counts: Vec<Option<i64>> = files.iter().map(|f| f.3.map(|c| c as i64)).collect();
-        sqlx::query(
-            "INSERT INTO fhir_sync.run_file (run_id, kind, resource_type, url, manifest_count)
-             SELECT $1, kind, resource_type, url, count
-             FROM UNNEST($2::text[], $3::text[], $4::text[], $5::bigint[]) WITH ORDINALITY AS f(kind, resource_type, url, count, n)
-             ORDER BY n
-             ON CONFLICT (run_id, kind, url) DO NOTHING",
-        )
-        .bind(run_id)
-        .bind(&kinds)
-        .bind(&types)
-        .bind(&urls)
-        .bind(&counts)
-        .execute(&mut *tx)
-        .await?;
-        let rows: Vec<(i64, String, String, Option<i64>)> = sqlx::query_as(
-            "SELECT id, kind, resource_type, manifest_count FROM fhir_sync.run_file WHERE run_id = $1 ORDER BY id",
-        )
-        .bind(run_id)
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, kind, resource_type, manifest_count)| FileRecord {
-                id,
-                kind,
-                resource_type,
-                manifest_count,
-            })
-            .collect())
+    #[test]
+    fn an_unknown_value_is_an_error_never_a_default() {
+        let error = "archived".parse::<FileKind>().unwrap_err();
+        assert_eq!(error.to_string(), "\"archived\" is not a known FileKind");
+        assert!("running".parse::<RunStatus>().is_err());
     }
 
-    pub async fn file_started(&self, file_id: i64) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE fhir_sync.run_file SET status = 'loading', started_at = coalesce(started_at, now()), error = NULL WHERE id = $1",
-        )
-        .bind(file_id)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-    }
-
-    pub async fn file_loaded(&self, file_id: i64, bytes: u64) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE fhir_sync.run_file SET status = 'loaded', finished_at = now(), bytes = bytes + $2 WHERE id = $1",
-        )
-        .bind(file_id)
-        .bind(bytes as i64)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-    }
-
-    pub async fn file_failed(&self, file_id: i64, bytes: u64, error: &str) -> sqlx::Result<()> {
-        sqlx::query(
-            "UPDATE fhir_sync.run_file SET status = 'failed', finished_at = now(), bytes = bytes + $2, error = $3 WHERE id = $1",
-        )
-        .bind(file_id)
-        .bind(bytes as i64)
-        .bind(error)
-        .execute(&self.pool)
-        .await
-        .map(drop)
-    }
-
-    /// Output files and resources per type for one run.
-    pub async fn type_counts(&self, run_id: i64) -> sqlx::Result<Vec<TypeCount>> {
-        sqlx::query_as(
-            "SELECT resource_type, count(*) AS files, sum(resources_loaded)::bigint AS resources_loaded,
-                    sum(lines_rejected)::bigint AS lines_rejected
-             FROM fhir_sync.run_file WHERE run_id = $1 AND kind = 'output'
-             GROUP BY resource_type ORDER BY resource_type",
-        )
-        .bind(run_id)
-        .fetch_all(&self.pool)
-        .await
+    #[test]
+    fn terminal_and_active_states_partition_the_unfinished_ones() {
+        assert_eq!(
+            unfinished(),
+            [
+                RunStatus::Queued,
+                RunStatus::KickingOff,
+                RunStatus::Exporting,
+                RunStatus::Loading,
+                RunStatus::Completing
+            ]
+        );
+        assert!(RunStatus::ACTIVE.iter().all(|s| !s.is_terminal()));
     }
 }

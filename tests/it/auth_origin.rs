@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhir_sync::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, PollPolicy};
+use fhir_sync::bulk::{BulkClient, ExportError, ExportRequest, ManifestFile, StatusCheck};
 use fhir_sync::config::ExportLevel;
 use fhir_sync::fake::FakeOptions;
 use fhir_sync::smart;
@@ -41,16 +41,13 @@ async fn client_and_file(env: &TestEnv, allow_insecure_http: bool) -> (BulkClien
         })
         .await
         .unwrap();
-    let policy = PollPolicy {
-        min_interval: Duration::from_millis(1),
-        max_interval: Duration::from_secs(1),
-        default_interval: Duration::from_millis(10),
-        timeout: Duration::from_secs(60),
+    // The fake answers 202 a fixed number of times, then the manifest.
+    let manifest = loop {
+        match bulk.check_status(&kick_off.status_url).await.unwrap() {
+            StatusCheck::Complete(manifest) => break manifest,
+            _ => tokio::task::yield_now().await,
+        }
     };
-    let manifest = bulk
-        .wait_for_manifest(&kick_off.status_url, &policy, async |_| {})
-        .await
-        .unwrap();
     let file = manifest.output[0].clone();
     (bulk, file)
 }

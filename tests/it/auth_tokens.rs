@@ -239,10 +239,9 @@ async fn a_token_endpoint_that_stays_down_is_a_retryable_failure() {
         "{}",
         error_chain(&failed)
     );
-    // Three tries per token renewal, and the queue retries the kick-off step itself (with
-    // backoff) before the run fails.
-    let attempts = fhir_sync::sync::steps::KICK_OFF_ATTEMPTS as usize;
-    assert_eq!(token_requests(&env), (3 * attempts, 0));
+    // Three tries of the token request, in its own loop; the kick-off step does not retry
+    // them again (retries never multiply across layers).
+    assert_eq!(token_requests(&env), (3, 0));
 }
 
 #[tokio::test]

@@ -116,3 +116,70 @@ async fn a_cut_download_restarts_the_file_when_the_server_takes_no_ranges() {
     let (attempts, files) = attempts(&env, report.run_id).await;
     assert_eq!(attempts, files + 2);
 }
+
+#[tokio::test]
+async fn files_whose_urls_differ_only_in_the_query_string_all_load() {
+    // `data?part=1` and `data?part=2`: redaction makes them look alike, but each is a file.
+    let options = FakeOptions {
+        resources_per_file: 10,
+        ..faulty(Faults::default().query_string_parts())
+    };
+    let env = TestEnv::new(5, options).await;
+    let report = run(&env).await.expect("every file loads");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let files: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run_file WHERE run_id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert!(files > 4, "several files per type: {files}");
+}
+
+#[tokio::test]
+async fn a_loaded_file_keeps_no_presigned_query_string() {
+    let env = env_with(5, Faults::default()).await;
+    let report = run(&env).await.unwrap();
+    let kept: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT download_url FROM fhir_sync.run_file WHERE run_id = $1")
+            .bind(report.run_id)
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert!(!kept.is_empty());
+    assert!(
+        kept.iter().all(Option::is_none),
+        "the signed links are cleared once loaded: {kept:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_trickles_is_given_up_and_retried() {
+    // The first download sends one chunk and then a byte every 100 ms: every read arrives
+    // within the read timeout, so only a minimum throughput ends it.
+    let env = env_with(3, Faults::default().trickle_file(1)).await;
+    let settings = SyncSettings {
+        min_download_bytes_per_second: 1000,
+        download_window_seconds: 1,
+        ..retry_fast_settings()
+    };
+    let report = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        sync::run_job(
+            &ctx(&env, settings),
+            &env.job,
+            sync::RunOptions { full: true },
+        ),
+    )
+    .await
+    .expect("the trickling download is given up")
+    .expect("its retry loads the file");
+    assert_exactly_the_data_set(&env, report.run_id).await;
+    let worst: i32 =
+        sqlx::query_scalar("SELECT max(attempts) FROM fhir_sync.run_file WHERE run_id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(worst, 2);
+}

@@ -160,3 +160,58 @@ async fn throttled_and_unavailable_kick_offs_are_retried() {
     let (_, _, _, retries) = run_row(&env, report.run_id).await;
     assert_eq!(retries, 4);
 }
+
+#[tokio::test]
+async fn a_kick_off_failing_with_an_error_outcome_is_sent_once() {
+    // A 500 whose OperationOutcome reports an error (not `transient`) is the server's answer,
+    // not a hiccup: one request, the run fails with the server's text.
+    let env = env_with(3, Faults::default().kick_off_500_outcome(100)).await;
+    let failed = run(&env).await.expect_err("the server cannot export");
+    let (status, error, retryable, retries) = run_row(&env, failed.run_id.unwrap()).await;
+    assert_eq!(status, "failed");
+    assert_eq!(retryable, Some(false));
+    let error = error.unwrap();
+    assert!(error.contains("File generation failed"), "{error}");
+    assert_eq!(retries, 0);
+    assert_eq!(env.fake.kick_offs().len(), 1);
+}
+
+#[tokio::test]
+async fn a_kick_off_that_stays_unavailable_is_tried_request_attempts_times_in_all() {
+    // Retries never multiply across layers: `sync.request_attempts` kick-offs in all, not
+    // that many inside each of several step retries.
+    let env = env_with(3, Faults::default().kick_off_503(1000)).await;
+    let attempts = crate::export_env::retry_fast_settings().request_attempts;
+    let failed = run(&env).await.expect_err("the server stays unavailable");
+    let (status, _, retryable, retries) = run_row(&env, failed.run_id.unwrap()).await;
+    assert_eq!(status, "failed");
+    assert_eq!(retryable, Some(true), "a 503 may pass by itself");
+    assert_eq!(env.fake.kick_offs().len() as u32, attempts);
+    assert_eq!(retries, i64::from(attempts - 1));
+}
+
+#[tokio::test]
+async fn a_jobs_own_since_is_what_the_run_records_and_reports() {
+    // Without a watermark the job's `export.since` is sent; the run must say so, not "(full)".
+    let mut env = env_with(3, Faults::default()).await;
+    let since = "2020-01-01T00:00:00Z";
+    env.job.export.since = Some(since.into());
+    let report = run(&env).await.expect("the export runs");
+    let sent: Vec<String> = env
+        .fake
+        .kick_offs()
+        .into_iter()
+        .flat_map(|k| k.params)
+        .filter(|(name, _)| name == "_since")
+        .map(|(_, value)| value)
+        .collect();
+    assert_eq!(sent, [since]);
+    assert_eq!(report.since.as_deref(), Some(since));
+    let recorded: Option<String> =
+        sqlx::query_scalar("SELECT since FROM fhir_sync.run WHERE id = $1")
+            .bind(report.run_id)
+            .fetch_one(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(recorded.as_deref(), Some(since));
+}

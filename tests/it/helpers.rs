@@ -6,7 +6,9 @@ use fhir_sync::config::{JobConfig, SyncSettings};
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions};
 use fhir_sync::queue::QueueSettings;
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
-use fhir_sync::sync::{self, RunFailed, RunOptions, RunReport, SyncContext};
+use fhir_sync::sync::{self, RunFailed, RunOptions, RunReport, SyncContext, Trigger};
+use fhir_sync::warehouse::runs;
+use fhir_sync::warehouse::{FileKind, FileTarget};
 use secrecy::SecretString;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool};
@@ -196,5 +198,89 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     type Writer = Captured;
     fn make_writer(&'a self) -> Captured {
         self.clone()
+    }
+}
+
+/// A run with registered files, made the way a run makes them (created, kicked off, exporting,
+/// its manifest registered), for tests that drive the loader or the read model directly.
+/// `files` holds (kind, resource type, manifest count) per manifest entry; returns the run id
+/// and each file's loader target, in manifest order.
+pub async fn run_with_files(
+    pool: &PgPool,
+    job: &str,
+    transaction_time: &str,
+    files: &[(FileKind, &str, Option<u64>)],
+) -> (i64, Vec<FileTarget>) {
+    let base = "https://ehr.example.org/fhir";
+    // A job has one active run at a time: an earlier fixture run of the job ends first.
+    if let Some(earlier) = runs::unfinished_run(pool, job).await.unwrap() {
+        runs::cancel(pool, earlier).await.unwrap();
+    }
+    let run_id = runs::create(pool, job, base, Trigger::Manual, None, true)
+        .await
+        .unwrap()
+        .expect("a manual run is always created");
+    assert!(runs::start_kick_off(pool, run_id, None).await.unwrap());
+    let status_url = format!("{base}/bulkstatus/{run_id}");
+    assert!(
+        runs::exporting(pool, run_id, base, &status_url)
+            .await
+            .unwrap()
+    );
+    let urls: Vec<url::Url> = (0..files.len())
+        .map(|i| {
+            url::Url::parse(&format!(
+                "https://ehr.example.org/files/{run_id}/{i}.ndjson"
+            ))
+            .unwrap()
+        })
+        .collect();
+    let new_files: Vec<runs::NewFile<'_>> = files
+        .iter()
+        .zip(&urls)
+        .map(|(&(kind, resource_type, count), url)| runs::NewFile {
+            kind,
+            resource_type,
+            url,
+            count,
+        })
+        .collect();
+    let rows = runs::manifest_ready(pool, run_id, transaction_time, true, &new_files)
+        .await
+        .unwrap()
+        .expect("the run was exporting");
+    let targets = rows
+        .iter()
+        .map(|row| FileTarget {
+            run_id,
+            file_id: row.id,
+            source: job.to_string(),
+            kind: row.kind,
+            resource_type: row
+                .kind
+                .line_type()
+                .map_or_else(|| row.resource_type.clone(), str::to_string),
+        })
+        .collect();
+    (run_id, targets)
+}
+
+/// Polls `check` until it returns `Some`, failing the test after `limit`. For conditions only
+/// another process can make true and that have no notification of their own.
+pub async fn eventually<T, F, Fut>(limit: std::time::Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }

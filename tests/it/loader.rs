@@ -3,37 +3,20 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use fhir_sync::warehouse::{FileKind, FileTarget, LoadError, LoadLimits, Runs, load_ndjson};
-use tokio::io::{AsyncRead, BufReader, ReadBuf};
+use fhir_sync::warehouse::{FileKind, FileTarget, LoadError, LoadLimits, load_ndjson};
+use tokio::io::{AsyncRead, AsyncWriteExt, BufReader, ReadBuf};
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, eventually, run_with_files};
 
 async fn file(db: &TestDb) -> FileTarget {
-    let runs = Runs::new(db.pool.clone());
-    let run_id = runs
-        .start("job", "src", "https://ehr.example.org/fhir", None)
-        .await
-        .unwrap();
-    let files = runs
-        .manifest(
-            run_id,
-            "2024-01-01T00:00:00Z",
-            &[(
-                "output",
-                "Patient",
-                "https://ehr.example.org/p.ndjson".into(),
-                None,
-            )],
-        )
-        .await
-        .unwrap();
-    FileTarget {
-        run_id,
-        file_id: files[0].id,
-        source: "src".into(),
-        kind: FileKind::Output,
-        resource_type: "Patient".into(),
-    }
+    let (_, mut files) = run_with_files(
+        &db.pool,
+        "src",
+        "2024-01-01T00:00:00Z",
+        &[(FileKind::Output, "Patient", None)],
+    )
+    .await;
+    files.remove(0)
 }
 
 fn patient(id: &str, updated: &str, family: &str) -> String {
@@ -225,4 +208,53 @@ async fn an_interrupted_load_resumes_without_duplicates_or_gaps() {
         (9, 1),
         "each line counted exactly once across both attempts"
     );
+}
+
+#[tokio::test]
+async fn a_loader_whose_checkpoint_moves_under_it_yields_to_the_new_holder() {
+    let db = TestDb::new().await;
+    let target = file(&db).await;
+    let (mut server, client) = tokio::io::duplex(64 * 1024);
+    let loader = {
+        let pool = db.pool.clone();
+        let target = target.clone();
+        tokio::spawn(
+            async move { load_ndjson(&pool, &target, BufReader::new(client), LIMITS).await },
+        )
+    };
+    let lines = |from: usize, to: usize| -> String {
+        (from..to)
+            .map(|i| patient(&format!("p{i}"), "2024-01-01T00:00:00Z", "f") + "\n")
+            .collect()
+    };
+    server.write_all(lines(0, 2).as_bytes()).await.unwrap();
+    let committed = || async {
+        let lines: i64 =
+            sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
+                .bind(target.file_id)
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+        (lines == 2).then_some(())
+    };
+    eventually(
+        std::time::Duration::from_secs(60),
+        "the first batch",
+        committed,
+    )
+    .await;
+    // Its lease lapsed: another loader took the file over and committed two more lines.
+    sqlx::query("UPDATE fhir_sync.run_file SET lines_committed = 4 WHERE id = $1")
+        .bind(target.file_id)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    server.write_all(lines(2, 6).as_bytes()).await.unwrap();
+    drop(server);
+    let error = loader.await.unwrap().unwrap_err();
+    assert!(
+        matches!(error, LoadError::Superseded { file_id } if file_id == target.file_id),
+        "{error:?}"
+    );
+    assert!(!error.is_retryable(), "the file is the other loader's now");
 }

@@ -6,11 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use fhir_sync::warehouse::{self, FileKind, FileTarget, LoadLimits, Runs, load_ndjson};
+use fhir_sync::warehouse::{self, FileKind, FileTarget, LoadLimits, load_ndjson};
 use tokio::io::{AsyncRead, BufReader, ReadBuf};
 use tokio::sync::Notify;
 
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, run_with_files};
 
 const LIMITS: LoadLimits = LoadLimits {
     batch_lines: 2,
@@ -25,29 +25,14 @@ async fn new_file(
     count: Option<u64>,
     transaction_time: &str,
 ) -> FileTarget {
-    let runs = Runs::new(db.pool.clone());
-    let run_id = runs
-        .start("job", "src", "https://ehr.example.org/fhir", None)
-        .await
-        .unwrap();
-    let url = format!("https://ehr.example.org/{run_id}.ndjson");
-    let files = runs
-        .manifest(
-            run_id,
-            transaction_time,
-            &[(kind.as_str(), resource_type, url, count)],
-        )
-        .await
-        .unwrap();
-    FileTarget {
-        run_id,
-        file_id: files[0].id,
-        source: "src".into(),
-        kind,
-        resource_type: kind
-            .line_type()
-            .map_or_else(|| resource_type.to_string(), str::to_string),
-    }
+    let (_, mut files) = run_with_files(
+        &db.pool,
+        "src",
+        transaction_time,
+        &[(kind, resource_type, count)],
+    )
+    .await;
+    files.remove(0)
 }
 
 async fn output(db: &TestDb, resource_type: &str) -> FileTarget {
@@ -336,45 +321,17 @@ async fn in_one_run_the_output_wins_over_an_undated_deletion_of_the_same_resourc
     .await;
 
     // One export lists a in output (it exists at the transactionTime, recreated) and in deleted.
-    let runs = Runs::new(db.pool.clone());
-    let run_id = runs
-        .start("job", "src", "https://ehr.example.org/fhir", None)
-        .await
-        .unwrap();
-    let files = runs
-        .manifest(
-            run_id,
-            "2024-06-01T00:00:00Z",
-            &[
-                (
-                    "output",
-                    "Patient",
-                    "https://ehr.example.org/o".into(),
-                    None,
-                ),
-                (
-                    "deleted",
-                    "Bundle",
-                    "https://ehr.example.org/d".into(),
-                    None,
-                ),
-            ],
-        )
-        .await
-        .unwrap();
-    let output_target = FileTarget {
-        run_id,
-        file_id: files[0].id,
-        source: "src".into(),
-        kind: FileKind::Output,
-        resource_type: "Patient".into(),
-    };
-    let deleted_target = FileTarget {
-        file_id: files[1].id,
-        kind: FileKind::Deleted,
-        resource_type: "Bundle".into(),
-        ..output_target.clone()
-    };
+    let (_, files) = run_with_files(
+        &db.pool,
+        "src",
+        "2024-06-01T00:00:00Z",
+        &[
+            (FileKind::Output, "Patient", None),
+            (FileKind::Deleted, "Bundle", None),
+        ],
+    )
+    .await;
+    let (output_target, deleted_target) = (files[0].clone(), files[1].clone());
     load(
         &db,
         &output_target,

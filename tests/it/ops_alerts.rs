@@ -20,7 +20,7 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
 use crate::export_env::{env_with, run, run_row};
-use crate::helpers::{Captured, TestEnv, queue_settings, sync_settings};
+use crate::helpers::{Captured, TestEnv, eventually, queue_settings, sync_settings};
 
 /// How long a test waits for something that should happen in milliseconds.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -114,20 +114,21 @@ async fn alert_rows(env: &TestEnv) -> Vec<AlertRow> {
     .unwrap()
 }
 
-/// Waits until the recorded alerts satisfy `done`, re-reading them every 20 ms.
+/// Waits until the recorded alerts satisfy `done` (delivery records them in its own task).
 async fn wait_for_rows(env: &TestEnv, done: impl Fn(&[AlertRow]) -> bool) -> Vec<AlertRow> {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    eventually(DEADLINE, "the alert rows", || async {
         let rows = alert_rows(env).await;
-        if done(&rows) {
-            return rows;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "alert rows never got there: {rows:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        done(&rows).then_some(rows)
+    })
+    .await
+}
+
+/// Runs the env's job to its failure, then sweeps for unsent failure alerts as `serve` does.
+async fn fail_and_sweep(env: &TestEnv) -> fhir_sync::sync::RunFailed {
+    let failed = run(env).await.expect_err("the export fails on the server");
+    let claimed = alert::sweep_failed_runs(&other_process(env)).await.unwrap();
+    assert_eq!(claimed, [failed.run_id.unwrap()]);
+    failed
 }
 
 /// A second process's view of the same database and jobs.
@@ -150,7 +151,7 @@ async fn a_failed_run_alerts_once_with_its_reason() {
     .await;
     env.job.alert = alerting(&receiver.url);
 
-    let failed = run(&env).await.expect_err("the export fails on the server");
+    let failed = fail_and_sweep(&env).await;
     let run_id = failed.run_id.unwrap();
     let (status, body) = receiver.next().await;
     assert_eq!(status, 200);
@@ -208,7 +209,7 @@ async fn a_receiver_that_fails_once_gets_the_alert_on_the_retry() {
     .await;
     env.job.alert = alerting(&receiver.url);
 
-    let failed = run(&env).await.expect_err("the export fails on the server");
+    let failed = fail_and_sweep(&env).await;
     let (first_status, first) = receiver.next().await;
     let (second_status, second) = receiver.next().await;
     assert_eq!((first_status, second_status), (500, 200));
@@ -252,20 +253,18 @@ async fn a_dead_receiver_never_holds_up_the_run_and_is_logged_by_host_only() {
     .await;
     env.job.alert = alerting(&dead);
 
-    let failed = run(&env).await.expect_err("the export fails on the server");
+    let failed = fail_and_sweep(&env).await;
     let (status, error, _, _) = run_row(&env, failed.run_id.unwrap()).await;
     assert_eq!(status, "failed");
     assert!(error.unwrap().contains("the export ran out of disk"));
 
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !captured.text().contains("alert not delivered, giving up") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no warning was logged:\n{}",
-            captured.text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(DEADLINE, "the giving-up warning", || async {
+        captured
+            .text()
+            .contains("alert not delivered, giving up")
+            .then_some(())
+    })
+    .await;
     let rows = alert_rows(&env).await;
     assert_eq!(rows.len(), 1);
     let (_, _, attempts, delivered, last_error, host) = &rows[0];
@@ -461,5 +460,54 @@ async fn a_job_that_never_succeeded_is_stale_once_its_first_run_is_old() {
     );
     let rows = wait_for_rows(&env, |rows| rows.iter().all(|r| r.3)).await;
     assert_eq!(rows.len(), 1, "no run_failed alert: {rows:?}");
+    receiver.nothing_more();
+}
+
+#[tokio::test]
+async fn a_failure_alert_survives_the_death_of_the_process_that_failed_the_run() {
+    let mut receiver = Receiver::start(0).await;
+    let mut env = env_with(3, Faults::default()).await;
+    env.job.alert = alerting(&receiver.url);
+    // A process fails a run and dies before it could alert: the failure is on record, no
+    // alert was claimed.
+    let run_id = fhir_sync::warehouse::runs::create(
+        &env.db.pool,
+        "demo",
+        env.job.fhir.base_url.as_str(),
+        fhir_sync::sync::Trigger::Manual,
+        None,
+        false,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(
+        fhir_sync::warehouse::runs::fail(
+            &env.db.pool,
+            run_id,
+            "the export ran out of disk",
+            false,
+            None
+        )
+        .await
+        .unwrap()
+    );
+    assert!(alert_rows(&env).await.is_empty());
+
+    // Whichever process sweeps next sends it, once.
+    let claimed = alert::sweep_failed_runs(&other_process(&env))
+        .await
+        .unwrap();
+    assert_eq!(claimed, [run_id]);
+    let (status, body) = receiver.next().await;
+    assert_eq!(status, 200);
+    assert_eq!(body["run_id"], run_id);
+    assert!(
+        alert::sweep_failed_runs(&other_process(&env))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claimed alert is not swept again"
+    );
     receiver.nothing_more();
 }

@@ -866,7 +866,7 @@ async fn a_cancel_whose_export_cannot_be_deleted_still_cancels_and_says_so_witho
     let db = TestDb::new().await;
     // A run of a job that has since lost its job file: its export cannot be deleted without
     // the job's credentials.
-    let run_id = sync::state::create(
+    let run_id = fhir_sync::warehouse::runs::create(
         &db.pool,
         "retired",
         "https://ehr.example.org/fhir",
@@ -878,12 +878,12 @@ async fn a_cancel_whose_export_cannot_be_deleted_still_cancels_and_says_so_witho
     .unwrap()
     .unwrap();
     assert!(
-        sync::state::start_kick_off(&db.pool, run_id, None)
+        fhir_sync::warehouse::runs::start_kick_off(&db.pool, run_id, None)
             .await
             .unwrap()
     );
     assert!(
-        sync::state::exporting(
+        fhir_sync::warehouse::runs::exporting(
             &db.pool,
             run_id,
             "https://ehr.example.org/fhir/$export",

@@ -378,3 +378,22 @@ async fn run_in_a_terminal_shows_progress_and_ends_with_the_run_s_state() {
     // Log lines printed above the bars stay whole lines.
     assert!(screen.contains("file loaded"), "{screen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_a_finished_run_says_it_had_ended_and_exits_non_zero() {
+    let env = TestEnv::new(3, TestEnv::fast()).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_setup(&env, dir.path(), None);
+    let done = env.run().await.expect("the run succeeds");
+    let id = done.run_id.to_string();
+    let out = fhir_sync(dir.path(), &env.db.url(), &["cancel", &id]).await;
+    let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("already ended (succeeded)"), "{said}");
+    let status: String = sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
+        .bind(done.run_id)
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(status, "succeeded", "a finished run stays as it ended");
+}

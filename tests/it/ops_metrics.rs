@@ -11,14 +11,14 @@ use std::time::Duration;
 
 use fhir_sync::config::JobConfig;
 use fhir_sync::fake::{FakeOptions, Faults};
+use fhir_sync::metrics;
 use fhir_sync::ops::http::{OpsState, router, serve};
-use fhir_sync::ops::metrics;
 use fhir_sync::sync::{self, Step, StepContext, Trigger};
-use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, Runs, load_ndjson};
+use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, load_ndjson};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestDb, TestEnv};
+use crate::helpers::{TestDb, TestEnv, run_with_files};
 
 /// One sample of the text exposition.
 #[derive(Debug, Clone)]
@@ -615,8 +615,16 @@ async fn queue_depth_oldest_step_and_active_runs_are_read_from_the_database() {
     assert!((0.0..60.0).contains(&since), "{since}");
 
     // Cancelling ends the run once, however often it is asked.
-    assert!(sync::state::cancel(&env.db.pool, run_id).await.unwrap());
-    assert!(!sync::state::cancel(&env.db.pool, run_id).await.unwrap());
+    assert!(
+        fhir_sync::warehouse::runs::cancel(&env.db.pool, run_id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !fhir_sync::warehouse::runs::cancel(&env.db.pool, run_id)
+            .await
+            .unwrap()
+    );
     let m = scrape_ok(&env.db.pool, vec![env.job.clone()]).await;
     assert_eq!(
         m.series("fhir_sync_runs_finished_total", &j),
@@ -639,38 +647,20 @@ async fn rejected_lines_and_deletions_are_counted_per_job_and_type() {
         "metrics_{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
-    let runs = Runs::new(db.pool.clone());
-    let run_id = runs
-        .start(&job, &job, "https://ehr.example.org/fhir", None)
-        .await
-        .unwrap();
-    let files = runs
-        .manifest(
-            run_id,
-            "2024-06-01T00:00:00Z",
-            &[
-                (
-                    "output",
-                    "Patient",
-                    "https://ehr.example.org/o".into(),
-                    None,
-                ),
-                (
-                    "deleted",
-                    "Bundle",
-                    "https://ehr.example.org/d".into(),
-                    None,
-                ),
-            ],
-        )
-        .await
-        .unwrap();
+    let (run_id, files) = run_with_files(
+        &db.pool,
+        &job,
+        "2024-06-01T00:00:00Z",
+        &[
+            (FileKind::Output, "Patient", None),
+            (FileKind::Deleted, "Bundle", None),
+        ],
+    )
+    .await;
     let target = |i: usize, kind, resource_type: &str| FileTarget {
-        run_id,
-        file_id: files[i].id,
-        source: job.clone(),
         kind,
         resource_type: resource_type.into(),
+        ..files[i].clone()
     };
     let limits = LoadLimits {
         batch_lines: 2,

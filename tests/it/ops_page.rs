@@ -16,8 +16,9 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use fhir_sync::config::ScheduleConfig;
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::smart::{SigningAlgorithm, SigningKey};
-use fhir_sync::sync::{self, RunOptions, StepContext, Trigger, state};
-use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, Runs, load_ndjson};
+use fhir_sync::sync::{self, RunOptions, StepContext, Trigger};
+use fhir_sync::warehouse::runs as state;
+use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, load_ndjson};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -365,13 +366,13 @@ impl RunningRun {
             false,
             &[
                 state::NewFile {
-                    kind: "output",
+                    kind: FileKind::Output,
                     resource_type: "Patient",
                     url: &patient_url,
                     count: Some(patients as u64),
                 },
                 state::NewFile {
-                    kind: "output",
+                    kind: FileKind::Output,
                     resource_type: "Observation",
                     url: &observation_url,
                     count: Some(observations as u64),
@@ -389,7 +390,6 @@ impl RunningRun {
                 .id
         };
         let (patient_file, observation_file) = (file_id("Patient"), file_id("Observation"));
-        let runs = Runs::new(pool.clone());
         let limits = LoadLimits {
             batch_lines: 2,
             max_line_bytes: 1 << 20,
@@ -400,7 +400,7 @@ impl RunningRun {
                 .map(|i| dataset.ndjson_line(resource_type, i) + "\n")
                 .collect()
         };
-        runs.file_started(patient_file).await.unwrap();
+        state::file_started(pool, patient_file).await.unwrap();
         let body = lines("Patient", patients);
         load_ndjson(
             pool,
@@ -410,14 +410,14 @@ impl RunningRun {
         )
         .await
         .unwrap();
-        runs.file_loaded(patient_file, body.len() as u64)
+        state::file_loaded(pool, patient_file, body.len() as u64)
             .await
             .unwrap();
 
         // Half the Observations arrive, then the connection drops: the batches read so far are
         // committed and the file stays `loading`, as a download cut mid-way leaves it.
         let observations_loaded = observations / 2;
-        runs.file_started(observation_file).await.unwrap();
+        state::file_started(pool, observation_file).await.unwrap();
         load_ndjson(
             pool,
             &target(run_id, observation_file, "Observation"),

@@ -9,7 +9,7 @@ use fhir_sync::fake::FakeOptions;
 use fhir_sync::sync::{self, StepContext, Trigger};
 use secrecy::ExposeSecret;
 
-use crate::helpers::{TestEnv, queue_settings, sync_settings};
+use crate::helpers::{TestEnv, eventually, queue_settings, sync_settings};
 
 /// A `serve` process; killed when dropped so a failing test leaves nothing running.
 struct Serve {
@@ -88,26 +88,6 @@ pub(crate) fn write_setup(env: &TestEnv, dir: &Path, schedule: Option<&str>) {
         ));
     }
     std::fs::write(dir.join("jobs/demo.toml"), job).unwrap();
-}
-
-/// Polls `check` until it returns `Some`, failing the test after `limit`. For conditions only
-/// another process can make true and that have no notification of their own.
-async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -277,6 +257,15 @@ async fn a_stopped_process_s_run_completes_after_a_restart() {
     a.signal("TERM");
     assert!(a.wait(), "serve exits cleanly on SIGTERM:\n{}", a.log());
     assert!(a.log().contains("stopping"), "{}", a.log());
+    // The stopped process handed its files back: the next one need not wait out a lease.
+    let held: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM fhir_sync.run_file WHERE run_id = $1 AND lease_owner IS NOT NULL",
+    )
+    .bind(run_id)
+    .fetch_one(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(held, 0, "a stopped process holds no file lease");
     let b = Serve::start(dir.path(), &env.db.url(), "b");
     assert_exact_rows(&env, run_id).await;
     drop(b);
