@@ -77,6 +77,10 @@ pub struct TokenManager {
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
 /// Attempts per renewal for retryable failures (5xx, 429, timeouts); each uses a new assertion.
 const ATTEMPTS: u32 = 3;
+/// The pace of those tries: the one backoff, from half a second.
+const RENEWAL_BACKOFF: crate::backoff::Backoff = crate::backoff::Backoff {
+    base: Duration::from_millis(500),
+};
 
 #[derive(Deserialize)]
 struct TokenResponse {
@@ -246,7 +250,7 @@ impl TokenManager {
                     return Ok(token);
                 }
                 Err(e) if e.is_retryable() && attempt < ATTEMPTS => {
-                    let delay = Duration::from_millis(500 * 2u64.pow(attempt - 1));
+                    let delay = RENEWAL_BACKOFF.delay(attempt, None);
                     tracing::warn!(error = %e, attempt, retry_in_ms = delay.as_millis() as u64, "token request failed, retrying");
                     metrics::http_retry(&self.job, Endpoint::Token);
                     tokio::time::sleep(delay).await;
