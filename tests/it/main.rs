@@ -37,3 +37,4 @@ mod queue;
 mod queue_edges;
 mod secrets;
 mod sync;
+mod views_conformance;

@@ -1,0 +1,1 @@
+//! Incremental refresh of the view tables after a run.
