@@ -49,9 +49,10 @@ pub struct View {
     pub compiled: CompiledView,
 }
 
-/// The views of a folder, sorted by name.
+/// The views of a folder, sorted by name, and the schema their tables live in.
 #[derive(Debug, Clone, Default)]
 pub struct ViewSet {
+    pub schema: String,
     pub views: Vec<View>,
 }
 
@@ -73,12 +74,21 @@ pub fn prepare(
 }
 
 impl ViewSet {
-    /// Reads every `*.json` in `dir`. A missing folder is an empty set; every problem of every
-    /// file is collected.
-    pub fn load(dir: &Path) -> Result<ViewSet, ViewError> {
+    /// Reads every `*.json` in `dir`, for tables in `schema`. A missing folder is an empty
+    /// set; every problem of every file is collected.
+    pub fn load(dir: &Path, schema: &str) -> Result<ViewSet, ViewError> {
+        if !definition::is_sql_name(schema) {
+            return Err(ViewError::Invalid(vec![format!(
+                "views.schema: {schema:?} is not a sql name"
+            )]));
+        }
+        let empty = ViewSet {
+            schema: schema.to_string(),
+            views: Vec::new(),
+        };
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(ViewSet::default()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(empty),
             Err(source) => {
                 return Err(ViewError::Read {
                     path: dir.display().to_string(),
@@ -130,7 +140,7 @@ impl ViewSet {
             return Err(ViewError::Invalid(problems));
         }
         views.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(ViewSet { views })
+        Ok(ViewSet { views, ..empty })
     }
 
     pub fn get(&self, name: &str) -> Result<&View, ViewError> {
