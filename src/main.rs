@@ -134,6 +134,39 @@ enum Command {
         /// The run id, as `fhir-sync status` shows it.
         run: i64,
     },
+    /// Analytics views: SQL-on-FHIR v2 ViewDefinitions (views.dir) as tables (views.schema).
+    Views {
+        #[command(subcommand)]
+        command: ViewsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ViewsCommand {
+    /// Every view file, its table and its state (status, rows, last run applied).
+    List,
+    /// Print a view's table definition and compiled query.
+    Sql {
+        /// The view's name (its `name` element).
+        name: String,
+    },
+    /// Create missing view tables and rebuild those whose definition changed.
+    Apply {
+        /// Rebuild every view, changed or not.
+        #[arg(long)]
+        rebuild: bool,
+        /// Drop the tables of views whose file is gone.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Run the official SQL-on-FHIR v2 test files in DIR through PostgreSQL (a scratch
+    /// database on the configured server, dropped afterwards).
+    Test {
+        dir: PathBuf,
+        /// Write the results as the official test_report.json here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -343,6 +376,16 @@ fn main() -> ExitCode {
                 app::runs_list(&settings, filter, json).await
             }
             Command::Cancel { run } => app::cancel(&settings, cli.jobs_dir.as_deref(), run).await,
+            Command::Views { command } => match command {
+                ViewsCommand::List => app::views_list(&settings).await,
+                ViewsCommand::Sql { name } => app::views_sql(&settings, &name),
+                ViewsCommand::Apply { rebuild, prune } => {
+                    app::views_apply(&settings, rebuild, prune).await
+                }
+                ViewsCommand::Test { dir, report } => {
+                    app::views_test(&settings, &dir, report.as_deref()).await
+                }
+            },
             Command::Keys { .. } | Command::Config { .. } => {
                 unreachable!("handled before the runtime starts")
             }

@@ -236,6 +236,38 @@ async fn build_in_transaction(
     Ok(rows)
 }
 
+/// A view's row of `fhir_sync.view_state`: what operators see.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, sqlx::FromRow)]
+pub struct ViewStatus {
+    pub name: String,
+    pub table_schema: String,
+    pub resource_type: String,
+    /// `fresh`, `stale` (runs pending), `building` or `error`.
+    pub status: String,
+    pub row_count: i64,
+    /// The latest run whose changes the table holds.
+    pub last_run_id: Option<i64>,
+    /// Runs whose refresh began but has not committed (a failed or killed refresh).
+    pub pending_run_ids: Vec<i64>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub built_at: Option<time::OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub refreshed_at: Option<time::OffsetDateTime>,
+    pub refresh_duration_ms: Option<i64>,
+    pub error: Option<String>,
+}
+
+/// Every view's state, by name.
+pub async fn states(pool: &PgPool) -> sqlx::Result<Vec<ViewStatus>> {
+    sqlx::query_as(
+        "SELECT name, table_schema, resource_type, status, row_count, last_run_id, pending_run_ids,
+                built_at, refreshed_at, refresh_duration_ms, error
+         FROM fhir_sync.view_state ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// `SELECT * FROM <schema>.<view>` for tests and the demo, ordered by the key columns.
 pub fn select_all_sql(schema: &str, name: &str) -> String {
     format!(
