@@ -395,7 +395,10 @@ pub async fn status(
     )
     .await
     .context(HISTORY_UNREADABLE)?;
-    let status = console::StatusReport { jobs, runs };
+    let views = crate::views::materialise::states(&pool)
+        .await
+        .context(HISTORY_UNREADABLE)?;
+    let status = console::StatusReport { jobs, runs, views };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {

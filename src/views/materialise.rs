@@ -163,12 +163,20 @@ pub async fn build(pool: &PgPool, view: &View, schema: &str) -> Result<u64, Stri
     }
 }
 
-/// The text of a database error for the view's status: PostgreSQL's message (the compiled
-/// queries raise their own, which name view, column and resource id, never values).
+/// The reason a build or refresh failed, as stored in the view's status and shown by the
+/// ops API. The compiled queries raise their own errors (they name view, column and resource
+/// id, never values); any other database message could quote a resource's data (a value that
+/// does not cast), so only its SQLSTATE is kept.
 pub(crate) fn describe(e: &sqlx::Error) -> String {
     match e.as_database_error() {
-        Some(db) => db.message().to_string(),
-        None => e.to_string(),
+        Some(db) if db.code().as_deref() == Some("22000") && db.message().starts_with("view ") => {
+            db.message().to_string()
+        }
+        Some(db) => format!(
+            "the database rejected the view's query (SQLSTATE {})",
+            db.code().unwrap_or_default()
+        ),
+        None => format!("database error: {e}"),
     }
 }
 
