@@ -68,6 +68,10 @@ enum Command {
         /// the peak RSS (the memory target's case).
         #[arg(long, value_name = "MB", value_parser = clap::value_parser!(u64).range(1..))]
         single_file_mb: Option<u64>,
+        /// Also measure the analytics views (views.dir): full build, and incremental refresh
+        /// after the incremental run against a full rebuild.
+        #[arg(long)]
+        views: bool,
     },
     /// The bench's fake FHIR server, run as a child process of `bench` (internal).
     #[command(hide = true)]
@@ -307,6 +311,7 @@ fn main() -> ExitCode {
                 state_dir,
                 gzip,
                 single_file_mb,
+                views,
             } => {
                 bench::run(&bench::BenchOptions {
                     patients,
@@ -319,6 +324,7 @@ fn main() -> ExitCode {
                     gzip,
                     single_file_mb,
                     exe: std::env::current_exe()?,
+                    views: views.then(|| settings.views.clone()),
                 })
                 .await
             }
