@@ -442,3 +442,31 @@ async fn the_runner_works_in_a_scratch_database_it_drops() {
     .unwrap();
     assert_eq!(left, 0, "the scratch database is dropped");
 }
+
+#[tokio::test]
+async fn the_documented_queries_work_on_demo_data() {
+    let db = TestDb::new().await;
+    load_dataset(&db.pool, &Dataset::new(3, 40)).await;
+    materialise::apply(&db.pool, &shipped_views(), ApplyOptions::default())
+        .await
+        .unwrap();
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/analytics-views.md"
+    ))
+    .unwrap();
+    let sql = doc
+        .split("```sql")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("docs/analytics-views.md has an sql block");
+    for (n, statement) in sql.split(';').filter(|s| !s.trim().is_empty()).enumerate() {
+        let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
+            .fetch_all(&db.pool)
+            .await
+            .unwrap_or_else(|e| panic!("query {n} failed: {e}\n{statement}"));
+        if n != 1 {
+            assert!(!rows.is_empty(), "query {n} returned nothing:\n{statement}");
+        }
+    }
+}
