@@ -1440,6 +1440,8 @@ fn convert(first: &str, sql_type: &str) -> String {
     match sql_type {
         "jsonb" => first.to_string(),
         "text" => format!("({first} #>> '{{}}')"),
+        // Through numeric, so that an integral decimal (`6.0`, from arithmetic) still converts.
+        "integer" | "bigint" => format!("({first} #>> '{{}}')::numeric::{sql_type}"),
         other => format!("({first} #>> '{{}}')::{other}"),
     }
 }
