@@ -470,3 +470,52 @@ async fn the_documented_queries_work_on_demo_data() {
         }
     }
 }
+
+/// `fhir-sync views test DIR --report FILE` as an operator runs it: a failing case fails the
+/// command, and the report has the official shape.
+#[test]
+fn the_views_test_command_reports_and_fails_on_a_failed_case() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases");
+    std::fs::create_dir(&cases).unwrap();
+    std::fs::write(
+        cases.join("mine.json"),
+        r#"{"title": "t", "resources": [{"resourceType": "Patient", "id": "p1", "gender": "male"}],
+            "tests": [
+              {"title": "right", "view": {"resource": "Patient", "select": [{"column": [{"name": "g", "path": "gender", "type": "code"}]}]}, "expect": [{"g": "male"}]},
+              {"title": "wrong", "view": {"resource": "Patient", "select": [{"column": [{"name": "g", "path": "gender", "type": "code"}]}]}, "expect": [{"g": "female"}]}
+            ]}"#,
+    )
+    .unwrap();
+    let report = dir.path().join("report.json");
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-sync"))
+        .args(["views", "test"])
+        .arg(&cases)
+        .arg("--config-dir")
+        .arg(dir.path())
+        .arg("--report")
+        .arg(&report)
+        .env("FHIR_SYNC_DATABASE__URL", url)
+        .env_remove("FHIR_SYNC_ENV")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l == "1 passed, 1 failed"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL mine.json: wrong: rows differ"),
+        "{stdout}"
+    );
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert_eq!(
+        written["mine.json"]["tests"][0],
+        serde_json::json!({"name": "right", "result": {"passed": true}})
+    );
+    assert_eq!(written["mine.json"]["tests"][1]["result"]["passed"], false);
+}
