@@ -18,6 +18,7 @@ use crate::config::{self, Settings};
 use crate::ops::{console, report};
 use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
+use crate::views::{ViewError, ViewSet};
 use crate::warehouse;
 
 /// Opens the pool described by `settings`.
@@ -329,7 +330,14 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
             Vec::new()
         }
     };
-    if problems.is_empty() {
+    let defaults = Settings::default();
+    let views_settings = &settings.as_ref().unwrap_or(&defaults).views;
+    let (views, view_problems) = match ViewSet::load(&views_settings.dir, &views_settings.schema) {
+        Ok(views) => (views.views, Vec::new()),
+        Err(ViewError::Invalid(p)) => (Vec::new(), p),
+        Err(e) => (Vec::new(), vec![format!("{e:#}")]),
+    };
+    if problems.is_empty() && view_problems.is_empty() {
         println!("configuration in {} is valid", config_dir.display());
         for job in &jobs {
             let schedule = job
@@ -345,9 +353,23 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
                 job.fhir.base_url
             );
         }
+        for view in &views {
+            println!(
+                "  view {}: {} columns over {} ({})",
+                view.name,
+                view.compiled.columns.len(),
+                view.compiled.resource,
+                view.file.display()
+            );
+        }
         Ok(true)
     } else {
-        println!("{}", config::ConfigError { problems });
+        if !problems.is_empty() {
+            println!("{}", config::ConfigError { problems });
+        }
+        for problem in view_problems {
+            println!("{problem}");
+        }
         Ok(false)
     }
 }
@@ -390,7 +412,10 @@ pub async fn status(
     )
     .await
     .context(HISTORY_UNREADABLE)?;
-    let status = console::StatusReport { jobs, runs };
+    let views = crate::views::materialise::states(&pool)
+        .await
+        .context(HISTORY_UNREADABLE)?;
+    let status = console::StatusReport { jobs, runs, views };
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -529,6 +554,114 @@ pub async fn cancel(
     }
     if let Some(status) = before.filter(|s| s.is_terminal()) {
         anyhow::bail!("run {run_id} had already ended ({status}); there was no run to cancel");
+    }
+    Ok(())
+}
+
+fn load_views(settings: &Settings) -> anyhow::Result<ViewSet> {
+    ViewSet::load(&settings.views.dir, &settings.views.schema).with_context(|| {
+        format!(
+            "the views in {} are not valid",
+            settings.views.dir.display()
+        )
+    })
+}
+
+/// `fhir-sync views list`: every view file, its table and its state in the database (when
+/// the database is reachable).
+pub async fn views_list(settings: &Settings) -> anyhow::Result<()> {
+    let views = load_views(settings)?;
+    let pool = connect(settings).await?;
+    let states = crate::views::materialise::states(&pool).await?;
+    println!(
+        "{:<24} {:<20} {:>7} {:<9} {:>10} {:>9}  FILE",
+        "VIEW", "RESOURCE", "COLUMNS", "STATUS", "ROWS", "LAST RUN"
+    );
+    for view in &views.views {
+        let state = states.iter().find(|s| s.name == view.name);
+        println!(
+            "{:<24} {:<20} {:>7} {:<9} {:>10} {:>9}  {}",
+            view.name,
+            view.compiled.resource,
+            view.compiled.columns.len(),
+            state.map_or("absent", |s| s.status.as_str()),
+            state.map_or("-".into(), |s| s.row_count.to_string()),
+            state
+                .and_then(|s| s.last_run_id)
+                .map_or("-".into(), |r| r.to_string()),
+            view.file.display()
+        );
+    }
+    Ok(())
+}
+
+/// `fhir-sync views sql NAME`: the table's DDL and the compiled query.
+pub fn views_sql(settings: &Settings, name: &str) -> anyhow::Result<()> {
+    let views = load_views(settings)?;
+    let view = views.get(name)?;
+    println!(
+        "{};\n\n{};",
+        crate::views::materialise::create_table_sql(&views.schema, &view.name, view),
+        view.compiled.query()
+    );
+    Ok(())
+}
+
+/// `fhir-sync views apply [--rebuild] [--prune]`.
+pub async fn views_apply(settings: &Settings, rebuild: bool, prune: bool) -> anyhow::Result<()> {
+    use crate::views::materialise::{self, Applied, ApplyOptions};
+    let views = load_views(settings)?;
+    let pool = connect(settings).await?;
+    prepare_database(&pool).await?;
+    let applied = materialise::apply(&pool, &views, ApplyOptions { rebuild, prune }).await?;
+    let mut failed = 0;
+    for (name, outcome) in &applied {
+        let table = format!("{}.{name}", views.schema);
+        match outcome {
+            Applied::Created { rows } => println!("created {table} ({rows} rows)"),
+            Applied::Rebuilt { rows } => println!("rebuilt {table} ({rows} rows)"),
+            Applied::Unchanged => println!("unchanged {table}"),
+            Applied::Pruned => println!("dropped {name} (its file is gone)"),
+            Applied::Failed(reason) => {
+                failed += 1;
+                println!("failed {table}: {reason}");
+            }
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} views could not be built");
+    }
+    Ok(())
+}
+
+/// `fhir-sync views test DIR [--report FILE]`: the official test files through PostgreSQL,
+/// in a scratch database on the configured server.
+pub async fn views_test(
+    settings: &Settings,
+    dir: &Path,
+    report: Option<&Path>,
+) -> anyhow::Result<()> {
+    let url = settings.database_url()?;
+    let result = crate::views::conformance::run_in_scratch_database(url.expose_secret(), dir)
+        .await
+        .context("running the view tests failed")?;
+    for (file, cases) in &result.files {
+        for case in cases.iter().filter(|c| !c.passed) {
+            println!(
+                "FAIL {file}: {}: {}",
+                case.name,
+                case.reason.as_deref().unwrap_or("")
+            );
+        }
+    }
+    if let Some(path) = report {
+        let text = serde_json::to_string_pretty(&result.to_json())?;
+        std::fs::write(path, text + "\n")
+            .with_context(|| format!("writing {} failed", path.display()))?;
+    }
+    println!("{} passed, {} failed", result.passed(), result.failed());
+    if result.failed() > 0 {
+        anyhow::bail!("{} view tests failed", result.failed());
     }
     Ok(())
 }

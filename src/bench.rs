@@ -58,6 +58,9 @@ pub struct BenchOptions {
     pub files: Option<usize>,
     /// The `fhir-sync` executable that serves the fake server (this one, normally).
     pub exe: PathBuf,
+    /// Also measure the analytics views of this folder and schema: their full build after the
+    /// full sync, and their incremental refresh after the incremental run against a rebuild.
+    pub views: Option<crate::config::ViewsSettings>,
 }
 
 /// One measured load.
@@ -294,6 +297,13 @@ async fn measure_full_and_incremental(
         full_bytes,
     )?;
     report(&full_sync, &full_a, &full_b);
+    let views = match &options.views {
+        Some(v) => Some(crate::views::ViewSet::load(&v.dir, &v.schema)?),
+        None => None,
+    };
+    if let Some(views) = &views {
+        bench_views_full(pool, views).await?;
+    }
 
     println!(
         "\nincremental sync: {} of {} resources changed",
@@ -340,6 +350,81 @@ async fn measure_full_and_incremental(
         changed_bytes,
     )?;
     report(&inc_sync, &inc_a, &inc_b);
+    if let Some(views) = &views {
+        bench_views_incremental(pool, views).await?;
+    }
+    Ok(())
+}
+
+/// The full build of every view over what the full sync loaded, in rows per second.
+async fn bench_views_full(pool: &PgPool, views: &crate::views::ViewSet) -> anyhow::Result<()> {
+    use crate::views::materialise::{self, Applied, ApplyOptions};
+    println!(
+        "\nanalytics views: full build of {} views",
+        views.views.len()
+    );
+    let options = ApplyOptions {
+        rebuild: true,
+        prune: false,
+    };
+    for view in &views.views {
+        let one = crate::views::ViewSet {
+            schema: views.schema.clone(),
+            views: vec![view.clone()],
+        };
+        let started = Instant::now();
+        let applied = materialise::apply(pool, &one, options).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let rows = match &applied[0].1 {
+            Applied::Created { rows } | Applied::Rebuilt { rows } => *rows,
+            other => anyhow::bail!("view {}: {other:?}", view.name),
+        };
+        println!(
+            "  {:<16} {rows:>9} rows in {seconds:>6.2} s  {:>9.0} rows/s",
+            view.name,
+            rows as f64 / seconds.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// The incremental refresh of every view after the incremental run, against a full rebuild
+/// of the same views over the same data.
+async fn bench_views_incremental(
+    pool: &PgPool,
+    views: &crate::views::ViewSet,
+) -> anyhow::Result<()> {
+    use crate::views::materialise::{self, ApplyOptions};
+    use crate::views::refresh::{self, Outcome};
+    let run_id: i64 = sqlx::query_scalar("SELECT max(id) FROM fhir_sync.run")
+        .fetch_one(pool)
+        .await?;
+    let started = Instant::now();
+    let report = refresh::refresh_for_run(pool, views, run_id).await?;
+    let incremental = started.elapsed().as_secs_f64();
+    let mut replaced = 0;
+    for v in &report.views {
+        match &v.outcome {
+            Outcome::Applied { inserted, .. } => replaced += inserted,
+            other => anyhow::bail!("view {}: {other:?}", v.name),
+        }
+    }
+    let started = Instant::now();
+    materialise::apply(
+        pool,
+        views,
+        ApplyOptions {
+            rebuild: true,
+            prune: false,
+        },
+    )
+    .await?;
+    let rebuild = started.elapsed().as_secs_f64();
+    println!(
+        "\nanalytics views after run {run_id}: incremental refresh {incremental:.2} s ({replaced} rows replaced), \
+         full rebuild {rebuild:.2} s: the refresh takes {:.2}x the rebuild (target at most 0.2x)",
+        incremental / rebuild.max(1e-9)
+    );
     Ok(())
 }
 

@@ -138,6 +138,7 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     println!(
         "\nverified: the rows in PostgreSQL match what the fake server generated, type by type"
     );
+    show_views(&pool, &settings, report.run_id).await?;
     println!("\nlook at the data:");
     println!(
         "  psql '{}' -c \"select resource_type, count(*) from fhir_sync.resource where source = 'demo' group by 1\"",
@@ -153,5 +154,39 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         );
     }
     server.shutdown().await;
+    Ok(())
+}
+
+/// Builds (or refreshes) the analytics views of `views.dir` and prints a sample of one.
+async fn show_views(pool: &sqlx::PgPool, settings: &Settings, run_id: i64) -> anyhow::Result<()> {
+    let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
+    let report = crate::views::refresh::refresh_for_run(pool, &views, run_id).await?;
+    if views.views.is_empty() || !report.all_applied() {
+        println!("\nanalytics views: {report:?}");
+        return Ok(());
+    }
+    let names: Vec<&str> = views.views.iter().map(|v| v.name.as_str()).collect();
+    println!(
+        "\nanalytics views built in schema {}: {}",
+        views.schema,
+        names.join(", ")
+    );
+    if names.contains(&"blood_pressure") && names.contains(&"patient") {
+        let sql = format!(
+            "SELECT p.family, p.gender, bp.effective, bp.systolic, bp.diastolic
+             FROM {s}.blood_pressure bp JOIN {s}.patient p ON p.id = bp.patient_id
+             ORDER BY bp.effective DESC LIMIT 5",
+            s = crate::views::compile::ident(&views.schema)
+        );
+        println!("  {}", sql.split_whitespace().collect::<Vec<_>>().join(" "));
+        let lines: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT format('  %-16s %-8s %s  %s/%s mmHg', family, gender, effective, systolic, diastolic) FROM ({sql}) AS q"
+        )))
+        .fetch_all(pool)
+        .await?;
+        for line in lines {
+            println!("{line}");
+        }
+    }
     Ok(())
 }

@@ -20,4 +20,5 @@ pub mod schedule;
 pub mod smart;
 pub mod sync;
 pub mod transport;
+pub mod views;
 pub mod warehouse;

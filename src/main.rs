@@ -71,6 +71,10 @@ enum Command {
         /// Instead of the comparison, sync N one-line files and report the cost per file.
         #[arg(long, value_name = "N", conflicts_with = "single_file_mb")]
         files: Option<usize>,
+        /// Also measure the analytics views (views.dir): full build, and incremental refresh
+        /// after the incremental run against a full rebuild.
+        #[arg(long)]
+        views: bool,
     },
     /// The bench's fake FHIR server, run as a child process of `bench` (internal).
     #[command(hide = true)]
@@ -136,6 +140,39 @@ enum Command {
     Cancel {
         /// The run id, as `fhir-sync status` shows it.
         run: i64,
+    },
+    /// Analytics views: SQL-on-FHIR v2 ViewDefinitions (views.dir) as tables (views.schema).
+    Views {
+        #[command(subcommand)]
+        command: ViewsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ViewsCommand {
+    /// Every view file, its table and its state (status, rows, last run applied).
+    List,
+    /// Print a view's table definition and compiled query.
+    Sql {
+        /// The view's name (its `name` element).
+        name: String,
+    },
+    /// Create missing view tables and rebuild those whose definition changed.
+    Apply {
+        /// Rebuild every view, changed or not.
+        #[arg(long)]
+        rebuild: bool,
+        /// Drop the tables of views whose file is gone.
+        #[arg(long)]
+        prune: bool,
+    },
+    /// Run the official SQL-on-FHIR v2 test files in DIR through PostgreSQL (a scratch
+    /// database on the configured server, dropped afterwards).
+    Test {
+        dir: PathBuf,
+        /// Write the results as the official test_report.json here.
+        #[arg(long)]
+        report: Option<PathBuf>,
     },
 }
 
@@ -278,6 +315,7 @@ fn main() -> ExitCode {
                 gzip,
                 single_file_mb,
                 files,
+                views,
             } => {
                 bench::run(&bench::BenchOptions {
                     patients,
@@ -291,6 +329,7 @@ fn main() -> ExitCode {
                     single_file_mb,
                     files,
                     exe: std::env::current_exe()?,
+                    views: views.then(|| settings.views.clone()),
                 })
                 .await
             }
@@ -348,6 +387,16 @@ fn main() -> ExitCode {
                 app::runs_list(&settings, filter, json).await
             }
             Command::Cancel { run } => app::cancel(&settings, cli.jobs_dir.as_deref(), run).await,
+            Command::Views { command } => match command {
+                ViewsCommand::List => app::views_list(&settings).await,
+                ViewsCommand::Sql { name } => app::views_sql(&settings, &name),
+                ViewsCommand::Apply { rebuild, prune } => {
+                    app::views_apply(&settings, rebuild, prune).await
+                }
+                ViewsCommand::Test { dir, report } => {
+                    app::views_test(&settings, &dir, report.as_deref()).await
+                }
+            },
             Command::Keys { .. } | Command::Config { .. } => {
                 unreachable!("handled before the runtime starts")
             }

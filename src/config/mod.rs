@@ -17,7 +17,7 @@ pub use job::{
 };
 pub use service::{
     DatabaseSettings, LogFormat, LoggingSettings, OPS_API_TOKEN_ENV, OpsSettings, Settings,
-    SyncSettings,
+    SyncSettings, ViewsSettings,
 };
 
 use std::fmt;

@@ -22,6 +22,27 @@ pub struct Settings {
     pub queue: crate::queue::QueueSettings,
     pub ops: OpsSettings,
     pub alerts: super::AlertSettings,
+    pub views: ViewsSettings,
+}
+
+/// Analytics views: SQL-on-FHIR v2 ViewDefinitions materialised as tables.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ViewsSettings {
+    /// Directory of ViewDefinition files (`*.json`, one view each), relative to the working
+    /// directory. A missing directory means no views. Default `views`.
+    pub dir: PathBuf,
+    /// PostgreSQL schema the view tables are created in. Default `sof`.
+    pub schema: String,
+}
+
+impl Default for ViewsSettings {
+    fn default() -> Self {
+        ViewsSettings {
+            dir: PathBuf::from("views"),
+            schema: "sof".into(),
+        }
+    }
 }
 
 /// The environment variable that carries the ops API token (it never comes from a file of
@@ -344,6 +365,11 @@ impl Settings {
                  the API token, or set {OPS_API_TOKEN_ENV}",
                 self.ops.listen
             ),
+        );
+        check(
+            crate::views::definition::is_sql_name(&self.views.schema),
+            "views.schema",
+            "must be a sql name (a letter, then letters, digits or _)",
         );
         for (field, message) in self.alerts.problems() {
             problems.push(Problem {

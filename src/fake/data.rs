@@ -378,6 +378,27 @@ impl Dataset {
                 .join(" ");
             observation["note"] = json!([{ "text": text }]);
         }
+        // A systolic reading comes as the vital-signs profile's blood pressure panel: both
+        // pressures as components, none as the value. The diastolic is derived from the
+        // systolic rather than drawn, so every later draw (and the rest of the data) is as before.
+        if lab.loinc == "8480-6" {
+            let diastolic = (value * 0.65).round();
+            let mm_hg = |v: f64| json!({ "value": v, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]" });
+            if let Some(fields) = observation.as_object_mut() {
+                fields.remove("valueQuantity");
+                fields.remove("referenceRange");
+            }
+            observation["code"] = json!({
+                "coding": [{ "system": "http://loinc.org", "code": "85354-9", "display": "Blood pressure panel with all children optional" }],
+                "text": "Blood pressure",
+            });
+            observation["component"] = json!([
+                { "code": { "coding": [{ "system": "http://loinc.org", "code": "8480-6", "display": "Systolic blood pressure" }] },
+                  "valueQuantity": mm_hg(value) },
+                { "code": { "coding": [{ "system": "http://loinc.org", "code": "8462-4", "display": "Diastolic blood pressure" }] },
+                  "valueQuantity": mm_hg(diastolic) },
+            ]);
+        }
         observation
     }
 

@@ -152,6 +152,7 @@ fn endpoints() -> Vec<(Method, &'static str, MethodRouter<OpsState>)> {
         (Method::GET, "/api/v1/runs", get(list_runs)),
         (Method::GET, "/api/v1/runs/{id}", get(show_run)),
         (Method::POST, "/api/v1/runs/{id}/cancel", post(cancel_run)),
+        (Method::GET, "/api/v1/views", get(list_views)),
         (Method::GET, "/api/v1/openapi.json", get(openapi)),
     ]
 }
@@ -306,6 +307,17 @@ async fn list_jobs(State(state): State<OpsState>) -> Result<Json<JobsResponse>, 
     jobs.sort_by(|a, b| a.name.cmp(&b.name));
     let jobs = report::jobs(&state.steps.pool, &jobs, time::OffsetDateTime::now_utc()).await?;
     Ok(Json(JobsResponse { jobs }))
+}
+
+/// `GET /api/v1/views`.
+#[derive(Debug, Serialize)]
+pub struct ViewsResponse {
+    pub views: Vec<crate::views::materialise::ViewStatus>,
+}
+
+async fn list_views(State(state): State<OpsState>) -> Result<Json<ViewsResponse>, ApiError> {
+    let views = crate::views::materialise::states(&state.steps.pool).await?;
+    Ok(Json(ViewsResponse { views }))
 }
 
 /// `GET /api/v1/runs`.

@@ -12,15 +12,18 @@ use time::OffsetDateTime;
 
 use super::format::{first_line, human_bytes, human_duration, utc};
 use super::report::{FileDetail, JobOverview, RunDetail, RunSummary};
+use crate::views::materialise::ViewStatus;
 
-/// `fhir-sync status --json`: `{"jobs": [...], "runs": [...]}`.
+/// `fhir-sync status --json`: `{"jobs": [...], "runs": [...], "views": [...]}`.
 #[derive(Debug, Clone, Serialize)]
 pub struct StatusReport {
     pub jobs: Vec<JobOverview>,
     pub runs: Vec<RunSummary>,
+    /// The analytics views, as `GET /api/v1/views` serves them.
+    pub views: Vec<ViewStatus>,
 }
 
-/// Writes the jobs table, a blank line, then the runs table.
+/// Writes the jobs table, a blank line, the runs table, then the views table if there are views.
 pub fn write_status(
     out: &mut impl Write,
     status: &StatusReport,
@@ -28,7 +31,58 @@ pub fn write_status(
 ) -> std::io::Result<()> {
     write_jobs_table(out, &status.jobs, now)?;
     writeln!(out)?;
-    write_runs_table(out, &status.runs, now)
+    write_runs_table(out, &status.runs, now)?;
+    if !status.views.is_empty() {
+        writeln!(out)?;
+        write_views_table(out, &status.views, now)?;
+    }
+    Ok(())
+}
+
+/// Writes one line per analytics view: status, rows, last run applied, last refresh, error.
+pub fn write_views_table(
+    out: &mut impl Write,
+    views: &[ViewStatus],
+    now: OffsetDateTime,
+) -> std::io::Result<()> {
+    let rows: Vec<[String; 7]> = views
+        .iter()
+        .map(|v| {
+            let status = if v.pending_run_ids.is_empty() {
+                v.status.clone()
+            } else {
+                format!("{} ({} runs pending)", v.status, v.pending_run_ids.len())
+            };
+            [
+                format!("{}.{}", v.table_schema, v.name),
+                status,
+                v.row_count.to_string(),
+                v.last_run_id.map_or("-".into(), |r| r.to_string()),
+                v.refreshed_at.map_or("never".into(), |at| {
+                    format!("{} ago", human_duration((now - at).as_seconds_f64()))
+                }),
+                v.refresh_duration_ms
+                    .map_or("-".into(), |ms| human_duration(ms as f64 / 1000.0)),
+                v.error
+                    .as_deref()
+                    .map_or("-".into(), |e| first_line(Some(e), 60)),
+            ]
+        })
+        .collect();
+    write_table(
+        out,
+        &[
+            "view",
+            "status",
+            "rows",
+            "last run",
+            "refreshed",
+            "took",
+            "error",
+        ],
+        &[false, false, true, true, false, true, false],
+        &rows,
+    )
 }
 
 /// Writes one line per job: schedule, next tick, last run and success, watermark, active run.
@@ -471,6 +525,7 @@ mod tests {
             &StatusReport {
                 jobs: vec![],
                 runs: vec![],
+                views: vec![],
             },
             OffsetDateTime::now_utc(),
         )
@@ -479,5 +534,44 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "no jobs configured\n\nno runs recorded yet\n"
         );
+    }
+
+    #[test]
+    fn the_views_table_shows_pending_runs_and_the_first_line_of_an_error() {
+        let now = datetime!(2026-11-29 03:00:00 UTC);
+        let view = |name: &str, status: &str, pending: Vec<i64>, error: Option<&str>| ViewStatus {
+            name: name.into(),
+            table_schema: "sof".into(),
+            resource_type: "Patient".into(),
+            status: status.into(),
+            row_count: 1200,
+            last_run_id: Some(7),
+            pending_run_ids: pending,
+            built_at: Some(now),
+            refreshed_at: Some(now - time::Duration::minutes(5)),
+            refresh_duration_ms: Some(1500),
+            error: error.map(str::to_string),
+        };
+        let views = [
+            view("patient", "fresh", vec![], None),
+            view(
+                "phone",
+                "error",
+                vec![8],
+                Some("view \"phone\" column \"phone\": several values\nmore"),
+            ),
+        ];
+        let mut out = Vec::new();
+        write_views_table(&mut out, &views, now).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[0].starts_with("view"), "{text}");
+        assert!(lines[1].starts_with("sof.patient  fresh"), "{text}");
+        assert!(
+            lines[1].contains("1200") && lines[1].contains("5m"),
+            "{text}"
+        );
+        assert!(lines[2].contains("error (1 runs pending)"), "{text}");
+        assert!(lines[2].ends_with("several values"), "{text}");
     }
 }

@@ -22,6 +22,7 @@ use super::format::{
 };
 use super::http::OpsState;
 use super::report::{self, FileDetail, JobOverview, RunDetail, RunFilter, RunSummary};
+use crate::views::materialise::ViewStatus;
 
 /// Seconds between the page's own reloads.
 pub const REFRESH_SECONDS: u32 = 10;
@@ -52,6 +53,7 @@ struct StatusView {
     running: Vec<RunDetail>,
     recent: Vec<RunSummary>,
     failures: Vec<RunDetail>,
+    views: Vec<ViewStatus>,
 }
 
 impl StatusView {
@@ -90,11 +92,13 @@ impl StatusView {
         failure_ids.sort_unstable_by(|a, b| b.cmp(a));
         failure_ids.truncate(FAILED_RUNS_SHOWN);
         let failures = details(pool, &failure_ids).await?;
+        let views = crate::views::materialise::states(pool).await?;
         Ok(StatusView {
             jobs,
             running,
             recent,
             failures,
+            views,
         })
     }
 }
@@ -291,8 +295,42 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
         }
         h2 { "Recent runs" }
         (runs_table(&view.recent, now))
+        @if !view.views.is_empty() {
+            h2 { "Analytics views" }
+            (views_table(&view.views, now))
+        }
     };
     layout("fhir-sync status", body)
+}
+
+/// One row per analytics view: status, rows, last run applied, last refresh, error.
+fn views_table(views: &[ViewStatus], now: OffsetDateTime) -> Markup {
+    html! {
+        table #views {
+            thead { tr {
+                th { "View" } th { "Status" } th.n { "Rows" } th.n { "Last run" } th { "Refreshed (UTC)" }
+                th.n { "Took" } th { "Error" }
+            } }
+            tbody {
+                @for v in views {
+                    tr.failed[v.status == "error"] data-view=(v.name) {
+                        td { (v.table_schema) "." (v.name) }
+                        td {
+                            (v.status)
+                            @if !v.pending_run_ids.is_empty() {
+                                span.muted.small { " (" (v.pending_run_ids.len()) " runs pending)" }
+                            }
+                        }
+                        td.n { (thousands(v.row_count)) }
+                        td.n { @if let Some(run) = v.last_run_id { a href={ "/runs/" (run) } { "#" (run) } } }
+                        td { (when(v.refreshed_at, now, "never")) }
+                        td.n { @if let Some(ms) = v.refresh_duration_ms { (duration(ms as f64 / 1000.0)) } }
+                        td { @if let Some(error) = &v.error { span.diag { (excerpt(error, ERROR_EXCERPT_CHARS)) } } }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn jobs_table(jobs: &[JobOverview], now: OffsetDateTime) -> Markup {
@@ -665,5 +703,32 @@ mod tests {
         );
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("<progress value=\"4\" max=\"10\""), "{html}");
+    }
+
+    #[test]
+    fn the_views_table_escapes_errors_and_links_the_last_run() {
+        let now = datetime!(2026-11-29 03:00:00 UTC);
+        let view = ViewStatus {
+            name: "phone".into(),
+            table_schema: "sof".into(),
+            resource_type: "Patient".into(),
+            status: "error".into(),
+            row_count: 1234,
+            last_run_id: Some(7),
+            pending_run_ids: vec![8],
+            built_at: Some(now),
+            refreshed_at: Some(now),
+            refresh_duration_ms: Some(250),
+            error: Some("view \"<b>\" failed".into()),
+        };
+        let html = views_table(&[view], now).into_string();
+        assert!(html.contains("sof.phone"), "{html}");
+        assert!(html.contains("1,234"), "{html}");
+        assert!(html.contains("(1 runs pending)"), "{html}");
+        assert!(html.contains("<a href=\"/runs/7\">#7</a>"), "{html}");
+        assert!(
+            html.contains("&lt;b&gt;") && !html.contains("<b>"),
+            "{html}"
+        );
     }
 }

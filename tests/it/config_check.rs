@@ -101,3 +101,56 @@ fn a_bad_settings_file_names_the_field() {
         "{text}"
     );
 }
+
+#[test]
+fn view_files_are_checked_with_file_and_element_path() {
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["config", "jobs", "views"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+    }
+    let views = dir.path().join("views");
+    std::fs::write(
+        dir.path().join("config/default.toml"),
+        format!("[views]\ndir = {:?}\n", views.display().to_string()),
+    )
+    .unwrap();
+    std::fs::write(
+        views.join("bp.json"),
+        r#"{"name": "bp", "resource": "Observation", "select": [
+            {"column": [{"name": "id", "path": "id"}]},
+            {"column": [{"name": "systolic", "path": "component.value.frist()"}]}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        views.join("two.json"),
+        r#"{"name": "two", "resource": "Patient", "constant": [{"name": "c"}], "select": [
+            {"unionAll": [{"column": [{"name": "a", "path": "id"}]}, {"column": [{"name": "b", "path": "id"}]}]}]}"#,
+    )
+    .unwrap();
+    let (ok, text) = check(dir.path());
+    assert!(!ok, "config check must fail:\n{text}");
+    let bp = views.join("bp.json").display().to_string();
+    let two = views.join("two.json").display().to_string();
+    for expected in [
+        format!(
+            "{bp}: select[1].column[0].path: unknown function \"frist\" (did you mean first()?)"
+        ),
+        format!("{two}: constant[0]: a constant needs a value[x]"),
+        format!("{two}: select[0].unionAll[1]: unionAll branches must have the same columns"),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+
+    std::fs::remove_file(views.join("two.json")).unwrap();
+    std::fs::write(
+        views.join("bp.json"),
+        r#"{"name": "bp", "resource": "Observation", "select": [{"column": [{"name": "id", "path": "id"}]}]}"#,
+    )
+    .unwrap();
+    let (ok, text) = check(dir.path());
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("view bp: 1 columns over Observation"),
+        "{text}"
+    );
+}

@@ -37,3 +37,5 @@ mod queue;
 mod queue_edges;
 mod secrets;
 mod sync;
+mod views;
+mod views_conformance;
