@@ -79,6 +79,7 @@ pub async fn run(
         pool,
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
+        views: std::sync::Arc::new(load_views(settings)?),
     };
     // Bars only for a person watching; a log file or a pipe gets the plain log lines.
     let show_progress = std::io::stderr().is_terminal();
@@ -134,9 +135,12 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
         .collect();
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
+    // Bad view files stop start-up here, naming file and element, before any run starts.
+    let views = load_views(settings)?;
     let ctx =
         crate::sync::StepContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs);
-    tracing::info!(worker = %ctx.owner, jobs = ctx.jobs().len(), "serving");
+    ctx.set_views(std::sync::Arc::new(views));
+    tracing::info!(worker = %ctx.owner, jobs = ctx.jobs().len(), views = ctx.views().views.len(), "serving");
 
     // Work a previous process left half-done goes back on the queue before anything new.
     let lease = Duration::from_secs(settings.queue.file_lease_seconds);
@@ -535,6 +539,7 @@ pub async fn cancel(
         pool,
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
+        views: Default::default(),
     };
     // A run that had ended cannot be cancelled; its export is still deleted if it is left.
     let before = crate::warehouse::runs::status(&ctx.pool, run_id).await?;

@@ -527,6 +527,7 @@ async fn sync_from_fake(
         pool: pool.clone(),
         settings: options.sync.clone(),
         queue: options.queue.clone(),
+        views: Default::default(),
     };
     checkpoint(pool).await;
     reset_peak_rss();

@@ -109,10 +109,13 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     );
 
     let job = demo_job(&server, pem);
+    // The run refreshes the analytics views once its files are loaded, like every run.
+    let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
     let ctx = SyncContext {
         pool: pool.clone(),
         settings: settings.sync.clone(),
         queue: settings.queue.clone(),
+        views: std::sync::Arc::new(views.clone()),
     };
     let report = sync::run_job(&ctx, &job, sync::RunOptions { full: true }).await?;
     app::print_report(&job.name, &report);
@@ -138,7 +141,7 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     println!(
         "\nverified: the rows in PostgreSQL match what the fake server generated, type by type"
     );
-    show_views(&pool, &settings, report.run_id).await?;
+    show_views(&pool, &views, report.run_id).await?;
     println!("\nlook at the data:");
     println!(
         "  psql '{}' -c \"select resource_type, count(*) from fhir_sync.resource where source = 'demo' group by 1\"",
@@ -157,13 +160,27 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     Ok(())
 }
 
-/// Builds (or refreshes) the analytics views of `views.dir` and prints a sample of one.
-async fn show_views(pool: &sqlx::PgPool, settings: &Settings, run_id: i64) -> anyhow::Result<()> {
-    let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
-    let report = crate::views::refresh::refresh_for_run(pool, &views, run_id).await?;
-    if views.views.is_empty() || !report.all_applied() {
-        println!("\nanalytics views: {report:?}");
+/// Checks that the run brought every analytics view of `views.dir` up to date and prints a
+/// sample of one.
+async fn show_views(
+    pool: &sqlx::PgPool,
+    views: &crate::views::ViewSet,
+    run_id: i64,
+) -> anyhow::Result<()> {
+    if views.views.is_empty() {
         return Ok(());
+    }
+    let states = crate::views::materialise::states(pool).await?;
+    for view in &views.views {
+        let state = states.iter().find(|s| s.name == view.name);
+        let current = state.is_some_and(|s| s.status == "fresh" && s.last_run_id == Some(run_id));
+        if !current {
+            anyhow::bail!(
+                "the run did not bring view {:?} up to date: {:?}",
+                view.name,
+                state.map(|s| (&s.status, &s.error))
+            );
+        }
     }
     let names: Vec<&str> = views.views.iter().map(|v| v.name.as_str()).collect();
     println!(

@@ -9,6 +9,7 @@
 //! exports earlier runs abandoned on the server. It never logs a credential or a resource
 //! body, and never imports `ops`.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -19,6 +20,7 @@ use crate::config::{JobConfig, SyncSettings};
 use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError};
 use crate::transport::{self, HttpOptions};
+use crate::views::ViewSet;
 use crate::warehouse::runs::{self, RunStatus};
 use crate::warehouse::{LoadError, TypeCount};
 
@@ -35,6 +37,8 @@ pub struct SyncContext {
     pub pool: PgPool,
     pub settings: SyncSettings,
     pub queue: QueueSettings,
+    /// The analytics views every run refreshes once its files are loaded (empty: none).
+    pub views: Arc<ViewSet>,
 }
 
 /// What a successful run did.
@@ -179,6 +183,7 @@ pub async fn run_job_with(
         Vec::new(),
     );
     steps.register_job(job.clone());
+    steps.set_views(ctx.views.clone());
     let started = Instant::now();
     let run_id = enqueue_run(&steps, job, Trigger::Manual, None, options.full)
         .await

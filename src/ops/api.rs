@@ -530,6 +530,7 @@ async fn cancel_run(
         pool: pool.clone(),
         settings: state.steps.settings.clone(),
         queue: state.settings.queue.clone(),
+        views: state.steps.views(),
     };
     let jobs: Vec<_> = state.steps.jobs().iter().map(|j| (**j).clone()).collect();
     let (export, message) = match sync::cancel_run(&ctx, &jobs, id).await {

@@ -59,6 +59,7 @@ async fn run_job_file(
         pool: db.pool.clone(),
         settings: SyncSettings { ..sync_settings() },
         queue: crate::helpers::queue_settings(),
+        views: Default::default(),
     };
     sync::run_job(&ctx, &job, sync::RunOptions { full: true })
         .await

@@ -25,6 +25,7 @@ async fn run_file(
         pool: db.pool.clone(),
         settings: sync_settings(),
         queue: crate::helpers::queue_settings(),
+        views: Default::default(),
     };
     sync::run_job(&ctx, &job, sync::RunOptions { full: true })
         .await

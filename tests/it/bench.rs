@@ -20,6 +20,7 @@ async fn a_sync_through_the_bench_fake_server_process_loads_what_it_serves() {
         pool: db.pool.clone(),
         settings: sync_settings(),
         queue: queue_settings(),
+        views: Default::default(),
     };
     let exe = Path::new(env!("CARGO_BIN_EXE_fhir-sync"));
     let spec = FakeSpec {

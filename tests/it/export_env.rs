@@ -42,6 +42,7 @@ pub fn ctx(env: &TestEnv, settings: SyncSettings) -> SyncContext {
         pool: env.db.pool.clone(),
         settings,
         queue: crate::helpers::queue_settings(),
+        views: Default::default(),
     }
 }
 

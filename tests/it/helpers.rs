@@ -153,6 +153,7 @@ impl TestEnv {
             pool: self.db.pool.clone(),
             settings: sync_settings(),
             queue: queue_settings(),
+            views: Default::default(),
         }
     }
 

@@ -39,3 +39,4 @@ mod secrets;
 mod sync;
 mod views;
 mod views_conformance;
+mod views_sync;

@@ -85,12 +85,12 @@ async fn delete(pool: &PgPool, refs: &[String]) -> i64 {
     run_id
 }
 
-fn shipped_views() -> ViewSet {
+pub fn shipped_views() -> ViewSet {
     ViewSet::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("views"), "sof").unwrap()
 }
 
 /// Every view's table holds exactly the rows a full rebuild would, and its row count is right.
-async fn assert_equals_rebuild(pool: &PgPool, views: &ViewSet) {
+pub async fn assert_equals_rebuild(pool: &PgPool, views: &ViewSet) {
     for view in &views.views {
         let table = format!("sof.\"{}\"", view.name);
         let query = view.compiled.query();

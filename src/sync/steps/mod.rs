@@ -7,7 +7,10 @@
 //! and changes it only with the run store's guarded statements, so a task that runs twice, or
 //! after a crash, does no harm. Retries are new tasks with a delay, never back-to-back re-runs.
 //!
-//! Adding a step (say, refreshing views between the last file load and finish): add a variant
+//! The chain: kick-off → poll (re-queued until the manifest) → one load-file per file →
+//! refresh-views → finish.
+//!
+//! Adding a step: add a variant
 //! to [`Step`] (with its `key`, `name` and attempt limit), a file beside this one with its
 //! plain async function, an arm in [`execute`], and let [`next_for`] (or the step before it)
 //! name it.
@@ -29,12 +32,14 @@ use super::{Session, SyncError, error_chain};
 use crate::config::{JobConfig, SyncSettings};
 use crate::metrics::{self, Endpoint};
 use crate::queue::{self, QueueSettings, TaskQueue};
+use crate::views::ViewSet;
 use crate::warehouse::runs::{self, FileKind, RunRow, RunStatus};
 
 mod finish;
 mod kick_off;
 mod load_file;
 mod poll;
+mod refresh_views;
 
 /// The queue all run steps go through.
 pub const QUEUE: &str = "fhir-sync-steps";
@@ -60,6 +65,11 @@ pub enum Step {
         seq: u32,
         attempt: u32,
     },
+    RefreshViews {
+        run_id: i64,
+        seq: u32,
+        attempt: u32,
+    },
     Finish {
         run_id: i64,
         seq: u32,
@@ -73,6 +83,7 @@ impl Step {
             Step::KickOff { run_id, .. }
             | Step::Poll { run_id, .. }
             | Step::LoadFile { run_id, .. }
+            | Step::RefreshViews { run_id, .. }
             | Step::Finish { run_id, .. } => *run_id,
         }
     }
@@ -82,6 +93,7 @@ impl Step {
             Step::KickOff { run_id, seq, .. } => format!("kickoff:{run_id}:{seq}"),
             Step::Poll { run_id, seq, .. } => format!("poll:{run_id}:{seq}"),
             Step::LoadFile { file_id, seq, .. } => format!("load:{file_id}:{seq}"),
+            Step::RefreshViews { run_id, seq, .. } => format!("views:{run_id}:{seq}"),
             Step::Finish { run_id, seq, .. } => format!("finish:{run_id}:{seq}"),
         }
     }
@@ -92,6 +104,7 @@ impl Step {
         match &mut next {
             Step::KickOff { seq, attempt, .. }
             | Step::LoadFile { seq, attempt, .. }
+            | Step::RefreshViews { seq, attempt, .. }
             | Step::Finish { seq, attempt, .. }
             | Step::Poll {
                 seq,
@@ -110,6 +123,7 @@ impl Step {
         match self {
             Step::KickOff { attempt, .. }
             | Step::LoadFile { attempt, .. }
+            | Step::RefreshViews { attempt, .. }
             | Step::Finish { attempt, .. }
             | Step::Poll {
                 errors: attempt, ..
@@ -124,7 +138,7 @@ impl Step {
             Step::KickOff { .. } => settings.request_attempts.max(1),
             Step::Poll { .. } => POLL_ERRORS,
             Step::LoadFile { .. } => LOAD_ATTEMPTS,
-            Step::Finish { .. } => FINISH_ATTEMPTS,
+            Step::RefreshViews { .. } | Step::Finish { .. } => FINISH_ATTEMPTS,
         }
     }
 
@@ -134,7 +148,8 @@ impl Step {
             Step::KickOff { .. } => Endpoint::KickOff,
             Step::Poll { .. } => Endpoint::Status,
             Step::LoadFile { .. } => Endpoint::File,
-            Step::Finish { .. } => Endpoint::Delete,
+            // Refreshing views makes no FHIR request; its retries are the database's.
+            Step::RefreshViews { .. } | Step::Finish { .. } => Endpoint::Delete,
         }
     }
 
@@ -143,6 +158,7 @@ impl Step {
             Step::KickOff { .. } => "kick-off",
             Step::Poll { .. } => "poll",
             Step::LoadFile { .. } => "load-file",
+            Step::RefreshViews { .. } => "refresh-views",
             Step::Finish { .. } => "finish",
         }
     }
@@ -166,7 +182,8 @@ pub enum Next {
     /// Every file that may load now (deletion files wait for the output), and the finish once
     /// none is left.
     LoadFiles,
-    Finish,
+    /// The views, then the finish (the refresh step queues it).
+    RefreshViews,
     Nothing,
 }
 
@@ -175,7 +192,7 @@ pub fn next_for(status: RunStatus) -> Next {
         RunStatus::Queued | RunStatus::KickingOff => Next::KickOff,
         RunStatus::Exporting => Next::Poll,
         RunStatus::Loading => Next::LoadFiles,
-        RunStatus::Completing => Next::Finish,
+        RunStatus::Completing => Next::RefreshViews,
         RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Skipped => {
             Next::Nothing
         }
@@ -200,6 +217,8 @@ pub struct StepContext {
     stopping: CancellationToken,
     /// File leases this process holds (file id → lease owner), handed back at shutdown.
     leases: std::sync::Mutex<HashMap<i64, String>>,
+    /// The analytics views every run refreshes (none until [`StepContext::set_views`]).
+    views: std::sync::RwLock<Arc<ViewSet>>,
 }
 
 impl StepContext {
@@ -223,7 +242,17 @@ impl StepContext {
             sessions: tokio::sync::Mutex::new(HashMap::new()),
             stopping: CancellationToken::new(),
             leases: std::sync::Mutex::new(HashMap::new()),
+            views: std::sync::RwLock::new(Arc::new(ViewSet::default())),
         })
+    }
+
+    /// Sets the analytics views the runs of this process refresh.
+    pub fn set_views(&self, views: Arc<ViewSet>) {
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = views;
+    }
+
+    pub fn views(&self) -> Arc<ViewSet> {
+        self.views.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Adds or replaces a job definition (the foreground runner registers the job it runs).
@@ -454,6 +483,7 @@ async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
             seq,
             attempt,
         } => load_file::run(ctx, run_id, file_id, seq, attempt).await,
+        Step::RefreshViews { run_id, .. } => refresh_views::run(ctx, run_id).await,
         Step::Finish { run_id, .. } => finish::run(ctx, run_id).await,
     }
 }
@@ -524,7 +554,7 @@ async fn queue_next(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), Sync
             }
             Ok(())
         }
-        Next::Finish => finish_if_done(ctx, run_id, seq).await,
+        Next::RefreshViews => finish_if_done(ctx, run_id, seq).await,
         Next::Nothing => Ok(()),
     }
 }
@@ -547,12 +577,13 @@ async fn push_load(
     .await
 }
 
-/// Moves a run whose files are all loaded to `completing` and queues its finish.
+/// Moves a run whose files are all loaded to `completing` and queues its views' refresh, which
+/// queues the finish.
 async fn finish_if_done(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
     runs::all_files_loaded(&ctx.pool, run_id).await?;
     if runs::status(&ctx.pool, run_id).await? == Some(RunStatus::Completing) {
         ctx.push(
-            Step::Finish {
+            Step::RefreshViews {
                 run_id,
                 seq,
                 attempt: 0,
@@ -649,7 +680,7 @@ mod tests {
             (RunStatus::KickingOff, Next::KickOff),
             (RunStatus::Exporting, Next::Poll),
             (RunStatus::Loading, Next::LoadFiles),
-            (RunStatus::Completing, Next::Finish),
+            (RunStatus::Completing, Next::RefreshViews),
             (RunStatus::Succeeded, Next::Nothing),
             (RunStatus::Failed, Next::Nothing),
             (RunStatus::Cancelled, Next::Nothing),
