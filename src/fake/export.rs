@@ -594,7 +594,7 @@ fn manifest(
     let page_size = faults.manifest_page_size.unwrap_or(usize::MAX);
     let pages = export.files.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
-    let output: Vec<serde_json::Value> = export
+    let mut output: Vec<serde_json::Value> = export
         .files
         .iter()
         .skip((page - 1).saturating_mul(page_size))
@@ -607,16 +607,22 @@ fn manifest(
             })
         })
         .collect();
+    if page == 1 {
+        for (n, (resource_type, _)) in faults.extra_files.iter().enumerate() {
+            output.push(json!({ "type": resource_type, "url": link(&extra_file_name(n)) }));
+        }
+    }
     let error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
         vec![json!({ "type": "OperationOutcome", "url": link(ERROR_FILE) })]
     } else {
         Vec::new()
     };
-    let deleted: Vec<serde_json::Value> = if faults.deleted_resources > 0 && page == 1 {
-        vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
-    } else {
-        Vec::new()
-    };
+    let deleted: Vec<serde_json::Value> =
+        if (faults.deleted_resources > 0 || faults.deleted_body.is_some()) && page == 1 {
+            vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
+        } else {
+            Vec::new()
+        };
     let requires_access_token = if faults.requires_access_token_as_string {
         json!(state.options.requires_access_token.to_string())
     } else {
@@ -641,6 +647,11 @@ fn manifest(
 
 /// The name of the deleted file an export lists when `Faults::deleted_resources` is set.
 const DELETED_FILE: &str = "deleted.ndjson";
+
+/// The name of the `n`th of `Faults::extra_files`.
+fn extra_file_name(n: usize) -> String {
+    format!("extra-{n}.ndjson")
+}
 
 /// The deleted file: one transaction Bundle of `n` DELETE entries, as the spec describes.
 fn deleted_lines(n: u32) -> Vec<u8> {
@@ -746,8 +757,17 @@ pub(crate) async fn file(
         else {
             return no_such_file();
         };
+        let extra = (0..faults.extra_files.len()).find(|n| extra_file_name(*n) == name);
         let source = if faults.error_file && name == ERROR_FILE {
             FileSource::Fixed(Some(Bytes::from(error_lines(export))))
+        } else if let Some(n) = extra {
+            FileSource::Fixed(Some(Bytes::from(faults.extra_files[n].1.clone())))
+        } else if let Some(body) = faults
+            .deleted_body
+            .as_ref()
+            .filter(|_| name == DELETED_FILE)
+        {
+            FileSource::Fixed(Some(Bytes::from(body.clone())))
         } else if faults.deleted_resources > 0 && name == DELETED_FILE {
             FileSource::Fixed(Some(Bytes::from(deleted_lines(faults.deleted_resources))))
         } else {

@@ -51,6 +51,12 @@ pub struct Faults {
     /// Only one export at a time per client: a kick-off while one is not yet deleted is
     /// answered 429 with an OperationOutcome saying so (as Epic does).
     pub one_export_at_a_time: bool,
+    /// Hostile files: manifests list one more output file per entry, of the entry's type, and
+    /// serve it with exactly the entry's bytes (a byte-order mark, invalid UTF-8, lines that
+    /// PostgreSQL refuses, whatever the test scripts).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Manifests list a `deleted` file served with exactly these bytes.
+    pub deleted_body: Option<Vec<u8>>,
 }
 
 impl Faults {
@@ -128,6 +134,15 @@ impl Faults {
     }
     pub fn one_export_at_a_time(mut self) -> Self {
         self.one_export_at_a_time = true;
+        self
+    }
+    pub fn extra_file(mut self, resource_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        self.extra_files
+            .push((resource_type.to_string(), body.into()));
+        self
+    }
+    pub fn deleted_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.deleted_body = Some(body.into());
         self
     }
 }

@@ -17,7 +17,8 @@ async fn file(db: &TestDb) -> FileTarget {
     let files = runs
         .manifest(
             run_id,
-            "2024-01-01T00:00:00Z",
+            // After every lastUpdated below: later ones are rejected as from the future.
+            "2025-01-01T00:00:00Z",
             &[(
                 "output",
                 "Patient",

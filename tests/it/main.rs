@@ -22,6 +22,7 @@ mod export_kickoff;
 mod export_manifest;
 mod export_polling;
 mod helpers;
+mod hostile;
 mod loader;
 mod loader_model;
 mod ops_alerts;
