@@ -18,4 +18,5 @@ pub mod schedule;
 pub mod smart;
 pub mod sync;
 pub mod transport;
+pub mod untrusted;
 pub mod warehouse;

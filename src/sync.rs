@@ -334,7 +334,11 @@ impl Session {
                 prepared.tokens.clone(),
                 allow_insecure_http,
             )
-            .with_retry(retry_policy(settings)),
+            .with_retry(retry_policy(settings))
+            .with_manifest_limits(crate::bulk::ManifestLimits {
+                max_manifest_bytes: settings.max_manifest_bytes,
+                max_manifest_files: settings.max_manifest_files,
+            }),
             types: authorized.types,
         })
     }
@@ -572,10 +576,14 @@ impl<'a> Download<'a> {
                 continue;
             }
             let error = if expired {
+                let last = match &error {
+                    SyncError::Download { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
                 SyncError::Download {
                     file: name.clone(),
                     source: ExportError::BadResponse(format!(
-                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried); the server may be dropping the export's files"
+                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried; the last answer: {last}); the server may be dropping the export's files"
                     )),
                 }
             } else {

@@ -63,6 +63,164 @@ fn is_loopback(url: &Url) -> bool {
     }
 }
 
+/// Most bytes of an error body read: enough for any OperationOutcome's diagnostics, and a
+/// 50 MB error page costs no more than this.
+pub const ERROR_BODY_BYTES: usize = 4 * 1024;
+/// Most bytes of a discovery document, CapabilityStatement or token response.
+pub const DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// Characters of server text kept in an error message.
+pub const SERVER_TEXT_CHARS: usize = 200;
+
+/// A response body read up to a cap.
+#[derive(Debug, Clone, Default)]
+pub struct CappedBody {
+    pub bytes: Vec<u8>,
+    /// Whether the whole body fit under the cap.
+    pub complete: bool,
+    /// The body's `Content-Length`, when the server sent one.
+    pub declared_length: Option<u64>,
+}
+
+/// Reads at most `limit` bytes of `response`'s body. This is the one way a body is read from a
+/// server (files excepted, which are streamed): nothing a server sends can make fhir-sync hold
+/// more than the cap. The rest of an over-long body is never read (the connection is dropped).
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<CappedBody, reqwest::Error> {
+    let declared_length = response.content_length();
+    let mut bytes = Vec::with_capacity(declared_length.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(CappedBody {
+                bytes,
+                complete: false,
+                declared_length,
+            });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(CappedBody {
+        bytes,
+        complete: true,
+        declared_length,
+    })
+}
+
+/// The body of an error response, cut at [`ERROR_BODY_BYTES`]; a body that cannot be read
+/// counts as empty (the status says enough).
+pub async fn error_body(response: reqwest::Response) -> CappedBody {
+    read_capped(response, ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default()
+}
+
+impl CappedBody {
+    /// How much of the body was cut, for the end of a message, or `None` if nothing was.
+    pub fn cut_note(&self) -> Option<String> {
+        if self.complete {
+            return None;
+        }
+        let kept = self.bytes.len() as u64;
+        Some(match self.declared_length {
+            Some(total) if total > kept => {
+                format!("[{} of {total} bytes not read]", total - kept)
+            }
+            _ => format!("[cut after {kept} bytes]"),
+        })
+    }
+
+    /// The first line of what the server said, for an error message: an OperationOutcome's
+    /// `diagnostics` (or `details.text`), else the body's first non-blank line; on one line
+    /// of at most [`SERVER_TEXT_CHARS`] characters without control characters, with a note
+    /// of what was cut.
+    pub fn server_said(&self) -> String {
+        let text = outcome_diagnostics(&self.bytes).unwrap_or_else(|| {
+            String::from_utf8_lossy(&self.bytes)
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or_default()
+                .to_string()
+        });
+        let mut said = crate::untrusted::one_line(&text, SERVER_TEXT_CHARS);
+        if said.is_empty() {
+            said = "no details given".into();
+        }
+        if let Some(note) = self.cut_note() {
+            said.push(' ');
+            said.push_str(&note);
+        }
+        said
+    }
+}
+
+/// The `diagnostics` (or `details.text`) of an OperationOutcome body, joined.
+fn outcome_diagnostics(body: &[u8]) -> Option<String> {
+    let outcome = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let texts: Vec<&str> = outcome["issue"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|issue| {
+            issue["diagnostics"]
+                .as_str()
+                .or_else(|| issue["details"]["text"].as_str())
+        })
+        .collect();
+    (!texts.is_empty()).then(|| texts.join("; "))
+}
+
+/// Where a request went, for messages: host, port and path, never the query
+/// (`ehr.example.org:443/fhir/$export`).
+pub fn endpoint(url: &Url) -> String {
+    format!(
+        "{}:{}{}",
+        url.host_str().unwrap_or("?"),
+        url.port_or_known_default().unwrap_or(0),
+        url.path()
+    )
+}
+
+/// Why a request failed before any response, with its causes: a DNS failure, a refused
+/// connection, a TLS error and a timeout each read differently (`cannot connect: dns error:
+/// failed to lookup address information: ...`).
+pub fn failure(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else if error.is_body() || error.is_decode() {
+        "the response broke off"
+    } else {
+        "request failed"
+    };
+    let mut causes: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // hyper and reqwest repeat a cause's text in their own; keep each once.
+        if !causes
+            .iter()
+            .any(|c| c.contains(&text) || text.contains(c.as_str()))
+        {
+            causes.push(text);
+        } else if let Some(last) = causes.last_mut()
+            && text.len() > last.len()
+        {
+            *last = text;
+        }
+        source = cause.source();
+    }
+    let causes = crate::untrusted::one_line(&causes.join(": "), 400);
+    if causes.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {causes}")
+    }
+}
+
 /// Whether two URLs share scheme, host and port (the origin the bearer token belongs to).
 pub fn same_origin(a: &Url, b: &Url) -> bool {
     a.origin() == b.origin()
@@ -115,6 +273,54 @@ mod tests {
                 "{url} opt_in={opt_in}"
             );
         }
+    }
+
+    #[test]
+    fn server_text_is_one_capped_line_with_a_note_of_the_cut() {
+        let body = |bytes: &[u8], complete: bool, declared_length: Option<u64>| CappedBody {
+            bytes: bytes.to_vec(),
+            complete,
+            declared_length,
+        };
+        let outcome = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad _type"},{"code":"x","details":{"text":"also this"}}]}"#;
+        let cases = [
+            (
+                body(outcome, true, None),
+                "bad _type; also this".to_string(),
+            ),
+            (
+                body(b"<html>\n<title>Token expired</title>", true, None),
+                "<html>".to_string(),
+            ),
+            (
+                body(b"\n\nInvalid token\nmore", true, None),
+                "Invalid token".into(),
+            ),
+            (body(b"", true, None), "no details given".into()),
+            (
+                body(b"xxxx", false, Some(50_000_000)),
+                "xxxx [49999996 of 50000000 bytes not read]".into(),
+            ),
+            (
+                body(b"xxxx", false, None),
+                "xxxx [cut after 4 bytes]".into(),
+            ),
+            (
+                body("\u{1b}[2Jwiped".as_bytes(), true, None),
+                "[2Jwiped".into(),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(body.server_said(), expected);
+        }
+        let long = body("é".repeat(1000).as_bytes(), true, None);
+        assert_eq!(long.server_said().chars().count(), SERVER_TEXT_CHARS + 1);
+    }
+
+    #[test]
+    fn endpoints_name_host_port_and_path_only() {
+        let url = Url::parse("https://u:p@ehr.example.org/fhir/$export?_type=Patient").unwrap();
+        assert_eq!(endpoint(&url), "ehr.example.org:443/fhir/$export");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
 use url::Url;
 
-use super::{ExportError, Manifest, ManifestFile, outcome_is_transient, outcome_text};
+use super::{ExportError, Manifest, ManifestFile, outcome_is_transient};
 use crate::config::{ExportConfig, ExportLevel, ExportMethod};
 use crate::ops::metrics::{self, Endpoint};
 use crate::smart::TokenManager;
@@ -234,6 +234,24 @@ const MAX_POLL_ERRORS: u32 = 10;
 /// A manifest with more pages than this is treated as a server loop.
 const MAX_MANIFEST_PAGES: usize = 10_000;
 
+/// Bounds on what a server's manifest may make fhir-sync hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ManifestLimits {
+    /// `sync.max_manifest_bytes`: the largest manifest body (each page of a paged one).
+    pub max_manifest_bytes: usize,
+    /// `sync.max_manifest_files`: the most files a manifest (all pages) may list.
+    pub max_manifest_files: usize,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        ManifestLimits {
+            max_manifest_bytes: 64 * 1024 * 1024,
+            max_manifest_files: 100_000,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct BulkClient {
     http: reqwest::Client,
@@ -241,6 +259,7 @@ pub struct BulkClient {
     tokens: Arc<TokenManager>,
     allow_insecure_http: bool,
     retry: RetryPolicy,
+    limits: ManifestLimits,
     /// Requests repeated because the server or the network said "later" (kick-off, status,
     /// manifest pages); file retries are counted by the caller, which sees them.
     retries: Arc<AtomicU64>,
@@ -259,8 +278,15 @@ impl BulkClient {
             tokens,
             allow_insecure_http,
             retry: RetryPolicy::default(),
+            limits: ManifestLimits::default(),
             retries: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// Replaces the default manifest limits.
+    pub fn with_manifest_limits(mut self, limits: ManifestLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Replaces the default retry policy.
@@ -386,7 +412,7 @@ impl BulkClient {
                 });
             }
             let hinted = retry_after(&response);
-            let body = response.bytes().await.unwrap_or_default();
+            let said = transport::error_body(response).await.server_said();
             let temporary = status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error();
             if temporary && attempt < self.retry.attempts {
                 let delay = self.retry.delay(attempt, hinted);
@@ -403,27 +429,28 @@ impl BulkClient {
             if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
                 return Err(ExportError::Busy {
                     status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
+                    diagnostics: said,
                 });
             }
             if status.is_client_error() {
                 return Err(ExportError::Refused {
                     status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
+                    diagnostics: said,
                 });
             }
             // A server still failing after every retry is still only unavailable: the run's
             // kick-off step is retried later rather than the run failed for good.
             if status.is_server_error() {
-                tracing::warn!(diagnostics = %outcome_text(&body), "export kick-off still failing");
-                return Err(ExportError::Status {
+                return Err(ExportError::Unavailable {
                     context: "export kick-off",
+                    at: transport::endpoint(&request_url),
                     status: status.as_u16(),
+                    said,
                 });
             }
             return Err(ExportError::Failed {
                 status: status.as_u16(),
-                diagnostics: outcome_text(&body),
+                diagnostics: said,
             });
         }
     }
@@ -513,12 +540,10 @@ impl BulkClient {
         let retry_after = retry_after(&response);
         if status == StatusCode::OK {
             let expires = header_text(&response, EXPIRES);
-            let body = response.bytes().await.map_err(|e| ExportError::Transport {
-                context,
-                source: e.without_url(),
-            })?;
+            let body = self.read_manifest(response, context, status_url).await?;
             let mut manifest = Manifest::parse(&body, status_url)?;
             manifest.expires = expires;
+            self.check_file_count(&manifest)?;
             self.follow_pages(&mut manifest, status_url).await?;
             return Ok(StatusCheck::Complete(manifest));
         }
@@ -533,10 +558,11 @@ impl BulkClient {
                 retry_after,
             });
         }
-        let body = response.bytes().await.unwrap_or_default();
+        let body = transport::error_body(response).await;
         let transient = status == StatusCode::TOO_MANY_REQUESTS
-            || (status.is_server_error() && (body.is_empty() || outcome_is_transient(&body)))
-            || outcome_is_transient(&body);
+            || (status.is_server_error()
+                && (body.bytes.is_empty() || outcome_is_transient(&body.bytes)))
+            || outcome_is_transient(&body.bytes);
         if transient {
             Ok(StatusCheck::Transient {
                 status: status.as_u16(),
@@ -545,7 +571,7 @@ impl BulkClient {
         } else {
             Err(ExportError::Failed {
                 status: status.as_u16(),
-                diagnostics: outcome_text(&body),
+                diagnostics: body.server_said(),
             })
         }
     }
@@ -593,15 +619,11 @@ impl BulkClient {
                         |r| r.header(ACCEPT, "application/json"),
                     )
                     .await;
-                let (status, hinted, body) = match result {
+                let (status, hinted, response) = match result {
                     Ok(response) => {
                         let status = response.status();
                         let hinted = retry_after(&response);
-                        let body = response.bytes().await.map_err(|e| ExportError::Transport {
-                            context,
-                            source: e.without_url(),
-                        })?;
-                        (status, hinted, body)
+                        (status, hinted, response)
                     }
                     Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
                         self.count_retry(Endpoint::Manifest);
@@ -611,6 +633,7 @@ impl BulkClient {
                     Err(e) => return Err(e),
                 };
                 if status == StatusCode::OK {
+                    let body = self.read_manifest(response, context, &next).await?;
                     break Manifest::parse(&body, status_url)?;
                 }
                 if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
@@ -622,13 +645,51 @@ impl BulkClient {
                 }
                 return Err(ExportError::Failed {
                     status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
+                    diagnostics: transport::error_body(response).await.server_said(),
                 });
             };
             manifest.output.extend(page.output);
             manifest.error.extend(page.error);
             manifest.deleted.extend(page.deleted);
             manifest.next = page.next;
+            self.check_file_count(manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a manifest (or manifest page) body, refusing one over `sync.max_manifest_bytes`.
+    async fn read_manifest(
+        &self,
+        response: Response,
+        context: &'static str,
+        url: &Url,
+    ) -> Result<Vec<u8>, ExportError> {
+        let body = transport::read_capped(response, self.limits.max_manifest_bytes)
+            .await
+            .map_err(|e| ExportError::Transport {
+                context,
+                at: transport::endpoint(url),
+                cause: transport::failure(&e),
+            })?;
+        if !body.complete {
+            return Err(ExportError::BadResponse(format!(
+                "the export manifest at {} is larger than sync.max_manifest_bytes ({} bytes)",
+                transport::endpoint(url),
+                self.limits.max_manifest_bytes
+            )));
+        }
+        Ok(body.bytes)
+    }
+
+    /// Refuses a manifest (so far, for a paged one) that lists more files than
+    /// `sync.max_manifest_files`: each file becomes a row and a queued step.
+    fn check_file_count(&self, manifest: &Manifest) -> Result<(), ExportError> {
+        let files = manifest.output.len() + manifest.error.len() + manifest.deleted.len();
+        if files > self.limits.max_manifest_files {
+            return Err(ExportError::BadResponse(format!(
+                "the export manifest lists more than {} files (sync.max_manifest_files); raise the setting or export fewer types",
+                self.limits.max_manifest_files
+            )));
         }
         Ok(())
     }
@@ -712,14 +773,21 @@ impl BulkClient {
         if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
             return Ok(response);
         }
+        let at = transport::endpoint(&file.url);
+        let hinted = retry_after(&response);
+        let said = transport::error_body(response).await.server_said();
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             return Err(ExportError::Expired {
                 status: status.as_u16(),
+                at,
+                said,
             });
         }
         Err(ExportError::FileStatus {
             status: status.as_u16(),
-            retry_after: retry_after(&response),
+            retry_after: hinted,
+            at,
+            said,
         })
     }
 
@@ -788,7 +856,8 @@ impl BulkClient {
             );
             let response = response.map_err(|e| ExportError::Transport {
                 context,
-                source: e.without_url(),
+                at: transport::endpoint(url),
+                cause: transport::failure(&e),
             })?;
             tracing::debug!(
                 http.method = %method,
@@ -805,7 +874,13 @@ impl BulkClient {
                     renewed = true;
                     metrics::http_retry(self.job(), endpoint);
                 }
-                _ => return Err(ExportError::Unauthorized { context }),
+                _ => {
+                    return Err(ExportError::Unauthorized {
+                        context,
+                        at: transport::endpoint(url),
+                        said: transport::error_body(response).await.server_said(),
+                    });
+                }
             }
         }
     }

@@ -187,6 +187,12 @@ pub struct SyncSettings {
     /// Largest export file accepted, in bytes as received (compressed if the server
     /// compresses); a bigger file fails the run. Default 64 GiB.
     pub max_file_bytes: u64,
+    /// Largest export manifest body accepted, in bytes (each page of a paged manifest); a
+    /// bigger one fails the run. Default 64 MiB.
+    pub max_manifest_bytes: usize,
+    /// Most files one export's manifest may list (all pages together); more fails the run.
+    /// Default 100000.
+    pub max_manifest_files: usize,
     /// Tries per request (kick-off, file download) on 429, 5xx and connection failures
     /// before the run fails. Default 6.
     pub request_attempts: u32,
@@ -205,6 +211,8 @@ impl Default for SyncSettings {
             batch_lines: 5000,
             max_line_bytes: 64 * 1024 * 1024,
             max_file_bytes: 64 * 1024 * 1024 * 1024,
+            max_manifest_bytes: 64 * 1024 * 1024,
+            max_manifest_files: 100_000,
             request_attempts: 6,
             retry_base_delay_ms: 1000,
         }
@@ -312,6 +320,16 @@ impl Settings {
             self.sync.max_file_bytes >= 1024,
             "sync.max_file_bytes",
             "must be at least 1024",
+        );
+        check(
+            self.sync.max_manifest_bytes >= 1024,
+            "sync.max_manifest_bytes",
+            "must be at least 1024",
+        );
+        check(
+            self.sync.max_manifest_files >= 1,
+            "sync.max_manifest_files",
+            "must be at least 1",
         );
         check(
             self.sync.request_attempts >= 1,

@@ -316,6 +316,7 @@ fn grant(state: &ServerState, client_id: String, requested_scope: &str) -> Resul
     match options.expires_in {
         super::ExpiresIn::Number => {}
         super::ExpiresIn::String => body["expires_in"] = json!(lifetime.to_string()),
+        super::ExpiresIn::Absurd => body["expires_in"] = json!(1e300),
         super::ExpiresIn::Missing => {
             body.as_object_mut().map(|b| b.remove("expires_in"));
         }

@@ -202,6 +202,17 @@ async fn start_export(
     }
     {
         let faults = &state.options.faults;
+        if let Some((status, content_type, body)) = &faults.kick_off_answer {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let content_type = HeaderValue::from_str(content_type)
+                .unwrap_or(HeaderValue::from_static("text/plain"));
+            return (
+                status,
+                [(header::CONTENT_TYPE, content_type)],
+                Body::from(body.clone()),
+            )
+                .into_response();
+        }
         let mut inner = state.lock();
         if take(&mut inner.faults.kick_off_429, faults.kick_off_429) {
             return too_many_requests("too many requests; slow down");
@@ -637,6 +648,9 @@ fn manifest(
     });
     if !deleted.is_empty() {
         body["deleted"] = json!(deleted);
+    }
+    if faults.manifest_padding_bytes > 0 {
+        body["padding"] = json!("x".repeat(faults.manifest_padding_bytes));
     }
     if page < pages {
         let next = state.url(&format!("/fhir/bulkstatus/{id}"));

@@ -57,6 +57,10 @@ pub struct Faults {
     pub extra_files: Vec<(String, Vec<u8>)>,
     /// Manifests list a `deleted` file served with exactly these bytes.
     pub deleted_body: Option<Vec<u8>>,
+    /// Every kick-off is answered with this status, `Content-Type` and body.
+    pub kick_off_answer: Option<(u16, String, Vec<u8>)>,
+    /// Manifests carry an extra field of this many bytes (a bloated or hostile manifest).
+    pub manifest_padding_bytes: usize,
 }
 
 impl Faults {
@@ -143,6 +147,19 @@ impl Faults {
     }
     pub fn deleted_body(mut self, body: impl Into<Vec<u8>>) -> Self {
         self.deleted_body = Some(body.into());
+        self
+    }
+    pub fn kick_off_answer(
+        mut self,
+        status: u16,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.kick_off_answer = Some((status, content_type.to_string(), body.into()));
+        self
+    }
+    pub fn manifest_padding_bytes(mut self, bytes: usize) -> Self {
+        self.manifest_padding_bytes = bytes;
         self
     }
 }

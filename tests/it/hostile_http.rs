@@ -1,0 +1,220 @@
+//! Hostile and failing servers at the HTTP level: every body read is bounded, and every failure
+//! says what failed, where, the status and the first line of what the server said.
+
+use std::time::Duration;
+
+use fhir_sync::config::SyncSettings;
+use fhir_sync::fake::{ExpiresIn, FakeOptions, Faults};
+use fhir_sync::sync::{self, error_chain};
+use fhir_sync::transport::{self, HttpOptions};
+use url::Url;
+
+use crate::export_env::{ctx, env_with, faulty, retry_fast_settings, run, run_row};
+use crate::helpers::TestEnv;
+
+/// The failed run's recorded error, which `runs show`, the API and the page all show.
+async fn run_error(env: &TestEnv, settings: SyncSettings) -> String {
+    let failed = sync::run_job(
+        &ctx(env, settings),
+        &env.job,
+        sync::RunOptions { full: true },
+    )
+    .await
+    .expect_err("the run fails");
+    let (status, error, _, _) = run_row(env, failed.run_id.unwrap()).await;
+    assert_eq!(status, "failed");
+    error.unwrap()
+}
+
+#[tokio::test]
+async fn a_huge_error_body_is_cut_to_a_few_kib_with_a_note() {
+    let mut body = b"the request is not acceptable\n".to_vec();
+    body.extend(std::iter::repeat_n(b'x', 5 * 1024 * 1024));
+    let env = env_with(
+        3,
+        Faults::default().kick_off_answer(400, "text/plain", body),
+    )
+    .await;
+    let error = run_error(&env, retry_fast_settings()).await;
+    assert!(error.len() < 1024, "{} bytes recorded", error.len());
+    assert!(error.contains("HTTP 400"), "{error}");
+    assert!(error.contains("the request is not acceptable"), "{error}");
+    assert!(error.contains("bytes not read]"), "{error}");
+}
+
+#[tokio::test]
+async fn a_manifest_over_the_byte_cap_fails_naming_the_setting() {
+    let env = env_with(3, Faults::default().manifest_padding_bytes(200_000)).await;
+    let settings = SyncSettings {
+        max_manifest_bytes: 64 * 1024,
+        ..retry_fast_settings()
+    };
+    let error = run_error(&env, settings).await;
+    assert!(
+        error.contains("is larger than sync.max_manifest_bytes (65536 bytes)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_manifest_listing_too_many_files_fails_naming_the_setting() {
+    let options = FakeOptions {
+        resources_per_file: 1,
+        ..faulty(Faults::default())
+    };
+    let mut env = TestEnv::new(3, options).await;
+    env.job.export.poll_default_interval_seconds = 0.01;
+    let settings = SyncSettings {
+        max_manifest_files: 5,
+        ..retry_fast_settings()
+    };
+    let error = run_error(&env, settings).await;
+    assert!(
+        error.contains("lists more than 5 files (sync.max_manifest_files)"),
+        "{error}"
+    );
+    let registered: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run_file")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        registered, 0,
+        "no file of an over-long manifest is registered"
+    );
+}
+
+#[tokio::test]
+async fn a_kick_off_500_names_the_endpoint_the_status_and_the_outcome() {
+    let outcome = r#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"exception","diagnostics":"File generation failed"}]}"#;
+    let env = env_with(
+        3,
+        Faults::default().kick_off_answer(500, "application/fhir+json", outcome),
+    )
+    .await;
+    let settings = SyncSettings {
+        request_attempts: 2,
+        ..retry_fast_settings()
+    };
+    let error = run_error(&env, settings).await;
+    let at = format!(
+        "export kick-off at 127.0.0.1:{}/fhir/",
+        env.fake.fhir_base_url().port().unwrap()
+    );
+    assert!(error.contains(&at), "{error}");
+    assert!(
+        error.contains("HTTP 500: File generation failed"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_401_with_an_html_body_says_the_status_and_what_the_server_said() {
+    for said in ["Token expired", "Invalid token"] {
+        let body = format!("<html><body><h1>{said}</h1></body></html>\n<p>more</p>");
+        let env = env_with(3, Faults::default().kick_off_answer(401, "text/html", body)).await;
+        let error = run_error(&env, retry_fast_settings()).await;
+        assert!(error.contains("HTTP 401"), "{error}");
+        assert!(error.contains(said), "{error}");
+        assert!(!error.contains("more"), "only the first line: {error}");
+    }
+}
+
+#[tokio::test]
+async fn an_expiring_file_link_names_the_status_and_what_the_server_said() {
+    let env = env_with(3, Faults::default().expire_files(1000)).await;
+    let error = run(&env).await.expect_err("the links keep expiring");
+    let (_, error_text, _, _) = run_row(&env, error.run_id.unwrap()).await;
+    let error_text = error_text.unwrap();
+    assert!(error_text.contains("kept expiring"), "{error_text}");
+    assert!(error_text.contains("HTTP 410"), "{error_text}");
+    assert!(
+        error_text.contains("this file link has expired"),
+        "the server's own text: {error_text}"
+    );
+}
+
+/// Discovery of `base` with a client whose reads time out after `read_timeout`.
+async fn discovery_error(base: &str, read_timeout: Duration) -> String {
+    let http = transport::client(HttpOptions {
+        connect_timeout: Duration::from_secs(10),
+        read_timeout,
+        allow_insecure_http: true,
+    })
+    .unwrap();
+    let error = fhir_sync::smart::discover(&http, &Url::parse(base).unwrap(), true, "job")
+        .await
+        .expect_err("discovery fails");
+    error_chain(&error)
+}
+
+#[tokio::test]
+async fn connection_failures_each_say_what_went_wrong_and_where() {
+    // DNS: `.invalid` never resolves (RFC 6761).
+    let error = discovery_error("http://no-such-host.invalid/fhir", Duration::from_secs(10)).await;
+    assert!(error.contains("no-such-host.invalid:80/fhir/"), "{error}");
+    assert!(error.contains("dns error"), "{error}");
+
+    // Refused: a port that was just free.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let error = discovery_error(
+        &format!("http://127.0.0.1:{port}/fhir"),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(error.contains(&format!("127.0.0.1:{port}/fhir")), "{error}");
+    assert!(
+        error.to_lowercase().contains("connection refused"),
+        "{error}"
+    );
+
+    // TLS: https to a server that speaks plain HTTP.
+    let env = env_with(1, Faults::default()).await;
+    let mut base = env.fake.fhir_base_url();
+    base.set_scheme("https").unwrap();
+    let error = discovery_error(base.as_str(), Duration::from_secs(10)).await;
+    assert!(error.contains("cannot connect"), "{error}");
+    assert!(
+        error.to_lowercase().contains("tls") || error.contains("corrupt message"),
+        "{error}"
+    );
+
+    // Timeout: a server that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            held.push(socket);
+        }
+    });
+    let error = discovery_error(
+        &format!("http://127.0.0.1:{port}/fhir"),
+        Duration::from_millis(200),
+    )
+    .await;
+    holder.abort();
+    assert!(error.contains(&format!("127.0.0.1:{port}/fhir")), "{error}");
+    assert!(error.contains("timed out"), "{error}");
+}
+
+/// `expires_in: 1e300` once made `fhir-sync check` exit 101 (a panic computing the deadline);
+/// an absurd lifetime is clamped to a day and the run goes on.
+#[tokio::test]
+async fn an_absurd_expires_in_is_clamped_not_a_panic() {
+    let env = TestEnv::new(
+        3,
+        FakeOptions {
+            expires_in: ExpiresIn::Absurd,
+            ..TestEnv::fast()
+        },
+    )
+    .await;
+    let report = env
+        .run()
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert!(report.resources_loaded() > 0);
+}
