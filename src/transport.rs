@@ -40,6 +40,22 @@ pub fn client(options: HttpOptions) -> anyhow::Result<reqwest::Client> {
     Ok(client)
 }
 
+/// Connection and read timeouts of [`token_client`]: a token response is a few hundred bytes.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client for token requests, which carry the client's credentials (a signed assertion
+/// or the client secret): it never follows a redirect, so a 307 cannot forward them anywhere,
+/// not even to the same host. A redirect is answered as the error it is.
+pub fn token_client() -> anyhow::Result<reqwest::Client> {
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("fhir-sync/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(TOKEN_TIMEOUT)
+        .read_timeout(TOKEN_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    Ok(client)
+}
+
 /// Whether a request to `url` is allowed: `https`, or `http` to a loopback host, or `http`
 /// anywhere when the job opted in.
 pub fn check_url(url: &Url, allow_insecure_http: bool) -> Result<(), String> {

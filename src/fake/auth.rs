@@ -75,6 +75,18 @@ pub(crate) async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    {
+        let mut inner = state.lock();
+        let budget = state.options.faults.token_redirects;
+        if super::faults::take(&mut inner.faults.token_redirects, budget) {
+            let location = state.token_url().to_string();
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+            )
+                .into_response();
+        }
+    }
     let mut caller = Caller::default();
     let result = issue_token(&state, &headers, &body, &mut caller);
     let outcome = match &result {

@@ -61,6 +61,11 @@ pub struct Faults {
     pub kick_off_answer: Option<(u16, String, Vec<u8>)>,
     /// Manifests carry an extra field of this many bytes (a bloated or hostile manifest).
     pub manifest_padding_bytes: usize,
+    /// Discovery (both documents) advertises this token endpoint instead of the fake's own.
+    pub advertised_token_endpoint: Option<String>,
+    /// Token requests answered `307 Temporary Redirect` to the fake's own token endpoint
+    /// (a client that follows would re-send its assertion or secret).
+    pub token_redirects: u32,
 }
 
 impl Faults {
@@ -162,6 +167,14 @@ impl Faults {
         self.manifest_padding_bytes = bytes;
         self
     }
+    pub fn advertised_token_endpoint(mut self, url: &str) -> Self {
+        self.advertised_token_endpoint = Some(url.to_string());
+        self
+    }
+    pub fn token_redirects(mut self, n: u32) -> Self {
+        self.token_redirects = n;
+        self
+    }
 }
 
 /// How many times each fault has fired, and the file-connection gauge.
@@ -175,6 +188,7 @@ pub(crate) struct FaultState {
     pub(crate) file_500: u32,
     pub(crate) truncate_file: u32,
     pub(crate) expire_files: u32,
+    pub(crate) token_redirects: u32,
     /// Bumped by each expiry; file links carry it and stale ones are answered 410.
     pub(crate) link_generation: u32,
     /// File bodies being streamed right now, and the most ever streamed at once.

@@ -218,3 +218,53 @@ async fn an_absurd_expires_in_is_clamped_not_a_panic() {
         .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
     assert!(report.resources_loaded() > 0);
 }
+
+fn http() -> reqwest::Client {
+    transport::client(HttpOptions {
+        connect_timeout: Duration::from_secs(10),
+        read_timeout: Duration::from_secs(10),
+        allow_insecure_http: false,
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn credentials_go_only_to_the_fhir_origin_or_a_pinned_token_endpoint() {
+    let foreign = "http://127.0.0.2:9/oauth/token";
+    let mut env = env_with(3, Faults::default().advertised_token_endpoint(foreign)).await;
+    let error = fhir_sync::smart::prepare(&http(), &env.job)
+        .await
+        .err()
+        .expect("a foreign token endpoint is refused");
+    assert!(!error.is_retryable());
+    let text = error_chain(&error);
+    assert!(text.contains("not on the FHIR server's origin"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "pin it in the job file: fhir.token_url = \"{foreign}\""
+        )),
+        "{text}"
+    );
+    assert!(env.fake.token_attempts().is_empty());
+    // Pinned in the job, the same endpoint is the operator's choice.
+    env.job.fhir.token_url = Some(Url::parse(foreign).unwrap());
+    let prepared = fhir_sync::smart::prepare(&http(), &env.job)
+        .await
+        .unwrap_or_else(|e| panic!("{}", error_chain(&e)));
+    assert_eq!(prepared.token_url, Some(Url::parse(foreign).unwrap()));
+}
+
+#[tokio::test]
+async fn a_token_request_never_follows_a_redirect() {
+    let env = env_with(3, Faults::default().token_redirects(1)).await;
+    let failed = run(&env)
+        .await
+        .expect_err("a redirected token request fails");
+    let (_, error, _, _) = run_row(&env, failed.run_id.unwrap()).await;
+    let error = error.unwrap();
+    assert!(error.contains("HTTP 307"), "{error}");
+    assert!(
+        env.fake.token_attempts().is_empty(),
+        "the assertion was not re-sent to the redirect's target"
+    );
+}
