@@ -18,14 +18,24 @@ pub struct HttpOptions {
     pub allow_insecure_http: bool,
 }
 
-/// Builds the client for one job. Redirects are followed (at most 5) only to URLs the same
-/// policy allows.
+/// Builds a client that knows nothing of the job: redirects are judged against the request
+/// they came from (see [`client_for`]).
 pub fn client(options: HttpOptions) -> anyhow::Result<reqwest::Client> {
+    client_for(options, OriginPolicy::default())
+}
+
+/// Builds the client for one job. Redirects are followed (at most 5) only where
+/// [`OriginPolicy::check_fetch`] allows.
+pub fn client_for(options: HttpOptions, origins: OriginPolicy) -> anyhow::Result<reqwest::Client> {
     let allow_insecure_http = options.allow_insecure_http;
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        let from = attempt.previous().last();
+        let first = attempt.previous().first();
         if attempt.previous().len() >= 5 {
             attempt.error("too many redirects")
-        } else if let Err(message) = check_url(attempt.url(), allow_insecure_http) {
+        } else if let Err(message) =
+            origins.check_fetch(attempt.url(), from, first, allow_insecure_http)
+        {
             attempt.error(format!("refusing redirect: {message}"))
         } else {
             attempt.follow()
@@ -67,6 +77,109 @@ pub fn check_url(url: &Url, allow_insecure_http: bool) -> Result<(), String> {
             url.host_str().unwrap_or("?")
         )),
         other => Err(format!("unsupported URL scheme {other:?}")),
+    }
+}
+
+/// Where export files and redirects may lead, beyond what [`check_url`] allows: the FHIR
+/// server's origin, origins the job lists (`fhir.file_origins`), and otherwise https to a
+/// public address only. This is what keeps a manifest or a redirect from pointing fhir-sync
+/// at another service on the same machine or network.
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    /// The FHIR server's base URL; unknown, the first URL of a redirect chain stands in.
+    pub base: Option<Url>,
+    /// `fhir.file_origins`.
+    pub listed: Vec<url::Origin>,
+}
+
+impl OriginPolicy {
+    pub fn for_job(base: &Url, listed: &[Url]) -> OriginPolicy {
+        OriginPolicy {
+            base: Some(base.clone()),
+            listed: listed.iter().map(Url::origin).collect(),
+        }
+    }
+
+    /// Whether the job lists `url`'s origin.
+    pub fn is_listed(&self, url: &Url) -> bool {
+        self.listed.contains(&url.origin())
+    }
+
+    /// Whether `url` may be fetched: as an export file (`from` and `first` `None`) or as a
+    /// redirect from `from` in a chain that started at `first`. In order: never from https to
+    /// http; listed origins; the scheme rules of [`check_url`]; the FHIR origin; else
+    /// https only, and not to a loopback, private or link-local address unless the FHIR
+    /// server itself is at one. Addresses are judged as written: a name that resolves to a
+    /// private address is not caught here.
+    pub fn check_fetch(
+        &self,
+        url: &Url,
+        from: Option<&Url>,
+        first: Option<&Url>,
+        allow_insecure_http: bool,
+    ) -> Result<(), String> {
+        if from.is_some_and(|from| from.scheme() == "https") && url.scheme() != "https" {
+            return Err(format!(
+                "{} would leave https for plain http",
+                endpoint(url)
+            ));
+        }
+        // Listing an origin is the operator's explicit choice, plain http included.
+        if self.is_listed(url) {
+            return Ok(());
+        }
+        check_url(url, allow_insecure_http)?;
+        let home = self.base.as_ref().or(first);
+        if home.is_some_and(|home| same_origin(url, home)) {
+            return Ok(());
+        }
+        if url.scheme() != "https" {
+            return Err(format!(
+                "plain http to {} is allowed only on the FHIR server's origin or an origin listed in fhir.file_origins",
+                url.origin().ascii_serialization()
+            ));
+        }
+        if is_internal(url) && !home.is_some_and(is_internal) {
+            return Err(format!(
+                "{} is a loopback, private or link-local address; list {} in fhir.file_origins if it is meant",
+                url.host_str().unwrap_or("?"),
+                url.origin().ascii_serialization()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `url`'s host is, as written, a loopback, private, link-local or unspecified
+/// address (or `localhost`).
+pub fn is_internal(url: &Url) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    fn v4(ip: Ipv4Addr) -> bool {
+        let [a, b, ..] = ip.octets();
+        ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            // 100.64.0.0/10, carrier-grade NAT, often used inside clouds.
+            || (a == 100 && (64..128).contains(&b))
+    }
+    fn v6(ip: Ipv6Addr) -> bool {
+        let first = ip.segments()[0];
+        ip.is_loopback()
+            || ip.is_unspecified()
+            || (first & 0xfe00) == 0xfc00
+            || (first & 0xffc0) == 0xfe80
+            || ip.to_ipv4_mapped().is_some_and(v4)
+    }
+    match url.host() {
+        Some(url::Host::Domain(domain)) => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            domain == "localhost" || domain.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => v4(ip),
+        Some(url::Host::Ipv6(ip)) => v6(ip),
+        None => false,
     }
 }
 
@@ -337,6 +450,63 @@ mod tests {
     fn endpoints_name_host_port_and_path_only() {
         let url = Url::parse("https://u:p@ehr.example.org/fhir/$export?_type=Patient").unwrap();
         assert_eq!(endpoint(&url), "ehr.example.org:443/fhir/$export");
+    }
+
+    #[test]
+    fn where_files_and_redirects_may_go() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let public = OriginPolicy::for_job(
+            &url("https://ehr.example.org/fhir"),
+            &[url("http://files.internal:8080")],
+        );
+        let local = OriginPolicy::for_job(&url("http://127.0.0.1:8080/fhir"), &[]);
+        let https = url("https://ehr.example.org/fhir");
+        let cases: &[(&OriginPolicy, &str, Option<&Url>, bool)] = &[
+            (&public, "https://ehr.example.org/files/1", None, true),
+            (&public, "https://s3.example.com/b/1?sig=x", None, true),
+            (&public, "http://files.internal:8080/1", None, true),
+            (&public, "https://127.0.0.1/1", None, false),
+            (&public, "https://10.0.0.5/1", None, false),
+            (&public, "https://169.254.169.254/latest", None, false),
+            (&public, "https://[::1]/1", None, false),
+            (&public, "https://[fd00::1]/1", None, false),
+            (&public, "https://localhost/1", None, false),
+            (&public, "http://127.0.0.1:5432/", None, false),
+            (&public, "http://ehr.example.org/fhir", Some(&https), false),
+            (&local, "http://127.0.0.1:8080/files/1", None, true),
+            (&local, "http://127.0.0.1:5432/", None, false),
+            (&local, "https://127.0.0.1:8443/files/1", None, true),
+        ];
+        for (policy, target, from, allowed) in cases {
+            assert_eq!(
+                policy.check_fetch(&url(target), *from, None, false).is_ok(),
+                *allowed,
+                "{target}"
+            );
+        }
+        // Without a job, the first URL of the chain is the home origin.
+        let first = url("http://127.0.0.1:8080/fhir/x");
+        let unknown = OriginPolicy::default();
+        assert!(
+            unknown
+                .check_fetch(
+                    &url("http://127.0.0.1:8080/y"),
+                    Some(&first),
+                    Some(&first),
+                    false
+                )
+                .is_ok()
+        );
+        assert!(
+            unknown
+                .check_fetch(
+                    &url("http://127.0.0.1:5432/"),
+                    Some(&first),
+                    Some(&first),
+                    false
+                )
+                .is_err()
+        );
     }
 
     #[test]

@@ -260,6 +260,8 @@ pub struct BulkClient {
     allow_insecure_http: bool,
     retry: RetryPolicy,
     limits: ManifestLimits,
+    /// Where files may come from and which origins besides the FHIR server's get the token.
+    origins: transport::OriginPolicy,
     /// Requests repeated because the server or the network said "later" (kick-off, status,
     /// manifest pages); file retries are counted by the caller, which sees them.
     retries: Arc<AtomicU64>,
@@ -274,13 +276,20 @@ impl BulkClient {
     ) -> Self {
         BulkClient {
             http,
-            base,
+            base: base.clone(),
             tokens,
             allow_insecure_http,
             retry: RetryPolicy::default(),
             limits: ManifestLimits::default(),
+            origins: transport::OriginPolicy::for_job(&base, &[]),
             retries: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The origins the job lists in `fhir.file_origins`.
+    pub fn with_file_origins(mut self, origins: &[Url]) -> Self {
+        self.origins = transport::OriginPolicy::for_job(&self.base, origins);
+        self
     }
 
     /// Replaces the default manifest limits.
@@ -741,9 +750,11 @@ impl BulkClient {
         requires_access_token: bool,
         offset: Option<u64>,
     ) -> Result<Response, ExportError> {
-        transport::check_url(&file.url, self.allow_insecure_http).map_err(|m| {
-            ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
-        })?;
+        self.origins
+            .check_fetch(&file.url, None, None, self.allow_insecure_http)
+            .map_err(|m| {
+                ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
+            })?;
         let context = "file download";
         let bearer = if requires_access_token {
             Bearer::ManifestFile
@@ -833,6 +844,16 @@ impl BulkClient {
             return Err(ExportError::Policy(format!(
                 "{context} URL {} is not on the FHIR server's origin; refusing to send it the access token",
                 transport::redacted(url)
+            )));
+        }
+        if bearer == Bearer::ManifestFile
+            && !transport::same_origin(url, &self.base)
+            && !self.origins.is_listed(url)
+        {
+            return Err(ExportError::Policy(format!(
+                "file {} needs the access token (the manifest says requiresAccessToken), but the token goes to another origin than the FHIR server's only when fhir.file_origins lists it (hint: add \"{}\" to fhir.file_origins if that host is meant to have it)",
+                transport::redacted(url),
+                url.origin().ascii_serialization()
             )));
         }
         let mut token = if bearer != Bearer::None {

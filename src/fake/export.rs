@@ -622,6 +622,9 @@ fn manifest(
         for (n, (resource_type, _)) in faults.extra_files.iter().enumerate() {
             output.push(json!({ "type": resource_type, "url": link(&extra_file_name(n)) }));
         }
+        for (resource_type, url) in &faults.foreign_files {
+            output.push(json!({ "type": resource_type, "url": url }));
+        }
     }
     let error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
         vec![json!({ "type": "OperationOutcome", "url": link(ERROR_FILE) })]

@@ -63,6 +63,9 @@ pub struct Faults {
     pub manifest_padding_bytes: usize,
     /// Discovery (both documents) advertises this token endpoint instead of the fake's own.
     pub advertised_token_endpoint: Option<String>,
+    /// Manifests list one more output file per entry at exactly this URL, wherever it points
+    /// (another port of this machine, an internal address): (type, url).
+    pub foreign_files: Vec<(String, String)>,
     /// Token requests answered `307 Temporary Redirect` to the fake's own token endpoint
     /// (a client that follows would re-send its assertion or secret).
     pub token_redirects: u32,
@@ -169,6 +172,11 @@ impl Faults {
     }
     pub fn advertised_token_endpoint(mut self, url: &str) -> Self {
         self.advertised_token_endpoint = Some(url.to_string());
+        self
+    }
+    pub fn foreign_file(mut self, resource_type: &str, url: &str) -> Self {
+        self.foreign_files
+            .push((resource_type.to_string(), url.to_string()));
         self
     }
     pub fn token_redirects(mut self, n: u32) -> Self {

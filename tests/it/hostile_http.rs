@@ -268,3 +268,23 @@ async fn a_token_request_never_follows_a_redirect() {
         "the assertion was not re-sent to the redirect's target"
     );
 }
+
+/// A manifest pointing at another service on this machine (PostgreSQL's port) is refused
+/// before any connection: plain http off the FHIR origin needs the origin listed.
+#[tokio::test]
+async fn a_manifest_cannot_point_fhir_sync_at_another_local_service() {
+    let db_port = 5432;
+    let target = format!("http://127.0.0.1:{db_port}/");
+    let env = env_with(3, Faults::default().foreign_file("Patient", &target)).await;
+    let failed = run(&env).await.expect_err("the foreign file is refused");
+    let (_, error, retryable, _) = run_row(&env, failed.run_id.unwrap()).await;
+    let error = error.unwrap();
+    assert_eq!(retryable, Some(false));
+    assert!(error.contains("127.0.0.1:5432"), "{error}");
+    assert!(error.contains("fhir.file_origins"), "{error}");
+    let rejected: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.rejected_line")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rejected, 0, "nothing was read from the other service");
+}
