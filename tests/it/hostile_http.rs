@@ -288,3 +288,31 @@ async fn a_manifest_cannot_point_fhir_sync_at_another_local_service() {
         .unwrap();
     assert_eq!(rejected, 0, "nothing was read from the other service");
 }
+
+#[test]
+fn a_private_key_others_can_read_is_refused_and_generate_force_writes_0600() {
+    use fhir_sync::config::KeySource;
+    use fhir_sync::smart::{SigningAlgorithm, SigningKey};
+    use std::os::unix::fs::PermissionsExt;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("key.pem");
+    let pem = fhir_sync::smart::generate(SigningAlgorithm::RS384).unwrap();
+    std::fs::write(&path, secrecy::ExposeSecret::expose_secret(&pem)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let source = KeySource::File(path.clone());
+    let error = SigningKey::load(&source, SigningAlgorithm::RS384, None)
+        .expect_err("a world-readable key is refused");
+    let text = error.to_string();
+    assert!(text.contains("mode 644"), "{text}");
+    assert!(
+        text.contains(&format!("chmod 600 {}", path.display())),
+        "{text}"
+    );
+
+    // `keys generate --force` over that file leaves it private, and then it loads.
+    fhir_sync::app::keys_generate(SigningAlgorithm::RS384, &path, None, true).unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    SigningKey::load(&source, SigningAlgorithm::RS384, None).unwrap();
+}
