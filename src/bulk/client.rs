@@ -561,7 +561,8 @@ impl BulkClient {
                 .headers()
                 .get("x-progress")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+                // Shown in logs, progress bars, `runs show` and the page: one short line.
+                .map(|v| crate::untrusted::one_line(v, transport::SERVER_TEXT_CHARS));
             return Ok(StatusCheck::InProgress {
                 progress,
                 retry_after,

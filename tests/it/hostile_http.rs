@@ -316,3 +316,63 @@ fn a_private_key_others_can_read_is_refused_and_generate_force_writes_0600() {
     assert_eq!(mode, 0o600);
     SigningKey::load(&source, SigningAlgorithm::RS384, None).unwrap();
 }
+
+/// Server text reaches the run record on one line, `runs show` without escape sequences, and a
+/// Slack webhook without working mentions or links.
+#[tokio::test]
+async fn server_text_cannot_forge_log_lines_drive_a_terminal_or_ping_a_channel() {
+    let diagnostics = "\u{1b}[2J\u{1b}]0;owned\u{7}<!channel> see <https://evil.example|the docs>\nINFO forged log line";
+    let outcome = serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": "invalid", "diagnostics": diagnostics }],
+    })
+    .to_string();
+    let env = env_with(
+        3,
+        Faults::default().kick_off_answer(400, "application/fhir+json", outcome),
+    )
+    .await;
+    let error = run_error(&env, retry_fast_settings()).await;
+    assert!(
+        !error.contains('\n') && !error.contains('\u{1b}'),
+        "{error:?}"
+    );
+    assert!(
+        error.contains("<!channel>"),
+        "the record keeps the text: {error}"
+    );
+
+    let run_id: i64 = sqlx::query_scalar("SELECT max(id) FROM fhir_sync.run")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+    let detail = fhir_sync::ops::report::run_detail(&env.db.pool, run_id)
+        .await
+        .unwrap()
+        .unwrap();
+    let mut shown = Vec::new();
+    fhir_sync::ops::console::write_run_detail(&mut shown, &detail, time::OffsetDateTime::now_utc())
+        .unwrap();
+    let shown = String::from_utf8(shown).unwrap();
+    assert!(
+        !shown.contains('\u{1b}') && !shown.contains('\u{7}'),
+        "{shown:?}"
+    );
+
+    let alert = fhir_sync::ops::alert::Alert::run_failed(
+        "demo",
+        run_id,
+        &error,
+        false,
+        time::OffsetDateTime::now_utc(),
+        None,
+    );
+    let payload = serde_json::to_value(&alert).unwrap();
+    let text = payload["text"].as_str().unwrap();
+    assert!(text.contains("&lt;!channel&gt;"), "{text}");
+    assert!(
+        text.contains("&lt;https://evil.example|the docs&gt;"),
+        "{text}"
+    );
+    assert!(!text.contains("<!channel>"), "{text}");
+}
