@@ -49,6 +49,10 @@ pub struct OpsSettings {
     /// `api_token_file`. Never read from or written to a settings file.
     #[serde(skip)]
     pub api_token: Option<SecretString>,
+    /// Host names the ops server answers to when `listen` is beyond loopback (`Host` with or
+    /// without a port); requests naming another host are refused, which defeats DNS
+    /// rebinding. IP-address hosts are always answered. Default none.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for OpsSettings {
@@ -58,6 +62,7 @@ impl Default for OpsSettings {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_token_file: None,
             api_token: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }

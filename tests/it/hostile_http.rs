@@ -376,3 +376,94 @@ async fn server_text_cannot_forge_log_lines_drive_a_terminal_or_ping_a_channel()
     );
     assert!(!text.contains("<!channel>"), "{text}");
 }
+
+/// An ops server for `env`'s job with `ops` settings, on 127.0.0.1:0; its base URL.
+async fn ops_server(
+    env: &TestEnv,
+    ops: fhir_sync::config::OpsSettings,
+) -> (String, tokio_util::sync::CancellationToken) {
+    use std::sync::Arc;
+    let settings = fhir_sync::config::Settings {
+        queue: crate::helpers::queue_settings(),
+        ops,
+        ..fhir_sync::config::Settings::default()
+    };
+    let steps = fhir_sync::sync::StepContext::new(
+        env.db.pool.clone(),
+        crate::helpers::sync_settings(),
+        crate::helpers::queue_settings(),
+        vec![env.job.clone()],
+    );
+    let state = fhir_sync::ops::http::OpsState {
+        steps,
+        settings: Arc::new(settings),
+        jwks: Arc::new(fhir_sync::ops::http::jwks_of(&[Arc::new(env.job.clone())]).unwrap()),
+    };
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let (addr, _task) = fhir_sync::ops::http::serve(
+        "127.0.0.1:0".parse().unwrap(),
+        fhir_sync::ops::http::router(state),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    (format!("http://{addr}"), shutdown)
+}
+
+async fn runs(env: &TestEnv) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run")
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_cross_site_form_post_cannot_start_a_run() {
+    let env = env_with(3, Faults::default()).await;
+    let (base, shutdown) = ops_server(&env, fhir_sync::config::OpsSettings::default()).await;
+    let http = reqwest::Client::new();
+    let url = format!("{base}/api/v1/jobs/demo/run");
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("origin", "null"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let response = http
+            .post(&url)
+            .header(name, value)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body("full=true")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{name}: {value}");
+    }
+    assert_eq!(runs(&env).await, 0, "no cross-site request started a run");
+    // The same request from the server's own page, or from curl, goes through.
+    let own = base.clone();
+    let response = http.post(&url).header("origin", own).send().await.unwrap();
+    assert!(response.status().is_success(), "{}", response.status());
+    assert_eq!(runs(&env).await, 1);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_server_bound_beyond_loopback_answers_only_its_own_host_names() {
+    let env = env_with(3, Faults::default()).await;
+    let ops = fhir_sync::config::OpsSettings {
+        listen: "0.0.0.0:8080".parse().unwrap(),
+        allowed_hosts: vec!["ops.example.org".into()],
+        ..fhir_sync::config::OpsSettings::default()
+    };
+    let (base, shutdown) = ops_server(&env, ops).await;
+    let http = reqwest::Client::new();
+    let status = |host: &'static str| {
+        let request = http.get(format!("{base}/healthz")).header("host", host);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(status("evil.example").await, 421, "a rebinding page's name");
+    assert_eq!(status("ops.example.org").await, 200);
+    assert_eq!(status("ops.example.org:8080").await, 200);
+    assert_eq!(status("10.0.0.5:8080").await, 200, "an IP address");
+    shutdown.cancel();
+}
