@@ -44,7 +44,7 @@ enum Command {
         #[arg(long, default_value = ".demo")]
         state_dir: PathBuf,
     },
-    /// Measure a full and an incremental sync against the psql COPY baselines (see README).
+    /// Measure a full and an incremental sync against the psql COPY baselines (see docs/benchmark.md).
     Bench {
         /// Synthetic patients (each brings 17 more resources, 12 of them Observations).
         #[arg(long, default_value_t = 20_000)]

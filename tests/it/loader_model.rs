@@ -902,11 +902,12 @@ async fn the_readme_queries_work_on_demo_data() {
     let env = crate::helpers::TestEnv::new(5, crate::helpers::TestEnv::fast()).await;
     env.run().await.unwrap();
     let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/data-model.md"))
+            .unwrap();
     let section = readme
         .split("## Querying the warehouse")
         .nth(1)
-        .expect("the README has a querying section");
+        .expect("docs/data-model.md has a querying section");
     let sql = section
         .split("```sql")
         .nth(1)
@@ -925,11 +926,11 @@ async fn the_readme_queries_work_on_demo_data() {
         let rows = sqlx::raw_sql(sqlx::AssertSqlSafe(statement.to_string()))
             .fetch_all(&env.db.pool)
             .await
-            .unwrap_or_else(|e| panic!("README query {n} failed: {e}\n{statement}"));
+            .unwrap_or_else(|e| panic!("docs/data-model.md query {n} failed: {e}\n{statement}"));
         if n < 2 {
             assert!(
                 !rows.is_empty(),
-                "README query {n} returned nothing:\n{statement}"
+                "docs/data-model.md query {n} returned nothing:\n{statement}"
             );
         }
     }
