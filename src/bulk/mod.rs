@@ -3,8 +3,9 @@
 //!
 //! This module (with `smart`) is the only code that talks HTTP to a FHIR server. It hands file
 //! bodies out as byte streams and never buffers a whole file; it knows nothing of the database.
-//! The bearer token goes to the FHIR server's own origin, and to file URLs only when the
-//! manifest says `requiresAccessToken`.
+//! The bearer token goes to the FHIR server's own origin, and to a file on another origin only
+//! when the manifest says `requiresAccessToken` and the job lists the origin in
+//! `fhir.file_origins`. Every body it reads goes through `transport::read_capped`.
 
 mod client;
 mod manifest;
