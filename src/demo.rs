@@ -48,6 +48,7 @@ pub fn fake_job(base_url: url::Url, key_pem: SecretString) -> JobConfig {
             base_url,
             allow_insecure_http: false,
             token_url: None,
+            file_origins: Vec::new(),
         },
         auth: AuthConfig {
             client_id: CLIENT_ID.into(),

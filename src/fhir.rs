@@ -74,8 +74,13 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// Parses a FHIR `instant` (RFC 3339 with a mandatory offset, e.g. `2024-05-01T10:00:00.123Z`).
+///
+/// FHIR's own grammar is narrower than RFC 3339's, and the narrowing matters: year 0000 and
+/// offsets beyond ±14:00 (which PostgreSQL's `timestamptz` refuses as well) are not instants.
 pub fn parse_instant(text: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(text, &Rfc3339).ok()
+    let instant = OffsetDateTime::parse(text, &Rfc3339).ok()?;
+    let offset_minutes = instant.offset().whole_minutes().abs();
+    (instant.year() >= 1 && offset_minutes <= 14 * 60).then_some(instant)
 }
 
 #[cfg(test)]
@@ -114,5 +119,10 @@ mod tests {
         assert!(parse_instant("2024-05-01T10:00:00+02:00").is_some());
         assert!(parse_instant("2024-05-01").is_none());
         assert!(parse_instant("yesterday").is_none());
+        assert!(parse_instant("0001-01-01T00:00:00Z").is_some());
+        assert!(parse_instant("2024-05-01T10:00:00-14:00").is_some());
+        assert!(parse_instant("0000-01-01T00:00:00Z").is_none());
+        assert!(parse_instant("2024-05-01T10:00:00+23:00").is_none());
+        assert!(parse_instant("2024-05-01T10:00:00+14:01").is_none());
     }
 }

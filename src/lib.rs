@@ -20,5 +20,6 @@ pub mod schedule;
 pub mod smart;
 pub mod sync;
 pub mod transport;
+pub mod untrusted;
 pub mod views;
 pub mod warehouse;

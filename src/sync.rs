@@ -327,11 +327,14 @@ impl Session {
     /// token and what its granted scopes leave of the export.
     pub async fn open(settings: &SyncSettings, job: &JobConfig) -> Result<Session, SyncError> {
         let allow_insecure_http = job.fhir.allow_insecure_http;
-        let http = transport::client(HttpOptions {
-            connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
-            read_timeout: Duration::from_secs(settings.read_timeout_seconds),
-            allow_insecure_http,
-        })
+        let http = transport::client_for(
+            HttpOptions {
+                connect_timeout: Duration::from_secs(settings.connect_timeout_seconds),
+                read_timeout: Duration::from_secs(settings.read_timeout_seconds),
+                allow_insecure_http,
+            },
+            transport::OriginPolicy::for_job(&job.fhir.base_url, &job.fhir.file_origins),
+        )
         .map_err(SyncError::Http)?;
         let prepared = smart::prepare(&http, job).await?;
         for note in &prepared.notes {
@@ -350,7 +353,12 @@ impl Session {
                 prepared.tokens.clone(),
                 allow_insecure_http,
             )
-            .with_retry(retry_policy(settings)),
+            .with_retry(retry_policy(settings))
+            .with_file_origins(&job.fhir.file_origins)
+            .with_manifest_limits(crate::bulk::ManifestLimits {
+                max_manifest_bytes: settings.max_manifest_bytes,
+                max_manifest_files: settings.max_manifest_files,
+            }),
             types: authorized.types,
         })
     }

@@ -18,14 +18,24 @@ pub struct HttpOptions {
     pub allow_insecure_http: bool,
 }
 
-/// Builds the client for one job. Redirects are followed (at most 5) only to URLs the same
-/// policy allows.
+/// Builds a client that knows nothing of the job: redirects are judged against the request
+/// they came from (see [`client_for`]).
 pub fn client(options: HttpOptions) -> anyhow::Result<reqwest::Client> {
+    client_for(options, OriginPolicy::default())
+}
+
+/// Builds the client for one job. Redirects are followed (at most 5) only where
+/// [`OriginPolicy::check_fetch`] allows.
+pub fn client_for(options: HttpOptions, origins: OriginPolicy) -> anyhow::Result<reqwest::Client> {
     let allow_insecure_http = options.allow_insecure_http;
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
+        let from = attempt.previous().last();
+        let first = attempt.previous().first();
         if attempt.previous().len() >= 5 {
             attempt.error("too many redirects")
-        } else if let Err(message) = check_url(attempt.url(), allow_insecure_http) {
+        } else if let Err(message) =
+            origins.check_fetch(attempt.url(), from, first, allow_insecure_http)
+        {
             attempt.error(format!("refusing redirect: {message}"))
         } else {
             attempt.follow()
@@ -36,6 +46,22 @@ pub fn client(options: HttpOptions) -> anyhow::Result<reqwest::Client> {
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.read_timeout)
         .redirect(redirects)
+        .build()?;
+    Ok(client)
+}
+
+/// Connection and read timeouts of [`token_client`]: a token response is a few hundred bytes.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The client for token requests, which carry the client's credentials (a signed assertion
+/// or the client secret): it never follows a redirect, so a 307 cannot forward them anywhere,
+/// not even to the same host. A redirect is answered as the error it is.
+pub fn token_client() -> anyhow::Result<reqwest::Client> {
+    let client = reqwest::Client::builder()
+        .user_agent(concat!("fhir-sync/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(TOKEN_TIMEOUT)
+        .read_timeout(TOKEN_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
         .build()?;
     Ok(client)
 }
@@ -54,12 +80,273 @@ pub fn check_url(url: &Url, allow_insecure_http: bool) -> Result<(), String> {
     }
 }
 
+/// Where export files and redirects may lead, beyond what [`check_url`] allows: the FHIR
+/// server's origin, origins the job lists (`fhir.file_origins`), and otherwise https to a
+/// public address only. This is what keeps a manifest or a redirect from pointing fhir-sync
+/// at another service on the same machine or network.
+#[derive(Debug, Clone, Default)]
+pub struct OriginPolicy {
+    /// The FHIR server's base URL; unknown, the first URL of a redirect chain stands in.
+    pub base: Option<Url>,
+    /// `fhir.file_origins`.
+    pub listed: Vec<url::Origin>,
+}
+
+impl OriginPolicy {
+    pub fn for_job(base: &Url, listed: &[Url]) -> OriginPolicy {
+        OriginPolicy {
+            base: Some(base.clone()),
+            listed: listed.iter().map(Url::origin).collect(),
+        }
+    }
+
+    /// Whether the job lists `url`'s origin.
+    pub fn is_listed(&self, url: &Url) -> bool {
+        self.listed.contains(&url.origin())
+    }
+
+    /// Whether `url` may be fetched: as an export file (`from` and `first` `None`) or as a
+    /// redirect from `from` in a chain that started at `first`. In order: never from https to
+    /// http; listed origins; the scheme rules of [`check_url`]; the FHIR origin; else
+    /// https only, and not to a loopback, private or link-local address unless the FHIR
+    /// server itself is at one. Addresses are judged as written: a name that resolves to a
+    /// private address is not caught here.
+    pub fn check_fetch(
+        &self,
+        url: &Url,
+        from: Option<&Url>,
+        first: Option<&Url>,
+        allow_insecure_http: bool,
+    ) -> Result<(), String> {
+        if from.is_some_and(|from| from.scheme() == "https") && url.scheme() != "https" {
+            return Err(format!(
+                "{} would leave https for plain http",
+                endpoint(url)
+            ));
+        }
+        // Listing an origin is the operator's explicit choice, plain http included.
+        if self.is_listed(url) {
+            return Ok(());
+        }
+        check_url(url, allow_insecure_http)?;
+        let home = self.base.as_ref().or(first);
+        if home.is_some_and(|home| same_origin(url, home)) {
+            return Ok(());
+        }
+        if url.scheme() != "https" {
+            return Err(format!(
+                "plain http to {} is allowed only on the FHIR server's origin or an origin listed in fhir.file_origins",
+                url.origin().ascii_serialization()
+            ));
+        }
+        if is_internal(url) && !home.is_some_and(is_internal) {
+            return Err(format!(
+                "{} is a loopback, private or link-local address; list {} in fhir.file_origins if it is meant",
+                url.host_str().unwrap_or("?"),
+                url.origin().ascii_serialization()
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether `url`'s host is, as written, a loopback, private, link-local or unspecified
+/// address (or `localhost`).
+pub fn is_internal(url: &Url) -> bool {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    fn v4(ip: Ipv4Addr) -> bool {
+        let [a, b, ..] = ip.octets();
+        ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            // 100.64.0.0/10, carrier-grade NAT, often used inside clouds.
+            || (a == 100 && (64..128).contains(&b))
+    }
+    fn v6(ip: Ipv6Addr) -> bool {
+        let first = ip.segments()[0];
+        ip.is_loopback()
+            || ip.is_unspecified()
+            || (first & 0xfe00) == 0xfc00
+            || (first & 0xffc0) == 0xfe80
+            || ip.to_ipv4_mapped().is_some_and(v4)
+    }
+    match url.host() {
+        Some(url::Host::Domain(domain)) => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            domain == "localhost" || domain.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => v4(ip),
+        Some(url::Host::Ipv6(ip)) => v6(ip),
+        None => false,
+    }
+}
+
 fn is_loopback(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Domain(domain)) => domain.eq_ignore_ascii_case("localhost"),
         Some(url::Host::Ipv4(ip)) => IpAddr::V4(ip).is_loopback(),
         Some(url::Host::Ipv6(ip)) => IpAddr::V6(ip).is_loopback(),
         None => false,
+    }
+}
+
+/// Most bytes of an error body read: enough for any OperationOutcome's diagnostics, and a
+/// 50 MB error page costs no more than this.
+pub const ERROR_BODY_BYTES: usize = 4 * 1024;
+/// Most bytes of a discovery document, CapabilityStatement or token response.
+pub const DOCUMENT_BYTES: usize = 4 * 1024 * 1024;
+/// Characters of server text kept in an error message.
+pub const SERVER_TEXT_CHARS: usize = 200;
+
+/// A response body read up to a cap.
+#[derive(Debug, Clone, Default)]
+pub struct CappedBody {
+    pub bytes: Vec<u8>,
+    /// Whether the whole body fit under the cap.
+    pub complete: bool,
+    /// The body's `Content-Length`, when the server sent one.
+    pub declared_length: Option<u64>,
+}
+
+/// Reads at most `limit` bytes of `response`'s body. This is the one way a body is read from a
+/// server (files excepted, which are streamed): nothing a server sends can make fhir-sync hold
+/// more than the cap. The rest of an over-long body is never read (the connection is dropped).
+pub async fn read_capped(
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<CappedBody, reqwest::Error> {
+    let declared_length = response.content_length();
+    let mut bytes = Vec::with_capacity(declared_length.unwrap_or(0).min(limit as u64) as usize);
+    while let Some(chunk) = response.chunk().await? {
+        let room = limit - bytes.len();
+        if chunk.len() > room {
+            bytes.extend_from_slice(&chunk[..room]);
+            return Ok(CappedBody {
+                bytes,
+                complete: false,
+                declared_length,
+            });
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(CappedBody {
+        bytes,
+        complete: true,
+        declared_length,
+    })
+}
+
+/// The body of an error response, cut at [`ERROR_BODY_BYTES`]; a body that cannot be read
+/// counts as empty (the status says enough).
+pub async fn error_body(response: reqwest::Response) -> CappedBody {
+    read_capped(response, ERROR_BODY_BYTES)
+        .await
+        .unwrap_or_default()
+}
+
+impl CappedBody {
+    /// How much of the body was cut, for the end of a message, or `None` if nothing was.
+    pub fn cut_note(&self) -> Option<String> {
+        if self.complete {
+            return None;
+        }
+        let kept = self.bytes.len() as u64;
+        Some(match self.declared_length {
+            Some(total) if total > kept => {
+                format!("[{} of {total} bytes not read]", total - kept)
+            }
+            _ => format!("[cut after {kept} bytes]"),
+        })
+    }
+
+    /// The first line of what the server said, for an error message: an OperationOutcome's
+    /// `diagnostics` (or `details.text`), else the body's first non-blank line; on one line
+    /// of at most [`SERVER_TEXT_CHARS`] characters without control characters, with a note
+    /// of what was cut.
+    pub fn server_said(&self) -> String {
+        let text = outcome_diagnostics(&self.bytes).unwrap_or_else(|| {
+            String::from_utf8_lossy(&self.bytes)
+                .lines()
+                .find(|line| !line.trim().is_empty())
+                .unwrap_or_default()
+                .to_string()
+        });
+        let mut said = crate::untrusted::one_line(&text, SERVER_TEXT_CHARS);
+        if said.is_empty() {
+            said = "no details given".into();
+        }
+        if let Some(note) = self.cut_note() {
+            said.push(' ');
+            said.push_str(&note);
+        }
+        said
+    }
+}
+
+/// The `diagnostics` (or `details.text`) of an OperationOutcome body, joined.
+fn outcome_diagnostics(body: &[u8]) -> Option<String> {
+    let outcome = serde_json::from_slice::<serde_json::Value>(body).ok()?;
+    let texts: Vec<&str> = outcome["issue"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|issue| {
+            issue["diagnostics"]
+                .as_str()
+                .or_else(|| issue["details"]["text"].as_str())
+        })
+        .collect();
+    (!texts.is_empty()).then(|| texts.join("; "))
+}
+
+/// Where a request went, for messages: host, port and path, never the query
+/// (`ehr.example.org:443/fhir/$export`).
+pub fn endpoint(url: &Url) -> String {
+    format!(
+        "{}:{}{}",
+        url.host_str().unwrap_or("?"),
+        url.port_or_known_default().unwrap_or(0),
+        url.path()
+    )
+}
+
+/// Why a request failed before any response, with its causes: a DNS failure, a refused
+/// connection, a TLS error and a timeout each read differently (`cannot connect: dns error:
+/// failed to lookup address information: ...`).
+pub fn failure(error: &reqwest::Error) -> String {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "cannot connect"
+    } else if error.is_body() || error.is_decode() {
+        "the response broke off"
+    } else {
+        "request failed"
+    };
+    let mut causes: Vec<String> = Vec::new();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // hyper and reqwest repeat a cause's text in their own; keep each once.
+        if !causes
+            .iter()
+            .any(|c| c.contains(&text) || text.contains(c.as_str()))
+        {
+            causes.push(text);
+        } else if let Some(last) = causes.last_mut()
+            && text.len() > last.len()
+        {
+            *last = text;
+        }
+        source = cause.source();
+    }
+    let causes = crate::untrusted::one_line(&causes.join(": "), 400);
+    if causes.is_empty() {
+        kind.to_string()
+    } else {
+        format!("{kind}: {causes}")
     }
 }
 
@@ -115,6 +402,111 @@ mod tests {
                 "{url} opt_in={opt_in}"
             );
         }
+    }
+
+    #[test]
+    fn server_text_is_one_capped_line_with_a_note_of_the_cut() {
+        let body = |bytes: &[u8], complete: bool, declared_length: Option<u64>| CappedBody {
+            bytes: bytes.to_vec(),
+            complete,
+            declared_length,
+        };
+        let outcome = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad _type"},{"code":"x","details":{"text":"also this"}}]}"#;
+        let cases = [
+            (
+                body(outcome, true, None),
+                "bad _type; also this".to_string(),
+            ),
+            (
+                body(b"<html>\n<title>Token expired</title>", true, None),
+                "<html>".to_string(),
+            ),
+            (
+                body(b"\n\nInvalid token\nmore", true, None),
+                "Invalid token".into(),
+            ),
+            (body(b"", true, None), "no details given".into()),
+            (
+                body(b"xxxx", false, Some(50_000_000)),
+                "xxxx [49999996 of 50000000 bytes not read]".into(),
+            ),
+            (
+                body(b"xxxx", false, None),
+                "xxxx [cut after 4 bytes]".into(),
+            ),
+            (
+                body("\u{1b}[2Jwiped".as_bytes(), true, None),
+                "[2Jwiped".into(),
+            ),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(body.server_said(), expected);
+        }
+        let long = body("é".repeat(1000).as_bytes(), true, None);
+        assert_eq!(long.server_said().chars().count(), SERVER_TEXT_CHARS + 1);
+    }
+
+    #[test]
+    fn endpoints_name_host_port_and_path_only() {
+        let url = Url::parse("https://u:p@ehr.example.org/fhir/$export?_type=Patient").unwrap();
+        assert_eq!(endpoint(&url), "ehr.example.org:443/fhir/$export");
+    }
+
+    #[test]
+    fn where_files_and_redirects_may_go() {
+        let url = |s: &str| Url::parse(s).unwrap();
+        let public = OriginPolicy::for_job(
+            &url("https://ehr.example.org/fhir"),
+            &[url("http://files.internal:8080")],
+        );
+        let local = OriginPolicy::for_job(&url("http://127.0.0.1:8080/fhir"), &[]);
+        let https = url("https://ehr.example.org/fhir");
+        let cases: &[(&OriginPolicy, &str, Option<&Url>, bool)] = &[
+            (&public, "https://ehr.example.org/files/1", None, true),
+            (&public, "https://s3.example.com/b/1?sig=x", None, true),
+            (&public, "http://files.internal:8080/1", None, true),
+            (&public, "https://127.0.0.1/1", None, false),
+            (&public, "https://10.0.0.5/1", None, false),
+            (&public, "https://169.254.169.254/latest", None, false),
+            (&public, "https://[::1]/1", None, false),
+            (&public, "https://[fd00::1]/1", None, false),
+            (&public, "https://localhost/1", None, false),
+            (&public, "http://127.0.0.1:5432/", None, false),
+            (&public, "http://ehr.example.org/fhir", Some(&https), false),
+            (&local, "http://127.0.0.1:8080/files/1", None, true),
+            (&local, "http://127.0.0.1:5432/", None, false),
+            (&local, "https://127.0.0.1:8443/files/1", None, true),
+        ];
+        for (policy, target, from, allowed) in cases {
+            assert_eq!(
+                policy.check_fetch(&url(target), *from, None, false).is_ok(),
+                *allowed,
+                "{target}"
+            );
+        }
+        // Without a job, the first URL of the chain is the home origin.
+        let first = url("http://127.0.0.1:8080/fhir/x");
+        let unknown = OriginPolicy::default();
+        assert!(
+            unknown
+                .check_fetch(
+                    &url("http://127.0.0.1:8080/y"),
+                    Some(&first),
+                    Some(&first),
+                    false
+                )
+                .is_ok()
+        );
+        assert!(
+            unknown
+                .check_fetch(
+                    &url("http://127.0.0.1:5432/"),
+                    Some(&first),
+                    Some(&first),
+                    false
+                )
+                .is_err()
+        );
     }
 
     #[test]

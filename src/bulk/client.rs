@@ -16,7 +16,7 @@ use reqwest::{Method, Response, StatusCode};
 use serde_json::json;
 use url::Url;
 
-use super::{ExportError, Manifest, ManifestFile, outcome_is_transient, outcome_text};
+use super::{ExportError, Manifest, ManifestFile, outcome_is_transient};
 use crate::config::{ExportConfig, ExportLevel, ExportMethod};
 use crate::metrics::{self, Endpoint};
 use crate::smart::TokenManager;
@@ -236,6 +236,24 @@ impl PollPolicy {
 /// A manifest with more pages than this is treated as a server loop.
 const MAX_MANIFEST_PAGES: usize = 10_000;
 
+/// Bounds on what a server's manifest may make fhir-sync hold.
+#[derive(Debug, Clone, Copy)]
+pub struct ManifestLimits {
+    /// `sync.max_manifest_bytes`: the largest manifest body (each page of a paged one).
+    pub max_manifest_bytes: usize,
+    /// `sync.max_manifest_files`: the most files a manifest (all pages) may list.
+    pub max_manifest_files: usize,
+}
+
+impl Default for ManifestLimits {
+    fn default() -> Self {
+        ManifestLimits {
+            max_manifest_bytes: 64 * 1024 * 1024,
+            max_manifest_files: 100_000,
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct BulkClient {
     http: reqwest::Client,
@@ -243,6 +261,9 @@ pub struct BulkClient {
     tokens: Arc<TokenManager>,
     allow_insecure_http: bool,
     retry: RetryPolicy,
+    limits: ManifestLimits,
+    /// Where files may come from and which origins besides the FHIR server's get the token.
+    origins: transport::OriginPolicy,
     /// Requests repeated because the server or the network said "later" (kick-off, status,
     /// manifest pages); file retries are counted by the caller, which sees them.
     retries: Arc<AtomicU64>,
@@ -257,12 +278,26 @@ impl BulkClient {
     ) -> Self {
         BulkClient {
             http,
-            base,
+            base: base.clone(),
             tokens,
             allow_insecure_http,
             retry: RetryPolicy::default(),
+            limits: ManifestLimits::default(),
+            origins: transport::OriginPolicy::for_job(&base, &[]),
             retries: Arc::new(AtomicU64::new(0)),
         }
+    }
+
+    /// The origins the job lists in `fhir.file_origins`.
+    pub fn with_file_origins(mut self, origins: &[Url]) -> Self {
+        self.origins = transport::OriginPolicy::for_job(&self.base, origins);
+        self
+    }
+
+    /// Replaces the default manifest limits.
+    pub fn with_manifest_limits(mut self, limits: ManifestLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Replaces the default retry policy.
@@ -373,31 +408,34 @@ impl BulkClient {
                 status_url,
             });
         }
-        let body = response.bytes().await.unwrap_or_default();
+        // Bounded: an error body is read only as far as a diagnosis needs.
+        let body = transport::error_body(response).await;
+        let said = body.server_said();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::CONFLICT {
             return Err(ExportError::Busy {
                 status: status.as_u16(),
-                diagnostics: outcome_text(&body),
+                diagnostics: said,
             });
         }
         if status.is_client_error() {
             return Err(ExportError::Refused {
                 status: status.as_u16(),
-                diagnostics: outcome_text(&body),
+                diagnostics: said,
             });
         }
         // A server that says what failed ("File generation failed") will say it again; a bare
-        // or transient 5xx is only unavailable for now.
-        if status.is_server_error() && !outcome_reports_an_error(&body) {
-            tracing::warn!(diagnostics = %outcome_text(&body), http.status = status.as_u16(), "export kick-off refused for now");
-            return Err(ExportError::Status {
+        // or transient 5xx is only unavailable for now, and the kick-off step retries it.
+        if status.is_server_error() && !outcome_reports_an_error(&body.bytes) {
+            return Err(ExportError::Unavailable {
                 context: "export kick-off",
+                at: transport::endpoint(&request_url),
                 status: status.as_u16(),
+                said,
             });
         }
         Err(ExportError::Failed {
             status: status.as_u16(),
-            diagnostics: outcome_text(&body),
+            diagnostics: said,
         })
     }
 
@@ -418,12 +456,10 @@ impl BulkClient {
         let retry_after = retry_after(&response);
         if status == StatusCode::OK {
             let expires = header_text(&response, EXPIRES);
-            let body = response.bytes().await.map_err(|e| ExportError::Transport {
-                context,
-                source: e.without_url(),
-            })?;
+            let body = self.read_manifest(response, context, status_url).await?;
             let mut manifest = Manifest::parse(&body, status_url)?;
             manifest.expires = expires;
+            self.check_file_count(&manifest)?;
             self.follow_pages(&mut manifest, status_url).await?;
             return Ok(StatusCheck::Complete(manifest));
         }
@@ -432,16 +468,18 @@ impl BulkClient {
                 .headers()
                 .get("x-progress")
                 .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
+                // Shown in logs, progress bars, `runs show` and the page: one short line.
+                .map(|v| crate::untrusted::one_line(v, transport::SERVER_TEXT_CHARS));
             return Ok(StatusCheck::InProgress {
                 progress,
                 retry_after,
             });
         }
-        let body = response.bytes().await.unwrap_or_default();
+        let body = transport::error_body(response).await;
         let transient = status == StatusCode::TOO_MANY_REQUESTS
-            || (status.is_server_error() && (body.is_empty() || outcome_is_transient(&body)))
-            || outcome_is_transient(&body);
+            || (status.is_server_error()
+                && (body.bytes.is_empty() || outcome_is_transient(&body.bytes)))
+            || outcome_is_transient(&body.bytes);
         if transient {
             Ok(StatusCheck::Transient {
                 status: status.as_u16(),
@@ -450,7 +488,7 @@ impl BulkClient {
         } else {
             Err(ExportError::Failed {
                 status: status.as_u16(),
-                diagnostics: outcome_text(&body),
+                diagnostics: body.server_said(),
             })
         }
     }
@@ -508,15 +546,11 @@ impl BulkClient {
                         |r| r.header(ACCEPT, "application/json"),
                     )
                     .await;
-                let (status, hinted, body) = match result {
+                let (status, hinted, response) = match result {
                     Ok(response) => {
                         let status = response.status();
                         let hinted = retry_after(&response);
-                        let body = response.bytes().await.map_err(|e| ExportError::Transport {
-                            context,
-                            source: e.without_url(),
-                        })?;
-                        (status, hinted, body)
+                        (status, hinted, response)
                     }
                     Err(e) if e.is_retryable() && attempt < self.retry.attempts => {
                         self.count_retry(Endpoint::Manifest);
@@ -526,6 +560,7 @@ impl BulkClient {
                     Err(e) => return Err(e),
                 };
                 if status == StatusCode::OK {
+                    let body = self.read_manifest(response, context, &next).await?;
                     break Manifest::parse(&body, status_url)?;
                 }
                 if (status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error())
@@ -537,13 +572,51 @@ impl BulkClient {
                 }
                 return Err(ExportError::Failed {
                     status: status.as_u16(),
-                    diagnostics: outcome_text(&body),
+                    diagnostics: transport::error_body(response).await.server_said(),
                 });
             };
             manifest.output.extend(page.output);
             manifest.error.extend(page.error);
             manifest.deleted.extend(page.deleted);
             manifest.next = page.next;
+            self.check_file_count(manifest)?;
+        }
+        Ok(())
+    }
+
+    /// Reads a manifest (or manifest page) body, refusing one over `sync.max_manifest_bytes`.
+    async fn read_manifest(
+        &self,
+        response: Response,
+        context: &'static str,
+        url: &Url,
+    ) -> Result<Vec<u8>, ExportError> {
+        let body = transport::read_capped(response, self.limits.max_manifest_bytes)
+            .await
+            .map_err(|e| ExportError::Transport {
+                context,
+                at: transport::endpoint(url),
+                cause: transport::failure(&e),
+            })?;
+        if !body.complete {
+            return Err(ExportError::BadResponse(format!(
+                "the export manifest at {} is larger than sync.max_manifest_bytes ({} bytes)",
+                transport::endpoint(url),
+                self.limits.max_manifest_bytes
+            )));
+        }
+        Ok(body.bytes)
+    }
+
+    /// Refuses a manifest (so far, for a paged one) that lists more files than
+    /// `sync.max_manifest_files`: each file becomes a row and a queued step.
+    fn check_file_count(&self, manifest: &Manifest) -> Result<(), ExportError> {
+        let files = manifest.output.len() + manifest.error.len() + manifest.deleted.len();
+        if files > self.limits.max_manifest_files {
+            return Err(ExportError::BadResponse(format!(
+                "the export manifest lists more than {} files (sync.max_manifest_files); raise the setting or export fewer types",
+                self.limits.max_manifest_files
+            )));
         }
         Ok(())
     }
@@ -595,9 +668,11 @@ impl BulkClient {
         requires_access_token: bool,
         offset: Option<u64>,
     ) -> Result<Response, ExportError> {
-        transport::check_url(&file.url, self.allow_insecure_http).map_err(|m| {
-            ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
-        })?;
+        self.origins
+            .check_fetch(&file.url, None, None, self.allow_insecure_http)
+            .map_err(|m| {
+                ExportError::Policy(format!("file {}: {m}", transport::redacted(&file.url)))
+            })?;
         let context = "file download";
         let bearer = if requires_access_token {
             Bearer::ManifestFile
@@ -627,14 +702,21 @@ impl BulkClient {
         if status == StatusCode::OK || status == StatusCode::PARTIAL_CONTENT {
             return Ok(response);
         }
+        let at = transport::endpoint(&file.url);
+        let hinted = retry_after(&response);
+        let said = transport::error_body(response).await.server_said();
         if status == StatusCode::NOT_FOUND || status == StatusCode::GONE {
             return Err(ExportError::Expired {
                 status: status.as_u16(),
+                at,
+                said,
             });
         }
         Err(ExportError::FileStatus {
             status: status.as_u16(),
-            retry_after: retry_after(&response),
+            retry_after: hinted,
+            at,
+            said,
         })
     }
 
@@ -682,6 +764,16 @@ impl BulkClient {
                 transport::redacted(url)
             )));
         }
+        if bearer == Bearer::ManifestFile
+            && !transport::same_origin(url, &self.base)
+            && !self.origins.is_listed(url)
+        {
+            return Err(ExportError::Policy(format!(
+                "file {} needs the access token (the manifest says requiresAccessToken), but the token goes to another origin than the FHIR server's only when fhir.file_origins lists it (hint: add \"{}\" to fhir.file_origins if that host is meant to have it)",
+                transport::redacted(url),
+                url.origin().ascii_serialization()
+            )));
+        }
         let mut token = if bearer != Bearer::None {
             Some(self.tokens.token().await?)
         } else {
@@ -703,7 +795,8 @@ impl BulkClient {
             );
             let response = response.map_err(|e| ExportError::Transport {
                 context,
-                source: e.without_url(),
+                at: transport::endpoint(url),
+                cause: transport::failure(&e),
             })?;
             tracing::debug!(
                 http.method = %method,
@@ -720,7 +813,13 @@ impl BulkClient {
                     renewed = true;
                     metrics::http_retry(self.job(), endpoint);
                 }
-                _ => return Err(ExportError::Unauthorized { context }),
+                _ => {
+                    return Err(ExportError::Unauthorized {
+                        context,
+                        at: transport::endpoint(url),
+                        said: transport::error_body(response).await.server_said(),
+                    });
+                }
             }
         }
     }

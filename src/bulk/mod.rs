@@ -4,15 +4,17 @@
 //!
 //! This module (with `smart`) is the only code that talks HTTP to a FHIR server. It hands file
 //! bodies out as responses to stream and never buffers a whole file; it knows nothing of the
-//! database.
-//! The bearer token goes to the FHIR server's own origin, and to file URLs only when the
-//! manifest says `requiresAccessToken`.
+//! database. The bearer token goes to the FHIR server's own origin, and to a file on another
+//! origin only when the manifest says `requiresAccessToken` and the job lists the origin in
+//! `fhir.file_origins`. Every body it reads goes through `transport::read_capped`.
 
 mod client;
 mod manifest;
 
 pub(crate) use client::retry_after;
-pub use client::{BulkClient, ExportRequest, KickOff, PollPolicy, RetryPolicy, StatusCheck};
+pub use client::{
+    BulkClient, ExportRequest, KickOff, ManifestLimits, PollPolicy, RetryPolicy, StatusCheck,
+};
 pub use manifest::{Manifest, ManifestFile};
 
 use crate::smart::AuthError;
@@ -28,12 +30,29 @@ pub enum ExportError {
     Failed { status: u16, diagnostics: String },
     #[error("{context}: HTTP {status}")]
     Status { context: &'static str, status: u16 },
-    #[error("{context}: the access token was refused again after renewing it")]
-    Unauthorized { context: &'static str },
-    #[error("{context}: request failed")]
+    /// A 429 or 5xx that outlasted every retry, with what the server said.
+    #[error("{context} at {at}: HTTP {status}: {said}")]
+    Unavailable {
+        context: &'static str,
+        at: String,
+        status: u16,
+        said: String,
+    },
+    #[error(
+        "{context} at {at}: HTTP 401, the access token was refused again after renewing it: {said}"
+    )]
+    Unauthorized {
+        context: &'static str,
+        at: String,
+        said: String,
+    },
+    /// No response: DNS, connection, TLS, timeout or a body that broke off (`cause` says
+    /// which, from [`transport::failure`](crate::transport::failure)).
+    #[error("{context} at {at}: {cause}")]
     Transport {
         context: &'static str,
-        source: reqwest::Error,
+        at: String,
+        cause: String,
     },
     #[error("{0}")]
     BadResponse(String),
@@ -47,14 +66,20 @@ pub enum ExportError {
     )]
     Busy { status: u16, diagnostics: String },
     /// A file download was answered with an error status; `retry_after` is the server's hint.
-    #[error("file download: HTTP {status}")]
+    #[error("file download at {at}: HTTP {status}: {said}")]
     FileStatus {
         status: u16,
         retry_after: Option<std::time::Duration>,
+        at: String,
+        said: String,
     },
     /// A file link no longer works (404/410): the export's files expired or the link did.
-    #[error("file download: HTTP {status}, the file link has expired")]
-    Expired { status: u16 },
+    #[error("file download at {at}: HTTP {status}, the file link has expired: {said}")]
+    Expired {
+        status: u16,
+        at: String,
+        said: String,
+    },
     #[error("the file is larger than sync.max_file_bytes ({limit} bytes)")]
     TooLarge { limit: u64 },
     /// The file arrived slower than the minimum over a window (a server that trickles).
@@ -69,7 +94,9 @@ impl ExportError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ExportError::Auth(e) => e.is_retryable(),
-            ExportError::Status { status, .. } => *status == 429 || *status >= 500,
+            ExportError::Status { status, .. } | ExportError::Unavailable { status, .. } => {
+                *status == 429 || *status >= 500
+            }
             ExportError::FileStatus { status, .. } => *status == 429 || *status >= 500,
             ExportError::Transport { .. }
             | ExportError::TimedOut { .. }
@@ -86,33 +113,6 @@ impl ExportError {
     }
 }
 
-/// The `diagnostics` (or `details.text`) of an OperationOutcome body, for error messages.
-/// Falls back to a short excerpt of whatever the server sent.
-pub(crate) fn outcome_text(body: &[u8]) -> String {
-    if let Ok(outcome) = serde_json::from_slice::<serde_json::Value>(body) {
-        let texts: Vec<&str> = outcome["issue"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|issue| {
-                issue["diagnostics"]
-                    .as_str()
-                    .or_else(|| issue["details"]["text"].as_str())
-            })
-            .collect();
-        if !texts.is_empty() {
-            return texts.join("; ");
-        }
-    }
-    let text = String::from_utf8_lossy(body);
-    let excerpt: String = text.chars().take(300).collect();
-    if excerpt.trim().is_empty() {
-        "no details given".into()
-    } else {
-        excerpt
-    }
-}
-
 /// Whether an OperationOutcome reports only transient issues (worth polling again).
 pub(crate) fn outcome_is_transient(body: &[u8]) -> bool {
     serde_json::from_slice::<serde_json::Value>(body).is_ok_and(|outcome| {
@@ -125,14 +125,6 @@ pub(crate) fn outcome_is_transient(body: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn outcome_text_prefers_diagnostics() {
-        let body = br#"{"resourceType":"OperationOutcome","issue":[{"severity":"error","code":"invalid","diagnostics":"bad _type"},{"code":"x","details":{"text":"also this"}}]}"#;
-        assert_eq!(outcome_text(body), "bad _type; also this");
-        assert_eq!(outcome_text(b"<html>oops</html>"), "<html>oops</html>");
-        assert_eq!(outcome_text(b""), "no details given");
-    }
 
     #[test]
     fn transient_outcomes() {

@@ -70,6 +70,12 @@ pub struct FhirConfig {
     /// a proxy). Default: discovered from `.well-known/smart-configuration` or `metadata`.
     #[serde(default)]
     pub token_url: Option<Url>,
+    /// Origins (`https://files.example.org`) besides the FHIR server's own that export files
+    /// may come from over plain http or at a loopback, private or link-local address, and that
+    /// receive the access token when the manifest says `requiresAccessToken`. Default none:
+    /// files elsewhere must be https at a public address and get no token.
+    #[serde(default)]
+    pub file_origins: Vec<Url>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -526,6 +532,18 @@ fn validate(
         && let Err(message) = crate::transport::check_url(url, file.fhir.allow_insecure_http)
     {
         problem("fhir.token_url".into(), message);
+    }
+    for (n, origin) in file.fhir.file_origins.iter().enumerate() {
+        let bare = origin.path() == "/" && origin.query().is_none() && origin.username().is_empty();
+        if !matches!(origin.scheme(), "https" | "http") || origin.host().is_none() || !bare {
+            problem(
+                format!("fhir.file_origins[{n}]"),
+                format!(
+                    "{:?} is not an origin (scheme://host[:port], nothing after it)",
+                    origin.as_str()
+                ),
+            );
+        }
     }
     if let Some(url) = &file.auth.jku
         && url.scheme() != "https"

@@ -70,6 +70,10 @@ pub struct OpsSettings {
     /// `api_token_file`. Never read from or written to a settings file.
     #[serde(skip)]
     pub api_token: Option<SecretString>,
+    /// Host names the ops server answers to when `listen` is beyond loopback (`Host` with or
+    /// without a port); requests naming another host are refused, which defeats DNS
+    /// rebinding. IP-address hosts are always answered. Default none.
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for OpsSettings {
@@ -79,6 +83,7 @@ impl Default for OpsSettings {
             listen: std::net::SocketAddr::from(([127, 0, 0, 1], 8080)),
             api_token_file: None,
             api_token: None,
+            allowed_hosts: Vec::new(),
         }
     }
 }
@@ -208,6 +213,12 @@ pub struct SyncSettings {
     /// Largest export file accepted, in bytes as received (compressed if the server
     /// compresses); a bigger file fails the run. Default 64 GiB.
     pub max_file_bytes: u64,
+    /// Largest export manifest body accepted, in bytes (each page of a paged manifest); a
+    /// bigger one fails the run. Default 64 MiB.
+    pub max_manifest_bytes: usize,
+    /// Most files one export's manifest may list (all pages together); more fails the run.
+    /// Default 100000.
+    pub max_manifest_files: usize,
     /// Tries per request (kick-off, file download) on 429, 5xx and connection failures
     /// before the run fails. Default 6.
     pub request_attempts: u32,
@@ -233,6 +244,8 @@ impl Default for SyncSettings {
             batch_lines: 5000,
             max_line_bytes: 64 * 1024 * 1024,
             max_file_bytes: 64 * 1024 * 1024 * 1024,
+            max_manifest_bytes: 64 * 1024 * 1024,
+            max_manifest_files: 100_000,
             request_attempts: 6,
             retry_base_delay_ms: 1000,
             min_download_bytes_per_second: 1024,
@@ -346,6 +359,16 @@ impl Settings {
         check(
             self.sync.download_window_seconds >= 1,
             "sync.download_window_seconds",
+            "must be at least 1",
+        );
+        check(
+            self.sync.max_manifest_bytes >= 1024,
+            "sync.max_manifest_bytes",
+            "must be at least 1024",
+        );
+        check(
+            self.sync.max_manifest_files >= 1,
+            "sync.max_manifest_files",
             "must be at least 1",
         );
         check(

@@ -75,6 +75,18 @@ pub(crate) async fn token(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    {
+        let mut inner = state.lock();
+        let budget = state.options.faults.token_redirects;
+        if super::faults::take(&mut inner.faults.token_redirects, budget) {
+            let location = state.token_url().to_string();
+            return (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, location)],
+            )
+                .into_response();
+        }
+    }
     let mut caller = Caller::default();
     let result = issue_token(&state, &headers, &body, &mut caller);
     let outcome = match &result {
@@ -316,6 +328,7 @@ fn grant(state: &ServerState, client_id: String, requested_scope: &str) -> Resul
     match options.expires_in {
         super::ExpiresIn::Number => {}
         super::ExpiresIn::String => body["expires_in"] = json!(lifetime.to_string()),
+        super::ExpiresIn::Absurd => body["expires_in"] = json!(1e300),
         super::ExpiresIn::Missing => {
             body.as_object_mut().map(|b| b.remove("expires_in"));
         }

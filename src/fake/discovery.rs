@@ -25,7 +25,7 @@ pub(crate) async fn smart_configuration(State(state): State<Arc<ServerState>>) -
     }
     let body = json!({
         "issuer": state.fhir_base_url().as_str(),
-        "token_endpoint": state.token_url().as_str(),
+        "token_endpoint": advertised_token_endpoint(&state),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": state.options.signing_algorithms,
         "grant_types_supported": ["client_credentials"],
@@ -103,7 +103,7 @@ pub(crate) async fn metadata(State(state): State<Arc<ServerState>>) -> Response 
             "security": {
                 "extension": [{
                     "url": "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris",
-                    "extension": [{ "url": "token", "valueUri": state.token_url().as_str() }],
+                    "extension": [{ "url": "token", "valueUri": advertised_token_endpoint(&state) }],
                 }],
                 "service": [{
                     "coding": [{
@@ -124,4 +124,14 @@ pub(crate) async fn metadata(State(state): State<Arc<ServerState>>) -> Response 
         }],
     });
     outcome::fhir_json(StatusCode::OK, body.to_string())
+}
+
+/// The token endpoint discovery advertises: the fake's own, unless a test scripts another.
+fn advertised_token_endpoint(state: &ServerState) -> String {
+    state
+        .options
+        .faults
+        .advertised_token_endpoint
+        .clone()
+        .unwrap_or_else(|| state.token_url().to_string())
 }

@@ -202,6 +202,17 @@ async fn start_export(
     }
     {
         let faults = &state.options.faults;
+        if let Some((status, content_type, body)) = &faults.kick_off_answer {
+            let status = StatusCode::from_u16(*status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            let content_type = HeaderValue::from_str(content_type)
+                .unwrap_or(HeaderValue::from_static("text/plain"));
+            return (
+                status,
+                [(header::CONTENT_TYPE, content_type)],
+                Body::from(body.clone()),
+            )
+                .into_response();
+        }
         let mut inner = state.lock();
         if take(&mut inner.faults.kick_off_429, faults.kick_off_429) {
             return too_many_requests("too many requests; slow down");
@@ -614,7 +625,7 @@ fn manifest(
     let page_size = faults.manifest_page_size.unwrap_or(usize::MAX);
     let pages = export.files.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
-    let output: Vec<serde_json::Value> = export
+    let mut output: Vec<serde_json::Value> = export
         .files
         .iter()
         .skip((page - 1).saturating_mul(page_size))
@@ -627,16 +638,25 @@ fn manifest(
             })
         })
         .collect();
+    if page == 1 {
+        for (n, (resource_type, _)) in faults.extra_files.iter().enumerate() {
+            output.push(json!({ "type": resource_type, "url": link(&extra_file_name(n)) }));
+        }
+        for (resource_type, url) in &faults.foreign_files {
+            output.push(json!({ "type": resource_type, "url": url }));
+        }
+    }
     let error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
         vec![json!({ "type": "OperationOutcome", "url": link(ERROR_FILE) })]
     } else {
         Vec::new()
     };
-    let deleted: Vec<serde_json::Value> = if faults.deleted_resources > 0 && page == 1 {
-        vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
-    } else {
-        Vec::new()
-    };
+    let deleted: Vec<serde_json::Value> =
+        if (faults.deleted_resources > 0 || faults.deleted_body.is_some()) && page == 1 {
+            vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
+        } else {
+            Vec::new()
+        };
     let requires_access_token = if faults.requires_access_token_as_string {
         json!(state.options.requires_access_token.to_string())
     } else {
@@ -652,6 +672,9 @@ fn manifest(
     if !deleted.is_empty() {
         body["deleted"] = json!(deleted);
     }
+    if faults.manifest_padding_bytes > 0 {
+        body["padding"] = json!("x".repeat(faults.manifest_padding_bytes));
+    }
     if page < pages {
         let next = state.url(&format!("/fhir/bulkstatus/{id}"));
         body["link"] = json!([{ "relation": "next", "url": format!("{next}?page={}", page + 1) }]);
@@ -661,6 +684,11 @@ fn manifest(
 
 /// The name of the deleted file an export lists when `Faults::deleted_resources` is set.
 const DELETED_FILE: &str = "deleted.ndjson";
+
+/// The name of the `n`th of `Faults::extra_files`.
+fn extra_file_name(n: usize) -> String {
+    format!("extra-{n}.ndjson")
+}
 
 /// The deleted file: one transaction Bundle of `n` DELETE entries, as the spec describes.
 fn deleted_lines(n: u32) -> Vec<u8> {
@@ -772,8 +800,17 @@ pub(crate) async fn file(
         else {
             return no_such_file();
         };
+        let extra = (0..faults.extra_files.len()).find(|n| extra_file_name(*n) == name);
         let source = if faults.error_file && name == ERROR_FILE {
             FileSource::Fixed(Some(Bytes::from(error_lines(export))))
+        } else if let Some(n) = extra {
+            FileSource::Fixed(Some(Bytes::from(faults.extra_files[n].1.clone())))
+        } else if let Some(body) = faults
+            .deleted_body
+            .as_ref()
+            .filter(|_| name == DELETED_FILE)
+        {
+            FileSource::Fixed(Some(Bytes::from(body.clone())))
         } else if faults.deleted_resources > 0 && name == DELETED_FILE {
             FileSource::Fixed(Some(Bytes::from(deleted_lines(faults.deleted_resources))))
         } else {

@@ -60,6 +60,24 @@ pub struct Faults {
     /// Only one export at a time per client: a kick-off while one is not yet deleted is
     /// answered 429 with an OperationOutcome saying so (as Epic does).
     pub one_export_at_a_time: bool,
+    /// Hostile files: manifests list one more output file per entry, of the entry's type, and
+    /// serve it with exactly the entry's bytes (a byte-order mark, invalid UTF-8, lines that
+    /// PostgreSQL refuses, whatever the test scripts).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Manifests list a `deleted` file served with exactly these bytes.
+    pub deleted_body: Option<Vec<u8>>,
+    /// Every kick-off is answered with this status, `Content-Type` and body.
+    pub kick_off_answer: Option<(u16, String, Vec<u8>)>,
+    /// Manifests carry an extra field of this many bytes (a bloated or hostile manifest).
+    pub manifest_padding_bytes: usize,
+    /// Discovery (both documents) advertises this token endpoint instead of the fake's own.
+    pub advertised_token_endpoint: Option<String>,
+    /// Manifests list one more output file per entry at exactly this URL, wherever it points
+    /// (another port of this machine, an internal address): (type, url).
+    pub foreign_files: Vec<(String, String)>,
+    /// Token requests answered `307 Temporary Redirect` to the fake's own token endpoint
+    /// (a client that follows would re-send its assertion or secret).
+    pub token_redirects: u32,
 }
 
 impl Faults {
@@ -157,6 +175,41 @@ impl Faults {
         self.one_export_at_a_time = true;
         self
     }
+    pub fn extra_file(mut self, resource_type: &str, body: impl Into<Vec<u8>>) -> Self {
+        self.extra_files
+            .push((resource_type.to_string(), body.into()));
+        self
+    }
+    pub fn deleted_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.deleted_body = Some(body.into());
+        self
+    }
+    pub fn kick_off_answer(
+        mut self,
+        status: u16,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.kick_off_answer = Some((status, content_type.to_string(), body.into()));
+        self
+    }
+    pub fn manifest_padding_bytes(mut self, bytes: usize) -> Self {
+        self.manifest_padding_bytes = bytes;
+        self
+    }
+    pub fn advertised_token_endpoint(mut self, url: &str) -> Self {
+        self.advertised_token_endpoint = Some(url.to_string());
+        self
+    }
+    pub fn foreign_file(mut self, resource_type: &str, url: &str) -> Self {
+        self.foreign_files
+            .push((resource_type.to_string(), url.to_string()));
+        self
+    }
+    pub fn token_redirects(mut self, n: u32) -> Self {
+        self.token_redirects = n;
+        self
+    }
 }
 
 /// How many times each fault has fired, and the file-connection gauge.
@@ -172,6 +225,7 @@ pub(crate) struct FaultState {
     pub(crate) truncate_file: u32,
     pub(crate) trickle_file: u32,
     pub(crate) expire_files: u32,
+    pub(crate) token_redirects: u32,
     /// Bumped by each expiry; file links carry it and stale ones are answered 410.
     pub(crate) link_generation: u32,
     /// File bodies being streamed right now, and the most ever streamed at once.

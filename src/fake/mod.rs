@@ -104,6 +104,8 @@ pub enum ExpiresIn {
     String,
     /// Not at all.
     Missing,
+    /// `1e300`: a number no clock can add (a hostile or broken server).
+    Absurd,
 }
 
 impl Default for FakeOptions {

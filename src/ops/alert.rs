@@ -86,7 +86,11 @@ impl Alert {
             "failed"
         };
         Alert::RunFailed {
-            text: format!("fhir-sync: job {job} run {run_id} {kind}: {error}"),
+            // The error quotes server text: escaped, it cannot mention @channel or forge a link.
+            text: format!(
+                "fhir-sync: job {job} run {run_id} {kind}: {}",
+                crate::untrusted::for_slack(&error)
+            ),
             job: job.to_string(),
             run_id,
             error,

@@ -87,9 +87,140 @@ pub async fn require_token(
     response
 }
 
+/// What [`guard_requests`] checks against: the names the server answers to.
+#[derive(Clone)]
+pub struct RequestGuard {
+    /// `ops.allowed_hosts`; checked only when `beyond_loopback`.
+    pub allowed_hosts: Arc<Vec<String>>,
+    pub beyond_loopback: bool,
+}
+
+/// Middleware for every route. A server reachable beyond loopback answers only requests whose
+/// `Host` is an IP address or one of `ops.allowed_hosts` (a DNS-rebinding page carries its own
+/// name). A state-changing request (anything but GET, HEAD, OPTIONS) is refused when the
+/// browser says it comes from another site: an `Origin` that is not this `Host`, or
+/// `Sec-Fetch-Site: cross-site`. A form POST from another page always carries one of them;
+/// curl and scripts carry neither.
+pub async fn guard_requests(
+    State(guard): State<RequestGuard>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let headers = request.headers();
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    if guard.beyond_loopback && !host_allowed(&host, &guard.allowed_hosts) {
+        tracing::warn!(http.path = %request.uri().path(), "ops request refused: Host is not in ops.allowed_hosts");
+        return refusal(
+            axum::http::StatusCode::MISDIRECTED_REQUEST,
+            "unknown_host",
+            "this server does not answer to that host name (ops.allowed_hosts)",
+        );
+    }
+    let safe = matches!(
+        *request.method(),
+        axum::http::Method::GET | axum::http::Method::HEAD | axum::http::Method::OPTIONS
+    );
+    if !safe && is_cross_site(headers, &host) {
+        tracing::warn!(http.path = %request.uri().path(), "ops request refused: cross-site");
+        return refusal(
+            axum::http::StatusCode::FORBIDDEN,
+            "cross_site",
+            "state-changing requests from another site are refused",
+        );
+    }
+    next.run(request).await
+}
+
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let name = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let bare = name.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok()
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(host) || a.eq_ignore_ascii_case(name))
+}
+
+fn is_cross_site(headers: &HeaderMap, host: &str) -> bool {
+    let fetch_site = headers
+        .get("sec-fetch-site")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if fetch_site.eq_ignore_ascii_case("cross-site") || fetch_site.eq_ignore_ascii_case("same-site")
+    {
+        return true;
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => false,
+        Some(origin) => url::Url::parse(origin)
+            .ok()
+            .and_then(|url| {
+                let authority = match url.port() {
+                    Some(port) => format!("{}:{port}", url.host_str()?),
+                    None => url.host_str()?.to_string(),
+                };
+                Some(!authority.eq_ignore_ascii_case(host))
+            })
+            // `Origin: null` (a sandboxed page or a redirect) is another site too.
+            .unwrap_or(true),
+    }
+}
+
+fn refusal(status: axum::http::StatusCode, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "error": { "code": code, "message": message } });
+    (status, axum::Json(body)).into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_and_origins() {
+        let allowed = vec!["ops.example.org".to_string()];
+        for (host, ok) in [
+            ("ops.example.org", true),
+            ("ops.example.org:8080", true),
+            ("10.0.0.5:8080", true),
+            ("[::1]:8080", true),
+            ("evil.example", false),
+            ("", false),
+        ] {
+            assert_eq!(host_allowed(host, &allowed), ok, "{host}");
+        }
+        let with = |name: &str, value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+            headers
+        };
+        assert!(!is_cross_site(&HeaderMap::new(), "127.0.0.1:8080"));
+        assert!(!is_cross_site(
+            &with("origin", "http://127.0.0.1:8080"),
+            "127.0.0.1:8080"
+        ));
+        assert!(is_cross_site(
+            &with("origin", "https://evil.example"),
+            "127.0.0.1:8080"
+        ));
+        assert!(is_cross_site(&with("origin", "null"), "127.0.0.1:8080"));
+        assert!(is_cross_site(
+            &with("sec-fetch-site", "cross-site"),
+            "127.0.0.1:8080"
+        ));
+        assert!(!is_cross_site(
+            &with("sec-fetch-site", "same-origin"),
+            "127.0.0.1:8080"
+        ));
+    }
 
     fn headers(authorization: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();

@@ -153,6 +153,7 @@ pub fn write_runs_table(
     runs: &[RunSummary],
     now: OffsetDateTime,
 ) -> std::io::Result<()> {
+    let out = &mut Terminal(out);
     if runs.is_empty() {
         return writeln!(out, "no runs recorded yet");
     }
@@ -201,6 +202,9 @@ pub fn write_run_detail(
     detail: &RunDetail,
     now: OffsetDateTime,
 ) -> std::io::Result<()> {
+    // Errors, export issues and progress are server text: no escape sequence reaches the
+    // terminal.
+    let out = &mut Terminal(out);
     let run = &detail.run;
     writeln!(
         out,
@@ -423,6 +427,24 @@ fn write_table<const N: usize>(
         writeln!(out, "{}", line(row.each_ref().map(String::as_str)))?;
     }
     Ok(())
+}
+
+/// A writer for a terminal: control characters other than newline and tab (ANSI escapes
+/// among them) are dropped from whatever passes through. `write!` hands it whole `str`
+/// fragments, so each write is valid UTF-8.
+struct Terminal<'a, W: Write>(&'a mut W);
+
+impl<W: Write> Write for Terminal<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        self.0
+            .write_all(crate::untrusted::for_terminal(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
 }
 
 #[cfg(test)]

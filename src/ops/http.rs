@@ -82,11 +82,19 @@ pub fn router(state: OpsState) -> Router {
             super::auth::require_token,
         ));
     }
+    let guard = super::auth::RequestGuard {
+        allowed_hosts: Arc::new(state.settings.ops.allowed_hosts.clone()),
+        beyond_loopback: state.settings.ops.listens_beyond_loopback(),
+    };
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/.well-known/jwks.json", get(jwks_handler))
         .merge(super::api::public_routes())
         .merge(protected)
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            super::auth::guard_requests,
+        ))
         .with_state(state)
 }
 

@@ -153,17 +153,44 @@ async fn fetch_json<T: serde::de::DeserializeOwned>(
         response.as_ref().ok().map(|r| r.status().as_u16()),
         started.elapsed(),
     );
-    let response = response.map_err(|e| failure(e.without_url().to_string(), true))?;
+    // A connection that cannot be made is worth retrying only when the network may be at
+    // fault; a name that does not resolve is a wrong URL far more often than a DNS outage.
+    let response = response.map_err(|e| {
+        let cause = transport::failure(&e);
+        let dns = cause.contains("dns error");
+        failure(format!("{}: {cause}", transport::endpoint(url)), !dns)
+    })?;
     let status = response.status();
     if !status.is_success() {
         let retryable = status.as_u16() == 429 || status.is_server_error();
-        return Err(failure(format!("HTTP {status}"), retryable));
+        let said = transport::error_body(response).await.server_said();
+        return Err(failure(
+            format!("HTTP {}: {said}", status.as_u16()),
+            retryable,
+        ));
     }
-    let body = response
-        .bytes()
+    let body = transport::read_capped(response, transport::DOCUMENT_BYTES)
         .await
-        .map_err(|e| failure(e.without_url().to_string(), true))?;
-    serde_json::from_slice(&body).map_err(|e| failure(format!("not the expected JSON: {e}"), false))
+        .map_err(|e| failure(transport::failure(&e), true))?;
+    if !body.complete {
+        return Err(failure(
+            format!(
+                "the document is larger than {} bytes",
+                transport::DOCUMENT_BYTES
+            ),
+            false,
+        ));
+    }
+    serde_json::from_slice(&body.bytes).map_err(|e| {
+        failure(
+            format!(
+                "not the expected JSON (at line {} column {})",
+                e.line(),
+                e.column()
+            ),
+            false,
+        )
+    })
 }
 
 /// Whether the CapabilityStatement offers the export the job needs. Advisory only: servers

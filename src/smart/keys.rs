@@ -65,6 +65,10 @@ pub enum KeyError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "private key file {path} is accessible by group or others (mode {mode:o}); hint: chmod 600 {path}"
+    )]
+    Permissions { path: String, mode: u32 },
     #[error("environment variable {0} is not set")]
     EnvMissing(String),
     #[error("the job has no private key (auth.method is not private_key_jwt)")]
@@ -120,6 +124,7 @@ impl SigningKey {
     ) -> Result<Self, KeyError> {
         let (pem, origin) = match source {
             KeySource::File(path) => {
+                check_private(path)?;
                 let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read {
                     path: path.display().to_string(),
                     source,
@@ -354,8 +359,27 @@ pub fn generate(algorithm: SigningAlgorithm) -> anyhow::Result<SecretString> {
     Ok(SecretString::from(pem.as_str()))
 }
 
-/// Writes `pem` to `path` readable by the owner only (mode 0600), refusing to overwrite unless
-/// `overwrite` is set.
+/// Refuses a key file that group or others may access, as ssh does: such a key may have been
+/// read by someone else already, and using it silently hides that.
+fn check_private(path: &Path) -> Result<(), KeyError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path).map_err(|source| KeyError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    let mode = metadata.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(KeyError::Permissions {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    Ok(())
+}
+
+/// Writes `pem` to `path` readable by the owner only (mode 0600, also when it replaces an
+/// existing file, whose mode `open` would keep), refusing to overwrite unless `overwrite` is
+/// set.
 pub fn write_private_key(path: &Path, pem: &SecretString, overwrite: bool) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -367,6 +391,8 @@ pub fn write_private_key(path: &Path, pem: &SecretString, overwrite: bool) -> st
         options.create_new(true);
     }
     let mut file = options.open(path)?;
+    // Before any byte is written: an existing file keeps its old mode through `open`.
+    file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     file.write_all(pem.expose_secret().as_bytes())?;
     file.sync_all()
 }

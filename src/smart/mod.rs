@@ -31,10 +31,15 @@ pub enum AuthError {
         description: String,
         hint: String,
     },
-    #[error("token endpoint answered HTTP {status}")]
-    Status { status: u16 },
-    #[error("token request failed")]
-    Transport(#[source] reqwest::Error),
+    #[error("token endpoint {at} answered HTTP {status}: {said}")]
+    Status {
+        status: u16,
+        at: String,
+        said: String,
+    },
+    /// No response: DNS, connection, TLS or timeout (`cause` says which).
+    #[error("token request to {at} failed: {cause}")]
+    Transport { at: String, cause: String },
     #[error("token response is not valid: {0}")]
     BadResponse(String),
     #[error("cannot sign the client assertion: {0}")]
@@ -61,8 +66,8 @@ impl AuthError {
     pub fn is_retryable(&self) -> bool {
         match self {
             AuthError::Discovery { retryable, .. } => *retryable,
-            AuthError::Status { status } => *status == 429 || *status >= 500,
-            AuthError::Transport(_) => true,
+            AuthError::Status { status, .. } => *status == 429 || *status >= 500,
+            AuthError::Transport { .. } => true,
             AuthError::Refused { .. }
             | AuthError::BadResponse(_)
             | AuthError::Sign(_)

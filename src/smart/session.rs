@@ -81,6 +81,21 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             let discovered =
                 discovery::discover(http, base, allow_insecure_http, &job.name).await?;
             let url = discovered.token_endpoint.clone();
+            // Credentials (a secret above all) go only where the job says: the FHIR server's
+            // own origin, or an endpoint pinned in the job file. A server's discovery
+            // document alone cannot send them elsewhere.
+            if !crate::transport::same_origin(&url, base) {
+                return Err(AuthError::Discovery {
+                    url: crate::transport::redacted(base),
+                    message: format!(
+                        "the advertised token endpoint {} is not on the FHIR server's origin ({}); credentials are sent only there (hint: if that endpoint is right, pin it in the job file: fhir.token_url = \"{}\")",
+                        crate::transport::redacted(&url),
+                        base.origin().ascii_serialization(),
+                        crate::transport::redacted(&url),
+                    ),
+                    retryable: false,
+                });
+            }
             (Some(discovered), url)
         }
         // With an override, discovery only informs the algorithm and scope choice, so its
@@ -111,6 +126,10 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
         job.auth.scopes.clone()
     };
 
+    let token_http = crate::transport::token_client().map_err(|e| AuthError::Transport {
+        at: crate::transport::endpoint(&token_url),
+        cause: e.to_string(),
+    })?;
     let (tokens, signing) = match &job.auth.method {
         AuthMethod::PrivateKeyJwt => {
             let advertised = discovered
@@ -120,7 +139,7 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             let key = choose_key(job_keys(job)?, &advertised, &mut notes);
             let signing = (key.algorithm(), key.kid().to_string());
             let manager = TokenManager::new(
-                http.clone(),
+                token_http.clone(),
                 token_url.clone(),
                 job.auth.client_id.clone(),
                 key,
@@ -131,7 +150,7 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
         AuthMethod::ClientSecretBasic(source) => {
             let secret = read_secret(source)?;
             let manager = TokenManager::with_client_secret(
-                http.clone(),
+                token_http.clone(),
                 token_url.clone(),
                 job.auth.client_id.clone(),
                 secret,

@@ -15,6 +15,7 @@ use url::Url;
 
 use super::{AuthError, SigningKey};
 use crate::metrics::{self, Endpoint, TokenReason};
+use crate::{transport, untrusted};
 
 /// A bearer token. `generation` tells tokens apart without comparing secrets. The secret is
 /// absent for jobs that authenticate with `none`.
@@ -308,34 +309,52 @@ impl TokenManager {
             response.as_ref().ok().map(|r| r.status().as_u16()),
             started.elapsed(),
         );
-        let response = response.map_err(|e| AuthError::Transport(e.without_url()))?;
+        let at = transport::endpoint(&self.token_url);
+        let transport_failure = |e: reqwest::Error| AuthError::Transport {
+            at: at.clone(),
+            cause: transport::failure(&e),
+        };
+        let response = response.map_err(transport_failure)?;
         let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| AuthError::Transport(e.without_url()))?;
-        if status.is_client_error() && status.as_u16() != 429 {
-            return Err(match serde_json::from_slice::<OAuthError>(&body) {
-                Ok(e) => {
-                    let hint = self.hint(&e.error);
-                    AuthError::Refused {
-                        error: e.error,
-                        description: e.error_description.unwrap_or_default(),
-                        hint,
-                    }
-                }
-                Err(_) => AuthError::Status {
-                    status: status.as_u16(),
-                },
-            });
-        }
         if !status.is_success() {
+            let body = transport::error_body(response).await;
+            if status.is_client_error()
+                && status.as_u16() != 429
+                && let Ok(e) = serde_json::from_slice::<OAuthError>(&body.bytes)
+            {
+                let hint = self.hint(&e.error);
+                return Err(AuthError::Refused {
+                    error: untrusted::one_line(&e.error, 64),
+                    description: untrusted::one_line(
+                        e.error_description.as_deref().unwrap_or_default(),
+                        transport::SERVER_TEXT_CHARS,
+                    ),
+                    hint,
+                });
+            }
             return Err(AuthError::Status {
                 status: status.as_u16(),
+                at,
+                said: body.server_said(),
             });
         }
-        let parsed: TokenResponse = serde_json::from_slice(&body)
-            .map_err(|e| AuthError::BadResponse(format!("not a token response: {e}")))?;
+        let body = transport::read_capped(response, transport::DOCUMENT_BYTES)
+            .await
+            .map_err(transport_failure)?;
+        if !body.complete {
+            return Err(AuthError::BadResponse(format!(
+                "the token response is larger than {} bytes",
+                transport::DOCUMENT_BYTES
+            )));
+        }
+        // serde_json's message may quote the body, which holds the token: position only.
+        let parsed: TokenResponse = serde_json::from_slice(&body.bytes).map_err(|e| {
+            AuthError::BadResponse(format!(
+                "not a token response (at line {} column {})",
+                e.line(),
+                e.column()
+            ))
+        })?;
         if let Some(kind) = &parsed.token_type
             && !kind.eq_ignore_ascii_case("bearer")
         {
@@ -353,7 +372,10 @@ impl TokenManager {
                 fallback
             }
             Some(value) => parse_expires_in(value).ok_or_else(|| {
-                AuthError::BadResponse(format!("expires_in {value} is not a number of seconds"))
+                AuthError::BadResponse(format!(
+                    "expires_in {} is not a number of seconds",
+                    untrusted::one_line(&value.to_string(), 40)
+                ))
             })?,
         };
         Ok((
@@ -365,23 +387,25 @@ impl TokenManager {
 
     fn hint(&self, error: &str) -> String {
         let scopes = self.scopes.join(" ");
+        // A client id is configuration, but a long one would drown the rest of the hint.
+        let client_id = untrusted::one_line(&self.client_id, 80);
         match (&self.credentials, error) {
             (Credentials::Assertion(key), "invalid_client") => format!(
                 "check that client id {:?} is registered with the public key kid {:?} ({}; publish it with `fhir-sync keys jwks <job>`), that auth.jku (if set) is the registered JWKS URL, and that this host's clock is right",
-                self.client_id,
+                client_id,
                 key.kid(),
                 key.algorithm()
             ),
             (_, "invalid_client") => format!(
                 "check client id {:?} and its secret (auth.client_secret_file or auth.client_secret_env)",
-                self.client_id
+                client_id
             ),
             (_, "invalid_scope") => format!(
                 "the server would not grant {scopes:?}; change auth.scopes or auth.scope_style, or ask the EHR to allow them"
             ),
             (_, "unauthorized_client") => format!(
                 "client id {:?} is not allowed the client_credentials grant for {scopes:?}; ask the EHR to enable backend access",
-                self.client_id
+                client_id
             ),
             _ => "see the server's error description".into(),
         }
@@ -395,9 +419,13 @@ fn jwt_lifetime(token: &str) -> Option<Duration> {
         .ok()?
         .claims;
     let exp = claims.get("exp")?.as_i64()?;
-    let left = exp - time::OffsetDateTime::now_utc().unix_timestamp();
-    (left > 0).then(|| Duration::from_secs(left as u64))
+    let left = exp.saturating_sub(time::OffsetDateTime::now_utc().unix_timestamp());
+    (left > 0).then(|| Duration::from_secs(left as u64).min(MAX_LIFETIME))
 }
+
+/// The longest lifetime believed: a server saying `expires_in: 1e300` gets its token renewed
+/// within a day, and no deadline computed from it can overflow.
+const MAX_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// `expires_in` as a number, or as a string of digits (as some servers send it).
 fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
@@ -406,7 +434,8 @@ fn parse_expires_in(value: &serde_json::Value) -> Option<Duration> {
         serde_json::Value::String(s) => s.trim().parse::<f64>().ok()?,
         _ => return None,
     };
-    (seconds.is_finite() && seconds > 0.0).then(|| Duration::from_secs_f64(seconds))
+    (seconds.is_finite() && seconds > 0.0)
+        .then(|| Duration::from_secs_f64(seconds.min(MAX_LIFETIME.as_secs_f64())))
 }
 
 #[cfg(test)]
@@ -425,6 +454,8 @@ mod tests {
             Some(Duration::from_secs(3600))
         );
         assert_eq!(parse_expires_in(&json!(0)), None);
+        assert_eq!(parse_expires_in(&json!(1e300)), Some(MAX_LIFETIME));
+        assert_eq!(parse_expires_in(&json!("1e300")), Some(MAX_LIFETIME));
         assert_eq!(parse_expires_in(&json!("soon")), None);
         assert_eq!(parse_expires_in(&json!(null)), None);
     }

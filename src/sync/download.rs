@@ -156,10 +156,14 @@ impl Download<'_> {
                 continue;
             }
             let error = if expired {
+                let last = match &error {
+                    SyncError::Download { source, .. } => source.to_string(),
+                    other => other.to_string(),
+                };
                 SyncError::Download {
                     file: name.clone(),
                     source: ExportError::BadResponse(format!(
-                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried); the server may be dropping the export's files"
+                        "the file link kept expiring ({MAX_LINK_REFRESHES} fresh links tried; the last answer: {last}); the server may be dropping the export's files"
                     )),
                 }
             } else {

@@ -159,6 +159,8 @@ mod tests {
             source: ExportError::FileStatus {
                 status: 429,
                 retry_after: None,
+                at: "ehr.example.org:443/files/1".into(),
+                said: "slow down".into(),
             },
         };
         assert_eq!(

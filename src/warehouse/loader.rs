@@ -4,7 +4,11 @@
 //! while the previous one is staged or commits). Each batch commits its rows, its
 //! rejected lines and the file's new line checkpoint in one transaction, so a crash resumes
 //! after the last committed batch and loading a finished file again changes nothing. A bad line
-//! is recorded (file, line number, reason) and never stops the rest of the file.
+//! is recorded (file, line number, reason) and never stops the rest of the file: what
+//! PostgreSQL would refuse is caught before COPY (`jsonb`, strict instants, a `lastUpdated` or
+//! `lastModified` past the export's `transactionTime` plus [`FUTURE_TOLERANCE`]), and a line
+//! that still makes COPY fail is isolated by halving the batch ([`copy_batch`]). A UTF-8
+//! byte-order mark at the start of a file is skipped.
 //!
 //! Resources take one of two paths per batch. When the type's partition holds nothing of this
 //! source yet (a first load), the batch is COPYed straight into the partition inside a
@@ -33,7 +37,9 @@ use serde::Deserialize;
 use sqlx::PgPool;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
-use super::LoadError;
+use time::OffsetDateTime;
+
+use super::{LoadError, jsonb};
 use crate::fhir;
 
 /// What a file holds, which decides where its lines go.
@@ -108,6 +114,12 @@ pub struct LoadStats {
 const BATCH_BYTES: usize = 8 * 1024 * 1024;
 /// How much of a rejected line is kept for diagnosis.
 const EXCERPT_CHARS: usize = 1000;
+/// How far past the export's `transactionTime` a `meta.lastUpdated` or deletion `lastModified`
+/// may lie (clock skew, resources changed while the export was generated). A time beyond it
+/// is rejected: stored, it would win every newer-wins comparison and freeze the row for good.
+pub const FUTURE_TOLERANCE: time::Duration = time::Duration::days(1);
+/// The UTF-8 byte-order mark some servers write at the start of a file.
+const BOM: &[u8] = b"\xEF\xBB\xBF";
 
 #[derive(Deserialize)]
 struct Light<'a> {
@@ -194,6 +206,10 @@ struct Batch {
     /// text cannot contain raw, so the JSON needs no escaping at all.
     copy: Vec<u8>,
     rows: u64,
+    /// For each COPY row: its line number and where it ends in `copy`, so that a row
+    /// PostgreSQL refuses can be found and taken out (see [`copy_batch`]).
+    row_lines: Vec<u64>,
+    row_ends: Vec<usize>,
     reject_lines: Vec<i64>,
     reject_reasons: Vec<String>,
     reject_excerpts: Vec<String>,
@@ -222,6 +238,46 @@ impl Batch {
 
     fn len(&self) -> usize {
         self.rows as usize + self.reject_lines.len() + self.delete_ids.len()
+    }
+
+    /// Marks the end of the COPY row just written for `line_number`.
+    fn end_row(&mut self, line_number: u64) {
+        self.row_lines.push(line_number);
+        self.row_ends.push(self.copy.len());
+    }
+
+    /// Where COPY row `row` starts and ends in `copy`.
+    fn row_range(&self, row: usize) -> std::ops::Range<usize> {
+        let start = if row == 0 { 0 } else { self.row_ends[row - 1] };
+        start..self.row_ends[row]
+    }
+
+    /// Takes the given COPY rows (sorted indexes) out of the batch and records each as a
+    /// rejected line with its reason.
+    fn take_out_rows(&mut self, refused: &[(usize, String)]) {
+        let mut copy = Vec::with_capacity(self.copy.len());
+        let mut row_lines = Vec::with_capacity(self.row_lines.len());
+        let mut row_ends = Vec::with_capacity(self.row_ends.len());
+        let mut next_refused = refused.iter().peekable();
+        let mut rejects = Vec::new();
+        for row in 0..self.row_lines.len() {
+            let range = self.row_range(row);
+            if let Some((_, reason)) = next_refused.next_if(|(r, _)| *r == row) {
+                rejects.push((self.row_lines[row], reason.clone(), range));
+                continue;
+            }
+            copy.extend_from_slice(&self.copy[range]);
+            row_lines.push(self.row_lines[row]);
+            row_ends.push(copy.len());
+        }
+        for (line, reason, range) in rejects {
+            let json = row_json(&self.copy[range]).to_vec();
+            self.reject(line, reason, &json);
+        }
+        self.rows -= (self.row_lines.len() - row_lines.len()) as u64;
+        self.copy = copy;
+        self.row_lines = row_lines;
+        self.row_ends = row_ends;
     }
 
     fn reject(&mut self, line_number: u64, reason: String, raw: &[u8]) {
@@ -290,11 +346,19 @@ where
         )));
     }
     let frame = RowFrame::new(target)?;
-    let committed: i64 =
-        sqlx::query_scalar("SELECT lines_committed FROM fhir_sync.run_file WHERE id = $1")
-            .bind(target.file_id)
-            .fetch_one(pool)
-            .await?;
+    let (committed, transaction_time): (i64, Option<String>) = sqlx::query_as(
+        "SELECT f.lines_committed, r.transaction_time
+         FROM fhir_sync.run_file f LEFT JOIN fhir_sync.run r ON r.id = f.run_id WHERE f.id = $1",
+    )
+    .bind(target.file_id)
+    .fetch_one(pool)
+    .await?;
+    // Without a transactionTime (a file loaded outside a run) the cutoff runs from now.
+    let not_after = transaction_time
+        .as_deref()
+        .and_then(fhir::parse_instant)
+        .unwrap_or_else(OffsetDateTime::now_utc)
+        + FUTURE_TOLERANCE;
     let mut checkpoint = committed as u64;
     let mut stats = LoadStats {
         resumed_after_line: checkpoint,
@@ -326,6 +390,7 @@ where
         line: Vec::new(),
         line_number: 0,
         lines: 0,
+        not_after,
     };
     let mut flusher = Flusher {
         pool,
@@ -418,6 +483,8 @@ struct Reading<'r, R> {
     line_number: u64,
     /// Lines read past the checkpoint.
     lines: u64,
+    /// The latest `lastUpdated`/`lastModified` accepted (see [`FUTURE_TOLERANCE`]).
+    not_after: OffsetDateTime,
 }
 
 impl<R: AsyncBufRead + Unpin> Reading<'_, R> {
@@ -462,13 +529,20 @@ impl<R: AsyncBufRead + Unpin> Reading<'_, R> {
                         &self.line,
                     );
                 }
-                LineRead::Complete => classify(
-                    target,
-                    frame,
-                    self.line_number,
-                    trim_line_end(&self.line),
-                    &mut batch,
-                ),
+                LineRead::Complete => {
+                    let mut line = trim_line_end(&self.line);
+                    if self.line_number == 1 {
+                        line = line.strip_prefix(BOM).unwrap_or(line);
+                    }
+                    classify(
+                        target,
+                        frame,
+                        self.not_after,
+                        self.line_number,
+                        line,
+                        &mut batch,
+                    )
+                }
             }
             if batch.len() >= limits.batch_lines || batch.copy.len() >= BATCH_BYTES {
                 return Ok((batch, false));
@@ -483,8 +557,8 @@ async fn commit(
     pending: Option<(Batch, u64)>,
 ) -> Result<Option<Vec<u8>>, LoadError> {
     match pending {
-        Some((batch, through_line)) => {
-            flusher.flush(&batch, through_line).await?;
+        Some((mut batch, through_line)) => {
+            flusher.flush(&mut batch, through_line).await?;
             Ok(Some(batch.copy))
         }
         None => Ok(None),
@@ -523,9 +597,14 @@ fn trim_line_end(line: &[u8]) -> &[u8] {
 }
 
 /// Decides whether a line loads or is rejected, and stages it accordingly.
+///
+/// Reasons name positions and kinds, never a value of the line: they are shown by the API and
+/// the status page, and the line may hold patient data (the excerpt, kept in the database
+/// only, is there for whoever may read it).
 fn classify(
     target: &FileTarget,
     frame: &RowFrame,
+    not_after: OffsetDateTime,
     line_number: u64,
     line: &[u8],
     batch: &mut Batch,
@@ -534,31 +613,33 @@ fn classify(
         return; // Blank lines (a trailing newline, say) carry nothing; they are not errors.
     }
     if target.kind == FileKind::Deleted {
-        return classify_deletion(line_number, line, batch);
+        return classify_deletion(not_after, line_number, line, batch);
     }
     let parsed: Light<'_> = match serde_json::from_slice(line) {
         Ok(parsed) => parsed,
-        Err(e) => return batch.reject(line_number, format!("not valid JSON: {e}"), line),
+        Err(e) => return batch.reject(line_number, json_error_reason(&e), line),
     };
     let resource_type = parsed.resource_type.as_deref().unwrap_or_default();
     if resource_type != target.resource_type {
         let reason = if resource_type.is_empty() {
             "no resourceType".to_string()
-        } else {
+        } else if fhir::is_resource_type(resource_type) {
             format!(
                 "resourceType {resource_type:?} in a file of {:?}",
+                target.resource_type
+            )
+        } else {
+            format!(
+                "resourceType is not a FHIR resource type, in a file of {:?}",
                 target.resource_type
             )
         };
         return batch.reject(line_number, reason, line);
     }
-    // PostgreSQL's jsonb cannot hold U+0000; such a line would fail the whole COPY batch.
-    if memchr::memmem::find(line, b"\\u0000").is_some() {
-        return batch.reject(
-            line_number,
-            "contains \\u0000, which PostgreSQL jsonb cannot store".into(),
-            line,
-        );
+    // What PostgreSQL's jsonb would refuse fails a whole COPY batch; caught here, it costs one
+    // line. (`copy_batch` isolates whatever this misses.)
+    if let Some(refusal) = jsonb::refusal(line) {
+        return batch.reject(line_number, refusal.to_string(), line);
     }
     match target.kind {
         FileKind::Output => {
@@ -567,7 +648,7 @@ fn classify(
                 let reason = if id.is_empty() {
                     "no id".to_string()
                 } else {
-                    format!("id {id:?} is not a valid FHIR id")
+                    "id is not a valid FHIR id".to_string()
                 };
                 return batch.reject(line_number, reason, line);
             }
@@ -576,21 +657,13 @@ fn classify(
             if let Some(version) = version_id
                 && !fhir::is_valid_id(version)
             {
-                return batch.reject(
-                    line_number,
-                    format!("meta.versionId {version:?} is not a valid id"),
-                    line,
-                );
+                return batch.reject(line_number, "meta.versionId is not a valid id".into(), line);
             }
             let last_updated = meta.and_then(|m| m.last_updated.as_deref());
             if let Some(instant) = last_updated
-                && fhir::parse_instant(instant).is_none()
+                && let Err(reason) = check_time(instant, not_after)
             {
-                return batch.reject(
-                    line_number,
-                    format!("meta.lastUpdated {instant:?} is not a FHIR instant"),
-                    line,
-                );
+                return batch.reject(line_number, format!("meta.lastUpdated {reason}"), line);
             }
             let patient_id = if resource_type == "Patient" {
                 Some(id)
@@ -631,22 +704,58 @@ fn classify(
         }
         FileKind::Deleted => unreachable!("deletion files are classified above"),
     }
+    batch.end_row(line_number);
     batch.rows += 1;
+}
+
+/// Why a line is not JSON, by kind and column only: serde_json's own message may quote a value
+/// of the line (`invalid type: string "Smith"`).
+fn json_error_reason(error: &serde_json::Error) -> String {
+    let kind = match error.classify() {
+        serde_json::error::Category::Syntax => "a syntax error",
+        serde_json::error::Category::Eof => "it ends early",
+        serde_json::error::Category::Data => "a field of the wrong type",
+        serde_json::error::Category::Io => "a read error",
+    };
+    format!("not valid JSON: {kind} at column {}", error.column())
+}
+
+/// Whether a `lastUpdated` or `lastModified` is an instant PostgreSQL can store and not past
+/// `not_after`; the error completes a sentence starting with the field's name.
+fn check_time(text: &str, not_after: OffsetDateTime) -> Result<(), String> {
+    match fhir::parse_instant(text) {
+        None => Err("is not a FHIR instant".into()),
+        Some(at) if at > not_after => Err(format!(
+            "is more than {} hours after the export's transactionTime",
+            FUTURE_TOLERANCE.whole_hours()
+        )),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The JSON text of a COPY row: the row ends with it, quoted with \x01, and JSON text holds no
+/// raw \x01.
+fn row_json(row: &[u8]) -> &[u8] {
+    let body = row.strip_suffix(b"\x01\n").unwrap_or(row);
+    match memchr::memrchr(0x01, body) {
+        Some(quote) => &body[quote + 1..],
+        None => body,
+    }
 }
 
 /// A line of a `deleted` file: every entry must be a DELETE of `Type/id`, else the whole line
 /// is rejected and none of its entries applied (a half-applied Bundle would be hard to explain).
-fn classify_deletion(line_number: u64, line: &[u8], batch: &mut Batch) {
+fn classify_deletion(not_after: OffsetDateTime, line_number: u64, line: &[u8], batch: &mut Batch) {
     let parsed: DeletionBundle<'_> = match serde_json::from_slice(line) {
         Ok(parsed) => parsed,
-        Err(e) => return batch.reject(line_number, format!("not valid JSON: {e}"), line),
+        Err(e) => return batch.reject(line_number, json_error_reason(&e), line),
     };
     match parsed.resource_type.as_deref() {
         Some("Bundle") => {}
-        Some(other) => {
+        Some(_) => {
             return batch.reject(
                 line_number,
-                format!("resourceType {other:?} in a file of \"Bundle\""),
+                "resourceType is not \"Bundle\" in a file of \"Bundle\"".into(),
                 line,
             );
         }
@@ -659,7 +768,7 @@ fn classify_deletion(line_number: u64, line: &[u8], batch: &mut Batch) {
         if method != Some("DELETE") {
             return batch.reject(
                 line_number,
-                format!("entry {n}: request.method is {method:?}, not \"DELETE\""),
+                format!("entry {n}: request.method is not \"DELETE\""),
                 line,
             );
         }
@@ -667,7 +776,7 @@ fn classify_deletion(line_number: u64, line: &[u8], batch: &mut Batch) {
         let Some((resource_type, id)) = deleted_type_and_id(url) else {
             return batch.reject(
                 line_number,
-                format!("entry {n}: request.url {url:?} is not Type/id"),
+                format!("entry {n}: request.url is not Type/id"),
                 line,
             );
         };
@@ -676,11 +785,11 @@ fn classify_deletion(line_number: u64, line: &[u8], batch: &mut Batch) {
             .as_ref()
             .and_then(|r| r.last_modified.as_deref());
         if let Some(at) = at
-            && fhir::parse_instant(at).is_none()
+            && let Err(reason) = check_time(at, not_after)
         {
             return batch.reject(
                 line_number,
-                format!("entry {n}: response.lastModified {at:?} is not a FHIR instant"),
+                format!("entry {n}: response.lastModified {reason}"),
                 line,
             );
         }
@@ -909,7 +1018,7 @@ impl Flusher<'_> {
         *self.checkpoint = through_line;
     }
 
-    async fn flush(&mut self, batch: &Batch, through_line: u64) -> Result<(), LoadError> {
+    async fn flush(&mut self, batch: &mut Batch, through_line: u64) -> Result<(), LoadError> {
         let target = self.target;
         if !batch.delete_types.is_empty() {
             let mut types: Vec<&str> = batch.delete_types.iter().map(String::as_str).collect();
@@ -934,10 +1043,11 @@ impl Flusher<'_> {
                     let mut direct_done = false;
                     if self.path == MergePath::Direct {
                         let mut savepoint = sqlx::Acquire::begin(&mut *tx).await?;
-                        match copy_in(
+                        match copy_batch(
                             &mut savepoint,
                             &format!("COPY fhir_sync.resource {COPY_COLUMNS} FROM STDIN {CSV}"),
-                            &batch.copy,
+                            target.kind,
+                            batch,
                         )
                         .await
                         {
@@ -957,10 +1067,11 @@ impl Flusher<'_> {
                     }
                     if !direct_done {
                         sqlx::query(CREATE_STAGING).execute(&mut *tx).await?;
-                        copy_in(
+                        copy_batch(
                             &mut tx,
                             &format!("COPY fhir_sync_staging {COPY_COLUMNS} FROM STDIN {CSV}"),
-                            &batch.copy,
+                            target.kind,
+                            batch,
                         )
                         .await?;
                         sqlx::query(batch.merge_statement())
@@ -972,10 +1083,11 @@ impl Flusher<'_> {
                     sqlx::query(CREATE_OUTCOME_STAGING)
                         .execute(&mut *tx)
                         .await?;
-                    copy_in(
+                    copy_batch(
                         &mut tx,
                         &format!("COPY fhir_sync_outcome_staging (line, outcome) FROM STDIN {CSV}"),
-                        &batch.copy,
+                        target.kind,
+                        &mut *batch,
                     )
                     .await?;
                     sqlx::query(STORE_OUTCOMES)
@@ -1048,10 +1160,11 @@ async fn stage(
         .await?;
     if batch.rows > 0 {
         sqlx::query(CREATE_STAGING).execute(&mut *conn).await?;
-        copy_in(
+        copy_batch(
             conn,
             &format!("COPY fhir_sync_staging {COPY_COLUMNS} FROM STDIN {CSV}"),
-            &batch.copy,
+            FileKind::Output,
+            &mut batch,
         )
         .await?;
     }
@@ -1079,6 +1192,127 @@ async fn copy_in(
         copy.send(chunk).await?;
     }
     copy.finish().await.map(drop)
+}
+
+/// COPYs a batch, taking out any row PostgreSQL refuses instead of failing the batch.
+///
+/// The checks before COPY ([`jsonb::refusal`], the instant and id checks) catch what they
+/// know of; whatever else PostgreSQL refuses as data (SQLSTATE class 22, or 54 for a nesting
+/// past its stack) must still cost only its own line. So the COPY runs in a savepoint: on such
+/// an error the savepoint is rolled back, the refused rows are found by halving the batch (each
+/// half tried in a savepoint of its own and rolled back), taken out as rejected lines, and the
+/// rest is COPYed again. The happy path pays one `SAVEPOINT` per batch, no per-line work.
+async fn copy_batch(
+    conn: &mut sqlx::PgConnection,
+    statement: &str,
+    kind: FileKind,
+    batch: &mut Batch,
+) -> Result<(), sqlx::Error> {
+    loop {
+        sqlx::raw_sql("SAVEPOINT fhir_sync_copy")
+            .execute(&mut *conn)
+            .await?;
+        let error = match copy_in(conn, statement, &batch.copy).await {
+            Ok(()) => return Ok(()),
+            Err(e) if refused_as_data(&e).is_some() => e,
+            Err(e) => return Err(e),
+        };
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT fhir_sync_copy")
+            .execute(&mut *conn)
+            .await?;
+        let refused = find_refused_rows(conn, kind, batch).await?;
+        if refused.is_empty() {
+            // The batch fails, yet no part of it alone does: nothing to isolate.
+            return Err(error);
+        }
+        tracing::warn!(
+            lines = refused.len(),
+            "PostgreSQL refused lines that passed the checks before COPY; they are rejected"
+        );
+        batch.take_out_rows(&refused);
+        if batch.rows == 0 {
+            return Ok(());
+        }
+    }
+}
+
+/// The rows of `batch` that PostgreSQL refuses on their own, with a reason each, sorted. Rows
+/// are tried in halves against a staging table of the target's column types (same input
+/// functions, no constraints), inside savepoints that are always rolled back.
+async fn find_refused_rows(
+    conn: &mut sqlx::PgConnection,
+    kind: FileKind,
+    batch: &Batch,
+) -> Result<Vec<(usize, String)>, sqlx::Error> {
+    let (create, copy) = match kind {
+        FileKind::Error => (
+            CREATE_OUTCOME_STAGING,
+            format!("COPY fhir_sync_outcome_staging (line, outcome) FROM STDIN {CSV}"),
+        ),
+        _ => (
+            CREATE_STAGING,
+            format!("COPY fhir_sync_staging {COPY_COLUMNS} FROM STDIN {CSV}"),
+        ),
+    };
+    sqlx::query(create).execute(&mut *conn).await?;
+    let mut refused = Vec::new();
+    let mut ranges = vec![(0, batch.row_lines.len())];
+    while let Some((first, end)) = ranges.pop() {
+        if first >= end {
+            continue;
+        }
+        let data = &batch.copy[batch.row_range(first).start..batch.row_ends[end - 1]];
+        sqlx::raw_sql("SAVEPOINT fhir_sync_probe")
+            .execute(&mut *conn)
+            .await?;
+        let outcome = copy_in(conn, &copy, data).await;
+        sqlx::raw_sql("ROLLBACK TO SAVEPOINT fhir_sync_probe")
+            .execute(&mut *conn)
+            .await?;
+        let code = match outcome {
+            Ok(()) => continue,
+            Err(e) => match refused_as_data(&e) {
+                Some(code) => code,
+                None => return Err(e),
+            },
+        };
+        if end - first == 1 {
+            refused.push((first, refusal_reason(&code)));
+        } else {
+            let middle = first + (end - first) / 2;
+            ranges.push((middle, end));
+            ranges.push((first, middle));
+        }
+    }
+    refused.sort_unstable_by_key(|(row, _)| *row);
+    Ok(refused)
+}
+
+/// The SQLSTATE of an error that says PostgreSQL refused the data itself: class 22 (data
+/// exception), 54 (a program limit, such as the stack depth a deep nesting exhausts), or
+/// 0A000, which jsonb raises for a `\u` escape beyond ASCII in a database not in UTF-8.
+fn refused_as_data(error: &sqlx::Error) -> Option<String> {
+    let code = error.as_database_error()?.code()?;
+    (code.starts_with("22") || code.starts_with("54") || code == "0A000").then(|| code.into_owned())
+}
+
+/// A rejection reason for a line PostgreSQL refused. PostgreSQL's message quotes the value it
+/// refused, so only the SQLSTATE and its standard name are kept.
+fn refusal_reason(code: &str) -> String {
+    let name = match code {
+        "22003" => "numeric value out of range",
+        "22007" => "invalid datetime format",
+        "22008" => "datetime field overflow",
+        "22009" => "invalid time zone displacement",
+        "22021" => "character not in repertoire",
+        "22P02" => "invalid text representation",
+        "22P05" => "untranslatable character",
+        "54001" => "statement too complex",
+        "0A000" => "feature not supported",
+        _ if code.starts_with("22") => "data exception",
+        _ => "program limit exceeded",
+    };
+    format!("PostgreSQL refused the line (SQLSTATE {code}: {name})")
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -1199,8 +1433,32 @@ mod tests {
             ("{not json", Some("not valid JSON")),
             (r#"{"resourceType":"Patient"}"#, Some("no id")),
             (
-                r#"{"resourceType":"Patient","id":"a b"}"#,
-                Some("is not a valid FHIR id"),
+                r#"{"resourceType":"Patient","id":"Smith b"}"#,
+                Some("id is not a valid FHIR id"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":42}"#,
+                Some("not valid JSON: a field of the wrong type at column"),
+            ),
+            (
+                r#"{"resourceType":"Smith","id":"p1"}"#,
+                Some("resourceType is not a FHIR resource type"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"2025-01-01T23:00:00Z"}}"#,
+                None,
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"2025-01-02T00:00:01Z"}}"#,
+                Some("meta.lastUpdated is more than 24 hours after the export's transactionTime"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","meta":{"lastUpdated":"0000-01-01T00:00:00Z"}}"#,
+                Some("meta.lastUpdated is not a FHIR instant"),
+            ),
+            (
+                r#"{"resourceType":"Patient","id":"p1","x":1e200000}"#,
+                Some("outside the range PostgreSQL numeric can hold"),
             ),
             (
                 r#"{"resourceType":"Observation","id":"o1"}"#,
@@ -1213,7 +1471,7 @@ mod tests {
             ),
             (
                 r#"{"resourceType":"Patient","id":"p1","name":"a\u0000b"}"#,
-                Some("\\u0000"),
+                Some("byte 45: a \\u0000 escape"),
             ),
             (
                 r#"{"resourceType":"Patient","id":"p1"} trailing"#,
@@ -1224,7 +1482,8 @@ mod tests {
             let mut batch = Batch::default();
             let target = target();
             let frame = RowFrame::new(&target).unwrap();
-            classify(&target, &frame, 7, line.as_bytes(), &mut batch);
+            let not_after = fhir::parse_instant("2025-01-01T00:00:00Z").unwrap() + FUTURE_TOLERANCE;
+            classify(&target, &frame, not_after, 7, line.as_bytes(), &mut batch);
             match expected {
                 None => assert!(
                     batch.reject_reasons.is_empty(),
@@ -1232,6 +1491,9 @@ mod tests {
                     batch.reject_reasons
                 ),
                 Some(reason) => {
+                    for value in ["Smith", "yesterday", "0000-01-01", "42"] {
+                        assert!(!batch.reject_reasons[0].contains(value), "{line}");
+                    }
                     assert_eq!(batch.rows, 0, "{line}");
                     assert_eq!(batch.reject_lines, [7], "{line}");
                     assert!(

@@ -7,6 +7,7 @@
 //! rows deleted; analysts read the per-type views in schema `fhir`. This module
 //! knows nothing of HTTP or FHIR servers: it reads bytes from whatever stream it is given.
 
+mod jsonb;
 mod loader;
 pub mod runs;
 

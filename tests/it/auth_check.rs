@@ -3,7 +3,6 @@
 
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
-use secrecy::ExposeSecret;
 
 use crate::auth_support::JobDir;
 
@@ -17,7 +16,7 @@ async fn rig(options: FakeOptions, register: bool) -> (FakeFhirServer, JobDir, S
         .unwrap();
     let jobs = JobDir::new();
     let pem = smart::generate(SigningAlgorithm::RS384).unwrap();
-    std::fs::write(jobs.path("key.pem"), pem.expose_secret()).unwrap();
+    smart::write_private_key(&jobs.path("key.pem"), &pem, true).unwrap();
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "t").unwrap();
     if register {
         fake.register_client(CLIENT, key.public_jwks());
@@ -124,7 +123,7 @@ async fn keys_jwks_publishes_every_key_of_the_job() {
         ("new.pem", SigningAlgorithm::ES384),
     ] {
         let pem = smart::generate(alg).unwrap();
-        std::fs::write(jobs.path(file), pem.expose_secret()).unwrap();
+        smart::write_private_key(&jobs.path(file), &pem, true).unwrap();
         kids.push(
             SigningKey::from_pem(&pem, alg, None, "t")
                 .unwrap()

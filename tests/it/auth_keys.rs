@@ -74,7 +74,7 @@ async fn keys_load_from_a_pem_file_or_an_environment_variable() {
         .unwrap();
     let jobs = JobDir::new();
     let file_pem = smart::generate(SigningAlgorithm::ES384).unwrap();
-    std::fs::write(jobs.path("key.pem"), file_pem.expose_secret()).unwrap();
+    smart::write_private_key(&jobs.path("key.pem"), &file_pem, true).unwrap();
     let env_pem = smart::generate(SigningAlgorithm::RS384).unwrap();
     // Not FHIR_SYNC_-prefixed: the settings loader reads those, and binaries other tests spawn
     // inherit this process's environment.

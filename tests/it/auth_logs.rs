@@ -23,7 +23,7 @@ async fn no_log_line_carries_a_secret() {
     let _guard = tracing::subscriber::set_default(subscriber);
     tracing::callsite::rebuild_interest_cache();
 
-    let env = TestEnv::new(
+    let mut env = TestEnv::new(
         10,
         FakeOptions {
             unauthorized_responses: 1,
@@ -35,6 +35,8 @@ async fn no_log_line_carries_a_secret() {
     .await;
     let other = env.fake.start_other_origin().await.unwrap();
     env.fake.redirect_files_to(&other);
+    // Plain http on another loopback port: followed only because the job lists the origin.
+    env.job.fhir.file_origins = vec![other.origin().clone()];
     env.run().await.expect("the run succeeds");
 
     let logs = captured.text();

@@ -78,20 +78,35 @@ async fn a_file_on_another_origin_gets_the_token_only_when_the_manifest_requires
             .collect::<Vec<_>>()
     };
 
+    // Plain http on another origin (here another loopback port) is fetched only when the job
+    // lists that origin, with or without the token.
+    for requires_token in [false, true] {
+        match bulk.open_file(&elsewhere, requires_token).await {
+            Err(ExportError::Policy(message)) => {
+                assert!(message.contains("fhir.file_origins"), "{message}")
+            }
+            other => panic!("expected a refusal, got {:?}", other.map(|r| r.status())),
+        }
+    }
+    assert_eq!(on_other(), Vec::<bool>::new(), "nothing was sent");
+    let bulk = bulk.with_file_origins(std::slice::from_ref(other.origin()));
+
     let response = bulk.open_file(&elsewhere, false).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(on_other(), [false], "requiresAccessToken false: no token");
 
-    // requiresAccessToken true: the spec sends the token wherever the file is hosted.
+    // requiresAccessToken true and the origin listed: the token goes with the request.
     bulk.open_file(&elsewhere, true).await.unwrap();
     assert_eq!(on_other(), [false, true]);
 }
 
 #[tokio::test]
 async fn a_redirect_to_another_origin_drops_the_token() {
-    let env = TestEnv::new(20, TestEnv::fast()).await;
+    let mut env = TestEnv::new(20, TestEnv::fast()).await;
     let other = env.fake.start_other_origin().await.unwrap();
     env.fake.redirect_files_to(&other);
+    // Plain http on another loopback port: followed only because the job lists it.
+    env.job.fhir.file_origins = vec![other.origin().clone()];
     let report = env
         .run()
         .await
@@ -163,9 +178,19 @@ async fn plain_http_is_refused_except_to_loopback_or_with_the_opt_in() {
         ),
     }
 
-    // With the opt-in the policy lets it through (and the made-up host then fails to resolve).
+    // The opt-in allows plain http for the FHIR server; a file on another origin over plain
+    // http needs that origin listed too.
     let (opted_in, _) = client_and_file(&env, true).await;
-    if let Err(ExportError::Policy(message)) = opted_in.open_file(&remote, false).await {
-        panic!("the opt-in was ignored: {message}");
+    match opted_in.open_file(&remote, false).await {
+        Err(ExportError::Policy(message)) => {
+            assert!(message.contains("fhir.file_origins"), "{message}")
+        }
+        other => panic!("expected a refusal, got {:?}", other.map(|r| r.status())),
+    }
+    // Listed, the policy lets it through (and the made-up host then fails to resolve).
+    let listed =
+        opted_in.with_file_origins(&[url::Url::parse("http://files.example.invalid").unwrap()]);
+    if let Err(ExportError::Policy(message)) = listed.open_file(&remote, false).await {
+        panic!("the listed origin was refused: {message}");
     }
 }

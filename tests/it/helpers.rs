@@ -44,16 +44,33 @@ impl TestDb {
 
     /// A fresh database without any migration applied (for migration tests).
     pub async fn unmigrated() -> TestDb {
+        TestDb::create("").await
+    }
+
+    /// A migrated database in SQL_ASCII, whose jsonb refuses `\u` escapes beyond ASCII that
+    /// every check before COPY accepts (for the tests of what still breaks a COPY batch).
+    pub async fn sql_ascii() -> TestDb {
+        let db =
+            TestDb::create(" ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+                .await;
+        fhir_sync::app::prepare_database(&db.pool).await.unwrap();
+        db
+    }
+
+    /// `options` is appended to CREATE DATABASE; it is one of the constants above, never input.
+    async fn create(options: &str) -> TestDb {
         let name = format!("fhir_sync_test_{}", uuid::Uuid::new_v4().simple());
         let admin =
             PgConnectOptions::from_str(&admin_url()).expect("DATABASE_URL is not a valid URL");
         let mut conn = sqlx::PgConnection::connect_with(&admin)
             .await
             .expect("cannot reach PostgreSQL: set DATABASE_URL or run scripts/test.sh");
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut conn)
-            .await
-            .unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name}{options}"
+        )))
+        .execute(&mut conn)
+        .await
+        .unwrap();
         conn.close().await.unwrap();
         let pool = fhir_sync::warehouse::pool_options()
             .max_connections(8)

@@ -12,7 +12,8 @@ async fn file(db: &TestDb) -> FileTarget {
     let (_, mut files) = run_with_files(
         &db.pool,
         "src",
-        "2024-01-01T00:00:00Z",
+        // After every lastUpdated below: later ones are rejected as from the future.
+        "2025-01-01T00:00:00Z",
         &[(FileKind::Output, "Patient", None)],
     )
     .await;

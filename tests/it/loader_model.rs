@@ -553,8 +553,20 @@ async fn bad_deletion_lines_are_rejected_and_the_rest_applies() {
     .unwrap();
     let numbers: Vec<i64> = reasons.iter().map(|r| r.0).collect();
     assert_eq!(numbers, [2, 3, 4]);
-    assert!(reasons[1].1.contains("\"PUT\""), "{reasons:?}");
-    assert!(reasons[2].1.contains("Nonsense/c"), "{reasons:?}");
+    // Reasons name the field and the rule, never the value (issue 12).
+    assert!(
+        reasons[1].1.contains("request.method is not \"DELETE\""),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons[2].1.contains("entry 1: request.url is not Type/id"),
+        "{reasons:?}"
+    );
+    assert!(
+        !reasons
+            .iter()
+            .any(|(_, r)| r.contains("PUT") || r.contains("Nonsense"))
+    );
 }
 
 /// Serves `data` up to `stall_at`, then signals `stalled` and never yields another byte: a

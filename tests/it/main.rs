@@ -22,6 +22,8 @@ mod export_kickoff;
 mod export_manifest;
 mod export_polling;
 mod helpers;
+mod hostile;
+mod hostile_http;
 mod loader;
 mod loader_model;
 mod ops_alerts;

@@ -60,7 +60,7 @@ async fn json_logs_of_a_faulty_sync_carry_ids_and_no_secret_or_body() {
     let _guard = tracing::subscriber::set_default(subscriber);
     tracing::callsite::rebuild_interest_cache();
 
-    let env = TestEnv::new(
+    let mut env = TestEnv::new(
         10,
         FakeOptions {
             unauthorized_responses: 1,
@@ -72,6 +72,8 @@ async fn json_logs_of_a_faulty_sync_carry_ids_and_no_secret_or_body() {
     .await;
     let other = env.fake.start_other_origin().await.unwrap();
     env.fake.redirect_files_to(&other);
+    // Plain http on another loopback port: followed only because the job lists the origin.
+    env.job.fhir.file_origins = vec![other.origin().clone()];
     let report = env
         .run()
         .await

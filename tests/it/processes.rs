@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use fhir_sync::fake::FakeOptions;
 use fhir_sync::sync::{self, StepContext, Trigger};
-use secrecy::ExposeSecret;
 
 use crate::helpers::{TestEnv, eventually, queue_settings, sync_settings};
 
@@ -76,7 +75,7 @@ pub(crate) fn write_setup(env: &TestEnv, dir: &Path, schedule: Option<&str>) {
     )
     .unwrap();
     let key = dir.join("jobs/demo.pem");
-    std::fs::write(&key, env.key_pem.expose_secret()).unwrap();
+    fhir_sync::smart::write_private_key(&key, &env.key_pem, true).unwrap();
     let mut job = format!(
         "[fhir]\nbase_url = \"{}\"\n[auth]\nclient_id = \"fhir-sync-demo\"\nprivate_key_file = \"demo.pem\"\n\
          [export]\ntypes = [\"Patient\", \"Encounter\", \"Observation\", \"Condition\"]\npoll_min_interval_seconds = 0.01\n",

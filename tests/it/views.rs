@@ -435,13 +435,15 @@ async fn the_runner_works_in_a_scratch_database_it_drops() {
         .await
         .unwrap();
     // Other tests run scratch databases of their own at the same time: only this one counts.
-    let scratch = report.scratch_database.expect("the runner names its scratch database");
+    let scratch = report
+        .scratch_database
+        .expect("the runner names its scratch database");
     assert!(scratch.starts_with("fhir_sync_views_test_"), "{scratch}");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
         .bind(&scratch)
         .fetch_one(&admin)
-    .await
-    .unwrap();
+        .await
+        .unwrap();
     assert_eq!(left, 0, "the scratch database is dropped");
 }
 
