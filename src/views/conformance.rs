@@ -53,6 +53,8 @@ pub struct CaseResult {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub files: BTreeMap<String, Vec<CaseResult>>,
+    /// The scratch database the files ran in (dropped), when there was one.
+    pub scratch_database: Option<String>,
 }
 
 impl Report {
@@ -114,7 +116,10 @@ pub async fn run_in_scratch_database(database_url: &str, dir: &Path) -> Result<R
     )))
     .execute(&mut conn)
     .await?;
-    result
+    result.map(|report| Report {
+        scratch_database: Some(name),
+        ..report
+    })
 }
 
 /// Runs every official-format file in `dir` against `pool`, a migrated database whose

@@ -434,13 +434,15 @@ async fn the_runner_works_in_a_scratch_database_it_drops() {
         .connect(&url)
         .await
         .unwrap();
-    let left: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_database WHERE datname LIKE 'fhir_sync_views_test_%'",
-    )
-    .fetch_one(&admin)
-    .await
-    .unwrap();
-    assert_eq!(left, 0, "the scratch database is dropped");
+    let name = report
+        .scratch_database
+        .expect("the runner names its scratch database");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+        .bind(&name)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "the scratch database {name} is dropped");
 }
 
 #[tokio::test]
