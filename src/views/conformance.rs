@@ -53,7 +53,7 @@ pub struct CaseResult {
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     pub files: BTreeMap<String, Vec<CaseResult>>,
-    /// The scratch database the cases ran in (dropped by the time the report is returned).
+    /// The scratch database the files ran in (dropped), when there was one.
     pub scratch_database: Option<String>,
 }
 

@@ -434,17 +434,15 @@ async fn the_runner_works_in_a_scratch_database_it_drops() {
         .connect(&url)
         .await
         .unwrap();
-    // Other tests run scratch databases of their own at the same time: only this one counts.
-    let scratch = report
+    let name = report
         .scratch_database
         .expect("the runner names its scratch database");
-    assert!(scratch.starts_with("fhir_sync_views_test_"), "{scratch}");
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
-        .bind(&scratch)
+        .bind(&name)
         .fetch_one(&admin)
         .await
         .unwrap();
-    assert_eq!(left, 0, "the scratch database is dropped");
+    assert_eq!(left, 0, "the scratch database {name} is dropped");
 }
 
 #[tokio::test]
@@ -522,4 +520,78 @@ fn the_views_test_command_reports_and_fails_on_a_failed_case() {
         serde_json::json!({"name": "right", "result": {"passed": true}})
     );
     assert_eq!(written["mine.json"]["tests"][1]["result"]["passed"], false);
+}
+
+/// Readers see the old table, complete, while a rebuild runs, and the new one once it commits.
+#[tokio::test]
+async fn readers_never_see_a_half_built_view() {
+    let db = TestDb::new().await;
+    let pool = &db.pool;
+    let data = Dataset::new(9, 20);
+    load_dataset(pool, &data).await;
+    let views = shipped_views();
+    let patient = ViewSet {
+        schema: "sof".into(),
+        views: vec![views.get("patient").unwrap().clone()],
+    };
+    materialise::apply(pool, &patient, ApplyOptions::default())
+        .await
+        .unwrap();
+    // Ten more patients, then a rebuild that is held up while it reads the resources.
+    let more = Dataset::new(10, 10);
+    let run = new_run(pool).await;
+    let lines: Vec<String> = (0..10).map(|i| more.ndjson_line("Patient", i)).collect();
+    load(pool, run, FileKind::Output, "Patient", &lines).await;
+    let mut blocker = pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE fhir_sync.resource_patient IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let mut rebuild = tokio::spawn({
+        let pool = pool.clone();
+        let patient = patient.clone();
+        async move {
+            materialise::apply(
+                &pool,
+                &patient,
+                ApplyOptions {
+                    rebuild: true,
+                    prune: false,
+                },
+            )
+            .await
+            .unwrap()
+        }
+    });
+    let held_up = async {
+        loop {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO \"sof\".\"patient__new\"%'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::select! {
+        _ = &mut rebuild => panic!("the rebuild finished while the resources were locked"),
+        _ = held_up => {}
+    }
+    let during: i64 = sqlx::query_scalar("SELECT count(*) FROM sof.patient")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(during, 20, "the old table, whole, while the rebuild runs");
+    blocker.rollback().await.unwrap();
+    let applied = rebuild.await.unwrap();
+    assert_eq!(applied[0].1, Applied::Rebuilt { rows: 30 });
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM sof.patient")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(after, 30);
 }
