@@ -79,6 +79,9 @@ pub struct TaskQueue<T> {
     pool: PgPool,
     name: String,
     settings: QueueSettings,
+    /// Signalled each time this process finishes a task: a free worker slot fetches the next
+    /// due tasks at once instead of waiting for the next poll tick.
+    freed: std::sync::Arc<tokio::sync::Notify>,
     _task: PhantomData<fn() -> T>,
 }
 
@@ -88,6 +91,7 @@ impl<T> Clone for TaskQueue<T> {
             pool: self.pool.clone(),
             name: self.name.clone(),
             settings: self.settings.clone(),
+            freed: self.freed.clone(),
             _task: PhantomData,
         }
     }
@@ -102,8 +106,15 @@ where
             pool,
             name: name.to_string(),
             settings,
+            freed: std::sync::Arc::new(tokio::sync::Notify::new()),
             _task: PhantomData,
         }
+    }
+
+    /// Tells this process's workers that a task ended and a slot is free, so they fetch the
+    /// next due tasks now: otherwise a run of many small files waits a poll tick per batch.
+    pub fn task_done(&self) {
+        self.freed.notify_one();
     }
 
     pub fn settings(&self) -> &QueueSettings {
@@ -144,8 +155,9 @@ where
     }
 
     /// A backend for one worker: tasks are fetched once at start-up, on NOTIFY (prompt pick-up
-    /// of new tasks) and on an interval (delayed tasks, and notifications missed while
-    /// reconnecting).
+    /// of new tasks), whenever this process finishes a task ([`TaskQueue::task_done`]: the
+    /// next due task starts at once) and on an interval (delayed tasks, and notifications
+    /// missed while reconnecting).
     pub fn worker_backend(&self) -> apalis::prelude::PollWith<PostgresStorage<T>, Strategy> {
         use apalis::prelude::BackendExt;
         use futures::StreamExt;
@@ -155,8 +167,16 @@ where
         // stream yields once and then stays pending, so it never fetches again.
         let at_start = futures::stream::once(futures::future::ready(()))
             .chain(futures::stream::pending::<()>());
+        let freed = Box::pin(futures::stream::unfold(
+            self.freed.clone(),
+            |freed| async move {
+                freed.notified().await;
+                Some(((), freed))
+            },
+        ));
         let strategy = Strategy::new()
             .stream(at_start)
+            .stream(freed)
             .stream(Pubsub::new(self.pool.clone(), self.name.clone()))
             .interval(Duration::from_millis(self.settings.poll_interval_ms));
         self.storage().poll_with_strategy(strategy)

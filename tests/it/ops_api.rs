@@ -13,7 +13,7 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestDb, TestEnv, queue_settings, sync_settings};
+use crate::helpers::{TestDb, TestEnv, eventually, queue_settings, sync_settings};
 
 const TOKEN: &str = "test-token-0123456789abcdef";
 const BROKEN_DIAGNOSTICS: &str = "the export job ran out of disk";
@@ -296,22 +296,15 @@ async fn jobs_runs_and_run_detail_show_what_ran_and_why_it_failed() {
 
 /// Waits, up to a deadline, until the run reaches `status`.
 async fn wait_for_status(pool: &sqlx::PgPool, run_id: i64, status: &str) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually(Duration::from_secs(30), status, || async {
         let now: String = sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
             .bind(run_id)
             .fetch_one(pool)
             .await
             .unwrap();
-        if now == status {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run {run_id} is {now}, not {status}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        (now == status).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

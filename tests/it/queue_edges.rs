@@ -5,7 +5,7 @@ use std::time::Duration;
 use fhir_sync::queue::{self, Pushed, QueueSettings, TaskQueue};
 use fhir_sync::sync::{self, RunOptions, StepContext, Trigger};
 
-use crate::helpers::{TestDb, TestEnv, queue_settings, sync_settings};
+use crate::helpers::{TestDb, TestEnv, eventually, queue_settings, sync_settings};
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
 struct Ping {
@@ -226,20 +226,21 @@ async fn a_database_outage_mid_run_does_not_end_the_workers() {
         tokio::spawn(async move { sync::run_job(&ctx, &job, RunOptions { full: true }).await });
     // Once a file is half loaded, cut every connection to the database (ours excepted).
     let admin = sqlx::PgPool::connect(&env.db.url()).await.unwrap();
-    loop {
+    eventually(Duration::from_secs(120), "a file to be half loaded", || async {
         let mid: i64 = sqlx::query_scalar("SELECT count(*) FROM fhir_sync.run_file WHERE lines_committed > 0 AND status = 'loading'")
             .fetch_one(&admin)
             .await
             .unwrap();
         if mid > 0 {
-            break;
+            return Some(());
         }
         assert!(
             !run.is_finished(),
             "the run ended before the outage could be staged"
         );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        None
+    })
+    .await;
     let killed: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity
          WHERE datname = current_database() AND pid <> pg_backend_pid()) t",

@@ -360,6 +360,7 @@ pub async fn run_workers(
 /// policy's directive here, and a panic fails the run instead of the worker.
 async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
     let ctx: Arc<StepContext> = (*ctx).clone();
+    let _slot = FreedOnDrop(&ctx.queue);
     let run_id = step.run_id();
     // `job.name` is filled in by `load_run`, the first thing every step does, so every line a
     // step logs about its work carries the job and the run.
@@ -447,6 +448,15 @@ async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxD
         }
     }
     Ok(())
+}
+
+/// Tells the queue a worker slot is free when a step ends, however it ends.
+struct FreedOnDrop<'a>(&'a TaskQueue<Step>);
+
+impl Drop for FreedOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.task_done();
+    }
 }
 
 /// Pushes a step, retrying the push itself for a while: it fails when the database is away,
