@@ -3,7 +3,7 @@
 //! Each takes already-parsed arguments, does its work through the library, and returns an
 //! error for `main` to report; none of them parses the command line or exits the process.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -264,6 +264,18 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
     );
 }
 
+/// Writes a command's output to stdout and flushes it. A reader that has gone away (`| head`)
+/// is not an error: it read what it wanted, and the command has nothing left to say.
+fn write_stdout(
+    write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => Ok(result?),
+    }
+}
+
 /// `fhir-sync keys generate`: writes a new private key (mode 0600) and prints its public JWKS.
 pub fn keys_generate(
     algorithm: SigningAlgorithm,
@@ -287,8 +299,8 @@ pub fn keys_generate(
         "register this public JWKS with the EHR (kid {}):",
         key.kid()
     );
-    println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
-    Ok(())
+    let jwks = serde_json::to_string_pretty(&key.public_jwks())?;
+    write_stdout(|out| writeln!(out, "{jwks}"))
 }
 
 /// `fhir-sync config check`: validates settings and every job file, reporting all problems.
@@ -346,11 +358,12 @@ pub async fn status(
 ) -> anyhow::Result<()> {
     // A broken job file must not hide the run history from whoever is on call: say so and
     // show the runs.
-    let configured = match config::load_jobs(&jobs_dir(settings, jobs_dir_override)) {
-        Ok(jobs) => jobs,
+    let dir = jobs_dir(settings, jobs_dir_override);
+    let (configured, jobs_readable) = match config::load_jobs(&dir) {
+        Ok(jobs) => (jobs, true),
         Err(e) => {
             eprintln!("warning: jobs are not shown: {e}");
-            Vec::new()
+            (Vec::new(), false)
         }
     };
     let configured: Vec<Arc<config::JobConfig>> = configured
@@ -373,13 +386,33 @@ pub async fn status(
     )
     .await
     .context(HISTORY_UNREADABLE)?;
+    // `--job` naming no configured job: a typo, or a job whose file was removed but whose
+    // runs are still recorded. Either way "no jobs configured" would be wrong.
+    let unknown_job = job.filter(|_| jobs_readable && jobs.is_empty());
+    if let Some(name) = unknown_job
+        && runs.is_empty()
+    {
+        anyhow::bail!(
+            "no job named {name:?}: {} does not exist and no run of it is recorded",
+            dir.join(format!("{name}.toml")).display()
+        );
+    }
     let status = console::StatusReport { jobs, runs };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        console::write_status(&mut std::io::stdout().lock(), &status, now)?;
+        let text = serde_json::to_string_pretty(&status)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    write_stdout(|out| match unknown_job {
+        Some(name) => {
+            writeln!(
+                out,
+                "job {name:?} is not configured ({} does not exist); its recorded runs:\n",
+                dir.join(format!("{name}.toml")).display()
+            )?;
+            console::write_runs_table(out, &status.runs, now)
+        }
+        None => console::write_status(out, &status, now),
+    })
 }
 
 const HISTORY_UNREADABLE: &str = "cannot read the run history (has `fhir-sync migrate` run?)";
@@ -403,12 +436,11 @@ pub async fn runs_list(
         .await
         .context(HISTORY_UNREADABLE)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
-    } else {
-        let now = time::OffsetDateTime::now_utc();
-        console::write_runs_table(&mut std::io::stdout().lock(), &runs, now)?;
+        let text = serde_json::to_string_pretty(&runs)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    let now = time::OffsetDateTime::now_utc();
+    write_stdout(|out| console::write_runs_table(out, &runs, now))
 }
 
 /// `fhir-sync runs show <id>`: one run with its files, export issues and rejected lines.
@@ -421,12 +453,11 @@ pub async fn runs_show(settings: &Settings, run_id: i64, json: bool) -> anyhow::
         anyhow::bail!("there is no run {run_id} (`fhir-sync status` lists the recent ones)");
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&detail)?);
-    } else {
-        let now = time::OffsetDateTime::now_utc();
-        console::write_run_detail(&mut std::io::stdout().lock(), &detail, now)?;
+        let text = serde_json::to_string_pretty(&detail)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    let now = time::OffsetDateTime::now_utc();
+    write_stdout(|out| console::write_run_detail(out, &detail, now))
 }
 
 /// Loads `jobs/<name>.toml` from the jobs directory.
@@ -447,8 +478,8 @@ pub fn keys_jwks(jobs_dir: &Path, job_name: &str) -> anyhow::Result<()> {
     let job = find_job(jobs_dir, job_name)?;
     let keys = smart::job_keys(&job)?;
     let jwks = smart::publish_jwks(&keys).map_err(|e| anyhow::anyhow!("job {job_name}: {e}"))?;
-    println!("{}", serde_json::to_string_pretty(&jwks)?);
-    Ok(())
+    let jwks = serde_json::to_string_pretty(&jwks)?;
+    write_stdout(|out| writeln!(out, "{jwks}"))
 }
 
 /// `fhir-sync check <job>`: runs the doctor and prints one line per check. Returns whether

@@ -72,6 +72,13 @@ async fn the_status_page_shows_jobs_failures_and_the_running_runs_progress_in_a_
         .await
         .expect_err("the export fails on the server");
     let failed_id = failed.run_id.expect("the failed run was recorded");
+    // A job is judged overdue only once it has had a whole period: make the failed run the
+    // first tick of a job added three days ago.
+    sqlx::query("UPDATE fhir_sync.run SET scheduled_for = now() - interval '3 days' WHERE id = $1")
+        .bind(failed_id)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
 
     // 3. A run of `demo` in the middle of loading, built through the run state machine and the
     // loader (no worker runs, so it stays where it is): Patient loaded, Observation part-way
