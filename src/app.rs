@@ -20,8 +20,19 @@ use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
 use crate::warehouse;
 
-/// Opens the pool described by `settings`.
+/// Opens the pool described by `settings`. A database that does not exist is one line that
+/// says `fhir-sync migrate` creates it.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    connect_pool(settings).await.map_err(|e| {
+        if is_missing_database(&e) {
+            anyhow::anyhow!("{e}: the database does not exist; `fhir-sync migrate` creates it")
+        } else {
+            e
+        }
+    })
+}
+
+async fn connect_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
     let options = PgConnectOptions::from_str(url.expose_secret())
         .context("database.url is not a valid PostgreSQL URL")?;
@@ -48,12 +59,87 @@ pub async fn prepare_database(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fhir-sync migrate`.
+/// `fhir-sync migrate`: creates the database when it does not exist and the role may create
+/// databases, then applies the schema.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let pool = connect(settings).await?;
+    let pool = match connect_pool(settings).await {
+        Err(e) if is_missing_database(&e) => {
+            create_database(settings).await?;
+            connect(settings).await?
+        }
+        result => result?,
+    };
     prepare_database(&pool).await?;
     println!("database schema is up to date");
     Ok(())
+}
+
+/// Whether a failed connection failed because the database does not exist (SQLSTATE 3D000,
+/// invalid_catalog_name).
+fn is_missing_database(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000")
+        )
+    })
+}
+
+/// Creates the database `database.url` names, connected to the server's `postgres`
+/// maintenance database as the same role. When the role may not (no CREATEDB, or the
+/// maintenance database is closed to it), the error is one line that names the URL and the
+/// `createdb` command an administrator runs instead; sqlx's text would only repeat itself.
+async fn create_database(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database_url()?;
+    let options = PgConnectOptions::from_str(url.expose_secret())
+        .context("database.url is not a valid PostgreSQL URL")?;
+    let name = options.get_database().unwrap_or("postgres").to_string();
+    let (host, port, user) = (
+        options.get_host().to_string(),
+        options.get_port(),
+        options.get_username().to_string(),
+    );
+    // The URL without its password, to name in the message.
+    let shown = format!("postgres://{user}@{host}:{port}/{name}");
+    let cannot = |why: &str| {
+        anyhow::anyhow!(
+            "database {name:?} does not exist at {shown} and {why}; ask an administrator to run \
+             `createdb -h {host} -p {port} -O {user} {name}`, then `fhir-sync migrate` again"
+        )
+    };
+    let mut conn = match <sqlx::PgConnection as sqlx::Connection>::connect_with(
+        &options.clone().database("postgres"),
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(_) => {
+            return Err(cannot(&format!(
+                "role {user:?} cannot reach the server's postgres database to create it"
+            )));
+        }
+    };
+    // The name comes from the operator's own URL; quoted as an identifier it cannot end the
+    // statement.
+    let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+        .execute(&mut conn)
+        .await;
+    let _ = sqlx::Connection::close(conn).await;
+    match result {
+        Ok(_) => {
+            println!("created database {name:?} at {shown}");
+            Ok(())
+        }
+        // Another process created it meanwhile: what was asked for is there.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {
+            Ok(())
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            Err(cannot(&format!("role {user:?} may not create databases")))
+        }
+        Err(e) => Err(cannot(&format!("creating it failed: {e}"))),
+    }
 }
 
 fn jobs_dir(settings: &Settings, override_dir: Option<&Path>) -> PathBuf {

@@ -24,6 +24,7 @@ mod export_polling;
 mod helpers;
 mod loader;
 mod loader_model;
+mod migrate_cli;
 mod ops_alerts;
 mod ops_api;
 mod ops_cli;
