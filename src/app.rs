@@ -193,6 +193,16 @@ pub async fn run(
 /// `fhir-sync serve`: the scheduler and the queue workers, until SIGTERM or Ctrl-C. Several
 /// processes may serve one database; each tick still starts exactly one run.
 pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
+    serve_until_stopped(settings, jobs_dir_override, |_| {}).await
+}
+
+/// `serve`, calling `ready` with the ops server's bound address (when it runs) once the
+/// scheduler and the ops server are up: what `demo --serve` prints its URLs from.
+pub async fn serve_until_stopped(
+    settings: &Settings,
+    jobs_dir_override: Option<&Path>,
+    ready: impl FnOnce(Option<std::net::SocketAddr>),
+) -> anyhow::Result<()> {
     crate::ops::metrics::install();
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
@@ -234,13 +244,14 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
                 crate::ops::http::router(state),
                 shutdown.clone(),
             )
-            .await?
-            .1,
+            .await?,
         )
     } else {
         None
     };
     let mut scheduler = crate::schedule::start(ctx.clone()).await?;
+    ready(ops.as_ref().map(|(addr, _)| *addr));
+    let ops = ops.map(|(_, task)| task);
 
     let retention = {
         let queue = ctx.queue.clone();

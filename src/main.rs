@@ -43,6 +43,16 @@ enum Command {
         /// Where to keep a PostgreSQL cluster if the demo has to start one.
         #[arg(long, default_value = ".demo")]
         state_dir: PathBuf,
+        /// The database to load into (created if missing).
+        #[arg(long, default_value = demo::DATABASE)]
+        database: String,
+        /// Stay up until Ctrl-C: the fake EHR and `serve` (scheduler, workers, status page),
+        /// with the job in jobs/demo.toml and its key in --key.
+        #[arg(long)]
+        serve: bool,
+        /// The demo's private key for --serve (generated when missing).
+        #[arg(long, default_value = "keys/demo.pem", requires = "serve")]
+        key: PathBuf,
     },
     /// Measure a full and an incremental sync against the psql COPY baselines (see docs/benchmark.md).
     Bench {
@@ -255,13 +265,25 @@ fn main() -> ExitCode {
                 patients,
                 seed,
                 state_dir,
+                database,
+                serve,
+                key,
             } => {
+                let serve = serve.then(|| demo::ServeOptions {
+                    jobs_dir: cli
+                        .jobs_dir
+                        .clone()
+                        .unwrap_or_else(|| settings.sync.jobs_dir.clone()),
+                    key_file: key,
+                });
                 demo::run(
                     &settings,
                     &demo::DemoOptions {
                         patients,
                         seed,
                         state_dir,
+                        database,
+                        serve,
                     },
                 )
                 .await

@@ -14,6 +14,7 @@ mod auth_support;
 mod auth_tokens;
 mod bench;
 mod config_check;
+mod demo_serve;
 mod export_cleanup;
 mod export_download;
 mod export_env;
