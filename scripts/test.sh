@@ -152,3 +152,8 @@ fi
 export DATABASE_URL
 
 cargo test --locked "$@"
+# After the whole suite, the build the quick start's `cargo run -- demo` made must still be the
+# one the tests reuse (no dev-dependency enabling more features of a shared crate).
+if [[ $# -eq 0 ]]; then
+  scripts/check-build-reuse.sh
+fi

@@ -39,3 +39,4 @@ mod queue;
 mod queue_edges;
 mod secrets;
 mod sync;
+mod webdriver;

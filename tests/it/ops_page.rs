@@ -12,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use fhir_sync::config::ScheduleConfig;
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::smart::{SigningAlgorithm, SigningKey};
@@ -22,6 +21,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::TestEnv;
+use crate::webdriver::{Client, Locator};
 
 /// The failed run's reason, as a FHIR server might send it: markup that would run a script or
 /// change the page's title if it were not escaped.
@@ -550,9 +550,7 @@ impl Browser {
                 ],
             }),
         );
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&url)
+        let client = Client::connect(&url, capabilities)
             .await
             .unwrap_or_else(|e| {
                 panic!(
