@@ -303,7 +303,8 @@ pub async fn serve_until_stopped(
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+/// Returns on SIGTERM or Ctrl-C (SIGINT).
+pub async fn wait_for_stop_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {

@@ -226,6 +226,43 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     Ok(())
 }
 
+/// `fhir-sync fake-ehr`: the demo's fake FHIR server on its own, until SIGTERM or Ctrl-C,
+/// with the client whose private key is `client_key` registered: the EHR of the compose demo,
+/// where `serve` runs in another container. `origin` is where the clients reach it.
+pub async fn serve_fake_ehr(
+    listen: std::net::SocketAddr,
+    origin: Option<url::Url>,
+    client_key: &Path,
+    patients: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(client_key)
+        .map(SecretString::from)
+        .with_context(|| format!("cannot read the client key {}", client_key.display()))?;
+    let key = SigningKey::from_pem(
+        &pem,
+        SigningAlgorithm::RS384,
+        None,
+        &client_key.display().to_string(),
+    )?;
+    let dataset = Dataset::new(seed, patients);
+    let server = FakeFhirServer::start_at(listen, origin, dataset.clone(), FakeOptions::default())
+        .await
+        .context("cannot start the fake FHIR server")?;
+    server.register_client(CLIENT_ID, key.public_jwks());
+    tracing::info!(
+        fhir.base_url = %server.fhir_base_url(),
+        listen = %listen,
+        resources = dataset.total(),
+        client.id = CLIENT_ID,
+        key.kid = %key.kid(),
+        "fake EHR serving"
+    );
+    app::wait_for_stop_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
 /// How to run this program again, for the hints: its path relative to the working directory
 /// when it lies below it (`target/debug/fhir-sync` after `cargo run`), else as found.
 fn this_program() -> String {

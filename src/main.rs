@@ -54,6 +54,26 @@ enum Command {
         #[arg(long, default_value = "keys/demo.pem", requires = "serve")]
         key: PathBuf,
     },
+    /// Serve the demo's fake FHIR server on its own until SIGTERM, for a client with this key
+    /// (the EHR of compose.yaml).
+    FakeEhr {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Scheme, host and port clients reach it at, when not the listen address (e.g.
+        /// http://fake-ehr:8090 in a compose network).
+        #[arg(long)]
+        origin: Option<url::Url>,
+        /// The client's private key (the public half is registered as client fhir-sync-demo).
+        #[arg(long)]
+        client_key: PathBuf,
+        /// Synthetic patients (each brings 17 more resources).
+        #[arg(long, default_value_t = 200)]
+        patients: usize,
+        /// Seed of the synthetic data set.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+    },
     /// Measure a full and an incremental sync against the psql COPY baselines (see docs/benchmark.md).
     Bench {
         /// Synthetic patients (each brings 17 more resources, 12 of them Observations).
@@ -288,6 +308,13 @@ fn main() -> ExitCode {
                 )
                 .await
             }
+            Command::FakeEhr {
+                listen,
+                origin,
+                client_key,
+                patients,
+                seed,
+            } => demo::serve_fake_ehr(listen, origin, &client_key, patients, seed).await,
             Command::Bench {
                 patients,
                 seed,

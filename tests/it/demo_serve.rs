@@ -83,6 +83,18 @@ impl Drop for Demo {
     }
 }
 
+/// A child process killed when dropped, unless taken out first.
+struct KilledOnDrop(Option<Child>);
+
+impl Drop for KilledOnDrop {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Another command, run as a user would from the same directory in a second terminal.
 async fn fhir_sync(dir: &Path, db_url: &str, args: &[&str]) -> Output {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-sync"));
@@ -237,5 +249,94 @@ async fn demo_serve_stays_up_for_the_other_commands_and_stops_on_ctrl_c() {
     assert!(
         http.get(&readyz).send().await.is_err(),
         "nothing listens after the demo stopped"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_ehr_serves_the_key_s_client_at_its_public_origin_until_sigterm() {
+    // compose.yaml's fake EHR: listening on one address, reached at another name.
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("demo.pem");
+    let pem = fhir_sync::smart::generate(fhir_sync::smart::SigningAlgorithm::RS384).unwrap();
+    fhir_sync::smart::write_private_key(&key, &pem, false).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut fake = KilledOnDrop(Some(
+        Command::new(env!("CARGO_BIN_EXE_fhir-sync"))
+            .args(["fake-ehr", "--patients", "2", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--origin")
+            .arg(format!("http://localhost:{port}"))
+            .arg("--client-key")
+            .arg(&key)
+            .current_dir(dir.path())
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("fake.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    ));
+    let http = reqwest::Client::new();
+    let discovery = format!("http://127.0.0.1:{port}/fhir/.well-known/smart-configuration");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let config: serde_json::Value = loop {
+        match http.get(&discovery).send().await {
+            Ok(response) if response.status() == 200 => break response.json().await.unwrap(),
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the fake EHR never answered: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        config["token_endpoint"],
+        format!("http://localhost:{port}/auth/token"),
+        "its URLs name the origin it is reached at"
+    );
+
+    // The client of that key is registered: `check` gets a token and reads.
+    std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
+    std::fs::write(
+        dir.path().join("jobs/ehr.toml"),
+        format!(
+            "[fhir]\nbase_url = \"http://localhost:{port}/fhir\"\n[auth]\nclient_id = \"fhir-sync-demo\"\n\
+             private_key_file = \"../demo.pem\"\n[export]\ntypes = [\"Patient\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = fhir_sync(
+        dir.path(),
+        "postgres://unused@127.0.0.1:1/unused",
+        &["check", "ehr"],
+    )
+    .await;
+    assert!(
+        out.status.success() && text(&out.stdout).contains("all checks passed"),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+
+    let mut child = fake.0.take().unwrap();
+    let status = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let (send, exited) = mpsc::channel();
+    std::thread::spawn(move || send.send(child.wait().unwrap()));
+    let status = exited
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the fake EHR exits on SIGTERM");
+    assert!(
+        status.success(),
+        "{status:?}\n{}",
+        std::fs::read_to_string(dir.path().join("fake.log")).unwrap()
     );
 }
