@@ -138,3 +138,45 @@ async fn migrate_without_createdb_names_the_url_and_the_command_in_one_line() {
     }
     assert!(!database_exists(&name).await);
 }
+
+#[tokio::test]
+async fn every_resource_partition_has_a_patient_index_that_joins_use() {
+    let env = crate::helpers::TestEnv::new(5, crate::helpers::TestEnv::fast()).await;
+    env.run().await.unwrap();
+    // Created on the parent, so the partitions the load created have it too.
+    let indexed: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_index i
+         JOIN pg_class c ON c.oid = i.indrelid
+         JOIN pg_class x ON x.oid = i.indexrelid
+         WHERE c.relnamespace = 'fhir_sync'::regnamespace AND c.relname LIKE 'resource\\_%'
+           AND c.relkind = 'r'
+           AND pg_get_indexdef(x.oid) LIKE '%(source, patient_id) WHERE (patient_id IS NOT NULL)'
+         ORDER BY 1",
+    )
+    .fetch_all(&env.db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        indexed,
+        [
+            "resource_condition",
+            "resource_encounter",
+            "resource_observation",
+            "resource_patient"
+        ]
+    );
+    // A patient's observations: an index lookup, not a scan of the partition.
+    let mut tx = env.db.pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL enable_seqscan = off")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(
+        "EXPLAIN SELECT count(*) FROM fhir.observation WHERE source = 'demo' AND patient_id = 'p1'",
+    )
+    .fetch_all(&mut *tx)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("source_patient_id"), "{plan}");
+}
