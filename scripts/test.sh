@@ -152,3 +152,16 @@ fi
 export DATABASE_URL
 
 cargo test --locked "$@"
+# After the whole suite, the build the quick start's `cargo run -- demo` made must still be the
+# one the tests reuse (no dev-dependency enabling more features of a shared crate).
+# The container and Kubernetes files cannot be run here (no container engine); they are
+# checked against the binary the tests just built instead.
+if [[ $# -eq 0 ]]; then
+  scripts/check-build-reuse.sh
+  if ! python3 -c 'import yaml' 2>/dev/null; then
+    echo "scripts/test.sh: installing PyYAML for scripts/check-deploy.py"
+    python3 -m pip install --quiet pyyaml ||
+      fail "scripts/check-deploy.py needs PyYAML: pip install pyyaml"
+  fi
+  python3 scripts/check-deploy.py target/debug/fhir-sync
+fi

@@ -3,7 +3,7 @@
 //! Each takes already-parsed arguments, does its work through the library, and returns an
 //! error for `main` to report; none of them parses the command line or exits the process.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -21,8 +21,19 @@ use crate::sync::{self, SyncContext};
 use crate::views::{ViewError, ViewSet};
 use crate::warehouse;
 
-/// Opens the pool described by `settings`.
+/// Opens the pool described by `settings`. A database that does not exist is one line that
+/// says `fhir-sync migrate` creates it.
 pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
+    connect_pool(settings).await.map_err(|e| {
+        if is_missing_database(&e) {
+            anyhow::anyhow!("{e}: the database does not exist; `fhir-sync migrate` creates it")
+        } else {
+            e
+        }
+    })
+}
+
+async fn connect_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
     let options = PgConnectOptions::from_str(url.expose_secret())
         .context("database.url is not a valid PostgreSQL URL")?;
@@ -49,12 +60,87 @@ pub async fn prepare_database(pool: &PgPool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `fhir-sync migrate`.
+/// `fhir-sync migrate`: creates the database when it does not exist and the role may create
+/// databases, then applies the schema.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let pool = connect(settings).await?;
+    let pool = match connect_pool(settings).await {
+        Err(e) if is_missing_database(&e) => {
+            create_database(settings).await?;
+            connect(settings).await?
+        }
+        result => result?,
+    };
     prepare_database(&pool).await?;
     println!("database schema is up to date");
     Ok(())
+}
+
+/// Whether a failed connection failed because the database does not exist (SQLSTATE 3D000,
+/// invalid_catalog_name).
+fn is_missing_database(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        matches!(
+            cause.downcast_ref::<sqlx::Error>(),
+            Some(sqlx::Error::Database(e)) if e.code().as_deref() == Some("3D000")
+        )
+    })
+}
+
+/// Creates the database `database.url` names, connected to the server's `postgres`
+/// maintenance database as the same role. When the role may not (no CREATEDB, or the
+/// maintenance database is closed to it), the error is one line that names the URL and the
+/// `createdb` command an administrator runs instead; sqlx's text would only repeat itself.
+async fn create_database(settings: &Settings) -> anyhow::Result<()> {
+    let url = settings.database_url()?;
+    let options = PgConnectOptions::from_str(url.expose_secret())
+        .context("database.url is not a valid PostgreSQL URL")?;
+    let name = options.get_database().unwrap_or("postgres").to_string();
+    let (host, port, user) = (
+        options.get_host().to_string(),
+        options.get_port(),
+        options.get_username().to_string(),
+    );
+    // The URL without its password, to name in the message.
+    let shown = format!("postgres://{user}@{host}:{port}/{name}");
+    let cannot = |why: &str| {
+        anyhow::anyhow!(
+            "database {name:?} does not exist at {shown} and {why}; ask an administrator to run \
+             `createdb -h {host} -p {port} -O {user} {name}`, then `fhir-sync migrate` again"
+        )
+    };
+    let mut conn = match <sqlx::PgConnection as sqlx::Connection>::connect_with(
+        &options.clone().database("postgres"),
+    )
+    .await
+    {
+        Ok(conn) => conn,
+        Err(_) => {
+            return Err(cannot(&format!(
+                "role {user:?} cannot reach the server's postgres database to create it"
+            )));
+        }
+    };
+    // The name comes from the operator's own URL; quoted as an identifier it cannot end the
+    // statement.
+    let create = format!("CREATE DATABASE \"{}\"", name.replace('"', "\"\""));
+    let result = sqlx::raw_sql(sqlx::AssertSqlSafe(create))
+        .execute(&mut conn)
+        .await;
+    let _ = sqlx::Connection::close(conn).await;
+    match result {
+        Ok(_) => {
+            println!("created database {name:?} at {shown}");
+            Ok(())
+        }
+        // Another process created it meanwhile: what was asked for is there.
+        Err(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("42P04" | "23505")) => {
+            Ok(())
+        }
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42501") => {
+            Err(cannot(&format!("role {user:?} may not create databases")))
+        }
+        Err(e) => Err(cannot(&format!("creating it failed: {e}"))),
+    }
 }
 
 fn jobs_dir(settings: &Settings, override_dir: Option<&Path>) -> PathBuf {
@@ -126,6 +212,16 @@ pub async fn run(
 /// `fhir-sync serve`: the scheduler and the queue workers, until SIGTERM or Ctrl-C. Several
 /// processes may serve one database; each tick still starts exactly one run.
 pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> anyhow::Result<()> {
+    serve_until_stopped(settings, jobs_dir_override, |_| {}).await
+}
+
+/// `serve`, calling `ready` with the ops server's bound address (when it runs) once the
+/// scheduler and the ops server are up: what `demo --serve` prints its URLs from.
+pub async fn serve_until_stopped(
+    settings: &Settings,
+    jobs_dir_override: Option<&Path>,
+    ready: impl FnOnce(Option<std::net::SocketAddr>),
+) -> anyhow::Result<()> {
     crate::ops::metrics::install();
     let dir = jobs_dir(settings, jobs_dir_override);
     let jobs = config::load_jobs(&dir)?;
@@ -170,13 +266,14 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
                 crate::ops::http::router(state),
                 shutdown.clone(),
             )
-            .await?
-            .1,
+            .await?,
         )
     } else {
         None
     };
     let mut scheduler = crate::schedule::start(ctx.clone()).await?;
+    ready(ops.as_ref().map(|(addr, _)| *addr));
+    let ops = ops.map(|(_, task)| task);
 
     let retention = {
         let queue = ctx.queue.clone();
@@ -228,7 +325,8 @@ pub async fn serve(settings: &Settings, jobs_dir_override: Option<&Path>) -> any
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
+/// Returns on SIGTERM or Ctrl-C (SIGINT).
+pub async fn wait_for_stop_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -286,6 +384,18 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
     );
 }
 
+/// Writes a command's output to stdout and flushes it. A reader that has gone away (`| head`)
+/// is not an error: it read what it wanted, and the command has nothing left to say.
+fn write_stdout(
+    write: impl FnOnce(&mut std::io::StdoutLock<'static>) -> std::io::Result<()>,
+) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match write(&mut out).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => Ok(result?),
+    }
+}
+
 /// `fhir-sync keys generate`: writes a new private key (mode 0600) and prints its public JWKS.
 pub fn keys_generate(
     algorithm: SigningAlgorithm,
@@ -309,8 +419,8 @@ pub fn keys_generate(
         "register this public JWKS with the EHR (kid {}):",
         key.kid()
     );
-    println!("{}", serde_json::to_string_pretty(&key.public_jwks())?);
-    Ok(())
+    let jwks = serde_json::to_string_pretty(&key.public_jwks())?;
+    write_stdout(|out| writeln!(out, "{jwks}"))
 }
 
 /// `fhir-sync config check`: validates settings and every job file, reporting all problems.
@@ -389,11 +499,12 @@ pub async fn status(
 ) -> anyhow::Result<()> {
     // A broken job file must not hide the run history from whoever is on call: say so and
     // show the runs.
-    let configured = match config::load_jobs(&jobs_dir(settings, jobs_dir_override)) {
-        Ok(jobs) => jobs,
+    let dir = jobs_dir(settings, jobs_dir_override);
+    let (configured, jobs_readable) = match config::load_jobs(&dir) {
+        Ok(jobs) => (jobs, true),
         Err(e) => {
             eprintln!("warning: jobs are not shown: {e}");
-            Vec::new()
+            (Vec::new(), false)
         }
     };
     let configured: Vec<Arc<config::JobConfig>> = configured
@@ -416,16 +527,36 @@ pub async fn status(
     )
     .await
     .context(HISTORY_UNREADABLE)?;
+    // `--job` naming no configured job: a typo, or a job whose file was removed but whose
+    // runs are still recorded. Either way "no jobs configured" would be wrong.
+    let unknown_job = job.filter(|_| jobs_readable && jobs.is_empty());
+    if let Some(name) = unknown_job
+        && runs.is_empty()
+    {
+        anyhow::bail!(
+            "no job named {name:?}: {} does not exist and no run of it is recorded",
+            dir.join(format!("{name}.toml")).display()
+        );
+    }
     let views = crate::views::materialise::states(&pool)
         .await
         .context(HISTORY_UNREADABLE)?;
     let status = console::StatusReport { jobs, runs, views };
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        console::write_status(&mut std::io::stdout().lock(), &status, now)?;
+        let text = serde_json::to_string_pretty(&status)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    write_stdout(|out| match unknown_job {
+        Some(name) => {
+            writeln!(
+                out,
+                "job {name:?} is not configured ({} does not exist); its recorded runs:\n",
+                dir.join(format!("{name}.toml")).display()
+            )?;
+            console::write_runs_table(out, &status.runs, now)
+        }
+        None => console::write_status(out, &status, now),
+    })
 }
 
 const HISTORY_UNREADABLE: &str = "cannot read the run history (has `fhir-sync migrate` run?)";
@@ -449,12 +580,11 @@ pub async fn runs_list(
         .await
         .context(HISTORY_UNREADABLE)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&runs)?);
-    } else {
-        let now = time::OffsetDateTime::now_utc();
-        console::write_runs_table(&mut std::io::stdout().lock(), &runs, now)?;
+        let text = serde_json::to_string_pretty(&runs)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    let now = time::OffsetDateTime::now_utc();
+    write_stdout(|out| console::write_runs_table(out, &runs, now))
 }
 
 /// `fhir-sync runs show <id>`: one run with its files, export issues and rejected lines.
@@ -467,12 +597,11 @@ pub async fn runs_show(settings: &Settings, run_id: i64, json: bool) -> anyhow::
         anyhow::bail!("there is no run {run_id} (`fhir-sync status` lists the recent ones)");
     };
     if json {
-        println!("{}", serde_json::to_string_pretty(&detail)?);
-    } else {
-        let now = time::OffsetDateTime::now_utc();
-        console::write_run_detail(&mut std::io::stdout().lock(), &detail, now)?;
+        let text = serde_json::to_string_pretty(&detail)?;
+        return write_stdout(|out| writeln!(out, "{text}"));
     }
-    Ok(())
+    let now = time::OffsetDateTime::now_utc();
+    write_stdout(|out| console::write_run_detail(out, &detail, now))
 }
 
 /// Loads `jobs/<name>.toml` from the jobs directory.
@@ -493,8 +622,8 @@ pub fn keys_jwks(jobs_dir: &Path, job_name: &str) -> anyhow::Result<()> {
     let job = find_job(jobs_dir, job_name)?;
     let keys = smart::job_keys(&job)?;
     let jwks = smart::publish_jwks(&keys).map_err(|e| anyhow::anyhow!("job {job_name}: {e}"))?;
-    println!("{}", serde_json::to_string_pretty(&jwks)?);
-    Ok(())
+    let jwks = serde_json::to_string_pretty(&jwks)?;
+    write_stdout(|out| writeln!(out, "{jwks}"))
 }
 
 /// `fhir-sync check <job>`: runs the doctor and prints one line per check. Returns whether

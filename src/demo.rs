@@ -3,9 +3,15 @@
 //! Finds or starts PostgreSQL, generates a key pair and registers it with the fake server,
 //! then runs the same code path as `fhir-sync run` and checks that what landed in the database
 //! is exactly what the fake server generated.
+//!
+//! `demo --serve` then stays up until Ctrl-C: the fake server keeps answering, and `serve`
+//! (scheduler, workers, ops server) runs a job written to `jobs/demo.toml` with its key in
+//! `keys/demo.pem`, so every other command (`check`, `keys jwks`, `run`, `status`, `runs
+//! show`) works on the demo from another terminal. It never overwrites a `jobs/demo.toml` it
+//! did not write.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use secrecy::SecretString;
@@ -25,11 +31,29 @@ pub struct DemoOptions {
     pub seed: u64,
     /// Where the demo keeps a PostgreSQL cluster if it has to start one.
     pub state_dir: PathBuf,
+    /// The database the demo loads into (created if missing).
+    pub database: String,
+    /// Stay up after the first sync, with `serve` running the job file written to `serve`.
+    pub serve: Option<ServeOptions>,
+}
+
+/// Where `demo --serve` writes its job and key.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The jobs directory `serve` reads (`jobs/demo.toml` is written there).
+    pub jobs_dir: PathBuf,
+    /// The demo's private key; generated when missing, reused (same `kid`) when present.
+    pub key_file: PathBuf,
 }
 
 /// The client id the demo (and the bench) registers with the fake server.
 pub const CLIENT_ID: &str = "fhir-sync-demo";
-const DATABASE: &str = "fhir_sync_demo";
+/// The database `demo` loads into unless told otherwise.
+pub const DATABASE: &str = "fhir_sync_demo";
+/// How often the served demo job runs: often enough to watch, rarely enough to read the page.
+pub const SERVE_SCHEDULE: &str = "*/5 * * * *";
+/// The first line of a job file the demo wrote, so that it never replaces someone else's.
+const WRITTEN_BY: &str = "# Written by `fhir-sync demo --serve`";
 
 /// The built-in `demo` job pointed at `server`.
 pub fn demo_job(server: &FakeFhirServer, key_pem: SecretString) -> JobConfig {
@@ -82,7 +106,7 @@ pub fn fake_job(base_url: url::Url, key_pem: SecretString) -> JobConfig {
 
 pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<()> {
     let local = localpg::find_or_start(&options.state_dir.join("pg")).await?;
-    let database_url = localpg::ensure_database(&local.admin_url, DATABASE).await?;
+    let database_url = localpg::ensure_database(&local.admin_url, &options.database).await?;
     let mut settings = settings.clone();
     settings.database.url = SecretString::from(database_url.clone());
     settings.database.password_file = None;
@@ -99,7 +123,10 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     )
     .await
     .context("cannot start the fake FHIR server")?;
-    let pem = smart::generate(SigningAlgorithm::RS384)?;
+    let pem = match &options.serve {
+        Some(serve) => demo_key(&serve.key_file)?,
+        None => smart::generate(SigningAlgorithm::RS384)?,
+    };
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "the demo key")?;
     server.register_client(CLIENT_ID, key.public_jwks());
     println!(
@@ -109,7 +136,15 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         key.kid()
     );
 
-    let job = demo_job(&server, pem);
+    let job = match &options.serve {
+        // The job `serve` will run, read back from the file: the first sync already proves
+        // the file right.
+        Some(serve) => {
+            let path = write_job_file(&serve.jobs_dir, &server.fhir_base_url(), &serve.key_file)?;
+            crate::config::load_job(&path)?
+        }
+        None => demo_job(&server, pem),
+    };
     // The run refreshes the analytics views once its files are loaded, like every run.
     let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
     let ctx = SyncContext {
@@ -143,20 +178,92 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         "\nverified: the rows in PostgreSQL match what the fake server generated, type by type"
     );
     show_views(&pool, &views, report.run_id).await?;
+    let exe = this_program();
     println!("\nlook at the data:");
     println!(
         "  psql '{}' -c \"select resource_type, count(*) from fhir_sync.resource where source = 'demo' group by 1\"",
         database_url
     );
-    println!("  FHIR_SYNC_DATABASE__URL='{database_url}' cargo run -- status");
-    if let Some(started) = &local.started {
-        println!(
-            "\nPostgreSQL was started by the demo in {} (port {}); stop it with: {}",
+    if options.serve.is_none() {
+        println!("  FHIR_SYNC_DATABASE__URL='{database_url}' {exe} status");
+    }
+    let stop_pg = local.started.as_ref().map(|started| {
+        format!(
+            "PostgreSQL was started by the demo in {} (port {}); stop it with: {}",
             started.data_dir.display(),
             started.port,
             started.stop_command
-        );
+        )
+    });
+    if let Some(serve) = &options.serve {
+        let jobs_dir = serve.jobs_dir.clone();
+        let key_file = serve.key_file.clone();
+        let result = app::serve_until_stopped(&settings, Some(&jobs_dir), |ops| {
+            println!(
+                "\nserving the demo until Ctrl-C (the job runs at \"{SERVE_SCHEDULE}\", UTC):"
+            );
+            if let Some(addr) = ops {
+                println!("  status page: http://{addr}/");
+            }
+            println!("  fake EHR:    {}", server.fhir_base_url());
+            println!(
+                "  job file:    {} (key {})",
+                jobs_dir.join("demo.toml").display(),
+                key_file.display()
+            );
+            println!("in another terminal:");
+            println!("  export FHIR_SYNC_DATABASE__URL='{database_url}'");
+            for command in ["status", "check demo", "keys jwks demo", "run demo"] {
+                println!("  {exe} {command}");
+            }
+            println!("  {exe} runs show {}", report.run_id);
+        })
+        .await;
+        server.shutdown().await;
+        result?;
+        println!("stopped the demo");
+    } else {
+        server.shutdown().await;
     }
+    if let Some(stop_pg) = stop_pg {
+        println!("\n{stop_pg}");
+    }
+    Ok(())
+}
+
+/// `fhir-sync fake-ehr`: the demo's fake FHIR server on its own, until SIGTERM or Ctrl-C,
+/// with the client whose private key is `client_key` registered: the EHR of the compose demo,
+/// where `serve` runs in another container. `origin` is where the clients reach it.
+pub async fn serve_fake_ehr(
+    listen: std::net::SocketAddr,
+    origin: Option<url::Url>,
+    client_key: &Path,
+    patients: usize,
+    seed: u64,
+) -> anyhow::Result<()> {
+    let pem = std::fs::read_to_string(client_key)
+        .map(SecretString::from)
+        .with_context(|| format!("cannot read the client key {}", client_key.display()))?;
+    let key = SigningKey::from_pem(
+        &pem,
+        SigningAlgorithm::RS384,
+        None,
+        &client_key.display().to_string(),
+    )?;
+    let dataset = Dataset::new(seed, patients);
+    let server = FakeFhirServer::start_at(listen, origin, dataset.clone(), FakeOptions::default())
+        .await
+        .context("cannot start the fake FHIR server")?;
+    server.register_client(CLIENT_ID, key.public_jwks());
+    tracing::info!(
+        fhir.base_url = %server.fhir_base_url(),
+        listen = %listen,
+        resources = dataset.total(),
+        client.id = CLIENT_ID,
+        key.kid = %key.kid(),
+        "fake EHR serving"
+    );
+    app::wait_for_stop_signal().await;
     server.shutdown().await;
     Ok(())
 }
@@ -207,4 +314,103 @@ async fn show_views(
         }
     }
     Ok(())
+}
+
+/// How to run this program again, for the hints: its path relative to the working directory
+/// when it lies below it (`target/debug/fhir-sync` after `cargo run`), else as found.
+fn this_program() -> String {
+    let Ok(exe) = std::env::current_exe() else {
+        return "fhir-sync".into();
+    };
+    let relative = std::env::current_dir()
+        .ok()
+        .and_then(|cwd| exe.strip_prefix(cwd).ok().map(PathBuf::from));
+    match relative {
+        Some(relative) => relative.display().to_string(),
+        None => exe.display().to_string(),
+    }
+}
+
+/// The demo's private key: read from `path`, or generated and written there (mode 0600).
+/// Reusing it keeps the `kid` that `keys jwks demo` printed before.
+fn demo_key(path: &Path) -> anyhow::Result<SecretString> {
+    match std::fs::read_to_string(path) {
+        Ok(pem) => Ok(SecretString::from(pem)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            let pem = smart::generate(SigningAlgorithm::RS384)?;
+            smart::write_private_key(path, &pem, false)
+                .with_context(|| format!("cannot write the demo key to {}", path.display()))?;
+            Ok(pem)
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read the demo key {}", path.display())),
+    }
+}
+
+/// Writes `<jobs_dir>/demo.toml` for a fake server at `base_url`, unless a file the demo did
+/// not write is there. Returns its path.
+fn write_job_file(
+    jobs_dir: &Path,
+    base_url: &url::Url,
+    key_file: &Path,
+) -> anyhow::Result<PathBuf> {
+    let path = jobs_dir.join("demo.toml");
+    match std::fs::read_to_string(&path) {
+        Ok(existing) if !existing.starts_with(WRITTEN_BY) => anyhow::bail!(
+            "{} exists and was not written by the demo; move it away, or pass --jobs-dir",
+            path.display()
+        ),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    std::fs::create_dir_all(jobs_dir)
+        .with_context(|| format!("cannot create {}", jobs_dir.display()))?;
+    // Absolute, so the file works whatever directory the other commands run from.
+    let key_file = std::path::absolute(key_file)
+        .with_context(|| format!("cannot resolve {}", key_file.display()))?;
+    std::fs::write(&path, job_file_text(base_url, &key_file))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// The served demo job, as TOML.
+fn job_file_text(base_url: &url::Url, key_file: &Path) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+    let types: Vec<String> = crate::fake::RESOURCE_TYPES
+        .iter()
+        .map(|t| quote(t))
+        .collect();
+    format!(
+        "{WRITTEN_BY}, which rewrites it at every start (the fake EHR
+# listens on a new port each time). Copy it under another name to keep changes.
+description = \"the demo's fake FHIR server\"
+
+[fhir]
+base_url = {base_url}
+
+[auth]
+client_id = {CLIENT_ID:?}
+private_key_file = {key_file}
+algorithm = \"RS384\"
+
+[export]
+types = [{types}]
+poll_min_interval_seconds = 0.1
+poll_max_interval_seconds = 5
+poll_default_interval_seconds = 1
+timeout_seconds = 600
+
+[schedule]
+cron = \"{SERVE_SCHEDULE}\"
+timezone = \"UTC\"
+overlap = \"skip\"
+",
+        base_url = quote(base_url.as_str()),
+        key_file = quote(&key_file.display().to_string()),
+        types = types.join(", "),
+    )
 }

@@ -43,6 +43,36 @@ enum Command {
         /// Where to keep a PostgreSQL cluster if the demo has to start one.
         #[arg(long, default_value = ".demo")]
         state_dir: PathBuf,
+        /// The database to load into (created if missing).
+        #[arg(long, default_value = demo::DATABASE)]
+        database: String,
+        /// Stay up until Ctrl-C: the fake EHR and `serve` (scheduler, workers, status page),
+        /// with the job in jobs/demo.toml and its key in --key.
+        #[arg(long)]
+        serve: bool,
+        /// The demo's private key for --serve (generated when missing).
+        #[arg(long, default_value = "keys/demo.pem", requires = "serve")]
+        key: PathBuf,
+    },
+    /// Serve the demo's fake FHIR server on its own until SIGTERM, for a client with this key
+    /// (the EHR of compose.yaml).
+    FakeEhr {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8090")]
+        listen: std::net::SocketAddr,
+        /// Scheme, host and port clients reach it at, when not the listen address (e.g.
+        /// http://fake-ehr:8090 in a compose network).
+        #[arg(long)]
+        origin: Option<url::Url>,
+        /// The client's private key (the public half is registered as client fhir-sync-demo).
+        #[arg(long)]
+        client_key: PathBuf,
+        /// Synthetic patients (each brings 17 more resources).
+        #[arg(long, default_value_t = 200)]
+        patients: usize,
+        /// Seed of the synthetic data set.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
     },
     /// Measure a full and an incremental sync against the psql COPY baselines (see docs/benchmark.md).
     Bench {
@@ -295,17 +325,36 @@ fn main() -> ExitCode {
                 patients,
                 seed,
                 state_dir,
+                database,
+                serve,
+                key,
             } => {
+                let serve = serve.then(|| demo::ServeOptions {
+                    jobs_dir: cli
+                        .jobs_dir
+                        .clone()
+                        .unwrap_or_else(|| settings.sync.jobs_dir.clone()),
+                    key_file: key,
+                });
                 demo::run(
                     &settings,
                     &demo::DemoOptions {
                         patients,
                         seed,
                         state_dir,
+                        database,
+                        serve,
                     },
                 )
                 .await
             }
+            Command::FakeEhr {
+                listen,
+                origin,
+                client_key,
+                patients,
+                seed,
+            } => demo::serve_fake_ehr(listen, origin, &client_key, patients, seed).await,
             Command::Bench {
                 patients,
                 seed,

@@ -188,14 +188,31 @@ pub struct FakeFhirServer {
 impl FakeFhirServer {
     /// Binds `127.0.0.1:0` and starts serving on a spawned task.
     pub async fn start(dataset: Dataset, options: FakeOptions) -> anyhow::Result<FakeFhirServer> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        FakeFhirServer::start_at(loopback, None, dataset, options).await
+    }
+
+    /// Binds `listen` and starts serving on a spawned task. `origin` is the scheme, host and
+    /// port clients reach it at (in its URLs: discovery, status, files), when that is not the
+    /// bound address: a container named `fake-ehr` listening on `0.0.0.0:8090` is reached at
+    /// `http://fake-ehr:8090`.
+    pub async fn start_at(
+        listen: std::net::SocketAddr,
+        origin: Option<Url>,
+        dataset: Dataset,
+        options: FakeOptions,
+    ) -> anyhow::Result<FakeFhirServer> {
+        let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .context("binding the fake fhir server to 127.0.0.1:0")?;
+            .with_context(|| format!("binding the fake fhir server to {listen}"))?;
         let address = listener
             .local_addr()
             .context("reading the fake fhir server's bound address")?;
-        let origin = Url::parse(&format!("http://{address}"))
-            .context("building the fake fhir server's url")?;
+        let origin = match origin {
+            Some(origin) => origin,
+            None => Url::parse(&format!("http://{address}"))
+                .context("building the fake fhir server's url")?,
+        };
         let state = Arc::new(ServerState::new(options, dataset, origin));
         let app = router(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();

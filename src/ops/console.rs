@@ -293,7 +293,7 @@ pub fn write_run_detail(
 
     writeln!(out)?;
     if detail.files.is_empty() {
-        writeln!(out, "files: none (the export has no manifest yet)")?;
+        writeln!(out, "files: none ({})", detail.no_files_note())?;
     } else {
         writeln!(out, "files:")?;
         write_files_table(out, &detail.files)?;
@@ -537,6 +537,31 @@ mod tests {
             .find("hint               the server needs longer: raise export.timeout_seconds")
             .unwrap_or_else(|| panic!("{text}"));
         assert!(error < hint, "{text}");
+    }
+
+    #[test]
+    fn a_run_that_failed_before_exporting_says_so() {
+        let detail = RunDetail {
+            run: RunSummary {
+                files: 0,
+                files_loaded: 0,
+                ..run(3, "failed", Some("token request refused"))
+            },
+            status_url: None,
+            export_expires: None,
+            export_deleted_at: None,
+            files: Vec::new(),
+            export_issues: Vec::new(),
+            rejects: Vec::new(),
+        };
+        let mut out = Vec::new();
+        write_run_detail(&mut out, &detail, datetime!(2026-11-29 03:00:00 UTC)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("files: none (the run ended before an export was started)"),
+            "{text}"
+        );
+        assert!(!text.contains("has not finished"), "{text}");
     }
 
     #[test]

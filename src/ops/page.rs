@@ -276,7 +276,7 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
                     (status_badge(&run.run.status))
                 }
                 (run_facts(&run.run, now))
-                (files_table(&run.files))
+                (files_table(&run.files, run.no_files_note()))
             }
         }
         h2 { "Failures and server-reported issues" }
@@ -419,10 +419,11 @@ fn run_facts(run: &RunSummary, now: OffsetDateTime) -> Markup {
     }
 }
 
-fn files_table(files: &[FileDetail]) -> Markup {
+/// The files of a run; `when_empty` says why there are none (see `RunDetail::no_files_note`).
+fn files_table(files: &[FileDetail], when_empty: &str) -> Markup {
     html! {
         @if files.is_empty() {
-            p.muted.small { "No files yet: the export has not finished on the server." }
+            p.muted.small { "No files: " (when_empty) "." }
         } @else {
             table.files {
                 thead { tr {
@@ -580,7 +581,7 @@ fn render_run_page(detail: &RunDetail, now: OffsetDateTime) -> Markup {
             @if let Some(deleted) = detail.export_deleted_at { " · export deleted " (utc(deleted)) }
         }
         h2 { "Files" }
-        (files_table(&detail.files))
+        (files_table(&detail.files, detail.no_files_note()))
         @if run.error.is_some() || !detail.export_issues.is_empty() || !detail.rejects.is_empty()
             || detail.files.iter().any(|f| f.error.is_some()) {
             h2 { "Reasons" }
@@ -696,7 +697,7 @@ mod tests {
             finished_at: None,
             error: Some("<script>alert(1)</script>".into()),
         };
-        let html = files_table(&[file]).into_string();
+        let html = files_table(&[file], "").into_string();
         assert!(
             html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"),
             "{html}"

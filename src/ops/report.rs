@@ -207,6 +207,23 @@ impl RunDetail {
     }
 }
 
+impl RunDetail {
+    /// Why a run has no files, for a person: a run still exporting, one that ended before it
+    /// kicked off an export, and one that ended while the server was still exporting are three
+    /// different stories.
+    pub fn no_files_note(&self) -> &'static str {
+        let kicked_off = self.status_url.is_some();
+        match (self.run.status.as_str(), self.run.is_active(), kicked_off) {
+            ("skipped", _, _) => "the tick was skipped, so no export was started",
+            (_, true, false) => "the export has not been kicked off yet",
+            (_, true, true) => "the export has not finished on the server",
+            ("succeeded", false, _) => "the export listed no files",
+            (_, false, false) => "the run ended before an export was started",
+            (_, false, true) => "the run ended before the export finished on the server",
+        }
+    }
+}
+
 /// How many export issues a run detail carries; the rest are in `fhir_sync.export_error`.
 pub const ISSUE_LIMIT: i64 = 100;
 
@@ -409,9 +426,12 @@ pub async fn jobs(
     .bind(&ACTIVE_STATUSES[..])
     .fetch_all(pool)
     .await?;
-    let successes: Vec<(String, OffsetDateTime)> = sqlx::query_as(
-        "SELECT job, max(finished_at) FROM fhir_sync.run
-         WHERE job = ANY($1) AND status = 'succeeded' AND finished_at IS NOT NULL GROUP BY job",
+    // When each job was first seen to run (its first tick, or its first manual run) and when
+    // it last succeeded: a job is judged overdue only once it has had a whole period.
+    let history: Vec<(String, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
+        "SELECT job, min(coalesce(scheduled_for, started_at)),
+                max(finished_at) FILTER (WHERE status = 'succeeded')
+         FROM fhir_sync.run WHERE job = ANY($1) GROUP BY job",
     )
     .bind(&names)
     .fetch_all(pool)
@@ -427,7 +447,14 @@ pub async fn jobs(
         last.into_iter().map(|r| (r.job.clone(), r)).collect();
     let mut active: HashMap<String, RunSummary> =
         active.into_iter().map(|r| (r.job.clone(), r)).collect();
-    let successes: HashMap<String, OffsetDateTime> = successes.into_iter().collect();
+    let first_seen: HashMap<String, OffsetDateTime> = history
+        .iter()
+        .map(|(job, first, _)| (job.clone(), *first))
+        .collect();
+    let successes: HashMap<String, OffsetDateTime> = history
+        .into_iter()
+        .filter_map(|(job, _, success)| Some((job, success?)))
+        .collect();
     let mut watermarks: HashMap<String, Watermark> = watermarks
         .into_iter()
         .map(|(job, transaction_time, run_id, updated_at)| {
@@ -467,11 +494,14 @@ pub async fn jobs(
                 last_run: last.remove(&job.name),
                 active_run: active.remove(&job.name),
                 last_success_at: successes.get(&job.name).copied(),
-                overdue_since: job
-                    .schedule
-                    .as_ref()
-                    .filter(|_| job.enabled)
-                    .and_then(|s| overdue_since(s, successes.get(&job.name).copied(), now)),
+                overdue_since: job.schedule.as_ref().filter(|_| job.enabled).and_then(|s| {
+                    overdue_since(
+                        s,
+                        first_seen.get(&job.name).copied(),
+                        successes.get(&job.name).copied(),
+                        now,
+                    )
+                }),
                 watermark: watermarks.remove(&job.name),
             }
         })
@@ -549,20 +579,26 @@ pub async fn health(pool: &PgPool, jobs: &[String]) -> sqlx::Result<Health> {
 /// When a scheduled job is overdue: the tick before its latest one, if no run has succeeded
 /// since that tick. By the latest tick a whole schedule period has passed in which the earlier
 /// tick's run should have started and finished, so a job that is merely running its current
-/// tick, or was just configured between two ticks, is not flagged; a missed tick (no process
-/// running) or a failed run is. A job that never succeeded is overdue once two ticks have
-/// passed.
+/// tick is not flagged; a missed tick (no process running) or a failed run is.
+///
+/// A job that never succeeded is judged from `first_seen`, the tick of its first run (or the
+/// creation of a first manual run): it is overdue once a whole period has passed since then.
+/// A job that never ran at all is new, not late (`serve` starts a new job at its next tick),
+/// which is also when the metrics start watching it.
 pub fn overdue_since(
     schedule: &crate::config::ScheduleConfig,
+    first_seen: Option<OffsetDateTime>,
     last_success_at: Option<OffsetDateTime>,
     now: OffsetDateTime,
 ) -> Option<OffsetDateTime> {
     let latest = crate::schedule::tick_at_or_before(schedule, now).ok()?;
     let before =
         crate::schedule::tick_at_or_before(schedule, latest - time::Duration::seconds(1)).ok()?;
-    match last_success_at {
-        Some(success) if success >= before => None,
-        _ => Some(before),
+    match (last_success_at, first_seen) {
+        (Some(success), _) if success >= before => None,
+        (Some(_), _) => Some(before),
+        (None, Some(first)) if first <= before => Some(before),
+        (None, _) => None,
     }
 }
 
@@ -596,6 +632,49 @@ mod tests {
     }
 
     #[test]
+    fn a_run_without_files_says_how_far_it_got() {
+        let at = time::macros::datetime!(2026-11-29 03:00 UTC);
+        let detail = |status: &str, status_url: Option<&str>| RunDetail {
+            run: RunSummary::for_test(1, "demo", status, at),
+            status_url: status_url.map(str::to_string),
+            export_expires: None,
+            export_deleted_at: None,
+            files: Vec::new(),
+            export_issues: Vec::new(),
+            rejects: Vec::new(),
+        };
+        let url = Some("https://ehr.example/status/1");
+        let cases = [
+            ("queued", None, "the export has not been kicked off yet"),
+            (
+                "exporting",
+                url,
+                "the export has not finished on the server",
+            ),
+            ("failed", None, "the run ended before an export was started"),
+            (
+                "cancelled",
+                None,
+                "the run ended before an export was started",
+            ),
+            (
+                "failed",
+                url,
+                "the run ended before the export finished on the server",
+            ),
+            ("succeeded", url, "the export listed no files"),
+            (
+                "skipped",
+                None,
+                "the tick was skipped, so no export was started",
+            ),
+        ];
+        for (status, url, expected) in cases {
+            assert_eq!(detail(status, url).no_files_note(), expected, "{status}");
+        }
+    }
+
+    #[test]
     fn status_urls_lose_their_query() {
         assert_eq!(
             without_query("https://ehr.example/status/1?token=secret"),
@@ -626,11 +705,45 @@ mod tests {
             ),
             (None, Some(yesterday_tick)),
         ];
+        let first_seen = Some(time::macros::datetime!(2026-11-01 02:00 UTC));
         for (last_success, expected) in cases {
             assert_eq!(
-                overdue_since(&daily, last_success, now),
+                overdue_since(&daily, first_seen, last_success, now),
                 expected,
                 "last success {last_success:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_new_job_is_not_overdue_before_it_had_a_whole_period() {
+        let daily = crate::config::ScheduleConfig {
+            cron: "0 2 * * *".into(),
+            timezone: "UTC".into(),
+            overlap: Default::default(),
+        };
+        let now = time::macros::datetime!(2026-11-29 03:00 UTC);
+        let yesterday_tick = time::macros::datetime!(2026-11-28 02:00 UTC);
+        // (first seen, expected) for a job that never succeeded, at 03:00.
+        let cases = [
+            // Added just now: no run yet.
+            (None, None),
+            // Its first tick was today's, which is still running or just failed.
+            (Some(time::macros::datetime!(2026-11-29 02:00 UTC)), None),
+            // A manual run yesterday afternoon: less than a period ago.
+            (Some(time::macros::datetime!(2026-11-28 15:00 UTC)), None),
+            // Its first tick was yesterday's and nothing succeeded since.
+            (Some(yesterday_tick), Some(yesterday_tick)),
+            (
+                Some(time::macros::datetime!(2026-11-20 02:00 UTC)),
+                Some(yesterday_tick),
+            ),
+        ];
+        for (first_seen, expected) in cases {
+            assert_eq!(
+                overdue_since(&daily, first_seen, None, now),
+                expected,
+                "first seen {first_seen:?}"
             );
         }
     }

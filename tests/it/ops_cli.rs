@@ -397,3 +397,65 @@ async fn cancel_on_a_finished_run_says_it_had_ended_and_exits_non_zero() {
         .unwrap();
     assert_eq!(status, "succeeded", "a finished run stays as it ended");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_for_a_job_that_is_not_configured_says_which() {
+    let env = TestEnv::new(3, TestEnv::fast()).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_setup(&env, dir.path(), None);
+    let run = env.run().await.expect("the demo run succeeds");
+    let db = env.db.url();
+
+    // A typo: no such file and no run of it. An error naming the job, not an empty table.
+    let out = fhir_sync(dir.path(), &db, &["status", "--job", "nosuch"]).await;
+    assert!(!out.status.success(), "{}", text(&out.stdout));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("no job named \"nosuch\""), "{stderr}");
+    assert!(stderr.contains("nosuch.toml does not exist"), "{stderr}");
+    assert!(!text(&out.stdout).contains("no jobs configured"));
+
+    // A job whose file was removed: its recorded runs are still shown, and the line says why
+    // the jobs table is missing.
+    std::fs::remove_file(dir.path().join("jobs/demo.toml")).unwrap();
+    let out = fhir_sync(dir.path(), &db, &["status", "--job", "demo"]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.starts_with("job \"demo\" is not configured ("),
+        "{stdout}"
+    );
+    assert!(!stdout.contains("no jobs configured"), "{stdout}");
+    let run_line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&run.run_id.to_string()))
+        .unwrap_or_else(|| panic!("run {} listed in {stdout}", run.run_id));
+    assert!(run_line.contains("succeeded"), "{run_line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_jwks_into_a_closed_pipe_exits_quietly() {
+    let env = TestEnv::new(1, TestEnv::fast()).await;
+    let dir = tempfile::tempdir().unwrap();
+    write_setup(&env, dir.path(), None);
+    // `fhir-sync keys jwks demo | head -0`, made deterministic: the reading end is closed
+    // before the process starts, so its first write meets a broken pipe.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-sync"));
+    command
+        .arg("--config-dir")
+        .arg(dir.path().join("config"))
+        .arg("--jobs-dir")
+        .arg(dir.path().join("jobs"))
+        .args(["keys", "jwks", "demo"])
+        .stdin(Stdio::null())
+        .stdout(writer)
+        .stderr(Stdio::piped());
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    let stderr = text(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert_eq!(stderr, "", "nothing to report");
+}

@@ -12,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fantoccini::{Client, ClientBuilder, Locator};
 use fhir_sync::config::ScheduleConfig;
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::smart::{SigningAlgorithm, SigningKey};
@@ -23,6 +22,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::TestEnv;
+use crate::webdriver::{Client, Locator};
 
 /// The failed run's reason, as a FHIR server might send it: markup that would run a script or
 /// change the page's title if it were not escaped.
@@ -73,6 +73,13 @@ async fn the_status_page_shows_jobs_failures_and_the_running_runs_progress_in_a_
         .await
         .expect_err("the export fails on the server");
     let failed_id = failed.run_id.expect("the failed run was recorded");
+    // A job is judged overdue only once it has had a whole period: make the failed run the
+    // first tick of a job added three days ago.
+    sqlx::query("UPDATE fhir_sync.run SET scheduled_for = now() - interval '3 days' WHERE id = $1")
+        .bind(failed_id)
+        .execute(&env.db.pool)
+        .await
+        .unwrap();
 
     // 3. A run of `demo` in the middle of loading, built through the run state machine and the
     // loader (no worker runs, so it stays where it is): Patient loaded, Observation part-way
@@ -543,9 +550,7 @@ impl Browser {
                 ],
             }),
         );
-        let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-            .capabilities(capabilities)
-            .connect(&url)
+        let client = Client::connect(&url, capabilities)
             .await
             .unwrap_or_else(|e| {
                 panic!(
