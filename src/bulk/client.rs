@@ -434,6 +434,8 @@ impl BulkClient {
             });
         }
         Err(ExportError::Failed {
+            context: "export kick-off",
+            at: transport::endpoint(&request_url),
             status: status.as_u16(),
             diagnostics: said,
         })
@@ -487,6 +489,8 @@ impl BulkClient {
             })
         } else {
             Err(ExportError::Failed {
+                context,
+                at: transport::endpoint(status_url),
                 status: status.as_u16(),
                 diagnostics: body.server_said(),
             })
@@ -571,6 +575,8 @@ impl BulkClient {
                     continue;
                 }
                 return Err(ExportError::Failed {
+                    context,
+                    at: transport::endpoint(&next),
                     status: status.as_u16(),
                     diagnostics: transport::error_body(response).await.server_said(),
                 });

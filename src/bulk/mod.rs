@@ -26,8 +26,13 @@ pub enum ExportError {
     Auth(#[from] AuthError),
     #[error("the server refused the export (HTTP {status}): {diagnostics}")]
     Refused { status: u16, diagnostics: String },
-    #[error("the export failed on the server (HTTP {status}): {diagnostics}")]
-    Failed { status: u16, diagnostics: String },
+    #[error("{context} at {at}: the export failed on the server: HTTP {status}: {diagnostics}")]
+    Failed {
+        context: &'static str,
+        at: String,
+        status: u16,
+        diagnostics: String,
+    },
     #[error("{context}: HTTP {status}")]
     Status { context: &'static str, status: u16 },
     /// A 429 or 5xx that outlasted every retry, with what the server said.

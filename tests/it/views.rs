@@ -17,7 +17,9 @@ const SOURCE: &str = "ehr";
 
 async fn new_run(pool: &PgPool) -> i64 {
     sqlx::query_scalar(
-        "INSERT INTO fhir_sync.run (job, source, fhir_base_url) VALUES ('job', $1, 'https://ehr.example.org/fhir') RETURNING id",
+        // The transactionTime lies past every lastUpdated these tests write (the loader rejects
+        // times far past it as from the future).
+        "INSERT INTO fhir_sync.run (job, source, fhir_base_url, transaction_time) VALUES ('job', $1, 'https://ehr.example.org/fhir', '2031-01-01T00:00:00Z') RETURNING id",
     )
     .bind(SOURCE)
     .fetch_one(pool)
