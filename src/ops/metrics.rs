@@ -32,13 +32,15 @@ async fn metrics_handler(State(state): State<OpsState>) -> impl IntoResponse {
     let read = async {
         let queue = state.steps.queue.stats().await?;
         let health = super::report::health(&state.steps.pool, &jobs).await?;
-        Ok::<_, sqlx::Error>((queue, health))
+        let views = crate::views::materialise::states(&state.steps.pool).await?;
+        Ok::<_, sqlx::Error>((queue, health, views))
     }
     .await;
     match read {
-        Ok((queue, health)) => {
+        Ok((queue, health, views)) => {
             write_queue(&mut body, &queue);
             write_health(&mut body, &health);
+            write_views(&mut body, &views);
             write_database_up(&mut body, true);
         }
         Err(e) => {
@@ -190,6 +192,68 @@ fn write_health(out: &mut String, health: &super::report::Health) {
         "fhir_sync_watermark_timestamp_seconds",
         "The job's watermark: the transactionTime the next incremental run exports from (Unix time)",
         &watermarks,
+    );
+}
+
+/// The states a view's table can be in (`fhir_sync.view_state.status`).
+const VIEW_STATUSES: [&str; 4] = ["fresh", "stale", "building", "error"];
+
+/// Per analytics view: its state (one series per possible state, 1 for the current one, so an
+/// alert can say `fhir_sync_view_status{status="error"} == 1`), rows, runs still to apply, and
+/// the last refresh's duration and time.
+fn write_views(out: &mut String, views: &[crate::views::materialise::ViewStatus]) {
+    let mut status = Vec::new();
+    let mut rows = Vec::new();
+    let mut pending = Vec::new();
+    let mut duration = Vec::new();
+    let mut refreshed = Vec::new();
+    for view in views {
+        let label = vec![("view", view.name.as_str())];
+        for state in VIEW_STATUSES {
+            let current = if view.status == state { 1.0 } else { 0.0 };
+            status.push((
+                vec![("view", view.name.as_str()), ("status", state)],
+                current,
+            ));
+        }
+        rows.push((label.clone(), view.row_count as f64));
+        pending.push((label.clone(), view.pending_run_ids.len() as f64));
+        if let Some(ms) = view.refresh_duration_ms {
+            duration.push((label.clone(), ms as f64 / 1000.0));
+        }
+        if let Some(at) = view.refreshed_at.or(view.built_at) {
+            refreshed.push((label, seconds(at)));
+        }
+    }
+    write_gauge(
+        out,
+        "fhir_sync_view_status",
+        "The analytics view's state: 1 for the state it is in, 0 for the others",
+        &status,
+    );
+    write_gauge(
+        out,
+        "fhir_sync_view_rows",
+        "Rows in the analytics view's table",
+        &rows,
+    );
+    write_gauge(
+        out,
+        "fhir_sync_view_pending_runs",
+        "Runs whose changes the analytics view has not applied yet (a failed or killed refresh)",
+        &pending,
+    );
+    write_gauge(
+        out,
+        "fhir_sync_view_refresh_duration_seconds",
+        "How long the analytics view's last refresh or build took",
+        &duration,
+    );
+    write_gauge(
+        out,
+        "fhir_sync_view_refreshed_timestamp_seconds",
+        "When the analytics view was last refreshed or built (Unix time)",
+        &refreshed,
     );
 }
 

@@ -762,3 +762,67 @@ async fn without_a_database_the_scrape_still_answers_with_database_up_0() {
         "no database error text"
     );
 }
+
+#[tokio::test]
+async fn each_analytics_view_reports_its_state_rows_and_pending_runs() {
+    let env = TestEnv::new(5, TestEnv::fast()).await;
+    let views = crate::views::shipped_views();
+    let ctx = sync::SyncContext {
+        views: Arc::new(views.clone()),
+        ..env.ctx()
+    };
+    sync::run_job(&ctx, &env.job, sync::RunOptions { full: true })
+        .await
+        .unwrap();
+    // One view left behind by a refresh that did not commit: its run is still pending.
+    sqlx::query(
+        "UPDATE fhir_sync.view_state SET status = 'stale', pending_run_ids = '{7}' WHERE name = 'condition'",
+    )
+    .execute(&env.db.pool)
+    .await
+    .unwrap();
+    let scrape = scrape_ok(&env.db.pool, vec![env.job.clone()]).await;
+    for view in &views.views {
+        let name = view.name.as_str();
+        let rows: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(*) FROM sof.\"{name}\""
+        )))
+        .fetch_one(&env.db.pool)
+        .await
+        .unwrap();
+        assert_eq!(
+            scrape.get("fhir_sync_view_rows", &[("view", name)]),
+            Some(rows as f64),
+            "{name}"
+        );
+        let expected = if name == "condition" {
+            "stale"
+        } else {
+            "fresh"
+        };
+        for state in ["fresh", "stale", "building", "error"] {
+            assert_eq!(
+                scrape.get(
+                    "fhir_sync_view_status",
+                    &[("view", name), ("status", state)]
+                ),
+                Some(if state == expected { 1.0 } else { 0.0 }),
+                "{name} {state}"
+            );
+        }
+        assert_eq!(
+            scrape.get("fhir_sync_view_pending_runs", &[("view", name)]),
+            Some(if name == "condition" { 1.0 } else { 0.0 }),
+            "{name}"
+        );
+        assert!(
+            scrape
+                .get(
+                    "fhir_sync_view_refreshed_timestamp_seconds",
+                    &[("view", name)]
+                )
+                .is_some_and(|t| t > 1.7e9),
+            "{name}"
+        );
+    }
+}
