@@ -28,6 +28,7 @@ pub fn client(options: HttpOptions) -> anyhow::Result<reqwest::Client> {
 /// [`OriginPolicy::check_fetch`] allows.
 pub fn client_for(options: HttpOptions, origins: OriginPolicy) -> anyhow::Result<reqwest::Client> {
     let allow_insecure_http = options.allow_insecure_http;
+    let resolver = GuardedResolver::new(origins.clone(), system_lookup);
     let redirects = reqwest::redirect::Policy::custom(move |attempt| {
         let from = attempt.previous().last();
         let first = attempt.previous().first();
@@ -46,8 +47,121 @@ pub fn client_for(options: HttpOptions, origins: OriginPolicy) -> anyhow::Result
         .connect_timeout(options.connect_timeout)
         .read_timeout(options.read_timeout)
         .redirect(redirects)
+        .dns_resolver(std::sync::Arc::new(resolver))
         .build()?;
     Ok(client)
+}
+
+/// Resolves host names for one job's client, and refuses for the hosts the job did not name
+/// what [`OriginPolicy::check_fetch`] refuses as written: a name that resolves only to loopback,
+/// private or link-local addresses. So a manifest cannot reach an internal service through a
+/// DNS name (or a name rebound between checks: the addresses connected to are the ones judged).
+/// The FHIR server's own host and the hosts of `fhir.file_origins` resolve as they are; once
+/// the FHIR host itself resolves to an internal address, the server is at one, and so may its
+/// files be (the same rule as for addresses written in the URL).
+#[derive(Clone)]
+struct GuardedResolver {
+    policy: std::sync::Arc<OriginPolicy>,
+    home_internal: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    lookup: Lookup,
+}
+
+/// How names become addresses: the system resolver, or a table in unit tests.
+type Lookup =
+    fn(String) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>>;
+
+fn system_lookup(
+    host: String,
+) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>> {
+    Box::pin(async move { Ok(tokio::net::lookup_host((host.as_str(), 0)).await?.collect()) })
+}
+
+/// Whether a resolved host's addresses are taken as they are or only the public ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trust {
+    Any,
+    PublicOnly,
+}
+
+impl GuardedResolver {
+    fn new(policy: OriginPolicy, lookup: Lookup) -> GuardedResolver {
+        GuardedResolver {
+            policy: std::sync::Arc::new(policy),
+            home_internal: Default::default(),
+            lookup,
+        }
+    }
+
+    fn is_home(&self, host: &str) -> bool {
+        self.policy
+            .base
+            .as_ref()
+            .and_then(Url::host_str)
+            .is_some_and(|home| home.eq_ignore_ascii_case(host))
+    }
+
+    fn trust(&self, host: &str) -> Trust {
+        let Some(base) = &self.policy.base else {
+            // A client that knows no job has no FHIR origin to judge by.
+            return Trust::Any;
+        };
+        let listed = self.policy.listed.iter().any(|origin| match origin {
+            url::Origin::Tuple(_, listed, _) => listed.to_string().eq_ignore_ascii_case(host),
+            url::Origin::Opaque(_) => false,
+        });
+        if self.is_home(host)
+            || listed
+            || is_internal(base)
+            || self
+                .home_internal
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            Trust::Any
+        } else {
+            Trust::PublicOnly
+        }
+    }
+
+    /// The addresses `host` may be connected at, from what it resolved to.
+    fn judge(
+        &self,
+        host: &str,
+        addrs: Vec<std::net::SocketAddr>,
+    ) -> Result<Vec<std::net::SocketAddr>, String> {
+        if self.is_home(host) && addrs.iter().any(|a| is_internal_ip(a.ip())) {
+            self.home_internal
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match self.trust(host) {
+            Trust::Any => Ok(addrs),
+            Trust::PublicOnly => {
+                let public: Vec<_> = addrs
+                    .iter()
+                    .copied()
+                    .filter(|a| !is_internal_ip(a.ip()))
+                    .collect();
+                if public.is_empty() && !addrs.is_empty() {
+                    Err(format!(
+                        "{host} resolves only to loopback, private or link-local addresses; list its origin in fhir.file_origins if it is meant"
+                    ))
+                } else {
+                    Ok(public)
+                }
+            }
+        }
+    }
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let this = self.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs = (this.lookup)(host.clone()).await?;
+            let allowed = this.judge(&host, addrs)?;
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 /// Connection and read timeouts of [`token_client`]: a token response is a few hundred bytes.
@@ -109,8 +223,8 @@ impl OriginPolicy {
     /// redirect from `from` in a chain that started at `first`. In order: never from https to
     /// http; listed origins; the scheme rules of [`check_url`]; the FHIR origin; else
     /// https only, and not to a loopback, private or link-local address unless the FHIR
-    /// server itself is at one. Addresses are judged as written: a name that resolves to a
-    /// private address is not caught here.
+    /// server itself is at one. Addresses are judged here as written; a name that resolves
+    /// only to such addresses is refused when it is resolved ([`GuardedResolver`]).
     pub fn check_fetch(
         &self,
         url: &Url,
@@ -153,6 +267,19 @@ impl OriginPolicy {
 /// Whether `url`'s host is, as written, a loopback, private, link-local or unspecified
 /// address (or `localhost`).
 pub fn is_internal(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Domain(domain)) => {
+            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+            domain == "localhost" || domain.ends_with(".localhost")
+        }
+        Some(url::Host::Ipv4(ip)) => is_internal_ip(IpAddr::V4(ip)),
+        Some(url::Host::Ipv6(ip)) => is_internal_ip(IpAddr::V6(ip)),
+        None => false,
+    }
+}
+
+/// Whether `ip` is a loopback, private, link-local, unspecified or carrier-grade NAT address.
+pub fn is_internal_ip(ip: IpAddr) -> bool {
     use std::net::{Ipv4Addr, Ipv6Addr};
     fn v4(ip: Ipv4Addr) -> bool {
         let [a, b, ..] = ip.octets();
@@ -172,14 +299,9 @@ pub fn is_internal(url: &Url) -> bool {
             || (first & 0xffc0) == 0xfe80
             || ip.to_ipv4_mapped().is_some_and(v4)
     }
-    match url.host() {
-        Some(url::Host::Domain(domain)) => {
-            let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-            domain == "localhost" || domain.ends_with(".localhost")
-        }
-        Some(url::Host::Ipv4(ip)) => v4(ip),
-        Some(url::Host::Ipv6(ip)) => v6(ip),
-        None => false,
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => v6(ip),
     }
 }
 
@@ -552,5 +674,91 @@ mod tests {
             &a,
             &Url::parse("https://cdn.example.org/fhir").unwrap()
         ));
+    }
+
+    fn addr(ip: &str) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(ip.parse().unwrap(), 0)
+    }
+
+    fn no_lookup(
+        _: String,
+    ) -> futures::future::BoxFuture<'static, std::io::Result<Vec<std::net::SocketAddr>>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+
+    fn resolver(base: &str, listed: &[&str]) -> GuardedResolver {
+        let listed: Vec<Url> = listed.iter().map(|u| Url::parse(u).unwrap()).collect();
+        GuardedResolver::new(
+            OriginPolicy::for_job(&Url::parse(base).unwrap(), &listed),
+            no_lookup,
+        )
+    }
+
+    #[test]
+    fn a_file_host_that_resolves_only_inside_is_refused_naming_the_setting() {
+        let guard = resolver("https://ehr.example.org/fhir", &[]);
+        for inside in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "192.168.0.9",
+            "169.254.169.254",
+            "::1",
+            "fd00::1",
+        ] {
+            let error = guard
+                .judge("files.example.net", vec![addr(inside)])
+                .unwrap_err();
+            assert!(error.contains("fhir.file_origins"), "{inside}: {error}");
+        }
+        // A name with public and internal addresses keeps the public ones only.
+        assert_eq!(
+            guard.judge(
+                "files.example.net",
+                vec![addr("10.0.0.1"), addr("93.184.216.34")]
+            ),
+            Ok(vec![addr("93.184.216.34")])
+        );
+    }
+
+    #[test]
+    fn the_fhir_host_and_listed_hosts_resolve_as_they_are() {
+        let guard = resolver(
+            "https://ehr.example.org/fhir",
+            &["https://storage.hospital.internal:8443"],
+        );
+        assert_eq!(
+            guard.judge("storage.hospital.internal", vec![addr("10.9.9.9")]),
+            Ok(vec![addr("10.9.9.9")])
+        );
+        assert!(
+            guard
+                .judge("files.example.net", vec![addr("10.9.9.9")])
+                .is_err(),
+            "another host is still judged"
+        );
+        // The FHIR server resolving inside puts it at an internal address: its files may be
+        // at one too, as for a base URL written with an internal address.
+        assert_eq!(
+            guard.judge("EHR.example.org", vec![addr("10.0.0.2")]),
+            Ok(vec![addr("10.0.0.2")])
+        );
+        assert_eq!(
+            guard.judge("files.example.net", vec![addr("10.0.0.3")]),
+            Ok(vec![addr("10.0.0.3")])
+        );
+    }
+
+    #[test]
+    fn a_client_that_knows_no_job_or_an_internal_base_resolves_as_is() {
+        let guard = GuardedResolver::new(OriginPolicy::default(), no_lookup);
+        assert_eq!(
+            guard.judge("anything.example", vec![addr("127.0.0.1")]),
+            Ok(vec![addr("127.0.0.1")])
+        );
+        let guard = resolver("http://127.0.0.1:8080/fhir", &[]);
+        assert_eq!(
+            guard.judge("files.example.net", vec![addr("127.0.0.1")]),
+            Ok(vec![addr("127.0.0.1")])
+        );
     }
 }

@@ -467,3 +467,47 @@ async fn a_server_bound_beyond_loopback_answers_only_its_own_host_names() {
     assert_eq!(status("10.0.0.5:8080").await, 200, "an IP address");
     shutdown.cancel();
 }
+
+/// Through a real client and the system resolver: `localhost` resolves to loopback on any
+/// machine, and a job whose FHIR server is elsewhere must not connect there by name.
+#[tokio::test]
+async fn the_jobs_client_does_not_connect_to_a_name_that_resolves_to_loopback() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let options = HttpOptions {
+        connect_timeout: Duration::from_secs(30),
+        read_timeout: Duration::from_secs(30),
+        allow_insecure_http: false,
+    };
+    let base = Url::parse("https://ehr.example.org/fhir").unwrap();
+    let client =
+        transport::client_for(options, transport::OriginPolicy::for_job(&base, &[])).unwrap();
+    let error = client
+        .get(format!("http://localhost:{port}/file.ndjson"))
+        .send()
+        .await
+        .unwrap_err();
+    let text = transport::failure(&error);
+    assert!(text.contains("resolves only to loopback"), "{text}");
+    // The same name through a client of a job that lists the origin connects.
+    let listed = Url::parse(&format!("http://localhost:{port}")).unwrap();
+    let client =
+        transport::client_for(options, transport::OriginPolicy::for_job(&base, &[listed])).unwrap();
+    let answer = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 1024];
+        let _ = socket.read(&mut request).await.unwrap();
+        socket
+            .write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+    });
+    let response = client
+        .get(format!("http://localhost:{port}/file.ndjson"))
+        .send()
+        .await
+        .expect("a listed origin is connected to");
+    assert_eq!(response.status().as_u16(), 204);
+    answer.await.unwrap();
+}
