@@ -35,8 +35,10 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<PgPool> {
 
 async fn connect_pool(settings: &Settings) -> anyhow::Result<PgPool> {
     let url = settings.database_url()?;
-    let options = PgConnectOptions::from_str(url.expose_secret())
-        .context("database.url is not a valid PostgreSQL URL")?;
+    let options = warehouse::quiet_slow_statements(
+        PgConnectOptions::from_str(url.expose_secret())
+            .context("database.url is not a valid PostgreSQL URL")?,
+    );
     let host = options.get_host().to_string();
     let database = options.get_database().unwrap_or("postgres").to_string();
     warehouse::pool_options()

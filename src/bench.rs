@@ -118,7 +118,9 @@ async fn drop_database(admin_url: &str, name: &str) -> anyhow::Result<()> {
 async fn measure(options: &BenchOptions, database_url: &str) -> anyhow::Result<()> {
     let pool = crate::warehouse::pool_options()
         .max_connections(options.sync.max_parallel_downloads as u32 + 4)
-        .connect_with(PgConnectOptions::from_str(database_url)?)
+        .connect_with(crate::warehouse::quiet_slow_statements(
+            PgConnectOptions::from_str(database_url)?,
+        ))
         .await
         .context("cannot connect to the bench database")?;
     crate::app::prepare_database(&pool).await?;

@@ -34,6 +34,19 @@ pub const IN_TRANSACTION_BLOCK: &str = "SELECT transaction_timestamp() <> statem
 /// explicit transaction a statement is its own transaction, so its start time is the
 /// transaction's; inside one begun earlier they differ. (Only with the simple query protocol:
 /// the extended one stamps Parse and Execute apart.)
+/// How long a statement may run before sqlx logs it, and at which level. sqlx's default (WARN
+/// after 1 s, with the whole statement) fires on every view build and large merge, which are
+/// slow by nature; a minute is worth a line, at INFO.
+const SLOW_STATEMENT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// `options` with [`SLOW_STATEMENT`] as the slow-statement threshold.
+pub fn quiet_slow_statements(
+    options: sqlx::postgres::PgConnectOptions,
+) -> sqlx::postgres::PgConnectOptions {
+    use sqlx::ConnectOptions;
+    options.log_slow_statements(log::LevelFilter::Info, SLOW_STATEMENT)
+}
+
 pub fn pool_options() -> sqlx::postgres::PgPoolOptions {
     use sqlx::Row;
     sqlx::postgres::PgPoolOptions::new().after_release(|conn, _meta| {
