@@ -1,4 +1,5 @@
-//! The official SQL-on-FHIR v2 test files (`../shared/sof-tests/`) through PostgreSQL.
+//! The official SQL-on-FHIR v2 test files (`tests/sof-official/`, copied unchanged from the
+//! upstream suite with its licence and provenance) through PostgreSQL.
 
 use std::path::Path;
 
@@ -6,7 +7,7 @@ use crate::helpers::TestDb;
 
 #[tokio::test]
 async fn every_official_case_passes_through_postgresql() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/sof-tests");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sof-official");
     let db = TestDb::new().await;
     let report = fhir_sync::views::conformance::run_dir(&db.pool, &dir)
         .await
