@@ -541,19 +541,11 @@ mod tests {
 
     #[test]
     fn a_run_that_failed_before_exporting_says_so() {
-        let detail = RunDetail {
-            run: RunSummary {
-                files: 0,
-                files_loaded: 0,
-                ..run(3, "failed", Some("token request refused"))
-            },
-            status_url: None,
-            export_expires: None,
-            export_deleted_at: None,
-            files: Vec::new(),
-            export_issues: Vec::new(),
-            rejects: Vec::new(),
-        };
+        let detail = RunDetail::for_test(RunSummary {
+            files: 0,
+            files_loaded: 0,
+            ..run(3, "failed", Some("token request refused"))
+        });
         let mut out = Vec::new();
         write_run_detail(&mut out, &detail, datetime!(2026-11-29 03:00:00 UTC)).unwrap();
         let text = String::from_utf8(out).unwrap();
