@@ -20,6 +20,7 @@ use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
 use crate::views::{ViewError, ViewSet};
 use crate::warehouse;
+use crate::warehouse::runs::RunStatus;
 
 /// Opens the pool described by `settings`. A database that does not exist is one line that
 /// says `fhir-sync migrate` creates it.
@@ -566,17 +567,22 @@ const HISTORY_UNREADABLE: &str = "cannot read the run history (has `fhir-sync mi
 /// `fhir-sync runs list`: the runs part of `status`, with a status filter.
 pub async fn runs_list(
     settings: &Settings,
-    filter: report::RunFilter,
+    job: Option<String>,
+    status: Option<&str>,
+    limit: i64,
     json: bool,
 ) -> anyhow::Result<()> {
-    if let Some(status) = &filter.status
-        && !report::ALL_STATUSES.contains(&status.as_str())
-    {
-        anyhow::bail!(
-            "--status {status:?} is not a run status; use one of {}",
-            report::ALL_STATUSES.join(", ")
-        );
-    }
+    let status = status
+        .map(|text| {
+            text.parse::<RunStatus>().map_err(|_| {
+                anyhow::anyhow!(
+                    "--status {text:?} is not a run status; use one of {}",
+                    RunStatus::spellings()
+                )
+            })
+        })
+        .transpose()?;
+    let filter = report::RunFilter { job, status, limit };
     let pool = connect(settings).await?;
     let runs = report::runs(&pool, &filter)
         .await

@@ -431,10 +431,7 @@ fn main() -> ExitCode {
                         limit,
                         json,
                     },
-            } => {
-                let filter = fhir_sync::ops::report::RunFilter { job, status, limit };
-                app::runs_list(&settings, filter, json).await
-            }
+            } => app::runs_list(&settings, job, status.as_deref(), limit, json).await,
             Command::Cancel { run } => app::cancel(&settings, cli.jobs_dir.as_deref(), run).await,
             Command::Views { command } => match command {
                 ViewsCommand::List => app::views_list(&settings).await,

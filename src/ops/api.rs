@@ -19,9 +19,10 @@ use serde::Serialize;
 use sqlx::PgPool;
 
 use super::http::OpsState;
-use super::report::{self, ALL_STATUSES, JobOverview, RunFilter, RunSummary};
+use super::report::{self, JobOverview, RunFilter, RunSummary};
 use crate::sync::{self, CancelOutcome, SyncContext, SyncError, Trigger};
 use crate::warehouse::MIGRATOR;
+use crate::warehouse::runs::RunStatus;
 
 /// The OpenAPI 3.1 document describing every route of the ops server.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -363,18 +364,19 @@ fn param<'a>(params: &'a [(&'static str, String)], name: &str) -> Option<&'a str
 /// Parses `?job=&status=&limit=` into a filter.
 pub fn run_filter(query: Option<&str>) -> Result<RunFilter, ApiError> {
     let params = query_params(query, &["job", "status", "limit"])?;
-    let status = param(&params, "status");
-    if let Some(status) = status
-        && !ALL_STATUSES.contains(&status)
-    {
-        return Err(ApiError::invalid(
-            "status",
-            format!(
-                "{status:?} is not a run status; expected one of {}",
-                ALL_STATUSES.join(", ")
-            ),
-        ));
-    }
+    let status = param(&params, "status")
+        .map(|text| {
+            text.parse::<RunStatus>().map_err(|_| {
+                ApiError::invalid(
+                    "status",
+                    format!(
+                        "{text:?} is not a run status; expected one of {}",
+                        RunStatus::spellings()
+                    ),
+                )
+            })
+        })
+        .transpose()?;
     let limit = match param(&params, "limit") {
         None => DEFAULT_RUN_LIMIT,
         Some(text) => text
@@ -390,7 +392,7 @@ pub fn run_filter(query: Option<&str>) -> Result<RunFilter, ApiError> {
     };
     Ok(RunFilter {
         job: param(&params, "job").map(str::to_string),
-        status: status.map(str::to_string),
+        status,
         limit,
     })
 }
@@ -428,7 +430,7 @@ pub struct RunStarted {
     pub run_id: i64,
     pub job: String,
     /// Always `queued`: the run starts when a worker takes it.
-    pub status: &'static str,
+    pub status: RunStatus,
     pub full_export: bool,
     /// The job's unfinished run this one waits for (a job runs one at a time), if any.
     pub waits_for_run: Option<i64>,
@@ -478,7 +480,7 @@ async fn start_run(
     let body = RunStarted {
         run_id,
         job: job.name.clone(),
-        status: "queued",
+        status: RunStatus::Queued,
         full_export: full,
         waits_for_run,
     };
@@ -495,7 +497,7 @@ async fn start_run(
 pub struct RunCancelled {
     pub run_id: i64,
     /// Always `cancelled`.
-    pub status: &'static str,
+    pub status: RunStatus,
     /// `deleted`, `already_deleted`, `never_started` or `delete_failed`.
     pub export: &'static str,
     pub message: String,
@@ -510,7 +512,7 @@ async fn cancel_run(
     // The guarded transition decides, so a run that ends while this request is in flight is
     // either cancelled or reported finished, never both.
     if !crate::warehouse::runs::cancel(pool, id).await? {
-        let status: Option<String> =
+        let status: Option<RunStatus> =
             sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE id = $1")
                 .bind(id)
                 .fetch_optional(pool)
@@ -553,7 +555,7 @@ async fn cancel_run(
     };
     Ok(Json(RunCancelled {
         run_id: id,
-        status: "cancelled",
+        status: RunStatus::Cancelled,
         export,
         message: message.to_string(),
     }))
@@ -581,7 +583,7 @@ mod tests {
         );
         let filter = run_filter(Some("job=epic%20prod&status=failed&limit=500")).unwrap();
         assert_eq!(filter.job.as_deref(), Some("epic prod"));
-        assert_eq!(filter.status.as_deref(), Some("failed"));
+        assert_eq!(filter.status, Some(RunStatus::Failed));
         assert_eq!(filter.limit, 500);
         let filter = run_filter(Some("job=&status=&limit=")).unwrap();
         assert_eq!(

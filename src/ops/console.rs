@@ -163,8 +163,8 @@ pub fn write_runs_table(
             [
                 run.id.to_string(),
                 run.job.clone(),
-                run.status.clone(),
-                run.trigger.clone(),
+                run.status.to_string(),
+                run.trigger.to_string(),
                 utc(run.started_at),
                 human_duration(run.duration_seconds(now)),
                 run.resources_loaded.to_string(),
@@ -356,9 +356,9 @@ fn write_files_table(out: &mut impl Write, files: &[FileDetail]) -> std::io::Res
         .map(|f| {
             [
                 f.id.to_string(),
-                f.kind.clone(),
+                f.kind.as_str().to_string(),
                 f.resource_type.clone(),
-                f.status.clone(),
+                f.status.to_string(),
                 human_bytes(f.bytes),
                 match f.manifest_count {
                     Some(count) => format!("{}/{count}", f.lines_committed),
@@ -452,10 +452,11 @@ mod tests {
     use time::macros::datetime;
 
     use super::*;
+    use crate::warehouse::runs::RunStatus;
 
-    fn run(id: i64, status: &str, error: Option<&str>) -> RunSummary {
+    fn run(id: i64, status: RunStatus, error: Option<&str>) -> RunSummary {
         RunSummary {
-            trigger: "schedule".into(),
+            trigger: crate::warehouse::runs::Trigger::Schedule,
             finished_at: Some(datetime!(2026-11-29 02:03:05 UTC)),
             updated_at: datetime!(2026-11-29 02:03:05 UTC),
             resources_loaded: 3600,
@@ -495,10 +496,10 @@ mod tests {
         let runs = [
             run(
                 12,
-                "failed",
+                RunStatus::Failed,
                 Some("export failed: the server said: try later\nmore detail"),
             ),
-            run(9, "succeeded", None),
+            run(9, RunStatus::Succeeded, None),
         ];
         let mut out = Vec::new();
         write_runs_table(&mut out, &runs, datetime!(2026-11-29 03:00:00 UTC)).unwrap();
@@ -524,7 +525,7 @@ mod tests {
     fn a_failed_run_shows_its_hint_below_the_error() {
         let mut run = run(
             9,
-            "failed",
+            RunStatus::Failed,
             Some("export failed: the export was not ready after 5 s"),
         );
         run.hint = Some("the server needs longer: raise export.timeout_seconds".into());
@@ -544,7 +545,7 @@ mod tests {
         let detail = RunDetail::for_test(RunSummary {
             files: 0,
             files_loaded: 0,
-            ..run(3, "failed", Some("token request refused"))
+            ..run(3, RunStatus::Failed, Some("token request refused"))
         });
         let mut out = Vec::new();
         write_run_detail(&mut out, &detail, datetime!(2026-11-29 03:00:00 UTC)).unwrap();

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 
 use super::http::OpsState;
 pub use crate::metrics::install;
+use crate::warehouse::runs::RunStatus;
 
 /// The routes this module serves.
 pub fn routes() -> Router<OpsState> {
@@ -137,13 +138,16 @@ fn write_health(out: &mut String, health: &super::report::Health) {
     // Configured jobs report every unfinished status, 0 included, so that a rule such as
     // `fhir_sync_runs_active{status="exporting"} > 0` has a series to compare.
     for job in &health.jobs {
-        for status in super::report::ACTIVE_STATUSES {
+        for status in RunStatus::UNFINISHED {
             let present = health
                 .active_runs
                 .iter()
-                .any(|(j, s, _)| j == &job.job && s == status);
+                .any(|(j, s, _)| j == &job.job && *s == status);
             if !present {
-                active.push((vec![("job", job.job.as_str()), ("status", status)], 0.0));
+                active.push((
+                    vec![("job", job.job.as_str()), ("status", status.as_str())],
+                    0.0,
+                ));
             }
         }
     }

@@ -23,6 +23,8 @@ use super::format::{
 use super::http::OpsState;
 use super::report::{self, FileDetail, JobOverview, RunDetail, RunFilter, RunSummary};
 use crate::views::materialise::ViewStatus;
+use crate::warehouse::FileKind;
+use crate::warehouse::runs::{FileStatus, RunStatus};
 
 /// Seconds between the page's own reloads.
 pub const REFRESH_SECONDS: u32 = 10;
@@ -81,11 +83,13 @@ impl StatusView {
         let mut failure_ids: Vec<i64> = jobs
             .iter()
             .filter_map(|j| j.last_run.as_ref())
-            .filter(|r| r.status == "failed")
+            .filter(|r| r.status == RunStatus::Failed)
             .map(|r| r.id)
             .collect();
         for run in &recent {
-            if (run.status == "failed" || run.export_errors > 0) && !failure_ids.contains(&run.id) {
+            if (run.status == RunStatus::Failed || run.export_errors > 0)
+                && !failure_ids.contains(&run.id)
+            {
                 failure_ids.push(run.id);
             }
         }
@@ -222,7 +226,11 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
     let failed_jobs: Vec<&JobOverview> = view
         .jobs
         .iter()
-        .filter(|j| j.last_run.as_ref().is_some_and(|r| r.status == "failed"))
+        .filter(|j| {
+            j.last_run
+                .as_ref()
+                .is_some_and(|r| r.status == RunStatus::Failed)
+        })
         .collect();
     let overdue_jobs: Vec<&JobOverview> = view
         .jobs
@@ -273,7 +281,7 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
             section.run #{ "run-" (run.run.id) } {
                 h3 {
                     a href={ "/runs/" (run.run.id) } { "Run #" (run.run.id) } " · " (run.run.job) " "
-                    (status_badge(&run.run.status))
+                    (status_badge(run.run.status.as_str()))
                 }
                 (run_facts(&run.run, now))
                 (files_table(&run.files, run.no_files_note()))
@@ -287,7 +295,7 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
             section.run.failure #{ "failure-" (run.run.id) } {
                 h3 {
                     a href={ "/runs/" (run.run.id) } { "Run #" (run.run.id) } " · " (run.run.job) " "
-                    (status_badge(&run.run.status)) " "
+                    (status_badge(run.run.status.as_str())) " "
                     span.muted.small { (relative(run.run.finished_at.unwrap_or(run.run.updated_at), now)) }
                 }
                 (failure_reasons(run, ISSUES_SHOWN))
@@ -345,7 +353,7 @@ fn jobs_table(jobs: &[JobOverview], now: OffsetDateTime) -> Markup {
                 } }
                 tbody {
                     @for job in jobs {
-                        @let failed = job.last_run.as_ref().is_some_and(|r| r.status == "failed");
+                        @let failed = job.last_run.as_ref().is_some_and(|r| r.status == RunStatus::Failed);
                         tr.failed[failed].overdue[job.overdue_since.is_some()] data-job=(job.name) {
                             td {
                                 strong { (job.name) }
@@ -368,7 +376,7 @@ fn jobs_table(jobs: &[JobOverview], now: OffsetDateTime) -> Markup {
                             td {
                                 @match &job.last_run {
                                     Some(run) => {
-                                        (status_badge(&run.status)) " "
+                                        (status_badge(run.status.as_str())) " "
                                         a href={ "/runs/" (run.id) } { "#" (run.id) }
                                         br; span.muted.small { (relative(run.finished_at.unwrap_or(run.started_at), now)) }
                                     }
@@ -389,7 +397,7 @@ fn jobs_table(jobs: &[JobOverview], now: OffsetDateTime) -> Markup {
                             }
                             td {
                                 @match &job.active_run {
-                                    Some(run) => { (status_badge(&run.status)) " " a href={ "#run-" (run.id) } { "#" (run.id) } }
+                                    Some(run) => { (status_badge(run.status.as_str())) " " a href={ "#run-" (run.id) } { "#" (run.id) } }
                                     None => { span.badge.s-idle { "idle" } }
                                 }
                             }
@@ -432,12 +440,12 @@ fn files_table(files: &[FileDetail], when_empty: &str) -> Markup {
                 } }
                 tbody {
                     @for file in files {
-                        tr.failed[file.status == "failed"] data-file=(file.id) {
+                        tr.failed[file.status == FileStatus::Failed] data-file=(file.id) {
                             td {
                                 (file.resource_type)
-                                @if file.kind != "output" { " " span.muted.small { "(" (file.kind) ")" } }
+                                @if file.kind != FileKind::Output { " " span.muted.small { "(" (file.kind) ")" } }
                             }
-                            td { (status_badge(&file.status)) }
+                            td { (status_badge(file.status.as_str())) }
                             td { (file_progress(file)) }
                             td.n { (thousands(file.resources_loaded)) }
                             td.n { (thousands(file.lines_rejected)) }
@@ -462,9 +470,9 @@ fn file_progress(file: &FileDetail) -> Markup {
                 " " span.small { (thousands(file.lines_committed)) " / " (thousands(total)) " lines (" (percent(done, total)) ")" }
             }
             None => {
-                @if file.status == "loaded" {
+                @if file.status == FileStatus::Loaded {
                     progress value="1" max="1" aria-label=(label) {}
-                } @else if file.status == "loading" {
+                } @else if file.status == FileStatus::Loading {
                     // Without the manifest's count the end is unknown: an indeterminate bar.
                     progress aria-label=(label) {}
                 } @else {
@@ -547,10 +555,10 @@ fn runs_table(runs: &[RunSummary], now: OffsetDateTime) -> Markup {
                 } }
                 tbody {
                     @for run in runs {
-                        tr.failed[run.status == "failed"] data-run=(run.id) {
+                        tr.failed[run.status == RunStatus::Failed] data-run=(run.id) {
                             td { a href={ "/runs/" (run.id) } { "#" (run.id) } }
                             td { (run.job) }
-                            td { (status_badge(&run.status)) }
+                            td { (status_badge(run.status.as_str())) }
                             td { (run.trigger) }
                             td { (utc(run.started_at)) br; span.muted.small { (relative(run.started_at, now)) } }
                             td.n { (duration(run.duration_seconds(now))) }
@@ -571,7 +579,7 @@ fn render_run_page(detail: &RunDetail, now: OffsetDateTime) -> Markup {
     let title = format!("fhir-sync run #{} ({})", run.id, run.job);
     let body = html! {
         p.small { a href="/" { "← status" } }
-        h1 { "Run #" (run.id) " · " (run.job) " " (status_badge(&run.status)) }
+        h1 { "Run #" (run.id) " · " (run.job) " " (status_badge(run.status.as_str())) }
         (run_facts(run, now))
         p.small {
             "Resources " (thousands(run.resources_loaded)) " · rejected " (thousands(run.lines_rejected))
@@ -594,8 +602,7 @@ fn render_run_page(detail: &RunDetail, now: OffsetDateTime) -> Markup {
 fn status_badge(status: &str) -> Markup {
     // Statuses come from the database's own vocabulary, but the class is still built only from
     // known names so that an unexpected value cannot inject markup or styles.
-    let known = report::ALL_STATUSES.contains(&status)
-        || ["pending", "loading", "loaded", "failed"].contains(&status);
+    let known = status.parse::<RunStatus>().is_ok() || status.parse::<FileStatus>().is_ok();
     let class = if known {
         format!("badge s-{status}")
     } else {
@@ -603,7 +610,7 @@ fn status_badge(status: &str) -> Markup {
     };
     let label = status.replace('_', " ");
     html! {
-        @if status == "failed" {
+        @if status == RunStatus::Failed.as_str() {
             span class=(class) { "FAILED" }
         } @else {
             span class=(class) { (label) }
@@ -682,11 +689,11 @@ mod tests {
         );
         let file = FileDetail {
             id: 1,
-            kind: "output".into(),
+            kind: FileKind::Output,
             resource_type: "Patient".into(),
             url: "https://ehr.example/f/1".into(),
             manifest_count: Some(10),
-            status: "failed".into(),
+            status: FileStatus::Failed,
             bytes: 0,
             lines_committed: 4,
             resources_loaded: 4,

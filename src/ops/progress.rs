@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing_subscriber::fmt::MakeWriter;
 
 use super::report::{self, FileDetail, RunSummary};
+use crate::warehouse::runs::{FileStatus, RunStatus};
 
 /// How often the run's rows are read while bars are shown.
 pub const REFRESH: Duration = Duration::from_millis(250);
@@ -94,13 +95,15 @@ impl RunProgress {
         self.phase.set_message(phase_message(run, files));
         for file in files {
             let bar = self.files.get(&file.id);
-            match (file.status.as_str(), bar) {
-                ("loading", None) => {
+            match (file.status, bar) {
+                (FileStatus::Loading, None) => {
                     let bar = self.multi.add(file_bar(file));
                     bar.set_position(file.lines_committed.max(0) as u64);
                     self.files.insert(file.id, bar);
                 }
-                ("loading", Some(bar)) => bar.set_position(file.lines_committed.max(0) as u64),
+                (FileStatus::Loading, Some(bar)) => {
+                    bar.set_position(file.lines_committed.max(0) as u64)
+                }
                 (_, Some(_)) => {
                     if let Some(bar) = self.files.remove(&file.id) {
                         bar.finish_and_clear();
@@ -188,13 +191,16 @@ fn lines_style(template: &str) -> ProgressStyle {
 
 /// The phase line: what the run is doing, in words.
 pub fn phase_message(run: &RunSummary, files: &[FileDetail]) -> String {
-    match run.status.as_str() {
-        "exporting" => match run.progress.as_deref().filter(|p| !p.is_empty()) {
+    match run.status {
+        RunStatus::Exporting => match run.progress.as_deref().filter(|p| !p.is_empty()) {
             Some(progress) => format!("exporting (server says: {progress})"),
             None => "exporting (waiting for the server)".into(),
         },
-        "loading" | "completing" | "succeeded" => {
-            let loaded = files.iter().filter(|f| f.status == "loaded").count();
+        RunStatus::Loading | RunStatus::Completing | RunStatus::Succeeded => {
+            let loaded = files
+                .iter()
+                .filter(|f| f.status == FileStatus::Loaded)
+                .count();
             let resources: i64 = files.iter().map(|f| f.resources_loaded).sum();
             let rejected: i64 = files.iter().map(|f| f.lines_rejected).sum();
             let mut text = format!(
@@ -207,11 +213,11 @@ pub fn phase_message(run: &RunSummary, files: &[FileDetail]) -> String {
             }
             text
         }
-        "failed" | "cancelled" => {
+        RunStatus::Failed | RunStatus::Cancelled => {
             let reason = run.error.as_deref().and_then(|e| e.lines().next());
             format!("{}: {}", run.status, reason.unwrap_or("no reason recorded"))
         }
-        other => other.replace('_', " "),
+        other => other.as_str().replace('_', " "),
     }
 }
 
@@ -254,18 +260,18 @@ mod tests {
 
     use super::*;
 
-    fn run(status: &str) -> RunSummary {
+    fn run(status: RunStatus) -> RunSummary {
         RunSummary::for_test(3, "epic", status, OffsetDateTime::now_utc())
     }
 
-    fn file(id: i64, status: &str, count: Option<i64>, committed: i64) -> FileDetail {
+    fn file(id: i64, status: FileStatus, count: Option<i64>, committed: i64) -> FileDetail {
         FileDetail {
             id,
-            kind: "output".into(),
+            kind: crate::warehouse::FileKind::Output,
             resource_type: "Patient".into(),
             url: "https://ehr.example/files/1.ndjson".into(),
             manifest_count: count,
-            status: status.into(),
+            status,
             bytes: 0,
             lines_committed: committed,
             resources_loaded: committed,
@@ -280,7 +286,7 @@ mod tests {
 
     #[test]
     fn the_phase_line_says_what_the_run_does() {
-        let mut exporting = run("exporting");
+        let mut exporting = run(RunStatus::Exporting);
         assert_eq!(
             phase_message(&exporting, &[]),
             "exporting (waiting for the server)"
@@ -290,35 +296,41 @@ mod tests {
             phase_message(&exporting, &[]),
             "exporting (server says: 45% done)"
         );
-        let files = [file(1, "loaded", Some(10), 10), file(2, "loading", None, 4)];
+        let files = [
+            file(1, FileStatus::Loaded, Some(10), 10),
+            file(2, FileStatus::Loading, None, 4),
+        ];
         assert_eq!(
-            phase_message(&run("loading"), &files),
+            phase_message(&run(RunStatus::Loading), &files),
             "loading: 1/2 files, 14 resources loaded"
         );
-        let mut failed = run("failed");
+        let mut failed = run(RunStatus::Failed);
         failed.error = Some("export failed: the server said no\nsecond line".into());
         assert_eq!(
             phase_message(&failed, &[]),
             "failed: export failed: the server said no"
         );
-        assert_eq!(phase_message(&run("kicking_off"), &[]), "kicking off");
+        assert_eq!(
+            phase_message(&run(RunStatus::KickingOff), &[]),
+            "kicking off"
+        );
     }
 
     #[test]
     fn a_bar_follows_each_file_while_it_loads() {
         let mut progress = RunProgress::new(3, ProgressDrawTarget::hidden());
         progress.update(
-            &run("loading"),
+            &run(RunStatus::Loading),
             &[
-                file(1, "loading", Some(500), 0),
-                file(2, "pending", None, 0),
+                file(1, FileStatus::Loading, Some(500), 0),
+                file(2, FileStatus::Pending, None, 0),
             ],
         );
         progress.update(
-            &run("loading"),
+            &run(RunStatus::Loading),
             &[
-                file(1, "loading", Some(500), 250),
-                file(2, "loading", None, 40),
+                file(1, FileStatus::Loading, Some(500), 250),
+                file(2, FileStatus::Loading, None, 40),
             ],
         );
         let (phase, bars) = progress.snapshot();
@@ -331,10 +343,10 @@ mod tests {
             ]
         );
         progress.update(
-            &run("loading"),
+            &run(RunStatus::Loading),
             &[
-                file(1, "loaded", Some(500), 500),
-                file(2, "loading", None, 90),
+                file(1, FileStatus::Loaded, Some(500), 500),
+                file(2, FileStatus::Loading, None, 90),
             ],
         );
         let (_, bars) = progress.snapshot();

@@ -14,38 +14,16 @@ use sqlx::{AssertSqlSafe, PgPool};
 use time::OffsetDateTime;
 
 use crate::config::JobConfig;
-
-/// Run statuses of a run that has not finished.
-pub const ACTIVE_STATUSES: [&str; 5] = [
-    "queued",
-    "kicking_off",
-    "exporting",
-    "loading",
-    "completing",
-];
-
-/// Every run status, in the order a run moves through them.
-pub const ALL_STATUSES: [&str; 9] = [
-    "queued",
-    "kicking_off",
-    "exporting",
-    "loading",
-    "completing",
-    "succeeded",
-    "failed",
-    "cancelled",
-    "skipped",
-];
+use crate::warehouse::FileKind;
+use crate::warehouse::runs::{FileStatus, RunStatus, Trigger};
 
 /// One run, as listed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct RunSummary {
     pub id: i64,
     pub job: String,
-    /// One of [`ALL_STATUSES`].
-    pub status: String,
-    /// `schedule`, `catch-up` or `manual`.
-    pub trigger: String,
+    pub status: RunStatus,
+    pub trigger: Trigger,
     /// The cron tick the run was created for; `None` for manual runs.
     #[serde(with = "time::serde::rfc3339::option")]
     pub scheduled_for: Option<OffsetDateTime>,
@@ -85,7 +63,7 @@ pub struct RunSummary {
 
 impl RunSummary {
     pub fn is_active(&self) -> bool {
-        ACTIVE_STATUSES.contains(&self.status.as_str())
+        !self.status.is_terminal()
     }
 
     /// Seconds from creation to finish (or to `now` while running).
@@ -98,12 +76,17 @@ impl RunSummary {
 impl RunSummary {
     /// A manual run created at `at`, not finished, with every count zero: the base of the test
     /// runs of everything that shows runs.
-    pub(crate) fn for_test(id: i64, job: &str, status: &str, at: OffsetDateTime) -> RunSummary {
+    pub(crate) fn for_test(
+        id: i64,
+        job: &str,
+        status: RunStatus,
+        at: OffsetDateTime,
+    ) -> RunSummary {
         RunSummary {
             id,
             job: job.into(),
-            status: status.into(),
-            trigger: "manual".into(),
+            status,
+            trigger: Trigger::Manual,
             scheduled_for: None,
             started_at: at,
             finished_at: None,
@@ -130,15 +113,13 @@ impl RunSummary {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct FileDetail {
     pub id: i64,
-    /// `output`, `error` or `deleted`.
-    pub kind: String,
+    pub kind: FileKind,
     pub resource_type: String,
     /// Without query string.
     pub url: String,
     /// The manifest's `count`, when it gave one.
     pub manifest_count: Option<i64>,
-    /// `pending`, `loading`, `loaded` or `failed`.
-    pub status: String,
+    pub status: FileStatus,
     pub bytes: i64,
     /// Lines whose effects are committed (the resume checkpoint).
     pub lines_committed: i64,
@@ -213,11 +194,11 @@ impl RunDetail {
     /// different stories.
     pub fn no_files_note(&self) -> &'static str {
         let kicked_off = self.status_url.is_some();
-        match (self.run.status.as_str(), self.run.is_active(), kicked_off) {
-            ("skipped", _, _) => "the tick was skipped, so no export was started",
+        match (self.run.status, self.run.is_active(), kicked_off) {
+            (RunStatus::Skipped, _, _) => "the tick was skipped, so no export was started",
             (_, true, false) => "the export has not been kicked off yet",
             (_, true, true) => "the export has not finished on the server",
-            ("succeeded", false, _) => "the export listed no files",
+            (RunStatus::Succeeded, false, _) => "the export listed no files",
             (_, false, false) => "the run ended before an export was started",
             (_, false, true) => "the run ended before the export finished on the server",
         }
@@ -274,7 +255,7 @@ pub struct JobOverview {
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     pub job: Option<String>,
-    pub status: Option<String>,
+    pub status: Option<RunStatus>,
     pub limit: i64,
 }
 
@@ -285,21 +266,29 @@ const RUN_COLUMNS: &str =
     coalesce(f.files, 0) AS files, coalesce(f.files_loaded, 0) AS files_loaded,
     coalesce(f.bytes, 0)::bigint AS bytes";
 
-const FILE_TOTALS: &str = "LEFT JOIN LATERAL (
-        SELECT count(*) AS files, count(*) FILTER (WHERE status = 'loaded') AS files_loaded,
+/// Per-run file totals, joined to `fhir_sync.run r` (the status pasted is our own constant).
+fn file_totals() -> String {
+    format!(
+        "LEFT JOIN LATERAL (
+        SELECT count(*) AS files,
+               count(*) FILTER (WHERE status = '{loaded}') AS files_loaded,
                sum(bytes) AS bytes
-        FROM fhir_sync.run_file WHERE run_id = r.id) f ON true";
+        FROM fhir_sync.run_file WHERE run_id = r.id) f ON true",
+        loaded = FileStatus::Loaded
+    )
+}
 
 /// Runs, newest first.
 pub async fn runs(pool: &PgPool, filter: &RunFilter) -> sqlx::Result<Vec<RunSummary>> {
     sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {}
          WHERE ($1::text IS NULL OR r.job = $1) AND ($2::text IS NULL OR r.status = $2)
          ORDER BY r.started_at DESC, r.id DESC
-         LIMIT $3"
+         LIMIT $3",
+        file_totals()
     )))
     .bind(filter.job.as_deref())
-    .bind(filter.status.as_deref())
+    .bind(filter.status)
     .bind(filter.limit.max(0))
     .fetch_all(pool)
     .await
@@ -308,11 +297,12 @@ pub async fn runs(pool: &PgPool, filter: &RunFilter) -> sqlx::Result<Vec<RunSumm
 /// Runs that have not finished (queued or going), oldest first.
 pub async fn active_runs(pool: &PgPool) -> sqlx::Result<Vec<RunSummary>> {
     sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {}
          WHERE r.status = ANY($1)
-         ORDER BY r.started_at, r.id"
+         ORDER BY r.started_at, r.id",
+        file_totals()
     )))
-    .bind(&ACTIVE_STATUSES[..])
+    .bind(&RunStatus::UNFINISHED[..])
     .fetch_all(pool)
     .await
 }
@@ -320,7 +310,8 @@ pub async fn active_runs(pool: &PgPool) -> sqlx::Result<Vec<RunSummary>> {
 /// One run as listed; `None` when there is no such run.
 pub async fn run(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunSummary>> {
     sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS} WHERE r.id = $1"
+        "SELECT {RUN_COLUMNS} FROM fhir_sync.run r {} WHERE r.id = $1",
+        file_totals()
     )))
     .bind(run_id)
     .fetch_optional(pool)
@@ -334,9 +325,11 @@ pub async fn run_files(pool: &PgPool, run_id: i64) -> sqlx::Result<Vec<FileDetai
                 resources_loaded, lines_rejected, attempts, link_refreshes, started_at,
                 finished_at, error
          FROM fhir_sync.run_file WHERE run_id = $1
-         ORDER BY CASE kind WHEN 'output' THEN 0 WHEN 'deleted' THEN 1 ELSE 2 END, resource_type, id",
+         ORDER BY CASE kind WHEN $2 THEN 0 WHEN $3 THEN 1 ELSE 2 END, resource_type, id",
     )
     .bind(run_id)
+    .bind(FileKind::Output)
+    .bind(FileKind::Deleted)
     .fetch_all(pool)
     .await
 }
@@ -359,7 +352,8 @@ pub async fn run_detail(pool: &PgPool, run_id: i64) -> sqlx::Result<Option<RunDe
         export_deleted_at,
     }) = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT {RUN_COLUMNS}, r.status_url, r.export_expires, r.export_deleted_at
-         FROM fhir_sync.run r {FILE_TOTALS} WHERE r.id = $1"
+         FROM fhir_sync.run r {} WHERE r.id = $1",
+        file_totals()
     )))
     .bind(run_id)
     .fetch_optional(pool)
@@ -410,30 +404,34 @@ pub async fn jobs(
 ) -> sqlx::Result<Vec<JobOverview>> {
     let names: Vec<String> = jobs.iter().map(|j| j.name.clone()).collect();
     let last: Vec<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
-         WHERE r.job = ANY($1) AND r.status <> 'skipped'
-         ORDER BY r.job, r.started_at DESC, r.id DESC"
+        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {}
+         WHERE r.job = ANY($1) AND r.status <> $2
+         ORDER BY r.job, r.started_at DESC, r.id DESC",
+        file_totals()
     )))
     .bind(&names)
+    .bind(RunStatus::Skipped)
     .fetch_all(pool)
     .await?;
     let active: Vec<RunSummary> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {FILE_TOTALS}
+        "SELECT DISTINCT ON (r.job) {RUN_COLUMNS} FROM fhir_sync.run r {}
          WHERE r.job = ANY($1) AND r.status = ANY($2)
-         ORDER BY r.job, r.started_at DESC, r.id DESC"
+         ORDER BY r.job, r.started_at DESC, r.id DESC",
+        file_totals()
     )))
     .bind(&names)
-    .bind(&ACTIVE_STATUSES[..])
+    .bind(&RunStatus::UNFINISHED[..])
     .fetch_all(pool)
     .await?;
     // When each job was first seen to run (its first tick, or its first manual run) and when
     // it last succeeded: a job is judged overdue only once it has had a whole period.
     let history: Vec<(String, OffsetDateTime, Option<OffsetDateTime>)> = sqlx::query_as(
         "SELECT job, min(coalesce(scheduled_for, started_at)),
-                max(finished_at) FILTER (WHERE status = 'succeeded')
+                max(finished_at) FILTER (WHERE status = $2)
          FROM fhir_sync.run WHERE job = ANY($1) GROUP BY job",
     )
     .bind(&names)
+    .bind(RunStatus::Succeeded)
     .fetch_all(pool)
     .await?;
     let watermarks: Vec<(String, String, i64, OffsetDateTime)> = sqlx::query_as(
@@ -516,7 +514,7 @@ pub struct Health {
     /// One entry per job asked for, in the order asked.
     pub jobs: Vec<JobHealth>,
     /// Unfinished runs of any job, counted per (job, status).
-    pub active_runs: Vec<(String, String, i64)>,
+    pub active_runs: Vec<(String, RunStatus, i64)>,
 }
 
 /// The success history of one job.
@@ -535,10 +533,11 @@ pub struct JobHealth {
 pub async fn health(pool: &PgPool, jobs: &[String]) -> sqlx::Result<Health> {
     let now: OffsetDateTime = sqlx::query_scalar("SELECT now()").fetch_one(pool).await?;
     let history: Vec<(String, Option<OffsetDateTime>, Option<OffsetDateTime>)> = sqlx::query_as(
-        "SELECT job, min(started_at), max(finished_at) FILTER (WHERE status = 'succeeded')
+        "SELECT job, min(started_at), max(finished_at) FILTER (WHERE status = $2)
          FROM fhir_sync.run WHERE job = ANY($1) GROUP BY job",
     )
     .bind(jobs)
+    .bind(RunStatus::Succeeded)
     .fetch_all(pool)
     .await?;
     let watermarks: Vec<(String, String)> =
@@ -546,11 +545,11 @@ pub async fn health(pool: &PgPool, jobs: &[String]) -> sqlx::Result<Health> {
             .bind(jobs)
             .fetch_all(pool)
             .await?;
-    let active_runs: Vec<(String, String, i64)> = sqlx::query_as(
+    let active_runs: Vec<(String, RunStatus, i64)> = sqlx::query_as(
         "SELECT job, status, count(*) FROM fhir_sync.run WHERE status = ANY($1)
          GROUP BY job, status ORDER BY job, status",
     )
-    .bind(&ACTIVE_STATUSES[..])
+    .bind(&RunStatus::UNFINISHED[..])
     .fetch_all(pool)
     .await?;
     let mut history: HashMap<String, (Option<OffsetDateTime>, Option<OffsetDateTime>)> = history
@@ -619,7 +618,7 @@ mod tests {
         let detail = RunDetail::for_test(RunSummary {
             finished_at: Some(at),
             full_export: true,
-            ..RunSummary::for_test(1, "demo", "succeeded", at)
+            ..RunSummary::for_test(1, "demo", RunStatus::Succeeded, at)
         });
         // `flatten` writes the summary's keys next to the detail's; a name used by both would
         // appear twice and a JSON reader would keep only one.
@@ -634,7 +633,7 @@ mod tests {
     #[test]
     fn a_run_without_files_says_how_far_it_got() {
         let at = time::macros::datetime!(2026-11-29 03:00 UTC);
-        let detail = |status: &str, status_url: Option<&str>| RunDetail {
+        let detail = |status: RunStatus, status_url: Option<&str>| RunDetail {
             run: RunSummary::for_test(1, "demo", status, at),
             status_url: status_url.map(str::to_string),
             export_expires: None,
@@ -645,26 +644,34 @@ mod tests {
         };
         let url = Some("https://ehr.example/status/1");
         let cases = [
-            ("queued", None, "the export has not been kicked off yet"),
             (
-                "exporting",
+                RunStatus::Queued,
+                None,
+                "the export has not been kicked off yet",
+            ),
+            (
+                RunStatus::Exporting,
                 url,
                 "the export has not finished on the server",
             ),
-            ("failed", None, "the run ended before an export was started"),
             (
-                "cancelled",
+                RunStatus::Failed,
                 None,
                 "the run ended before an export was started",
             ),
             (
-                "failed",
+                RunStatus::Cancelled,
+                None,
+                "the run ended before an export was started",
+            ),
+            (
+                RunStatus::Failed,
                 url,
                 "the run ended before the export finished on the server",
             ),
-            ("succeeded", url, "the export listed no files"),
+            (RunStatus::Succeeded, url, "the export listed no files"),
             (
-                "skipped",
+                RunStatus::Skipped,
                 None,
                 "the tick was skipped, so no export was started",
             ),

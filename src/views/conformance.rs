@@ -16,7 +16,7 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, PgPool, Row};
 
 use super::{ViewError, definition, prepare};
-use crate::warehouse::{self, FileKind, FileTarget, LoadLimits};
+use crate::warehouse::{self, FileKind, FileTarget, LoadLimits, runs};
 
 /// One official test file.
 #[derive(Debug, Deserialize)]
@@ -195,20 +195,14 @@ async fn load_resources(pool: &PgPool, resources: &[Value]) -> Result<(), ViewEr
     if by_type.is_empty() {
         return Ok(());
     }
-    let run_id: i64 = sqlx::query_scalar(
-        "INSERT INTO fhir_sync.run (job, source, fhir_base_url) VALUES ('views-test', 'views-test', 'http://localhost/fhir') RETURNING id",
-    )
-    .fetch_one(pool)
-    .await?;
-    for (t, ndjson) in by_type {
-        let file_id: i64 = sqlx::query_scalar(
-            "INSERT INTO fhir_sync.run_file (run_id, kind, resource_type, url) VALUES ($1, 'output', $2, $3) RETURNING id",
-        )
-        .bind(run_id)
-        .bind(&t)
-        .bind(format!("http://localhost/{t}.ndjson"))
-        .fetch_one(pool)
-        .await?;
+    let urls: Vec<(String, String)> = by_type
+        .keys()
+        .map(|t| (t.clone(), format!("http://localhost/{t}.ndjson")))
+        .collect();
+    let files: Vec<(&str, &str)> = urls.iter().map(|(t, u)| (t.as_str(), u.as_str())).collect();
+    let (run_id, file_ids) =
+        runs::create_local(pool, "views-test", "http://localhost/fhir", &files).await?;
+    for ((t, ndjson), file_id) in by_type.into_iter().zip(file_ids) {
         let target = FileTarget {
             run_id,
             file_id,

@@ -471,7 +471,7 @@ where
         }
     }
     stats.lines = reading.lines;
-    stats.count_mismatch = check_count(pool, target.file_id).await?;
+    stats.count_mismatch = super::runs::check_count(pool, target.file_id).await?;
     Ok(stats)
 }
 
@@ -563,23 +563,6 @@ async fn commit(
         }
         None => Ok(None),
     }
-}
-
-/// Compares the manifest's count with what the file's attempts loaded and rejected in total,
-/// and records the verdict on the file.
-async fn check_count(pool: &PgPool, file_id: i64) -> Result<Option<String>, LoadError> {
-    let mismatch: Option<String> = sqlx::query_scalar(
-        "UPDATE fhir_sync.run_file SET count_mismatch =
-             CASE WHEN manifest_count IS NOT NULL AND manifest_count <> resources_loaded + lines_rejected
-                  THEN format('the manifest counts %s lines, but %s loaded and %s were rejected',
-                              manifest_count, resources_loaded, lines_rejected)
-             END
-         WHERE id = $1 RETURNING count_mismatch",
-    )
-    .bind(file_id)
-    .fetch_one(pool)
-    .await?;
-    Ok(mismatch)
 }
 
 /// Creates the type's partition and `fhir` view on first sight, in its own transaction so that

@@ -42,6 +42,11 @@ macro_rules! text_enum {
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
+            /// Every spelling, comma-separated, for an error message.
+            pub fn spellings() -> String {
+                [$($text),+].join(", ")
+            }
+
             fn text(self) -> &'static str {
                 match self {
                     $($name::$variant => $text),+
@@ -165,6 +170,15 @@ impl RunStatus {
     ];
     /// Statuses of a run that holds its job's one active slot.
     pub const ACTIVE: [RunStatus; 4] = [
+        RunStatus::KickingOff,
+        RunStatus::Exporting,
+        RunStatus::Loading,
+        RunStatus::Completing,
+    ];
+
+    /// Statuses of a run that has not finished: queued, or holding its job's slot.
+    pub const UNFINISHED: [RunStatus; 5] = [
+        RunStatus::Queued,
         RunStatus::KickingOff,
         RunStatus::Exporting,
         RunStatus::Loading,
@@ -359,6 +373,63 @@ pub async fn create(
         metrics::run_started(job);
     }
     Ok(created)
+}
+
+/// Creates a run that loads local files instead of an export (the views conformance
+/// harness), with one output file per `(resource type, url)`: a manual run, left queued so no
+/// worker or recovery ever picks it up as its own. Returns the run id and the file ids, in
+/// the order given.
+pub async fn create_local(
+    pool: &PgPool,
+    job: &str,
+    base_url: &str,
+    files: &[(&str, &str)],
+) -> sqlx::Result<(i64, Vec<i64>)> {
+    let mut tx = pool.begin().await?;
+    let run_id: i64 = sqlx::query_scalar(
+        "INSERT INTO fhir_sync.run (job, source, fhir_base_url, status, trigger)
+         VALUES ($1, $1, $2, $3, $4) RETURNING id",
+    )
+    .bind(job)
+    .bind(base_url)
+    .bind(RunStatus::Queued)
+    .bind(Trigger::Manual)
+    .fetch_one(&mut *tx)
+    .await?;
+    let mut ids = Vec::with_capacity(files.len());
+    for (position, (resource_type, url)) in files.iter().enumerate() {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO fhir_sync.run_file (run_id, kind, resource_type, url, position)
+             VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(run_id)
+        .bind(FileKind::Output)
+        .bind(resource_type)
+        .bind(url)
+        .bind(position as i32)
+        .fetch_one(&mut *tx)
+        .await?;
+        ids.push(id);
+    }
+    tx.commit().await?;
+    Ok((run_id, ids))
+}
+
+/// Compares the manifest's count with what the file's attempts loaded and rejected in total,
+/// and records the verdict on the file: the mismatch, or `None` when the counts agree (or the
+/// manifest gave none).
+pub async fn check_count(pool: &PgPool, file_id: i64) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "UPDATE fhir_sync.run_file SET count_mismatch =
+             CASE WHEN manifest_count IS NOT NULL AND manifest_count <> resources_loaded + lines_rejected
+                  THEN format('the manifest counts %s lines, but %s loaded and %s were rejected',
+                              manifest_count, resources_loaded, lines_rejected)
+             END
+         WHERE id = $1 RETURNING count_mismatch",
+    )
+    .bind(file_id)
+    .fetch_one(pool)
+    .await
 }
 
 /// Records a tick that was not run because the job was busy.
