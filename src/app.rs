@@ -164,12 +164,13 @@ pub async fn run(
         .with_alert_defaults(&settings.alerts);
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
-    let ctx = SyncContext {
+    let ctx = SyncContext::new(
         pool,
-        settings: settings.sync.clone(),
-        queue: settings.queue.clone(),
-        views: std::sync::Arc::new(load_views(settings)?),
-    };
+        settings.sync.clone(),
+        settings.queue.clone(),
+        vec![job.clone()],
+    )
+    .with_views(std::sync::Arc::new(load_views(settings)?));
     // Bars only for a person watching; a log file or a pipe gets the plain log lines.
     let show_progress = std::io::stderr().is_terminal();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -197,13 +198,7 @@ pub async fn run(
         ..
     }) = &result
     {
-        let alerting = crate::sync::StepContext::new(
-            ctx.pool.clone(),
-            ctx.settings.clone(),
-            ctx.queue.clone(),
-            vec![job.clone()],
-        );
-        if let Err(e) = crate::ops::alert::notify_run_failed(&alerting, *run_id).await {
+        if let Err(e) = crate::ops::alert::notify_run_failed(&ctx, *run_id).await {
             tracing::warn!(error = %e, "cannot send the run failure alert");
         }
     }
@@ -236,9 +231,8 @@ pub async fn serve_until_stopped(
     prepare_database(&pool).await?;
     // Bad view files stop start-up here, naming file and element, before any run starts.
     let views = load_views(settings)?;
-    let ctx =
-        crate::sync::StepContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs);
-    ctx.set_views(std::sync::Arc::new(views));
+    let ctx = SyncContext::new(pool, settings.sync.clone(), settings.queue.clone(), jobs)
+        .with_views(std::sync::Arc::new(views));
     tracing::info!(worker = %ctx.owner, jobs = ctx.jobs().len(), views = ctx.views().views.len(), "serving");
 
     // Work a previous process left half-done goes back on the queue before anything new.
@@ -672,12 +666,12 @@ pub async fn cancel(
     let jobs = config::load_jobs(&jobs_dir(settings, jobs_dir_override))?;
     let pool = connect(settings).await?;
     prepare_database(&pool).await?;
-    let ctx = SyncContext {
+    let ctx = SyncContext::new(
         pool,
-        settings: settings.sync.clone(),
-        queue: settings.queue.clone(),
-        views: Default::default(),
-    };
+        settings.sync.clone(),
+        settings.queue.clone(),
+        Vec::new(),
+    );
     // A run that had ended cannot be cancelled; its export is still deleted if it is left.
     let before = crate::warehouse::runs::status(&ctx.pool, run_id).await?;
     let outcome = sync::cancel_run(&ctx, &jobs, run_id)

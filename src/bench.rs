@@ -525,12 +525,12 @@ async fn sync_from_fake(
     job.name = "bench".into();
     job.export.types = types.iter().map(|t| t.to_string()).collect();
     job.export.poll_min_interval_seconds = 0.001;
-    let ctx = SyncContext {
-        pool: pool.clone(),
-        settings: options.sync.clone(),
-        queue: options.queue.clone(),
-        views: Default::default(),
-    };
+    let ctx = SyncContext::new(
+        pool.clone(),
+        options.sync.clone(),
+        options.queue.clone(),
+        Vec::new(),
+    );
     checkpoint(pool).await;
     reset_peak_rss();
     let at_start = rss_bytes("VmRSS");

@@ -147,12 +147,13 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
     };
     // The run refreshes the analytics views once its files are loaded, like every run.
     let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
-    let ctx = SyncContext {
-        pool: pool.clone(),
-        settings: settings.sync.clone(),
-        queue: settings.queue.clone(),
-        views: std::sync::Arc::new(views.clone()),
-    };
+    let ctx = SyncContext::new(
+        pool.clone(),
+        settings.sync.clone(),
+        settings.queue.clone(),
+        Vec::new(),
+    )
+    .with_views(std::sync::Arc::new(views.clone()));
     let report = sync::run_job(&ctx, &job, sync::RunOptions { full: true }).await?;
     app::print_report(&job.name, &report);
 

@@ -9,7 +9,6 @@
 //! exports earlier runs abandoned on the server. It never logs a credential or a resource
 //! body, and never imports `ops`.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -17,10 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bulk::{BulkClient, ExportError, ExportRequest, PollPolicy, RetryPolicy};
 use crate::config::{JobConfig, SyncSettings};
-use crate::queue::QueueSettings;
 use crate::smart::{self, AuthError};
 use crate::transport::{self, HttpOptions};
-use crate::views::ViewSet;
 use crate::warehouse::runs::{self, RunStatus};
 use crate::warehouse::{LoadError, TypeCount};
 
@@ -29,17 +26,7 @@ pub mod policy;
 pub mod steps;
 
 pub use crate::warehouse::runs::{RunEnd, Trigger};
-pub use steps::{Step, StepContext};
-
-/// What a run needs from the service: the database, the sync settings and the queue settings.
-#[derive(Clone)]
-pub struct SyncContext {
-    pub pool: PgPool,
-    pub settings: SyncSettings,
-    pub queue: QueueSettings,
-    /// The analytics views every run refreshes once its files are loaded (empty: none).
-    pub views: Arc<ViewSet>,
-}
+pub use steps::{Step, SyncContext};
 
 /// What a successful run did.
 #[derive(Debug, Clone)]
@@ -176,14 +163,7 @@ pub async fn run_job_with(
         run_id,
         error,
     };
-    let steps = StepContext::new(
-        ctx.pool.clone(),
-        ctx.settings.clone(),
-        ctx.queue.clone(),
-        Vec::new(),
-    );
-    steps.register_job(job.clone());
-    steps.set_views(ctx.views.clone());
+    let steps = ctx.foreground(job);
     let started = Instant::now();
     let run_id = enqueue_run(&steps, job, Trigger::Manual, None, options.full)
         .await
@@ -243,7 +223,7 @@ pub async fn run_job_with(
 /// Creates a queued run and queues its kick-off. `None` when another process already created
 /// the run for the same tick.
 pub async fn enqueue_run(
-    steps: &StepContext,
+    steps: &SyncContext,
     job: &JobConfig,
     trigger: Trigger,
     scheduled_for: Option<time::OffsetDateTime>,

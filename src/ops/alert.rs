@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use crate::backoff::Backoff;
 use crate::config::{Delivery, JobConfig, Webhook, WebhookUrl};
-use crate::sync::{StepContext, error_chain};
+use crate::sync::{SyncContext, error_chain};
 use crate::warehouse::runs::{self, RunStatus};
 
 /// How often `serve` looks for jobs without a recent success.
@@ -161,7 +161,7 @@ pub async fn flush(limit: Duration) -> bool {
 /// two writes, possibly by two processes: a process that fails a run and dies is covered by
 /// whichever process sweeps next, and the claim (the `alert_sent` insert) makes each alert go
 /// out once however many processes sweep. Returns the runs whose alerts this call claimed.
-pub async fn sweep_failed_runs(ctx: &StepContext) -> sqlx::Result<Vec<i64>> {
+pub async fn sweep_failed_runs(ctx: &SyncContext) -> sqlx::Result<Vec<i64>> {
     let mut claimed = Vec::new();
     for (run_id, job) in runs::failed_runs_without_alert(&ctx.pool, SWEEP_HOURS).await? {
         // A job this process does not know may be another process's to alert for.
@@ -179,7 +179,7 @@ pub async fn sweep_failed_runs(ctx: &StepContext) -> sqlx::Result<Vec<i64>> {
 /// Sends the `run_failed` alert of run `run_id` and waits for the delivery to end. `true` when
 /// this call claimed the alert; `false` when the job wants no such alert or the alert was
 /// already claimed (by another process, or an earlier call).
-pub async fn notify_run_failed(ctx: &StepContext, run_id: i64) -> sqlx::Result<bool> {
+pub async fn notify_run_failed(ctx: &SyncContext, run_id: i64) -> sqlx::Result<bool> {
     let (job, error, retryable, started_at, finished_at): (
         String,
         Option<String>,
@@ -283,7 +283,7 @@ pub async fn check_staleness(
 
 /// Runs [`sweep_failed_runs`] every [`SWEEP_INTERVAL`] and [`check_staleness`] every
 /// [`CHECK_INTERVAL`] until `shutdown`.
-pub fn spawn_alerting(ctx: Arc<StepContext>, shutdown: CancellationToken) -> JoinHandle<()> {
+pub fn spawn_alerting(ctx: Arc<SyncContext>, shutdown: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

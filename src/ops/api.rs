@@ -20,7 +20,7 @@ use sqlx::PgPool;
 
 use super::http::OpsState;
 use super::report::{self, JobOverview, RunFilter, RunSummary};
-use crate::sync::{self, CancelOutcome, SyncContext, SyncError, Trigger};
+use crate::sync::{self, CancelOutcome, SyncError, Trigger};
 use crate::warehouse::MIGRATOR;
 use crate::warehouse::runs::RunStatus;
 
@@ -528,14 +528,8 @@ async fn cancel_run(
     tracing::info!(run.id = id, "run cancelled through the ops API");
     // The run is cancelled; what is left is deleting its export on the FHIR server, which
     // `cancel_run` does (its own cancel transition is now a no-op).
-    let ctx = SyncContext {
-        pool: pool.clone(),
-        settings: state.steps.settings.clone(),
-        queue: state.settings.queue.clone(),
-        views: state.steps.views(),
-    };
     let jobs: Vec<_> = state.steps.jobs().iter().map(|j| (**j).clone()).collect();
-    let (export, message) = match sync::cancel_run(&ctx, &jobs, id).await {
+    let (export, message) = match sync::cancel_run(&state.steps, &jobs, id).await {
         Ok(CancelOutcome::Deleted) => ("deleted", "the export was deleted on the FHIR server"),
         Ok(CancelOutcome::AlreadyDeleted) => (
             "already_deleted",

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{AuthMethod, JobConfig, Settings};
 use crate::smart;
-use crate::sync::StepContext;
+use crate::sync::SyncContext;
 
 /// How long an EHR may cache the JWKS. Short, so a newly added key is seen soon; SMART says the
 /// server must not cache longer than this.
@@ -59,7 +59,7 @@ pub fn jwks_of(jobs: &[Arc<JobConfig>]) -> Result<JwkSet, String> {
 #[derive(Clone)]
 pub struct OpsState {
     /// The database, the configured jobs and the queue (to start and cancel runs).
-    pub steps: Arc<StepContext>,
+    pub steps: Arc<SyncContext>,
     /// The service settings `serve` runs with (`ops.api_token` decides whether routes need it).
     pub settings: Arc<Settings>,
     /// The public keys of every job, served at `/.well-known/jwks.json`.

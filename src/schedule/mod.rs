@@ -16,7 +16,7 @@ use croner::parser::{CronParser, Seconds};
 use tokio_cron_scheduler::{Job, JobScheduler};
 
 use crate::config::{JobConfig, Overlap, ScheduleConfig};
-use crate::sync::{self, StepContext, SyncError, Trigger};
+use crate::sync::{self, SyncContext, SyncError, Trigger};
 use crate::warehouse::runs;
 
 /// What a tick did.
@@ -102,7 +102,7 @@ fn occurrence(
 
 /// Handles one tick of `job` that fired at `fired_at`.
 pub async fn tick(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     job: &JobConfig,
     fired_at: time::OffsetDateTime,
 ) -> Result<TickOutcome, SyncError> {
@@ -134,7 +134,7 @@ pub async fn tick(
 /// before, and nothing started since that tick), start one run for it now. One, however many
 /// ticks were missed: each run exports everything since the watermark anyway.
 pub async fn catch_up(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     job: &JobConfig,
     now: time::OffsetDateTime,
 ) -> Result<Option<i64>, SyncError> {
@@ -160,7 +160,7 @@ pub async fn catch_up(
 }
 
 /// Starts the scheduler for every enabled job with a schedule.
-pub async fn start(ctx: Arc<StepContext>) -> anyhow::Result<JobScheduler> {
+pub async fn start(ctx: Arc<SyncContext>) -> anyhow::Result<JobScheduler> {
     let scheduler = JobScheduler::new().await?;
     for job in ctx.jobs() {
         let Some(schedule) = job.schedule.clone() else {

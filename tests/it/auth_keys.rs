@@ -1,7 +1,7 @@
 //! Client keys in real runs: ES384 end to end, keys from a PEM file or an environment variable,
 //! the optional `jku` header, and rotation between several published keys.
 
-use fhir_sync::config::{KeyConfig, KeySource, SyncSettings};
+use fhir_sync::config::{KeyConfig, KeySource};
 use fhir_sync::fake::{Dataset, FakeFhirServer};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
 use fhir_sync::sync::{self, SyncContext, error_chain};
@@ -55,12 +55,12 @@ async fn run_job_file(
 ) -> Result<sync::RunReport, String> {
     let path = jobs.write_job("filejob", fake, auth);
     let job = fhir_sync::config::load_job(&path).map_err(|e| e.to_string())?;
-    let ctx = SyncContext {
-        pool: db.pool.clone(),
-        settings: SyncSettings { ..sync_settings() },
-        queue: crate::helpers::queue_settings(),
-        views: Default::default(),
-    };
+    let ctx = SyncContext::new(
+        db.pool.clone(),
+        sync_settings(),
+        crate::helpers::queue_settings(),
+        Vec::new(),
+    );
     sync::run_job(&ctx, &job, sync::RunOptions { full: true })
         .await
         .map_err(|e| error_chain(&e))

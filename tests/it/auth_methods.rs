@@ -21,12 +21,12 @@ async fn run_file(
 ) -> Result<sync::RunReport, (String, bool)> {
     let path = jobs.write_job("job", fake, auth);
     let job = fhir_sync::config::load_job(&path).map_err(|e| (e.to_string(), false))?;
-    let ctx = SyncContext {
-        pool: db.pool.clone(),
-        settings: sync_settings(),
-        queue: crate::helpers::queue_settings(),
-        views: Default::default(),
-    };
+    let ctx = SyncContext::new(
+        db.pool.clone(),
+        sync_settings(),
+        crate::helpers::queue_settings(),
+        Vec::new(),
+    );
     sync::run_job(&ctx, &job, sync::RunOptions { full: true })
         .await
         .map_err(|e| (error_chain(&e), e.error.is_retryable()))

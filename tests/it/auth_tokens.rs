@@ -6,7 +6,7 @@ use std::collections::HashSet;
 
 use fhir_sync::config::MissingScopePolicy;
 use fhir_sync::fake::{ExpiresIn, FakeOptions};
-use fhir_sync::sync::{self, SyncContext, error_chain};
+use fhir_sync::sync::{self, error_chain};
 use secrecy::ExposeSecret;
 
 use crate::helpers::{TestEnv, sync_settings};
@@ -81,13 +81,10 @@ async fn a_token_revoked_mid_download_is_renewed_once() {
         },
     )
     .await;
-    let ctx = SyncContext {
-        settings: fhir_sync::config::SyncSettings {
-            max_parallel_downloads: 1,
-            ..sync_settings()
-        },
-        ..env.ctx()
-    };
+    let ctx = env.ctx_with(fhir_sync::config::SyncSettings {
+        max_parallel_downloads: 1,
+        ..sync_settings()
+    });
     sync::run_job(&ctx, &env.job, sync::RunOptions { full: true })
         .await
         .expect("the run survives the revocation");
@@ -109,13 +106,10 @@ async fn many_concurrent_downloads_share_one_renewal() {
         },
     )
     .await;
-    let ctx = SyncContext {
-        settings: fhir_sync::config::SyncSettings {
-            max_parallel_downloads: 8,
-            ..sync_settings()
-        },
-        ..env.ctx()
-    };
+    let ctx = env.ctx_with(fhir_sync::config::SyncSettings {
+        max_parallel_downloads: 8,
+        ..sync_settings()
+    });
     let report = sync::run_job(&ctx, &env.job, sync::RunOptions { full: true })
         .await
         .expect("the run succeeds");

@@ -16,12 +16,12 @@ async fn a_sync_through_the_bench_fake_server_process_loads_what_it_serves() {
     let db = TestDb::new().await;
     let pem = smart::generate(SigningAlgorithm::RS384).unwrap();
     let key = SigningKey::from_pem(&pem, SigningAlgorithm::RS384, None, "test key").unwrap();
-    let ctx = SyncContext {
-        pool: db.pool.clone(),
-        settings: sync_settings(),
-        queue: queue_settings(),
-        views: Default::default(),
-    };
+    let ctx = SyncContext::new(
+        db.pool.clone(),
+        sync_settings(),
+        queue_settings(),
+        Vec::new(),
+    );
     let exe = Path::new(env!("CARGO_BIN_EXE_fhir-sync"));
     let spec = FakeSpec {
         seed: 5,

@@ -1,6 +1,8 @@
 //! Shared pieces of the export tests: settings that retry without waiting, and checks that the
 //! warehouse holds exactly the fake server's data set.
 
+use std::sync::Arc;
+
 use std::collections::BTreeSet;
 
 use fhir_sync::config::SyncSettings;
@@ -37,13 +39,8 @@ pub async fn env_with(patients: usize, faults: Faults) -> TestEnv {
     env
 }
 
-pub fn ctx(env: &TestEnv, settings: SyncSettings) -> SyncContext {
-    SyncContext {
-        pool: env.db.pool.clone(),
-        settings,
-        queue: crate::helpers::queue_settings(),
-        views: Default::default(),
-    }
+pub fn ctx(env: &TestEnv, settings: SyncSettings) -> Arc<SyncContext> {
+    env.ctx_with(settings)
 }
 
 /// Runs the env's job with [`retry_fast_settings`].

@@ -1,5 +1,7 @@
 //! Test harness: a throwaway database per test and a ready-to-run sync environment.
 
+use std::sync::Arc;
+
 use std::str::FromStr;
 
 use fhir_sync::config::{JobConfig, SyncSettings};
@@ -165,13 +167,13 @@ impl TestEnv {
         }
     }
 
-    pub fn ctx(&self) -> SyncContext {
-        SyncContext {
-            pool: self.db.pool.clone(),
-            settings: sync_settings(),
-            queue: queue_settings(),
-            views: Default::default(),
-        }
+    pub fn ctx(&self) -> Arc<SyncContext> {
+        self.ctx_with(sync_settings())
+    }
+
+    /// A runtime context with these sync settings.
+    pub fn ctx_with(&self, settings: SyncSettings) -> Arc<SyncContext> {
+        SyncContext::new(self.db.pool.clone(), settings, queue_settings(), Vec::new())
     }
 
     /// A full export (ignoring the watermark), through the queue, to its end.

@@ -388,7 +388,7 @@ async fn ops_server(
         ops,
         ..fhir_sync::config::Settings::default()
     };
-    let steps = fhir_sync::sync::StepContext::new(
+    let steps = fhir_sync::sync::SyncContext::new(
         env.db.pool.clone(),
         crate::helpers::sync_settings(),
         crate::helpers::queue_settings(),

@@ -13,7 +13,7 @@ use axum::routing::post;
 use fhir_sync::config::{AlertConfig, Delivery, Webhook, WebhookSource};
 use fhir_sync::fake::Faults;
 use fhir_sync::ops::alert::{self, Stale};
-use fhir_sync::sync::StepContext;
+use fhir_sync::sync::SyncContext;
 use secrecy::SecretString;
 use serde_json::Value;
 use time::OffsetDateTime;
@@ -132,8 +132,8 @@ async fn fail_and_sweep(env: &TestEnv) -> fhir_sync::sync::RunFailed {
 }
 
 /// A second process's view of the same database and jobs.
-fn other_process(env: &TestEnv) -> Arc<StepContext> {
-    StepContext::new(
+fn other_process(env: &TestEnv) -> Arc<SyncContext> {
+    SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         queue_settings(),

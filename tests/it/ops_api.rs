@@ -8,7 +8,7 @@ use fhir_sync::config::{JobConfig, OpsSettings, Settings};
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::ops::http::{OpsState, router, serve};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
-use fhir_sync::sync::{self, RunOptions, StepContext};
+use fhir_sync::sync::{self, RunOptions, SyncContext};
 use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ const BROKEN_DIAGNOSTICS: &str = "the export job ran out of disk";
 /// An ops server on 127.0.0.1:0 in this process, stopped when dropped.
 struct Ops {
     base: String,
-    steps: Arc<StepContext>,
+    steps: Arc<SyncContext>,
     shutdown: CancellationToken,
     http: reqwest::Client,
 }
@@ -36,7 +36,7 @@ impl Ops {
             },
             ..Settings::default()
         };
-        let steps = StepContext::new(pool, sync_settings(), queue_settings(), jobs.clone());
+        let steps = SyncContext::new(pool, sync_settings(), queue_settings(), jobs.clone());
         let jobs: Vec<_> = jobs.into_iter().map(Arc::new).collect();
         let state = OpsState {
             steps: steps.clone(),

@@ -29,7 +29,7 @@ async fn every_key_of_every_signing_job_is_published_anonymously_with_a_cache_li
     let (addr, server) = fhir_sync::ops::http::serve(
         "127.0.0.1:0".parse().unwrap(),
         fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
-            steps: fhir_sync::sync::StepContext::new(
+            steps: fhir_sync::sync::SyncContext::new(
                 env.db.pool.clone(),
                 Default::default(),
                 Default::default(),

@@ -13,7 +13,7 @@ use fhir_sync::config::JobConfig;
 use fhir_sync::fake::{FakeOptions, Faults};
 use fhir_sync::metrics;
 use fhir_sync::ops::http::{OpsState, router, serve};
-use fhir_sync::sync::{self, Step, StepContext, Trigger};
+use fhir_sync::sync::{self, Step, SyncContext, Trigger};
 use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, load_ndjson};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -131,7 +131,7 @@ impl Scrape {
 /// Scrapes `/metrics` from the ops router serving `pool` with `jobs` configured.
 async fn scrape(pool: &PgPool, jobs: Vec<JobConfig>) -> (u16, String, String) {
     let state = OpsState {
-        steps: StepContext::new(pool.clone(), Default::default(), Default::default(), jobs),
+        steps: SyncContext::new(pool.clone(), Default::default(), Default::default(), jobs),
         settings: Arc::new(Default::default()),
         jwks: Arc::new(jsonwebtoken::jwk::JwkSet { keys: Vec::new() }),
     };
@@ -549,7 +549,7 @@ async fn queue_depth_oldest_step_and_active_runs_are_read_from_the_database() {
     );
 
     // A queued run with no worker: its kick-off is due, and a poll is queued for later.
-    let steps = StepContext::new(
+    let steps = SyncContext::new(
         env.db.pool.clone(),
         Default::default(),
         Default::default(),
@@ -767,10 +767,7 @@ async fn without_a_database_the_scrape_still_answers_with_database_up_0() {
 async fn each_analytics_view_reports_its_state_rows_and_pending_runs() {
     let env = TestEnv::new(5, TestEnv::fast()).await;
     let views = crate::views::shipped_views();
-    let ctx = sync::SyncContext {
-        views: Arc::new(views.clone()),
-        ..env.ctx()
-    };
+    let ctx = env.ctx().with_views(Arc::new(views.clone()));
     sync::run_job(&ctx, &env.job, sync::RunOptions { full: true })
         .await
         .unwrap();

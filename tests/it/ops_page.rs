@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use fhir_sync::config::ScheduleConfig;
 use fhir_sync::fake::{Dataset, FakeFhirServer, FakeOptions, Faults};
 use fhir_sync::smart::{SigningAlgorithm, SigningKey};
-use fhir_sync::sync::{self, RunOptions, StepContext, Trigger};
+use fhir_sync::sync::{self, RunOptions, SyncContext, Trigger};
 use fhir_sync::warehouse::runs as state;
 use fhir_sync::warehouse::{FileKind, FileTarget, LoadLimits, load_ndjson};
 use serde_json::json;
@@ -91,7 +91,7 @@ async fn the_status_page_shows_jobs_failures_and_the_running_runs_progress_in_a_
     let (addr, server) = fhir_sync::ops::http::serve(
         "127.0.0.1:0".parse().unwrap(),
         fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
-            steps: StepContext::new(
+            steps: SyncContext::new(
                 env.db.pool.clone(),
                 Default::default(),
                 Default::default(),

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use fhir_sync::fake::FakeOptions;
-use fhir_sync::sync::{self, StepContext, Trigger};
+use fhir_sync::sync::{self, SyncContext, Trigger};
 
 use crate::helpers::{TestEnv, eventually, queue_settings, sync_settings};
 
@@ -155,7 +155,7 @@ async fn two_serve_processes_start_one_run_per_tick() {
 /// Starts a run from the test (no workers here) of a data set big enough that loading takes a
 /// while, and returns its id.
 async fn queue_big_run(env: &TestEnv) -> i64 {
-    let ctx = StepContext::new(
+    let ctx = SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         queue_settings(),

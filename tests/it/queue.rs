@@ -2,7 +2,7 @@
 
 use fhir_sync::config::Overlap;
 use fhir_sync::schedule::{self, TickOutcome};
-use fhir_sync::sync::{StepContext, Trigger};
+use fhir_sync::sync::{SyncContext, Trigger};
 use fhir_sync::warehouse::runs as state;
 
 use crate::helpers::{TestEnv, queue_settings, sync_settings};
@@ -103,8 +103,8 @@ async fn a_failed_run_leaves_the_watermark_where_it_was() {
     );
 }
 
-fn steps(env: &TestEnv) -> std::sync::Arc<StepContext> {
-    let ctx = StepContext::new(
+fn steps(env: &TestEnv) -> std::sync::Arc<SyncContext> {
+    let ctx = SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         queue_settings(),
@@ -307,7 +307,7 @@ async fn a_panicking_step_fails_its_run_and_the_workers_go_on() {
     let mut broken = env.job.clone();
     broken.name = "broken".into();
     broken.export.poll_min_interval_seconds = f64::NAN;
-    let ctx = StepContext::new(
+    let ctx = SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         queue_settings(),

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use fhir_sync::queue::{self, Pushed, QueueSettings, TaskQueue};
-use fhir_sync::sync::{self, RunOptions, StepContext, Trigger};
+use fhir_sync::sync::{self, RunOptions, SyncContext, Trigger};
 
 use crate::helpers::{TestDb, TestEnv, eventually, queue_settings, sync_settings};
 
@@ -124,7 +124,7 @@ async fn steps_queued_by_another_process_start_without_waiting_for_a_heartbeat()
         heartbeat_interval_seconds: 60,
         ..queue_settings()
     };
-    let workers = StepContext::new(
+    let workers = SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         slow_heartbeat.clone(),
@@ -138,7 +138,7 @@ async fn steps_queued_by_another_process_start_without_waiting_for_a_heartbeat()
         Duration::from_secs(5),
     ));
     // "Another process": a separate context that only queues.
-    let producer = StepContext::new(
+    let producer = SyncContext::new(
         env.db.pool.clone(),
         sync_settings(),
         slow_heartbeat,
@@ -169,7 +169,7 @@ async fn a_step_queued_before_the_workers_start_runs_without_waiting_for_a_poll(
         poll_interval_ms: 60_000,
         ..queue_settings()
     };
-    let ctx = StepContext::new(env.db.pool.clone(), sync_settings(), slow_poll, Vec::new());
+    let ctx = SyncContext::new(env.db.pool.clone(), sync_settings(), slow_poll, Vec::new());
     ctx.register_job(env.job.clone());
     let run_id = sync::enqueue_run(&ctx, &env.job, Trigger::Manual, None, true)
         .await

@@ -11,16 +11,11 @@ use fhir_sync::smart::{SigningAlgorithm, SigningKey};
 use fhir_sync::sync::{self, RunOptions, SyncContext};
 use fhir_sync::views::ViewSet;
 
-use crate::helpers::{TestEnv, queue_settings, sync_settings};
+use crate::helpers::TestEnv;
 use crate::views::{assert_equals_rebuild, shipped_views};
 
-fn ctx(env: &TestEnv, views: &ViewSet) -> SyncContext {
-    SyncContext {
-        pool: env.db.pool.clone(),
-        settings: sync_settings(),
-        queue: queue_settings(),
-        views: Arc::new(views.clone()),
-    }
+fn ctx(env: &TestEnv, views: &ViewSet) -> Arc<SyncContext> {
+    env.ctx().with_views(Arc::new(views.clone()))
 }
 
 /// Each view's state: (name, status, last run applied).

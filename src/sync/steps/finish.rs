@@ -2,11 +2,11 @@
 //! there loses nothing and is only logged), then the run is marked succeeded and the
 //! watermark advanced in one transaction.
 
-use super::{StepContext, job_of, load_run};
+use super::{SyncContext, job_of, load_run};
 use crate::sync::{SyncError, error_chain};
 use crate::warehouse::runs::{self, RunStatus};
 
-pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+pub(super) async fn run(ctx: &SyncContext, run_id: i64) -> Result<(), SyncError> {
     let run = load_run(ctx, run_id).await?;
     if run.status != RunStatus::Completing {
         return Ok(());

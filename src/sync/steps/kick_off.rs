@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use super::{
-    BUSY_WAIT, Step, StepContext, add_retries, is_unique_violation, job_of, load_run, queue_next,
+    BUSY_WAIT, Step, SyncContext, add_retries, is_unique_violation, job_of, load_run, queue_next,
 };
 use crate::bulk::ExportError;
 use crate::config::JobConfig;
@@ -45,7 +45,7 @@ pub(super) fn since_of(run: &RunRow, job: &JobConfig, watermark: Option<String>)
 }
 
 pub(super) async fn run(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     run_id: i64,
     seq: u32,
     attempt: u32,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use super::{SourceSlot, Step, StepContext, add_retries, file_done, job_of, load_run, queue_next};
+use super::{SourceSlot, Step, SyncContext, add_retries, file_done, job_of, load_run, queue_next};
 use crate::bulk::ManifestFile;
 use crate::config::JobConfig;
 use crate::sync::SyncError;
@@ -20,7 +20,7 @@ use crate::warehouse::FileTarget;
 use crate::warehouse::runs::{self, FileRow, FileStatus, RunRow, RunStatus};
 
 pub(super) async fn run(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     run_id: i64,
     file_id: i64,
     seq: u32,
@@ -101,7 +101,7 @@ pub(super) async fn run(
     file_done(ctx, run_id, file.kind).await
 }
 
-async fn release(ctx: &StepContext, file_id: i64, owner: &str) -> Result<(), SyncError> {
+async fn release(ctx: &SyncContext, file_id: i64, owner: &str) -> Result<(), SyncError> {
     ctx.leases().remove(&file_id);
     runs::release_file(&ctx.pool, file_id, owner).await?;
     Ok(())
@@ -110,7 +110,7 @@ async fn release(ctx: &StepContext, file_id: i64, owner: &str) -> Result<(), Syn
 /// Downloads and loads one file (the download retries, refreshes expired links and resumes
 /// on its own; its failure reaches the queue handler already retried).
 async fn load(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     job: &JobConfig,
     run: &RunRow,
     file: &FileRow,

@@ -200,7 +200,7 @@ pub fn next_for(status: RunStatus) -> Next {
 }
 
 /// Everything a worker needs to execute steps. Shared by all workers of a process.
-pub struct StepContext {
+pub struct SyncContext {
     pub pool: PgPool,
     pub settings: SyncSettings,
     pub queue: TaskQueue<Step>,
@@ -217,11 +217,11 @@ pub struct StepContext {
     stopping: CancellationToken,
     /// File leases this process holds (file id → lease owner), handed back at shutdown.
     leases: std::sync::Mutex<HashMap<i64, String>>,
-    /// The analytics views every run refreshes (none until [`StepContext::set_views`]).
+    /// The analytics views every run refreshes (none until [`SyncContext::set_views`]).
     views: std::sync::RwLock<Arc<ViewSet>>,
 }
 
-impl StepContext {
+impl SyncContext {
     pub fn new(
         pool: PgPool,
         settings: SyncSettings,
@@ -229,7 +229,7 @@ impl StepContext {
         jobs: Vec<JobConfig>,
     ) -> Arc<Self> {
         let queue = TaskQueue::new(pool.clone(), QUEUE, queue_settings);
-        Arc::new(StepContext {
+        Arc::new(SyncContext {
             pool,
             settings,
             queue,
@@ -249,6 +249,26 @@ impl StepContext {
     /// Sets the analytics views the runs of this process refresh.
     pub fn set_views(&self, views: Arc<ViewSet>) {
         *self.views.write().unwrap_or_else(|e| e.into_inner()) = views;
+    }
+
+    /// This context with `views` set (see [`SyncContext::set_views`]).
+    pub fn with_views(self: Arc<Self>, views: Arc<ViewSet>) -> Arc<Self> {
+        self.set_views(views);
+        self
+    }
+
+    /// A context for driving one run of `job` in the foreground (`run_job`): the same
+    /// database, settings and views, with workers, leases and sessions of its own, so that
+    /// stopping them when the run ends stops nothing else.
+    pub fn foreground(&self, job: &JobConfig) -> Arc<Self> {
+        let ctx = SyncContext::new(
+            self.pool.clone(),
+            self.settings.clone(),
+            self.queue.settings().clone(),
+            vec![job.clone()],
+        );
+        ctx.set_views(self.views());
+        ctx
     }
 
     pub fn views(&self) -> Arc<ViewSet> {
@@ -320,7 +340,7 @@ impl StepContext {
 /// finish for up to `grace`, then stops the loads still running (their files go back on the
 /// queue) and hands back every file lease.
 pub async fn run_workers(
-    ctx: Arc<StepContext>,
+    ctx: Arc<SyncContext>,
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
@@ -358,8 +378,8 @@ pub async fn run_workers(
 
 /// The queue handler. It never returns an error to apalis: each failure becomes the retry
 /// policy's directive here, and a panic fails the run instead of the worker.
-async fn handle_step(step: Step, ctx: Data<Arc<StepContext>>) -> Result<(), BoxDynError> {
-    let ctx: Arc<StepContext> = (*ctx).clone();
+async fn handle_step(step: Step, ctx: Data<Arc<SyncContext>>) -> Result<(), BoxDynError> {
+    let ctx: Arc<SyncContext> = (*ctx).clone();
     let _slot = FreedOnDrop(&ctx.queue);
     let run_id = step.run_id();
     // `job.name` is filled in by `load_run`, the first thing every step does, so every line a
@@ -461,7 +481,7 @@ impl Drop for FreedOnDrop<'_> {
 
 /// Pushes a step, retrying the push itself for a while: it fails when the database is away,
 /// and a step that is never pushed leaves its run waiting until the next `serve` start-up.
-async fn push_patiently(ctx: &StepContext, step: Step, delay: Duration) -> bool {
+async fn push_patiently(ctx: &SyncContext, step: Step, delay: Duration) -> bool {
     let backoff = policy::DATABASE_BACKOFF;
     for attempt in 1..=policy::DATABASE_TRIES {
         match ctx.push(step.clone(), delay).await {
@@ -475,7 +495,7 @@ async fn push_patiently(ctx: &StepContext, step: Step, delay: Duration) -> bool 
     false
 }
 
-async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
+async fn execute(ctx: &SyncContext, step: Step) -> Result<(), SyncError> {
     match step {
         Step::KickOff {
             run_id,
@@ -500,13 +520,13 @@ async fn execute(ctx: &StepContext, step: Step) -> Result<(), SyncError> {
 
 /// Reads the run a step is about and names its job on the step's span (the queue task only
 /// carries the run id). Call it once per step: a span shows each recording of a field.
-async fn load_run(ctx: &StepContext, run_id: i64) -> Result<RunRow, SyncError> {
+async fn load_run(ctx: &SyncContext, run_id: i64) -> Result<RunRow, SyncError> {
     let run = runs::load(&ctx.pool, run_id).await?;
     tracing::Span::current().record("job.name", run.job.as_str());
     Ok(run)
 }
 
-fn job_of(ctx: &StepContext, run: &RunRow) -> Result<Arc<JobConfig>, SyncError> {
+fn job_of(ctx: &SyncContext, run: &RunRow) -> Result<Arc<JobConfig>, SyncError> {
     ctx.job(&run.job)
         .ok_or_else(|| SyncError::JobNotConfigured {
             job: run.job.clone(),
@@ -514,7 +534,7 @@ fn job_of(ctx: &StepContext, run: &RunRow) -> Result<Arc<JobConfig>, SyncError> 
 }
 
 /// Adds the retries a step's requests made to the run's count.
-async fn add_retries(ctx: &StepContext, run_id: i64, retries: &AtomicU64) -> Result<(), SyncError> {
+async fn add_retries(ctx: &SyncContext, run_id: i64, retries: &AtomicU64) -> Result<(), SyncError> {
     let count = retries.load(Ordering::Relaxed);
     if count > 0 {
         runs::add_retries(&ctx.pool, run_id, count).await?;
@@ -527,7 +547,7 @@ async fn add_retries(ctx: &StepContext, run_id: i64, retries: &AtomicU64) -> Res
 /// away between them), the step is retried, finds the state already moved, and lands here.
 /// The step chain pushes with `seq` 0 (the first key of each step), so when the step was
 /// queued after all this adds nothing; recovery passes a fresh `seq`.
-async fn queue_next(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
+async fn queue_next(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
     let Some(status) = runs::status(&ctx.pool, run_id).await? else {
         return Ok(());
     };
@@ -570,7 +590,7 @@ async fn queue_next(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), Sync
 }
 
 async fn push_load(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     run_id: i64,
     file_id: i64,
     seq: u32,
@@ -589,7 +609,7 @@ async fn push_load(
 
 /// Moves a run whose files are all loaded to `completing` and queues its views' refresh, which
 /// queues the finish.
-async fn finish_if_done(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
+async fn finish_if_done(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
     runs::all_files_loaded(&ctx.pool, run_id).await?;
     if runs::status(&ctx.pool, run_id).await? == Some(RunStatus::Completing) {
         ctx.push(
@@ -610,7 +630,7 @@ async fn finish_if_done(ctx: &StepContext, run_id: i64, seq: u32) -> Result<(), 
 /// last of them (an export's output lists what existed at its transactionTime, so this run's
 /// output must load before this run's deletions of the same resources), and are queued once,
 /// by whichever file finished last. So a run's queue work is linear in its files.
-async fn file_done(ctx: &StepContext, run_id: i64, kind: FileKind) -> Result<(), SyncError> {
+async fn file_done(ctx: &SyncContext, run_id: i64, kind: FileKind) -> Result<(), SyncError> {
     let (others_left, deletions_left) = runs::files_left(&ctx.pool, run_id).await?;
     if others_left > 0 {
         return Ok(());
@@ -668,7 +688,7 @@ impl SourceSlot {
 /// for next ([`next_for`], the step chain's own rule) — its process died between changing the
 /// run's state and queueing the next step, or the queue lost the task. Steps are idempotent, so
 /// an extra push is harmless.
-pub async fn resume_stranded(ctx: &StepContext, idle: Duration) -> Result<usize, SyncError> {
+pub async fn resume_stranded(ctx: &SyncContext, idle: Duration) -> Result<usize, SyncError> {
     let stranded = runs::idle_unfinished_runs(&ctx.pool, idle.as_secs_f64()).await?;
     // A sequence number no earlier push used: the current time.
     let seq = time::OffsetDateTime::now_utc().unix_timestamp() as u32;

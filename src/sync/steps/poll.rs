@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use super::{POLL_ERRORS, Step, StepContext, add_retries, job_of, load_run, queue_next};
+use super::{POLL_ERRORS, Step, SyncContext, add_retries, job_of, load_run, queue_next};
 use crate::bulk::{ExportError, Manifest, PollPolicy, StatusCheck};
 use crate::metrics::{self, Endpoint};
 use crate::sync::SyncError;
@@ -64,7 +64,7 @@ fn after(
 }
 
 pub(super) async fn run(
-    ctx: &StepContext,
+    ctx: &SyncContext,
     run_id: i64,
     seq: u32,
     errors: u32,
@@ -147,7 +147,7 @@ pub(super) async fn run(
 }
 
 /// Registers the manifest's files and moves the run to loading.
-async fn register(ctx: &StepContext, run_id: i64, manifest: &Manifest) -> Result<(), SyncError> {
+async fn register(ctx: &SyncContext, run_id: i64, manifest: &Manifest) -> Result<(), SyncError> {
     if let Some(expires) = &manifest.expires {
         runs::expires(&ctx.pool, run_id, expires).await?;
     }

@@ -10,13 +10,13 @@
 
 use std::time::Duration;
 
-use super::{Step, StepContext, load_run};
+use super::{Step, SyncContext, load_run};
 use crate::sync::{SyncError, error_chain};
 use crate::views::ViewError;
 use crate::views::refresh::{self, Outcome};
 use crate::warehouse::runs::RunStatus;
 
-pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
+pub(super) async fn run(ctx: &SyncContext, run_id: i64) -> Result<(), SyncError> {
     let run = load_run(ctx, run_id).await?;
     if run.status != RunStatus::Completing {
         return Ok(());
