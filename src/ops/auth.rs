@@ -15,7 +15,7 @@ use base64::Engine;
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// The challenge every 401 carries: a script sends a bearer token, a browser asks for a
 /// password (the token) and sends Basic.

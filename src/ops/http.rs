@@ -19,9 +19,8 @@ use axum::routing::get;
 use jsonwebtoken::jwk::JwkSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AuthMethod, JobConfig, Settings};
+use crate::config::{AuthMethod, JobConfig};
 use crate::smart;
-use crate::sync::SyncContext;
 
 /// How long an EHR may cache the JWKS. Short, so a newly added key is seen soon; SMART says the
 /// server must not cache longer than this.
@@ -55,16 +54,7 @@ pub fn jwks_of(jobs: &[Arc<JobConfig>]) -> Result<JwkSet, String> {
     Ok(JwkSet { keys: unique })
 }
 
-/// What every ops handler can reach.
-#[derive(Clone)]
-pub struct OpsState {
-    /// The database, the configured jobs and the queue (to start and cancel runs).
-    pub steps: Arc<SyncContext>,
-    /// The service settings `serve` runs with (`ops.api_token` decides whether routes need it).
-    pub settings: Arc<Settings>,
-    /// The public keys of every job, served at `/.well-known/jwks.json`.
-    pub jwks: Arc<JwkSet>,
-}
+pub use super::state::OpsState;
 
 /// The ops routes. With an API token configured (`ops.api_token_file` or
 /// `FHIR_SYNC_OPS__API_TOKEN`), the API, the metrics and the status page require it; health,

@@ -14,7 +14,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use time::OffsetDateTime;
 
-use super::http::OpsState;
+use super::state::OpsState;
 pub use crate::metrics::install;
 use crate::warehouse::runs::RunStatus;
 

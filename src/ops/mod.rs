@@ -8,6 +8,7 @@ pub mod alert;
 pub mod api;
 pub mod auth;
 pub mod console;
+pub mod error;
 pub mod format;
 pub mod http;
 pub mod logging;
@@ -15,5 +16,6 @@ pub mod metrics;
 pub mod page;
 pub mod progress;
 pub mod report;
+pub mod state;
 
 pub use logging::init_logging;

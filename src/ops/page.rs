@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 use super::format::{
     excerpt, human_bytes, human_duration as duration, percent, relative, thousands,
 };
-use super::http::OpsState;
 use super::report::{self, FileDetail, JobOverview, RunDetail, RunFilter, RunSummary};
+use super::state::OpsState;
 use crate::views::materialise::ViewStatus;
 use crate::warehouse::FileKind;
 use crate::warehouse::runs::{FileStatus, RunStatus};
