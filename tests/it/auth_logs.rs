@@ -10,18 +10,7 @@ use crate::helpers::{Captured, TestEnv};
 // the fake server alike.
 #[tokio::test]
 async fn no_log_line_carries_a_secret() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    // With exactly one live dispatcher, tracing caches a callsite's interest from whichever
-    // thread hits it first; a second dispatcher makes it consult every one, so events of
-    // callsites first reached by other tests' threads are still seen here.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _logs) = Captured::start(tracing::Level::TRACE);
 
     let mut env = TestEnv::new(
         10,

@@ -22,16 +22,7 @@ async fn retry_after_is_clamped_and_progress_is_reported() {
     let mut env = TestEnv::new(3, options).await;
     env.job.export.poll_max_interval_seconds = 0.01;
     env.job.export.poll_default_interval_seconds = 3600.0;
-    let captured = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_writer(captured.clone())
-        .finish();
-    // See auth_logs.rs: a second dispatcher makes tracing consult this one for callsites
-    // other tests' threads reached first.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _logs) = Captured::start(tracing::Level::INFO);
     let report = tokio::time::timeout(HANG, run(&env))
         .await
         .expect("Retry-After is clamped to export.poll_max_interval_seconds")

@@ -221,6 +221,46 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
     }
 }
 
+impl Captured {
+    /// Captures this thread's log lines at `level` and above, without ANSI codes, until the
+    /// guard drops. Tests that read logs run on a current-thread runtime, so the fake server,
+    /// the client and their tasks all log on this thread.
+    pub fn start(level: tracing::Level) -> (Captured, CaptureGuard) {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(level)
+            .with_ansi(false)
+            .with_writer(captured.clone())
+            .finish();
+        (captured, capture_with(subscriber))
+    }
+}
+
+/// This thread's log subscriber while it lives (see [`capture_with`]).
+pub struct CaptureGuard {
+    // Dropped in this order: the thread's default first, then the second dispatcher.
+    _default: tracing::subscriber::DefaultGuard,
+    _second: tracing::Dispatch,
+}
+
+/// Makes `subscriber` this thread's until the guard drops.
+///
+/// With a single live dispatcher, tracing caches a callsite's interest from whichever thread
+/// hits it first: another test's thread would cache "never" and this test would miss those
+/// events. A second live dispatcher makes tracing ask every dispatcher each time, and the
+/// rebuild clears what was cached before this test started.
+pub fn capture_with(
+    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
+) -> CaptureGuard {
+    let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let default = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+    CaptureGuard {
+        _default: default,
+        _second: second,
+    }
+}
+
 /// A run with registered files, made the way a run makes them (created, kicked off, exporting,
 /// its manifest registered), for tests that drive the loader or the read model directly.
 /// `files` holds (kind, resource type, manifest count) per manifest entry; returns the run id

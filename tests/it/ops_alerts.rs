@@ -229,18 +229,7 @@ async fn a_receiver_that_fails_once_gets_the_alert_on_the_retry() {
 // delivery task too.
 #[tokio::test]
 async fn a_dead_receiver_never_holds_up_the_run_and_is_logged_by_host_only() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // See auth_logs.rs: a second dispatcher makes tracing consult this one for callsites
-    // other tests' threads reached first.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _logs) = Captured::start(tracing::Level::TRACE);
 
     // A port nothing listens on any more: every connection is refused.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -53,12 +53,7 @@ async fn json_logs_of_a_faulty_sync_carry_ids_and_no_secret_or_body() {
         move || writer.clone(),
         false,
     );
-    // With a single live dispatcher tracing caches a callsite's interest from whichever thread
-    // hits it first (another test's, which would cache "never"); a second one makes it ask
-    // every dispatcher, and the rebuild drops what was cached before this test started.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let _logs = crate::helpers::capture_with(subscriber);
 
     let mut env = TestEnv::new(
         10,

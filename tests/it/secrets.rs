@@ -8,19 +8,7 @@ use crate::helpers::{Captured, TestEnv};
 // this thread, so the thread-local subscriber sees every event of every crate.
 #[tokio::test(flavor = "current_thread")]
 async fn a_full_sync_logs_no_secret_at_trace_level() {
-    let capture = Captured::default();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(capture.clone())
-        .with_ansi(false)
-        .finish();
-    // With a single scoped dispatcher, tracing caches a callsite's interest from whichever
-    // thread hits it first; another test's thread would cache "never" and this test would miss
-    // those events. A second live dispatcher makes tracing ask every dispatcher each time, and
-    // the rebuild clears anything cached before this test started.
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (capture, _logs) = Captured::start(tracing::Level::TRACE);
 
     let env = TestEnv::new(10, TestEnv::fast()).await;
     env.run().await.expect("sync succeeds");
