@@ -35,6 +35,7 @@ mod ops_jwks;
 mod ops_logs;
 mod ops_metrics;
 mod ops_page;
+mod outside;
 mod pool;
 mod processes;
 mod queue;
