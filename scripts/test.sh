@@ -16,7 +16,7 @@
 # 2-core machine); otherwise it stops and says what to install.
 #
 # The outside-server test (tests/it/outside.rs) installs its server itself, from PyPI into
-# target/outside-servers/ with scripts/install-sekmet.sh (pinned with hashes; about 36 s the first
+# target/outside-servers/ with scripts/install-sekmet.sh (pinned with hashes; 21 to 36 s the first
 # time, then cached), so a filtered `cargo test` gets it too; this script needs no step for it.
 #
 # FHIR_SYNC_TEST_PG_PORT (default 5432) moves the probe, which exercises the throwaway-cluster path

@@ -352,6 +352,12 @@ async fn a_full_then_an_incremental_sync_from_sekmet_land_exactly_its_resources(
         Some(full.transaction_time.as_str())
     );
     assert_eq!(incremental.resources_loaded(), 2, "exactly the changes");
+    let per_type: BTreeMap<String, i64> = incremental
+        .types
+        .iter()
+        .map(|t| (t.resource_type.clone(), t.resources_loaded))
+        .collect();
+    assert_eq!(per_type, counts(&[("Observation", 1), ("Patient", 1)]));
     let changed: Vec<(String, String)> = sqlx::query_as(
         "SELECT resource_type, id FROM fhir_sync.resource
          WHERE source = 'sekmet' AND last_run_id = $1 ORDER BY resource_type, id",
@@ -384,12 +390,20 @@ async fn a_full_then_an_incremental_sync_from_sekmet_land_exactly_its_resources(
         counts(&[("Condition", 3), ("Observation", 11), ("Patient", 5)])
     );
 
-    let statuses: Vec<String> =
-        sqlx::query_scalar("SELECT status FROM fhir_sync.run WHERE job = 'sekmet' ORDER BY id")
-            .fetch_all(&db.pool)
-            .await
-            .unwrap();
-    assert_eq!(statuses, ["succeeded", "succeeded"]);
+    let runs: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT status, resources_loaded, lines_rejected FROM fhir_sync.run
+         WHERE job = 'sekmet' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        runs,
+        [
+            ("succeeded".to_string(), 18, 0),
+            ("succeeded".to_string(), 2, 0)
+        ]
+    );
 }
 
 /// The first deviation in docs/outside-servers.md, checked: with the scopes fhir-sync asks for by
