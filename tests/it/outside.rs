@@ -199,6 +199,23 @@ impl Sekmet {
         );
     }
 
+    /// The stored resource, as sekmet serves it (with its `meta`).
+    async fn get(&self, path: &str) -> Value {
+        let response = self
+            .http
+            .get(format!("{}/{path}", self.base_url))
+            .bearer_auth(&self.seed_token)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "GET {path}: {}",
+            response.status()
+        );
+        response.json().await.unwrap()
+    }
+
     async fn delete(&self, path: &str) {
         let response = self
             .http
@@ -430,4 +447,57 @@ async fn sekmet_refuses_a_system_export_to_per_type_scopes() {
             .await
             .unwrap();
     assert_eq!((status.as_str(), loaded), ("failed", 0));
+}
+
+/// The third deviation in docs/outside-servers.md, checked: sekmet compares `_since` with
+/// `meta.lastUpdated` as text, so one instant written two ways selects different resources.
+/// In UTC with milliseconds and `Z` (the form sekmet writes, and what the docs tell users to put
+/// in `export.since`) it is right; with an offset it drops a change made after it.
+#[tokio::test]
+async fn sekmet_compares_since_as_text_so_only_its_own_format_is_right() {
+    let db = TestDb::new().await;
+    let key_pem = smart::generate(SigningAlgorithm::RS384).unwrap();
+    let key = SigningKey::from_pem(&key_pem, SigningAlgorithm::RS384, None, "test key").unwrap();
+    let server = Sekmet::start(CLIENT_ID, serde_json::to_value(key.public_jwks()).unwrap()).await;
+    server.put(patient("p1", "Family1")).await;
+    let stored = server.get("Patient/p1").await;
+    let last_updated = stored["meta"]["lastUpdated"].as_str().unwrap();
+    // A second before the change, in two spellings of the same instant.
+    let before = fhir_sync::fhir::parse_instant(last_updated).unwrap() - time::Duration::seconds(1);
+    let spell = |t: time::OffsetDateTime, offset: &str| {
+        format!(
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}{offset}",
+            t.year(),
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.millisecond()
+        )
+    };
+    let in_utc = spell(before, "Z");
+    let with_offset = spell(
+        before.to_offset(time::UtcOffset::from_hms(1, 0, 0).unwrap()),
+        "+01:00",
+    );
+    assert_eq!(
+        fhir_sync::fhir::parse_instant(&in_utc),
+        fhir_sync::fhir::parse_instant(&with_offset)
+    );
+
+    // Two jobs, so that each one's first incremental run exports from its own `export.since`
+    // (incremental rather than full: for an incremental run an empty export is an ordinary one).
+    let mut loaded = BTreeMap::new();
+    for (name, since) in [("utc", &in_utc), ("offset", &with_offset)] {
+        let mut job = sekmet_job(&server, key_pem.clone());
+        job.name = format!("sekmet-{name}");
+        job.export.since = Some(since.clone());
+        let report = sync::run_job(&ctx(&db), &job, RunOptions { full: false })
+            .await
+            .unwrap_or_else(|e| panic!("run with since {since}: {e:?}\n{}", server.log()));
+        assert_eq!(report.since.as_deref(), Some(since.as_str()));
+        loaded.insert(name, report.resources_loaded());
+    }
+    assert_eq!(loaded, BTreeMap::from([("offset", 0), ("utc", 1)]));
 }
