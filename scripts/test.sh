@@ -15,6 +15,10 @@
 # Debian's chromium and chromium-driver packages quietly (about 40 s with apt-get update on a
 # 2-core machine); otherwise it stops and says what to install.
 #
+# The outside-server test (tests/it/outside.rs) installs its server itself, from PyPI into
+# target/outside-servers/ with scripts/install-sekmet.sh (pinned with hashes; 21 to 36 s the first
+# time, then cached), so a filtered `cargo test` gets it too; this script needs no step for it.
+#
 # FHIR_SYNC_TEST_PG_PORT (default 5432) moves the probe, which exercises the throwaway-cluster path
 # on a machine whose own server is running: FHIR_SYNC_TEST_PG_PORT=5499 scripts/test.sh
 set -euo pipefail

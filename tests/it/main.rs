@@ -1,5 +1,6 @@
 //! Integration tests: one binary, real PostgreSQL (a fresh database per test, dropped after),
-//! the in-process fake FHIR server on 127.0.0.1:0 per test.
+//! the in-process fake FHIR server on 127.0.0.1:0 per test (and, in `outside`, a FHIR server
+//! from outside the project, installed from PyPI).
 //!
 //! PostgreSQL comes from `DATABASE_URL` (set by `scripts/test.sh`), else 127.0.0.1:5432.
 
@@ -35,6 +36,7 @@ mod ops_jwks;
 mod ops_logs;
 mod ops_metrics;
 mod ops_page;
+mod outside;
 mod pool;
 mod processes;
 mod queue;
