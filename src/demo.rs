@@ -73,6 +73,8 @@ pub fn fake_job(base_url: url::Url, key_pem: SecretString) -> JobConfig {
             allow_insecure_http: false,
             token_url: None,
             file_origins: Vec::new(),
+            vendor: Default::default(),
+            headers: Default::default(),
         },
         auth: AuthConfig {
             client_id: CLIENT_ID.into(),
