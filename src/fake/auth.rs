@@ -631,7 +631,7 @@ pub(crate) fn scope_allows_read(scope: &str, resource_type: &str) -> bool {
 }
 
 /// An opaque access token: 256 random bits, hex-encoded.
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let bytes: [u8; 32] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use flate2::Compression;
@@ -64,7 +64,7 @@ pub(crate) struct ExportFile {
 pub(crate) async fn kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
     let pairs = query_pairs(&uri);
@@ -76,7 +76,7 @@ pub(crate) async fn group_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
     Path(group): Path<String>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
     let pairs = query_pairs(&uri);
@@ -87,7 +87,7 @@ pub(crate) async fn group_kick_off(
 pub(crate) async fn post_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -102,7 +102,7 @@ pub(crate) async fn group_post_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
     Path(group): Path<String>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {

@@ -281,6 +281,23 @@ impl FakeFhirServer {
             .insert(client_id.to_string(), jku.to_string());
     }
 
+    /// Issues an access token out of band, as a server's administrators do for clients that
+    /// authenticate with a static bearer token: valid for a day, for the read scopes given.
+    pub fn issue_static_token(&self, client_id: &str, scopes: &[&str]) -> String {
+        let token = auth::random_token();
+        let mut inner = self.state.lock();
+        inner.tokens.insert(
+            token.clone(),
+            state::IssuedToken {
+                client_id: client_id.to_string(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                expires_at: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            },
+        );
+        inner.issued_tokens.push(token.clone());
+        token
+    }
+
     /// Registers a client by its JWKS URL, as Epic backend apps are: the fake fetches the key
     /// set from `url` at every token request, so a key the client publishes there later (a
     /// rotation) is accepted without registering it again. Assertions may carry `url` as `jku`.
