@@ -284,12 +284,14 @@ const EPIC: Profile = Profile {
 
 const ORACLE_GROUP: &str = "https://docs.oracle.com/en/industries/health/millennium-platform-apis/mfbda/op-group-group_id-export-get.html";
 const ORACLE_STATUS: &str = "https://docs.oracle.com/en/industries/health/millennium-platform-apis/mfbda/op-bulk-export-jobs-job_id-get.html";
-const ORACLE_AUTH: &str = "https://docs.oracle.com/en/industries/health/millennium-platform-apis/fhir-authorization-framework/";
+const ORACLE_AUTH: &str = "https://docs.oracle.com/en/industries/health/millennium-platform-apis/millennium-authorization-framework";
+const ORACLE_BULK: &str = "https://docs.oracle.com/en/industries/health/millennium-platform-apis/mfbda/bulk_data_access.html";
 
 const ORACLE: Profile = Profile {
     vendor: Vendor::Oracle,
-    docs: &[ORACLE_GROUP, ORACLE_STATUS, ORACLE_AUTH],
-    levels: sourced(&[Level::Group, Level::Patient], ORACLE_GROUP),
+    docs: &[ORACLE_BULK, ORACLE_GROUP, ORACLE_STATUS, ORACLE_AUTH],
+    // "Oracle Cerner supports the Group Export operation and the Patient Export operation".
+    levels: sourced(&[Level::Group, Level::Patient], ORACLE_BULK),
     timeout_seconds: sourced(3 * 86_400, ORACLE_STATUS),
     // Status polls answer `Retry-After: 600`; honour it rather than poll ten times as often.
     poll_seconds: sourced((10.0, 600.0, 600.0), ORACLE_STATUS),
@@ -380,13 +382,14 @@ const BCDA: Profile = Profile {
 };
 
 const AB2D_PARAMS: &str = "https://ab2d.cms.gov/query-parameters-v2";
-const AB2D_ACCESS: &str = "https://ab2d.cms.gov/accessing-claims-data";
+const AB2D_ACCESS: &str = "https://ab2d.cms.gov/access-production-claims-data";
 
 const AB2D: Profile = Profile {
     vendor: Vendor::Ab2d,
     docs: &[AB2D_PARAMS, AB2D_ACCESS],
     levels: sourced(&[Level::Patient, Level::Group], AB2D_ACCESS),
-    timeout_seconds: sourced(86_400, AB2D_ACCESS),
+    // "If it takes more than 30 hours for a job to complete, the request will time out".
+    timeout_seconds: sourced(30 * 3600, AB2D_ACCESS),
     poll_seconds: sourced((1.0, 300.0, 10.0), AB2D_ACCESS),
     client_id_header: sourced(None, AB2D_ACCESS),
     scope_style: sourced(Scopes::Auto, AB2D_ACCESS),

@@ -255,7 +255,7 @@ async fn start_export(
             headers: &headers,
         };
         if let Err(refusal) = personality::check_kick_off(vendor, &inner, &token, &request) {
-            return refusal;
+            return *refusal;
         }
         if faults.one_export_at_a_time
             && inner

@@ -109,17 +109,17 @@ pub(crate) fn check_kick_off(
     inner: &Inner,
     token: &IssuedToken,
     request: &KickOffRequest<'_>,
-) -> Result<(), Response> {
+) -> Result<(), Box<Response>> {
     let profile = vendor.profile();
     if !profile.levels.value.contains(&request.level) {
-        return Err(outcome::error(
+        return Err(Box::new(outcome::error(
             StatusCode::BAD_REQUEST,
             "not-supported",
             &format!(
                 "{} level export is not supported by this server",
                 request.level.name()
             ),
-        ));
+        )));
     }
     if let Some(name) = profile.client_id_header.value {
         let sent = request
@@ -128,29 +128,29 @@ pub(crate) fn check_kick_off(
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v == token.client_id);
         if !sent {
-            return Err(outcome::error(
+            return Err(Box::new(outcome::error(
                 StatusCode::BAD_REQUEST,
                 "required",
                 &format!("the {name} header must carry the client id"),
-            ));
+            )));
         }
     }
     if vendor == Vendor::Oracle && request.pairs.iter().filter(|(n, _)| n == "_type").count() > 1 {
-        return Err(outcome::error(
+        return Err(Box::new(outcome::error(
             StatusCode::BAD_REQUEST,
             "not-supported",
             "repeated _type parameters are not supported; send one comma-separated _type",
-        ));
+        )));
     }
     if profile.since_with_offset.value
         && let Some((_, since)) = request.pairs.iter().find(|(n, _)| n == "_since")
         && since.ends_with(['Z', 'z'])
     {
-        return Err(outcome::error(
+        return Err(Box::new(outcome::error(
             StatusCode::BAD_REQUEST,
             "invalid",
             "_since must be a FHIR instant with a timezone offset (e.g. 2020-02-13T08:00:00.000-05:00)",
-        ));
+        )));
     }
     let busy = inner.exports.values().any(|e| {
         e.client_id == token.client_id
@@ -170,7 +170,7 @@ pub(crate) fn check_kick_off(
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, header::HeaderValue::from(0));
-        return Err(response);
+        return Err(Box::new(response));
     }
     Ok(())
 }

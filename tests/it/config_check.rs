@@ -180,8 +180,12 @@ fn warns_about_jobs_that_contradict_their_vendor_and_refuses_unknown_vendors() {
     let epic = dir.path().join("jobs/epic.toml").display().to_string();
     let ab2d = dir.path().join("jobs/ab2d.toml").display().to_string();
     for expected in [
-        format!("warning: {epic}: export.level: epic does not offer \"system\" exports, only group"),
-        format!("warning: {ab2d}: export.since: ab2d reads a missing _since as \"since your last export\""),
+        format!(
+            "warning: {epic}: export.level: epic does not offer \"system\" exports, only group"
+        ),
+        format!(
+            "warning: {ab2d}: export.since: ab2d reads a missing _since as \"since your last export\""
+        ),
     ] {
         assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
     }
