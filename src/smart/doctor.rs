@@ -196,16 +196,14 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
     }
 
     let authorized = if prepared.token_url.is_none() {
-        report.push(check(
-            "token request",
-            Verdict::Skip,
-            "auth.method = \"none\"",
-        ));
-        report.push(check(
-            "granted scopes",
-            Verdict::Skip,
-            "auth.method = \"none\"",
-        ));
+        let why = match job.auth.method {
+            AuthMethod::BearerToken(_) => {
+                "auth.method = \"bearer_token\": the static token is used as is"
+            }
+            _ => "auth.method = \"none\"",
+        };
+        report.push(check("token request", Verdict::Skip, why));
+        report.push(check("granted scopes", Verdict::Skip, why));
         None
     } else {
         match prepared.tokens.token().await {

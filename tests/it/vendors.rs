@@ -417,8 +417,20 @@ async fn ab2d_full_runs_send_an_explicit_early_since() {
     assert_eq!(silent.resources_loaded(), 0);
 }
 
+// The default current-thread runtime, so the subscriber set for this thread sees the client and
+// the fake server alike (see auth_logs.rs for the second dispatcher).
 #[tokio::test]
 async fn a_static_bearer_token_is_sent_as_is_and_a_refused_one_is_a_clear_fatal_error() {
+    let captured = crate::helpers::Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
+    let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
+
     let env = VendorEnv::new(Vendor::Generic).await;
     let token = env
         .fake
@@ -459,6 +471,10 @@ async fn a_static_bearer_token_is_sent_as_is_and_a_refused_one_is_a_clear_fatal_
     assert_eq!(refused, 1);
     assert_eq!(env.fake.kick_offs().len(), kick_offs);
     assert!(!message.contains(&token));
+    let logs = captured.text();
+    assert!(logs.contains("export started"), "the run's logs are captured");
+    assert!(!logs.contains(&token), "the static token reached the logs");
+    assert!(!logs.contains("a-token-the-server-never-issued"));
 }
 
 #[test]
