@@ -85,7 +85,8 @@ pub struct FhirConfig {
     pub vendor: Vendor,
     /// Headers sent with every request to the FHIR server's own origin (not to file hosts
     /// elsewhere). Default: the vendor's (Epic: `Epic-Client-ID` = `auth.client_id`); a header
-    /// named here replaces the vendor's of the same name.
+    /// named here replaces the vendor's of the same name. Not for secrets: job settings may be
+    /// shown in logs and reports; credentials belong in `[auth]`.
     #[serde(default)]
     pub headers: std::collections::BTreeMap<String, String>,
 }
