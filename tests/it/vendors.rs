@@ -301,6 +301,31 @@ async fn oracle_tenant_base_comma_type_long_retry_after_and_files_on_storage() {
 }
 
 #[tokio::test]
+async fn oracle_runs_one_export_per_client_and_tenant_whatever_the_level() {
+    let env = VendorEnv::new(Vendor::Oracle).await;
+    let bulk = sync::connect_bulk(&sync_settings(), &env.job)
+        .await
+        .unwrap();
+    let group = fhir_sync::bulk::ExportRequest::from_config(&env.job.export);
+    let mut patient = group.clone();
+    patient.level = fhir_sync::config::ExportLevel::Patient;
+    patient.group_id = None;
+    let first = bulk.kick_off(&group).await.unwrap();
+    // Another level (so another group) on the same tenant is refused too, unlike Epic.
+    let second = bulk.kick_off(&patient).await;
+    assert!(
+        matches!(
+            second,
+            Err(fhir_sync::bulk::ExportError::Busy { status: 429, .. })
+        ),
+        "{second:?}"
+    );
+    bulk.delete(&first.status_url).await.unwrap();
+    let third = bulk.kick_off(&patient).await.unwrap();
+    bulk.delete(&third.status_url).await.unwrap();
+}
+
+#[tokio::test]
 async fn oracle_patient_level_export_works_too() {
     let env = VendorEnv::new(Vendor::Oracle).await;
     let mut job = env.job.clone();
@@ -472,7 +497,10 @@ async fn a_static_bearer_token_is_sent_as_is_and_a_refused_one_is_a_clear_fatal_
     assert_eq!(env.fake.kick_offs().len(), kick_offs);
     assert!(!message.contains(&token));
     let logs = captured.text();
-    assert!(logs.contains("export started"), "the run's logs are captured");
+    assert!(
+        logs.contains("export started"),
+        "the run's logs are captured"
+    );
     assert!(!logs.contains(&token), "the static token reached the logs");
     assert!(!logs.contains("a-token-the-server-never-issued"));
 }
