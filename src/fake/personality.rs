@@ -193,3 +193,96 @@ pub(crate) fn effective_since(
 pub(crate) fn sends_last_updated(vendor: Vendor) -> bool {
     vendor != Vendor::Epic
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> IssuedToken {
+        IssuedToken {
+            client_id: "c".into(),
+            scopes: vec!["system/*.read".into()],
+            expires_at: OffsetDateTime::now_utc() + time::Duration::hours(1),
+        }
+    }
+
+    fn pairs(query: &[(&str, &str)]) -> Vec<(String, String)> {
+        query
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// The status the personality answers, or 202 when it lets the kick-off through.
+    fn answer(vendor: Vendor, level: Level, query: &[(&str, &str)], client_header: bool) -> u16 {
+        let mut headers = HeaderMap::new();
+        if client_header {
+            headers.insert("Epic-Client-ID", header::HeaderValue::from_static("c"));
+        }
+        let pairs = pairs(query);
+        let request = KickOffRequest {
+            level,
+            group: (level == Level::Group).then_some("g"),
+            pairs: &pairs,
+            headers: &headers,
+        };
+        match check_kick_off(vendor, &Inner::default(), &token(), &request) {
+            Ok(()) => 202,
+            Err(response) => response.status().as_u16(),
+        }
+    }
+
+    #[test]
+    fn each_personality_refuses_what_its_vendor_refuses() {
+        let types = [("_type", "Patient,Observation")];
+        let cases = [
+            (Vendor::Generic, Level::System, &types[..], false, 202),
+            (Vendor::Epic, Level::Group, &types[..], true, 202),
+            (Vendor::Epic, Level::Group, &types[..], false, 400),
+            (Vendor::Epic, Level::System, &types[..], true, 400),
+            (Vendor::Oracle, Level::Patient, &types[..], false, 202),
+            (Vendor::Oracle, Level::System, &types[..], false, 400),
+            (
+                Vendor::Oracle,
+                Level::Group,
+                &[("_type", "Patient"), ("_type", "Observation")][..],
+                false,
+                400,
+            ),
+            (Vendor::Athenahealth, Level::Patient, &types[..], false, 400),
+            (Vendor::Veradigm, Level::Group, &types[..], false, 202),
+            (
+                Vendor::Bcda,
+                Level::Patient,
+                &[("_since", "2026-01-01T00:00:00Z")][..],
+                false,
+                400,
+            ),
+            (
+                Vendor::Bcda,
+                Level::Patient,
+                &[("_since", "2026-01-01T00:00:00+00:00")][..],
+                false,
+                202,
+            ),
+            (Vendor::Ab2d, Level::System, &types[..], false, 400),
+        ];
+        for (vendor, level, query, header, expected) in cases {
+            assert_eq!(
+                answer(vendor, level, query, header),
+                expected,
+                "{vendor} {level:?} {query:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ab2d_reads_a_missing_since_as_since_the_last_export() {
+        let mut inner = Inner::default();
+        let last = OffsetDateTime::now_utc();
+        inner.last_exports.insert("c".into(), last);
+        assert_eq!(effective_since(Vendor::Ab2d, &inner, "c", None), Some(last));
+        assert_eq!(effective_since(Vendor::Ab2d, &inner, "other", None), None);
+        assert_eq!(effective_since(Vendor::Bcda, &inner, "c", None), None);
+    }
+}
