@@ -448,6 +448,15 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
         Err(ViewError::Invalid(p)) => (Vec::new(), p),
         Err(e) => (Vec::new(), vec![format!("{e:#}")]),
     };
+    // Warnings do not make the configuration invalid: a job may override its vendor's profile.
+    let warnings: Vec<config::Problem> = jobs
+        .iter()
+        .flat_map(config::vendor_warnings)
+        .chain(config::concurrency_warnings(&jobs))
+        .collect();
+    for warning in &warnings {
+        println!("warning: {warning}");
+    }
     if problems.is_empty() && view_problems.is_empty() {
         println!("configuration in {} is valid", config_dir.display());
         for job in &jobs {
@@ -458,10 +467,16 @@ pub fn config_check(config_dir: &Path, jobs_dir_override: Option<&Path>) -> anyh
                     format!("{} ({})", s.cron, s.timezone)
                 });
             println!(
-                "  job {}: {} types from {}, {schedule}",
+                "  job {}: {} types from {} ({}, {} level), {schedule}",
                 job.name,
                 job.export.types.len(),
-                job.fhir.base_url
+                job.fhir.base_url,
+                job.fhir.vendor,
+                match job.export.level {
+                    config::ExportLevel::System => "system",
+                    config::ExportLevel::Patient => "patient",
+                    config::ExportLevel::Group => "group",
+                }
             );
         }
         for view in &views {

@@ -22,6 +22,7 @@ use crate::config::{
 use crate::fake::{Dataset, FakeFhirServer, FakeOptions};
 use crate::smart::{self, SigningAlgorithm, SigningKey};
 use crate::sync::{self, SyncContext};
+use crate::vendor::{self, Vendor};
 use crate::{app, localpg};
 
 #[derive(Debug, Clone)]
@@ -35,6 +36,9 @@ pub struct DemoOptions {
     pub database: String,
     /// Stay up after the first sync, with `serve` running the job file written to `serve`.
     pub serve: Option<ServeOptions>,
+    /// Play this vendor: the fake refuses what it refuses, and the job is a file that names
+    /// the vendor and leaves the rest to its profile. Default: the generic fake and job.
+    pub vendor: Option<Vendor>,
 }
 
 /// Where `demo --serve` writes its job and key.
@@ -73,6 +77,8 @@ pub fn fake_job(base_url: url::Url, key_pem: SecretString) -> JobConfig {
             allow_insecure_http: false,
             token_url: None,
             file_origins: Vec::new(),
+            vendor: Default::default(),
+            headers: Default::default(),
         },
         auth: AuthConfig {
             client_id: CLIENT_ID.into(),
@@ -118,11 +124,20 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         dataset.clone(),
         FakeOptions {
             polls_before_ready: 2,
-            ..FakeOptions::default()
+            ..FakeOptions::vendor(options.vendor.unwrap_or_default())
         },
     )
     .await
     .context("cannot start the fake FHIR server")?;
+    // Oracle's files come from a storage host on another origin.
+    let storage = match options.vendor.map(|v| v.profile().files_redirect.value) {
+        Some(true) => {
+            let other = server.start_other_origin().await?;
+            server.redirect_files_to(&other);
+            Some(other)
+        }
+        _ => None,
+    };
     let pem = match &options.serve {
         Some(serve) => demo_key(&serve.key_file)?,
         None => smart::generate(SigningAlgorithm::RS384)?,
@@ -136,14 +151,27 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         key.kid()
     );
 
-    let job = match &options.serve {
+    let job = match (&options.serve, options.vendor) {
         // The job `serve` will run, read back from the file: the first sync already proves
         // the file right.
-        Some(serve) => {
+        (Some(serve), _) => {
             let path = write_job_file(&serve.jobs_dir, &server.fhir_base_url(), &serve.key_file)?;
             crate::config::load_job(&path)?
         }
-        None => demo_job(&server, pem),
+        (None, Some(vendor)) => {
+            let dir = options.state_dir.join("vendors").join(vendor.name());
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+            let origins: Vec<url::Url> = storage.iter().map(|o| o.origin().clone()).collect();
+            let path = write_vendor_job(&dir, vendor, &server, &pem, &origins)?;
+            println!(
+                "playing {vendor} ({}); job file {}",
+                vendor.profile().docs[0],
+                path.display()
+            );
+            crate::config::load_job(&path)?
+        }
+        (None, None) => demo_job(&server, pem),
     };
     // The run refreshes the analytics views once its files are loaded, like every run.
     let views = crate::views::ViewSet::load(&settings.views.dir, &settings.views.schema)?;
@@ -230,6 +258,80 @@ pub async fn run(settings: &Settings, options: &DemoOptions) -> anyhow::Result<(
         println!("\n{stop_pg}");
     }
     Ok(())
+}
+
+/// The client secret `demo --vendor` registers for the vendors that use
+/// `client_secret_basic` (BCDA, AB2D); a demo value, never a real credential.
+pub const DEMO_SECRET: &str = "demo-client-secret";
+
+/// Writes `demo.toml` (and the key or secret file it points to) into `dir`: a job that names
+/// `vendor` and leaves everything else to the vendor's profile, except the poll bounds: the
+/// fake sends the vendor's own `Retry-After` (Oracle's 600 seconds), which the job caps at one
+/// second so the demo finishes in seconds. Registers the client with `server` the way the
+/// vendor expects (a public key, or a secret for BCDA and AB2D). Used by `demo --vendor` and
+/// the vendor sync tests.
+pub fn write_vendor_job(
+    dir: &Path,
+    vendor: Vendor,
+    server: &FakeFhirServer,
+    key_pem: &SecretString,
+    file_origins: &[url::Url],
+) -> anyhow::Result<PathBuf> {
+    use secrecy::ExposeSecret;
+    use std::fmt::Write as _;
+
+    let profile = vendor.profile();
+    let mut text = String::from("# Written by `fhir-sync demo --vendor`\n[fhir]\n");
+    let _ = writeln!(text, "base_url = \"{}\"", server.fhir_base_url());
+    let _ = writeln!(text, "vendor = \"{vendor}\"");
+    if !file_origins.is_empty() {
+        let origins: Vec<String> = file_origins
+            .iter()
+            .map(|o| format!("\"{}\"", o.as_str().trim_end_matches('/')))
+            .collect();
+        let _ = writeln!(text, "file_origins = [{}]", origins.join(", "));
+    }
+    let _ = writeln!(text, "[auth]\nclient_id = \"{CLIENT_ID}\"");
+    match profile.auth.value {
+        vendor::Auth::PrivateKeyJwt => {
+            let key_file = dir.join("demo.pem");
+            write_private(&key_file, key_pem.expose_secret())?;
+            let key = SigningKey::from_pem(key_pem, SigningAlgorithm::RS384, None, "the demo key")?;
+            server.register_client(CLIENT_ID, key.public_jwks());
+            text.push_str("private_key_file = \"demo.pem\"\n");
+        }
+        vendor::Auth::ClientSecretBasic => {
+            write_private(&dir.join("demo.secret"), DEMO_SECRET)?;
+            server.register_secret_client(CLIENT_ID, DEMO_SECRET);
+            text.push_str("client_secret_file = \"demo.secret\"\n");
+        }
+    }
+    let types: Vec<String> = crate::fake::RESOURCE_TYPES
+        .iter()
+        .map(|t| format!("\"{t}\""))
+        .collect();
+    let _ = writeln!(text, "[export]\ntypes = [{}]", types.join(", "));
+    if profile.levels.value[0] == vendor::Level::Group {
+        let _ = writeln!(text, "group_id = \"{}\"", crate::fake::group_id(vendor));
+    }
+    text.push_str("poll_min_interval_seconds = 0.05\npoll_max_interval_seconds = 1\n");
+    let path = dir.join("demo.toml");
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Writes a key or secret readable by the owner only.
+fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// `fhir-sync fake-ehr`: the demo's fake FHIR server on its own, until SIGTERM or Ctrl-C,

@@ -21,5 +21,6 @@ pub mod smart;
 pub mod sync;
 pub mod transport;
 pub mod untrusted;
+pub mod vendor;
 pub mod views;
 pub mod warehouse;

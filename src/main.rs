@@ -53,6 +53,10 @@ enum Command {
         /// The demo's private key for --serve (generated when missing).
         #[arg(long, default_value = "keys/demo.pem", requires = "serve")]
         key: PathBuf,
+        /// Sync from a fake playing this vendor (epic, oracle, veradigm, athenahealth, bcda,
+        /// ab2d), with a job file that names the vendor and leaves the rest to its profile.
+        #[arg(long, conflicts_with = "serve")]
+        vendor: Option<fhir_sync::vendor::Vendor>,
     },
     /// Serve the demo's fake FHIR server on its own until SIGTERM, for a client with this key
     /// (the EHR of compose.yaml).
@@ -328,6 +332,7 @@ fn main() -> ExitCode {
                 database,
                 serve,
                 key,
+                vendor,
             } => {
                 let serve = serve.then(|| demo::ServeOptions {
                     jobs_dir: cli
@@ -344,6 +349,7 @@ fn main() -> ExitCode {
                         state_dir,
                         database,
                         serve,
+                        vendor,
                     },
                 )
                 .await

@@ -335,6 +335,7 @@ impl Session {
             )
             .with_retry(retry_policy(settings))
             .with_file_origins(&job.fhir.file_origins)
+            .with_headers(&job.fhir.headers)
             .with_manifest_limits(crate::bulk::ManifestLimits {
                 max_manifest_bytes: settings.max_manifest_bytes,
                 max_manifest_files: settings.max_manifest_files,
@@ -355,6 +356,13 @@ pub fn export_request(
     request.types = session.types.clone();
     if watermark.is_some() {
         request.since = watermark;
+    }
+    // BCDA and AB2D refuse `Z`; the watermark is the server's own transactionTime, but a
+    // job's `export.since` may be written with it.
+    if job.export.since_with_offset {
+        request.since = request
+            .since
+            .map(|since| crate::vendor::with_numeric_offset(&since));
     }
     request
 }

@@ -17,7 +17,7 @@ use serde_json::json;
 use url::Url;
 
 use super::{ExportError, Manifest, ManifestFile, outcome_is_transient};
-use crate::config::{ExportConfig, ExportLevel, ExportMethod};
+use crate::config::{ExportConfig, ExportLevel, ExportMethod, TypeEncoding};
 use crate::metrics::{self, Endpoint};
 use crate::smart::TokenManager;
 use crate::transport;
@@ -28,6 +28,8 @@ pub struct ExportRequest {
     pub level: ExportLevel,
     pub group_id: Option<String>,
     pub types: Vec<String>,
+    /// One comma-joined `_type` (default) or one per type.
+    pub type_encoding: TypeEncoding,
     /// Sent as `_since` exactly as given (a previous manifest's `transactionTime`).
     pub since: Option<String>,
     pub until: Option<String>,
@@ -51,6 +53,7 @@ impl ExportRequest {
             level: export.level,
             group_id: export.group_id.clone(),
             types: export.types.clone(),
+            type_encoding: export.type_encoding,
             since: export.since.clone(),
             until: export.until.clone(),
             output_format: export.output_format.clone(),
@@ -68,14 +71,20 @@ impl ExportRequest {
         }
     }
 
-    /// The kick-off parameters in order, not yet encoded: `_type` and `_elements` as one
-    /// comma-joined value each (Oracle refuses repeated `_type`), `_typeFilter` and `patient`
-    /// once per entry.
+    /// The kick-off parameters in order, not yet encoded: `_type` as one comma-joined value
+    /// (Oracle refuses repeated `_type`) unless the job asks for `repeated`, `_elements` as one
+    /// comma-joined value, `_typeFilter` and `patient` once per entry.
     pub fn params(&self) -> Vec<(String, String)> {
         let mut params: Vec<(String, String)> = Vec::new();
         let mut push = |name: &str, value: String| params.push((name.to_string(), value));
-        if !self.types.is_empty() {
-            push("_type", self.types.join(","));
+        match self.type_encoding {
+            _ if self.types.is_empty() => {}
+            TypeEncoding::Comma => push("_type", self.types.join(",")),
+            TypeEncoding::Repeated => {
+                for resource_type in &self.types {
+                    push("_type", resource_type.clone());
+                }
+            }
         }
         if let Some(since) = &self.since {
             push("_since", since.clone());
@@ -267,6 +276,9 @@ pub struct BulkClient {
     /// Requests repeated because the server or the network said "later" (kick-off, status,
     /// manifest pages); file retries are counted by the caller, which sees them.
     retries: Arc<AtomicU64>,
+    /// `fhir.headers` (and the vendor's, such as `Epic-Client-ID`): sent to the FHIR server's
+    /// own origin only, never to a file host elsewhere.
+    headers: reqwest::header::HeaderMap,
 }
 
 impl BulkClient {
@@ -285,7 +297,22 @@ impl BulkClient {
             limits: ManifestLimits::default(),
             origins: transport::OriginPolicy::for_job(&base, &[]),
             retries: Arc::new(AtomicU64::new(0)),
+            headers: reqwest::header::HeaderMap::new(),
         }
+    }
+
+    /// Headers for every request to the FHIR server's origin. Names and values that are not
+    /// valid in HTTP are skipped (config validation refuses them first).
+    pub fn with_headers(mut self, headers: &std::collections::BTreeMap<String, String>) -> Self {
+        for (name, value) in headers {
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_str(value),
+            ) {
+                self.headers.insert(name, value);
+            }
+        }
+        self
     }
 
     /// The origins the job lists in `fhir.file_origins`.
@@ -788,6 +815,9 @@ impl BulkClient {
         let mut renewed = false;
         loop {
             let mut request = build(self.http.request(method.clone(), url.clone()));
+            if !self.headers.is_empty() && transport::same_origin(url, &self.base) {
+                request = request.headers(self.headers.clone());
+            }
             if let Some(value) = token.as_ref().and_then(|t| t.authorization()) {
                 request = request.header(reqwest::header::AUTHORIZATION, value);
             }

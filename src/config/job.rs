@@ -14,6 +14,8 @@ use super::alert::AlertFile;
 use super::{AlertConfig, AlertSettings, ConfigError, Problem};
 use crate::fhir;
 use crate::smart::SigningAlgorithm;
+pub use crate::vendor::TypeEncoding;
+use crate::vendor::{self, Vendor};
 
 /// A validated sync job.
 #[derive(Debug, Clone)]
@@ -76,6 +78,17 @@ pub struct FhirConfig {
     /// files elsewhere must be https at a public address and get no token.
     #[serde(default)]
     pub file_origins: Vec<Url>,
+    /// The EHR vendor (`generic`, `epic`, `oracle`, `veradigm`, `athenahealth`, `bcda`, `ab2d`),
+    /// whose documented defaults fill every setting this file leaves unset (see
+    /// `src/vendor.rs`). Default `generic`: the Bulk Data spec's defaults.
+    #[serde(default)]
+    pub vendor: Vendor,
+    /// Headers sent with every request to the FHIR server's own origin (not to file hosts
+    /// elsewhere). Default: the vendor's (Epic: `Epic-Client-ID` = `auth.client_id`); a header
+    /// named here replaces the vendor's of the same name. Not for secrets: job settings may be
+    /// shown in logs and reports; credentials belong in `[auth]`.
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -92,6 +105,8 @@ struct AuthFile {
     method: Option<String>,
     client_secret_file: Option<PathBuf>,
     client_secret_env: Option<String>,
+    token_file: Option<PathBuf>,
+    token_env: Option<String>,
     jku: Option<Url>,
     #[serde(default)]
     keys: Vec<KeyFile>,
@@ -183,6 +198,9 @@ pub enum AuthMethod {
     /// OAuth client credentials with HTTP Basic (CMS BCDA, AB2D). The secret comes from a file
     /// or an environment variable.
     ClientSecretBasic(SecretSource),
+    /// A static bearer token issued out of band, from a file or an environment variable; it is
+    /// sent as is and never renewed (a refusal is a fatal error: replace the token).
+    BearerToken(SecretSource),
     /// No authorisation at all (an open test server such as a local HAPI).
     None,
 }
@@ -231,23 +249,36 @@ pub enum ExportLevel {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
-    /// `system` (default), `patient` or `group`.
+    /// `system`, `patient` or `group`. Default: the vendor's first level (`system` for
+    /// `generic`, `group` for Epic, Oracle, Veradigm and athenahealth, `patient` for BCDA and AB2D).
     #[serde(default)]
     pub level: ExportLevel,
     /// Group id, required for (and only for) `level = "group"`.
     pub group_id: Option<String>,
-    /// Resource types to export, sent as one comma-joined `_type`. Required, non-empty.
+    /// Resource types to export. Required, non-empty.
     pub types: Vec<String>,
-    /// Shortest wait between status polls, whatever `Retry-After` says. Default 1.
+    /// How `_type` is sent: `comma` (one comma-joined parameter; default, and what Oracle
+    /// requires) or `repeated` (one parameter per type).
+    #[serde(default)]
+    pub type_encoding: TypeEncoding,
+    /// Send `_since` with a numeric offset (`+00:00` instead of `Z`), as BCDA and AB2D require.
+    /// Default: the vendor's (true for BCDA and AB2D, else false).
+    #[serde(default)]
+    pub since_with_offset: bool,
+    /// Shortest wait between status polls, whatever `Retry-After` says. Default: the vendor's
+    /// (1 for `generic`).
     #[serde(default = "default_poll_min")]
     pub poll_min_interval_seconds: f64,
-    /// Longest wait between status polls, whatever `Retry-After` says. Default 300.
+    /// Longest wait between status polls, whatever `Retry-After` says. Default: the vendor's
+    /// (300 for `generic`, 600 for Epic and Oracle).
     #[serde(default = "default_poll_max")]
     pub poll_max_interval_seconds: f64,
-    /// Wait between polls when the server sends no `Retry-After`. Default 10.
+    /// Wait between polls when the server sends no `Retry-After`. Default: the vendor's (10 for
+    /// `generic`).
     #[serde(default = "default_poll_default")]
     pub poll_default_interval_seconds: f64,
-    /// Give up on an export that is not ready after this long. Default 86400 (one day).
+    /// Give up on an export that is not ready after this long. Default: the vendor's (86400,
+    /// one day, for `generic`; 30 days for Epic).
     #[serde(default = "default_export_timeout")]
     pub timeout_seconds: u64,
     /// Incremental runs ask for this many seconds before the last successful run's
@@ -259,7 +290,9 @@ pub struct ExportConfig {
     /// required for `patients`).
     #[serde(default)]
     pub method: ExportMethod,
-    /// `_since`: only resources changed after this FHIR instant. Default none (everything).
+    /// `_since`: only resources changed after this FHIR instant; also what `--full` runs send.
+    /// Default: the vendor's (AB2D: 2020-01-01T00:00:00+00:00, because AB2D reads a missing
+    /// `_since` as "since your last export"), else none (everything).
     pub since: Option<String>,
     /// `_until`: only resources changed before this FHIR instant. Default none.
     pub until: Option<String>,
@@ -305,6 +338,8 @@ impl Default for ExportConfig {
             level: ExportLevel::System,
             group_id: None,
             types: Vec::new(),
+            type_encoding: TypeEncoding::Comma,
+            since_with_offset: false,
             poll_min_interval_seconds: default_poll_min(),
             poll_max_interval_seconds: default_poll_max(),
             poll_default_interval_seconds: default_poll_default(),
@@ -417,7 +452,78 @@ pub fn load_job(path: &Path) -> Result<JobConfig, ConfigError> {
         .unwrap_or_default()
         .to_string();
     let base_dir = path.parent().unwrap_or(Path::new("."));
+    // The file parsed as TOML above, so this parse succeeds; it tells set keys from defaults.
+    let table: toml::Table = text.parse().unwrap_or_default();
+    let mut file = file;
+    apply_vendor(&mut file, &table);
     validate(path, base_dir, name, file)
+}
+
+/// Whether the job file sets `section.key` itself.
+fn is_set(table: &toml::Table, section: &str, key: &str) -> bool {
+    table
+        .get(section)
+        .and_then(|s| s.as_table())
+        .is_some_and(|s| s.contains_key(key))
+}
+
+/// Fills what the file leaves unset from its vendor's profile: explicit job value > vendor
+/// profile > generic default.
+fn apply_vendor(file: &mut JobFile, table: &toml::Table) {
+    let profile = file.fhir.vendor.profile();
+    let export = &mut file.export;
+    if !is_set(table, "export", "level") {
+        export.level = match profile.levels.value[0] {
+            vendor::Level::System => ExportLevel::System,
+            vendor::Level::Patient => ExportLevel::Patient,
+            vendor::Level::Group => ExportLevel::Group,
+        };
+    }
+    if !is_set(table, "export", "timeout_seconds") {
+        export.timeout_seconds = profile.timeout_seconds.value;
+    }
+    let (min, max, default) = profile.poll_seconds.value;
+    if !is_set(table, "export", "poll_min_interval_seconds") {
+        export.poll_min_interval_seconds = min.min(export.poll_max_interval_seconds);
+    }
+    if !is_set(table, "export", "poll_max_interval_seconds") {
+        export.poll_max_interval_seconds = max.max(export.poll_min_interval_seconds);
+    }
+    if !is_set(table, "export", "poll_default_interval_seconds") {
+        export.poll_default_interval_seconds = default;
+    }
+    if !is_set(table, "export", "type_encoding") {
+        export.type_encoding = profile.type_encoding.value;
+    }
+    if !is_set(table, "export", "since_with_offset") {
+        export.since_with_offset = profile.since_with_offset.value;
+    }
+    if !is_set(table, "export", "since")
+        && let Some(since) = profile.full_run_since.value
+    {
+        export.since = Some(since.to_string());
+    }
+    if let Some(header) = profile.client_id_header.value
+        && !file
+            .fhir
+            .headers
+            .keys()
+            .any(|k| k.eq_ignore_ascii_case(header))
+    {
+        file.fhir
+            .headers
+            .insert(header.to_string(), file.auth.client_id.clone());
+    }
+    if file.auth.scope_style.is_none() {
+        file.auth.scope_style = match profile.scope_style.value {
+            vendor::Scopes::Auto => None,
+            vendor::Scopes::V1 => Some("v1".into()),
+            vendor::Scopes::V2 => Some("v2".into()),
+        };
+    }
+    if file.auth.method.is_none() {
+        file.auth.method = Some(profile.auth.value.name().to_string());
+    }
 }
 
 fn validate(
@@ -486,16 +592,53 @@ fn validate(
                 }
             }
         }
+        "bearer_token" => match (&file.auth.token_file, &file.auth.token_env) {
+            (Some(path), None) => Some(AuthMethod::BearerToken(SecretSource::File(
+                if path.is_absolute() {
+                    path.clone()
+                } else {
+                    base_dir.join(path)
+                },
+            ))),
+            (None, Some(var)) => Some(AuthMethod::BearerToken(SecretSource::Env(var.clone()))),
+            _ => {
+                problem(
+                    "auth.token_file".into(),
+                    "bearer_token needs exactly one of token_file and token_env".into(),
+                );
+                None
+            }
+        },
         other => {
             problem(
                 "auth.method".into(),
                 format!(
-                    "{other:?} is not supported (use \"private_key_jwt\", \"client_secret_basic\" or \"none\")"
+                    "{other:?} is not supported (use \"private_key_jwt\", \"client_secret_basic\", \"bearer_token\" or \"none\")"
                 ),
             );
             None
         }
     };
+    if !matches!(method, Some(AuthMethod::BearerToken(_)))
+        && (file.auth.token_file.is_some() || file.auth.token_env.is_some())
+    {
+        problem(
+            "auth.token_file".into(),
+            "only used with method = \"bearer_token\"".into(),
+        );
+    }
+    for (name, value) in &file.fhir.headers {
+        let valid = reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_ok()
+            && reqwest::header::HeaderValue::from_str(value).is_ok();
+        let reserved = ["authorization", "accept", "prefer", "content-type", "host"]
+            .contains(&name.to_ascii_lowercase().as_str());
+        if !valid || reserved {
+            problem(
+                format!("fhir.headers.{name}"),
+                "is not a header fhir-sync may send as given".into(),
+            );
+        }
+    }
     let needs_key = matches!(method, Some(AuthMethod::PrivateKeyJwt));
     if !matches!(method, Some(AuthMethod::ClientSecretBasic(_)))
         && (file.auth.client_secret_file.is_some() || file.auth.client_secret_env.is_some())
@@ -791,6 +934,158 @@ fn validate(
     })
 }
 
+/// What `config check` warns about: settings that contradict the job's vendor profile
+/// (each names the file, the field and the profile's source). Not errors: every profile value
+/// may be overridden, and the vendor may have changed since its documentation was read.
+pub fn vendor_warnings(job: &JobConfig) -> Vec<Problem> {
+    let profile = job.fhir.vendor.profile();
+    let vendor = job.fhir.vendor;
+    let mut warnings = Vec::new();
+    let mut warn = |field: &str, message: String| {
+        warnings.push(Problem {
+            file: job.file.clone(),
+            field: field.to_string(),
+            message,
+        });
+    };
+    let level = match job.export.level {
+        ExportLevel::System => vendor::Level::System,
+        ExportLevel::Patient => vendor::Level::Patient,
+        ExportLevel::Group => vendor::Level::Group,
+    };
+    if !profile.levels.value.contains(&level) {
+        let offered: Vec<&str> = profile.levels.value.iter().map(|l| l.name()).collect();
+        warn(
+            "export.level",
+            format!(
+                "{vendor} does not offer {:?} exports, only {} (see {})",
+                level.name(),
+                offered.join(", "),
+                profile.levels.source
+            ),
+        );
+    }
+    if job.export.timeout_seconds < profile.timeout_seconds.value {
+        warn(
+            "export.timeout_seconds",
+            format!(
+                "{} is shorter than {vendor}'s exports may take ({} seconds; see {})",
+                job.export.timeout_seconds,
+                profile.timeout_seconds.value,
+                profile.timeout_seconds.source
+            ),
+        );
+    }
+    if let Some(earliest) = profile.full_run_since.value {
+        let early = fhir::parse_instant(earliest);
+        let since = job.export.since.as_deref().and_then(fhir::parse_instant);
+        if since.is_none() || since > early {
+            warn(
+                "export.since",
+                format!(
+                    "{vendor} reads a missing _since as \"since your last export\", so a --full run exports everything only with an explicit early since (set since = {earliest:?}; see {})",
+                    profile.full_run_since.source
+                ),
+            );
+        }
+    }
+    if let (Some(prefix), Some(id)) = (profile.group_id_prefix.value, &job.export.group_id)
+        && !id.starts_with(prefix)
+    {
+        warn(
+            "export.group_id",
+            format!(
+                "{vendor} group ids look like {prefix}<practice id>, not {id:?} (see {})",
+                profile.group_id_prefix.source
+            ),
+        );
+    }
+    let method = match &job.auth.method {
+        AuthMethod::PrivateKeyJwt => Some(vendor::Auth::PrivateKeyJwt),
+        AuthMethod::ClientSecretBasic(_) => Some(vendor::Auth::ClientSecretBasic),
+        AuthMethod::BearerToken(_) | AuthMethod::None => None,
+    };
+    if method.is_some_and(|m| m != profile.auth.value) {
+        warn(
+            "auth.method",
+            format!(
+                "{vendor} authenticates clients with {} (see {})",
+                profile.auth.value.name(),
+                profile.auth.source
+            ),
+        );
+    }
+    if profile.scope_style.value == vendor::Scopes::V1 && job.auth.scope_style == ScopeStyle::V2 {
+        warn(
+            "auth.scope_style",
+            format!(
+                "{vendor} grants SMART v1 scopes only (see {})",
+                profile.scope_style.source
+            ),
+        );
+    }
+    if profile.type_encoding.value == TypeEncoding::Comma
+        && job.export.type_encoding == TypeEncoding::Repeated
+        && vendor != Vendor::Generic
+    {
+        warn(
+            "export.type_encoding",
+            format!(
+                "{vendor} expects one comma-joined _type (see {})",
+                profile.type_encoding.source
+            ),
+        );
+    }
+    if let Some(host) = job.fhir.base_url.host_str()
+        && let Some(hosted) = vendor::vendor_of_host(host)
+        && hosted != vendor
+    {
+        warn(
+            "fhir.vendor",
+            format!("{host} is {hosted}'s server; set vendor = \"{hosted}\" to use its profile"),
+        );
+    }
+    warnings
+}
+
+/// Jobs that would refuse each other's exports: two jobs of one client on one server whose
+/// vendor runs one export at a time per client (and group, for Epic). Each warning names the
+/// later job's file.
+pub fn concurrency_warnings(jobs: &[JobConfig]) -> Vec<Problem> {
+    let mut warnings = Vec::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let concurrency = job.fhir.vendor.profile().concurrency.value;
+        let clash = |other: &&JobConfig| {
+            let same_client = other.fhir.vendor == job.fhir.vendor
+                && other.fhir.base_url == job.fhir.base_url
+                && other.auth.client_id == job.auth.client_id;
+            same_client
+                && match concurrency {
+                    vendor::Concurrency::Unlimited => false,
+                    vendor::Concurrency::OnePerClientAndGroup => {
+                        other.export.group_id == job.export.group_id
+                    }
+                    vendor::Concurrency::OnePerClientAndTenant
+                    | vendor::Concurrency::OnePerClient => true,
+                }
+        };
+        if let Some(other) = jobs[..i].iter().find(clash) {
+            warnings.push(Problem {
+                file: job.file.clone(),
+                field: "auth.client_id".into(),
+                message: format!(
+                    "job {} uses the same client on the same server, and {} runs one export at a time per client{}: their runs will refuse each other's kick-offs unless scheduled apart (see {})",
+                    other.name,
+                    job.fhir.vendor,
+                    if concurrency == vendor::Concurrency::OnePerClientAndGroup { " and group" } else { "" },
+                    job.fhir.vendor.profile().concurrency.source
+                ),
+            });
+        }
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,5 +1231,120 @@ mod tests {
         let err = load_job(&path).unwrap_err();
         let fields: Vec<&str> = err.problems.iter().map(|p| p.field.as_str()).collect();
         assert_eq!(fields, ["schedule.cron", "alert.webhook_url_env"], "{err}");
+    }
+
+    fn no_key(text: &str) -> String {
+        text.replace(
+            "private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n",
+            "method = \"none\"\n",
+        )
+    }
+
+    #[test]
+    fn the_vendor_fills_what_the_job_leaves_unset_and_explicit_values_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let epic = no_key(VALID)
+            .replace("[auth]", "vendor = \"epic\"\n[auth]")
+            .replace(
+                "types = [\"Patient\"]",
+                "types = [\"Patient\"]\ngroup_id = \"g1\"\npoll_max_interval_seconds = 30",
+            );
+        let job = load_job(&write(dir.path(), "epic.toml", &epic)).unwrap();
+        assert_eq!(job.fhir.vendor, Vendor::Epic);
+        assert_eq!(job.export.level, ExportLevel::Group);
+        assert_eq!(job.export.timeout_seconds, 30 * 86_400);
+        assert_eq!(job.export.poll_max_interval_seconds, 30.0, "explicit wins");
+        assert_eq!(job.export.poll_min_interval_seconds, 10.0);
+        assert_eq!(
+            job.fhir.headers.get("Epic-Client-ID").map(String::as_str),
+            Some("abc")
+        );
+        assert!(
+            vendor_warnings(&job).is_empty(),
+            "{:?}",
+            vendor_warnings(&job)
+        );
+
+        let oracle = no_key(VALID)
+            .replace("[auth]", "vendor = \"oracle\"\n[auth]")
+            .replace(
+                "types = [\"Patient\"]",
+                "types = [\"Patient\"]\nlevel = \"system\"",
+            );
+        let job = load_job(&write(dir.path(), "oracle.toml", &oracle)).unwrap();
+        assert_eq!(job.export.level, ExportLevel::System, "explicit wins");
+        assert_eq!(job.auth.scope_style, ScopeStyle::V1);
+        let warnings = vendor_warnings(&job);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].field, "export.level");
+        assert!(
+            warnings[0].message.contains("only group, patient"),
+            "{}",
+            warnings[0]
+        );
+        assert!(
+            warnings[0].to_string().contains("oracle.toml"),
+            "{}",
+            warnings[0]
+        );
+
+        let generic = load_job(&write(dir.path(), "generic.toml", &no_key(VALID))).unwrap();
+        assert_eq!(generic.fhir.vendor, Vendor::Generic);
+        assert_eq!(generic.export.level, ExportLevel::System);
+        assert_eq!(generic.export.timeout_seconds, 86_400);
+        assert!(generic.fhir.headers.is_empty());
+    }
+
+    #[test]
+    fn cms_vendors_default_to_basic_auth_offsets_and_an_early_since() {
+        let dir = tempfile::tempdir().unwrap();
+        let ab2d = VALID
+            .replace("[auth]", "vendor = \"ab2d\"\n[auth]")
+            .replace(
+                "private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n",
+                "client_secret_env = \"AB2D_SECRET\"\n",
+            );
+        let job = load_job(&write(dir.path(), "ab2d.toml", &ab2d)).unwrap();
+        assert!(matches!(job.auth.method, AuthMethod::ClientSecretBasic(_)));
+        assert_eq!(job.export.level, ExportLevel::Patient);
+        assert!(job.export.since_with_offset);
+        assert_eq!(job.export.since.as_deref(), Some(vendor::AB2D_EARLIEST));
+        assert!(vendor_warnings(&job).is_empty());
+
+        let late = ab2d.replace(
+            "types = [\"Patient\"]",
+            "types = [\"Patient\"]\nsince = \"2025-06-01T00:00:00+00:00\"",
+        );
+        let job = load_job(&write(dir.path(), "late.toml", &late)).unwrap();
+        let warnings = vendor_warnings(&job);
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(warnings[0].field, "export.since");
+    }
+
+    #[test]
+    fn an_unknown_vendor_is_named_with_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = no_key(VALID).replace("[auth]", "vendor = \"cerner\"\n[auth]");
+        let path = write(dir.path(), "j.toml", &text);
+        let err = load_job(&path).unwrap_err();
+        assert_eq!(err.problems[0].field, "fhir.vendor", "{err}");
+        assert!(err.to_string().contains("j.toml"), "{err}");
+        assert!(err.to_string().contains("\"oracle\""), "{err}");
+    }
+
+    #[test]
+    fn bearer_tokens_come_from_a_file_or_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = VALID.replace(
+            "private_key_env = \"FHIR_SYNC_TEST_KEY_THAT_IS_NOT_SET\"\n",
+            "method = \"bearer_token\"\ntoken_env = \"FHIR_SYNC_TEST_TOKEN\"\n",
+        );
+        let job = load_job(&write(dir.path(), "t.toml", &text)).unwrap();
+        assert!(
+            matches!(&job.auth.method, AuthMethod::BearerToken(SecretSource::Env(v)) if v == "FHIR_SYNC_TEST_TOKEN")
+        );
+        let both = text.replace("token_env", "token_file = \"t\"\ntoken_env");
+        let err = load_job(&write(dir.path(), "both.toml", &both)).unwrap_err();
+        assert_eq!(err.problems[0].field, "auth.token_file", "{err}");
     }
 }

@@ -13,7 +13,7 @@ pub use alert::{AlertConfig, AlertSettings, Delivery, Webhook, WebhookSource, We
 pub use job::{
     AuthConfig, AuthMethod, ExportConfig, ExportLevel, ExportMethod, FhirConfig, JobConfig,
     KeyConfig, KeySource, MissingScopePolicy, Overlap, ScheduleConfig, ScopeStyle, SecretSource,
-    load_job, load_jobs,
+    TypeEncoding, concurrency_warnings, load_job, load_jobs, vendor_warnings,
 };
 pub use service::{
     DatabaseSettings, LogFormat, LoggingSettings, OPS_API_TOKEN_ENV, OpsSettings, Settings,

@@ -87,6 +87,7 @@ pub(crate) async fn token(
                 .into_response();
         }
     }
+    refresh_jwks_from_url(&state, &headers, &body).await;
     let mut caller = Caller::default();
     let result = issue_token(&state, &headers, &body, &mut caller);
     let outcome = match &result {
@@ -119,6 +120,59 @@ pub(crate) async fn token(
             let body = json!({ "error": refusal.error, "error_description": refusal.description });
             token_json(refusal.status, body)
         }
+    }
+}
+
+/// The most bytes of a client's JWK set the fake reads from its JWKS URL.
+const MAX_JWKS_BYTES: usize = 256 * 1024;
+
+/// For a client registered by JWKS URL ([`super::FakeFhirServer::register_jwks_url`]): fetches
+/// its key set, as Epic does, and makes it the client's registered set. A fetch that fails
+/// leaves the last set in place (the assertion is then checked against it, and refused if its
+/// key is not there).
+async fn refresh_jwks_from_url(state: &ServerState, headers: &HeaderMap, body: &[u8]) {
+    let Ok(form) = parse_form(headers, body) else {
+        return;
+    };
+    let Some(iss) = form.get("client_assertion").and_then(|assertion| {
+        jsonwebtoken::dangerous::insecure_decode::<Value>(assertion)
+            .ok()?
+            .claims
+            .get("iss")?
+            .as_str()
+            .map(str::to_string)
+    }) else {
+        return;
+    };
+    let Some(url) = state.lock().jwks_urls.get(&iss).cloned() else {
+        return;
+    };
+    let fetched = async {
+        let mut response = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .build()
+            .ok()?
+            .get(url)
+            .send()
+            .await
+            .ok()?
+            .error_for_status()
+            .ok()?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response.chunk().await.ok()? {
+            bytes.extend_from_slice(&chunk);
+            if bytes.len() > MAX_JWKS_BYTES {
+                return None;
+            }
+        }
+        serde_json::from_slice::<jsonwebtoken::jwk::JwkSet>(&bytes).ok()
+    }
+    .await;
+    match fetched {
+        Some(jwks) => {
+            state.lock().clients.insert(iss, jwks);
+        }
+        None => tracing::debug!("fake token endpoint could not fetch a client's JWKS URL"),
     }
 }
 
@@ -577,7 +631,7 @@ pub(crate) fn scope_allows_read(scope: &str, resource_type: &str) -> bool {
 }
 
 /// An opaque access token: 256 random bits, hex-encoded.
-fn random_token() -> String {
+pub(crate) fn random_token() -> String {
     let bytes: [u8; 32] = rand::rng().random();
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -701,7 +755,7 @@ pub(crate) async fn redirect_files(
     next: axum::middleware::Next,
 ) -> Response {
     let path = request.uri().path().to_string();
-    if !path.starts_with("/fhir/bulkfiles/") {
+    if !path.starts_with(&format!("{}/bulkfiles/", state.base_path())) {
         return next.run(request).await;
     }
     let presigned = request.uri().query().and_then(|q| {

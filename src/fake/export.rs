@@ -10,7 +10,7 @@ use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use flate2::Compression;
@@ -23,6 +23,7 @@ use super::auth::{self, Bearer, is_resource_type_name, scope_allows_read};
 use super::data::{Dataset, RESOURCE_TYPES, format_instant};
 use super::faults::take;
 use super::outcome;
+use super::personality;
 use super::state::{IssuedToken, ServerState};
 
 /// The one Group the fake knows: every patient in the data set.
@@ -42,6 +43,8 @@ pub(crate) struct Export {
     /// The kick-off URL exactly as received, for the manifest's `request`.
     pub(crate) request: String,
     pub(crate) since: Option<OffsetDateTime>,
+    /// The Group exported, for a group-level export.
+    pub(crate) group: Option<String>,
     pub(crate) status_polls: u32,
     pub(crate) files: Vec<ExportFile>,
 }
@@ -61,7 +64,7 @@ pub(crate) struct ExportFile {
 pub(crate) async fn kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
     let pairs = query_pairs(&uri);
@@ -73,7 +76,7 @@ pub(crate) async fn group_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
     Path(group): Path<String>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Response {
     let pairs = query_pairs(&uri);
@@ -84,7 +87,7 @@ pub(crate) async fn group_kick_off(
 pub(crate) async fn post_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -99,7 +102,7 @@ pub(crate) async fn group_post_kick_off(
     State(state): State<Arc<ServerState>>,
     Bearer(token): Bearer,
     Path(group): Path<String>,
-    uri: Uri,
+    OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -172,7 +175,11 @@ async fn start_export(
     method: &str,
     pairs: Vec<(String, String)>,
 ) -> Response {
-    if group.as_ref().is_some_and(|g| g != ALL_PATIENTS_GROUP_ID) {
+    let vendor = state.options.vendor;
+    if group
+        .as_ref()
+        .is_some_and(|g| !personality::group_ids(vendor).contains(&g.as_str()))
+    {
         return outcome::error(
             StatusCode::NOT_FOUND,
             "not-found",
@@ -234,6 +241,22 @@ async fn start_export(
                 "the export service is briefly unavailable",
             );
         }
+        let level = if group.is_some() {
+            crate::vendor::Level::Group
+        } else if uri.path().ends_with("/Patient/$export") {
+            crate::vendor::Level::Patient
+        } else {
+            crate::vendor::Level::System
+        };
+        let request = personality::KickOffRequest {
+            level,
+            group: group.as_deref(),
+            pairs: &pairs,
+            headers: &headers,
+        };
+        if let Err(refusal) = personality::check_kick_off(vendor, &inner, &token, &request) {
+            return *refusal;
+        }
         if faults.one_export_at_a_time
             && inner
                 .exports
@@ -259,7 +282,14 @@ async fn start_export(
     };
 
     let transaction_time = OffsetDateTime::now_utc();
-    let since = params.since;
+    let since = {
+        let mut inner = state.lock();
+        let since = personality::effective_since(vendor, &inner, &token.client_id, params.since);
+        inner
+            .last_exports
+            .insert(token.client_id.clone(), transaction_time);
+        since
+    };
     let dataset = state.dataset.clone();
     let per_file = state.options.resources_per_file.max(1);
     // With `_since` the planner reads every resource's lastUpdated, which is CPU work
@@ -292,6 +322,7 @@ async fn start_export(
             transaction_time,
             request,
             since,
+            group,
             status_polls: 0,
             files,
         },
@@ -300,7 +331,7 @@ async fn start_export(
         export.files = file_count,
         "fake fhir server accepted an export kick-off"
     );
-    let status_url = state.url(&format!("/fhir/bulkstatus/{id}"));
+    let status_url = state.url(&format!("{}/bulkstatus/{id}", state.base_path()));
     let mut response = StatusCode::ACCEPTED.into_response();
     // A `Url` never contains bytes that are invalid in a header value.
     if let Ok(value) = HeaderValue::from_str(status_url.as_str()) {
@@ -610,7 +641,7 @@ fn manifest(
         if faults.query_string_parts {
             format!(
                 "{}?part={name}&sig={generation}",
-                state.url(&format!("/fhir/bulkfiles/{id}/data"))
+                state.url(&format!("{}/bulkfiles/{id}/data", state.base_path()))
             )
         } else if faults.relative_urls {
             // Relative to `/fhir/bulkstatus/{id}`.
@@ -618,7 +649,7 @@ fn manifest(
         } else {
             format!(
                 "{}?sig={generation}",
-                state.url(&format!("/fhir/bulkfiles/{id}/{name}"))
+                state.url(&format!("{}/bulkfiles/{id}/{name}", state.base_path()))
             )
         }
     };
@@ -676,7 +707,7 @@ fn manifest(
         body["padding"] = json!("x".repeat(faults.manifest_padding_bytes));
     }
     if page < pages {
-        let next = state.url(&format!("/fhir/bulkstatus/{id}"));
+        let next = state.url(&format!("{}/bulkstatus/{id}", state.base_path()));
         body["link"] = json!([{ "relation": "next", "url": format!("{next}?page={}", page + 1) }]);
     }
     body
@@ -821,6 +852,7 @@ pub(crate) async fn file(
                 dataset: state.dataset.clone(),
                 file: file.clone(),
                 since: export.since,
+                last_updated: personality::sends_last_updated(state.options.vendor),
                 next_index: 0,
                 written: 0,
                 stop_after: None,
@@ -1089,6 +1121,8 @@ struct FileLines {
     dataset: Dataset,
     file: ExportFile,
     since: Option<OffsetDateTime>,
+    /// Whether lines carry `meta.lastUpdated` (Epic's personality leaves it out).
+    last_updated: bool,
     /// Offset from `file.first_index` of the next resource to consider.
     next_index: usize,
     written: usize,
@@ -1113,7 +1147,16 @@ impl FileLines {
             let wanted = self.since.is_none_or(|since| {
                 self.dataset.last_updated(&self.file.resource_type, index) > since
             });
-            if wanted {
+            if wanted && !self.last_updated {
+                let mut resource = self.dataset.resource(&self.file.resource_type, index);
+                if let Some(meta) = resource.get_mut("meta").and_then(|m| m.as_object_mut()) {
+                    meta.remove("lastUpdated");
+                }
+                // Serialising a `Value` cannot fail: all its map keys are strings.
+                chunk.extend_from_slice(resource.to_string().as_bytes());
+                chunk.push(b'\n');
+                self.written += 1;
+            } else if wanted {
                 chunk.extend_from_slice(
                     self.dataset
                         .ndjson_line(&self.file.resource_type, index)
@@ -1631,6 +1674,7 @@ mod tests {
                     dataset: d.clone(),
                     file: file.clone(),
                     since,
+                    last_updated: true,
                     next_index: 0,
                     written: 0,
                     stop_after: None,

@@ -19,6 +19,7 @@ mod discovery;
 mod export;
 mod faults;
 mod outcome;
+mod personality;
 mod state;
 #[cfg(test)]
 mod test_client;
@@ -41,6 +42,10 @@ use url::Url;
 pub use data::{Dataset, RESOURCE_TYPES};
 pub use export::ALL_PATIENTS_GROUP_ID;
 pub use faults::Faults;
+pub use personality::{
+    ATHENAHEALTH_GROUP_ID, EPIC_RETRY_AFTER_SECONDS, ORACLE_RETRY_AFTER_SECONDS, ORACLE_TENANT,
+    group_id,
+};
 
 use state::ServerState;
 
@@ -93,6 +98,12 @@ pub struct FakeOptions {
     pub open_access: bool,
     /// Scripted export faults (429 storms, cut downloads, expiring links...). Default none.
     pub faults: Faults,
+    /// The EHR vendor the fake plays (see [`FakeOptions::vendor`]): it refuses what that
+    /// vendor refuses. Default [`Vendor::Generic`](crate::vendor::Vendor::Generic), the spec.
+    pub vendor: crate::vendor::Vendor,
+    /// A tenant in the base URL: the FHIR endpoints live under `/r4/<tenant>` instead of
+    /// `/fhir` (Oracle Health). Default none.
+    pub tenant: Option<String>,
 }
 
 /// How the token endpoint sends `expires_in`.
@@ -132,6 +143,8 @@ impl Default for FakeOptions {
             expires_in: ExpiresIn::Number,
             open_access: false,
             faults: Faults::default(),
+            vendor: crate::vendor::Vendor::Generic,
+            tenant: None,
         }
     }
 }
@@ -233,7 +246,8 @@ impl FakeFhirServer {
         })
     }
 
-    /// The FHIR base, e.g. `http://127.0.0.1:PORT/fhir` (no trailing slash).
+    /// The FHIR base, e.g. `http://127.0.0.1:PORT/fhir` (no trailing slash), or
+    /// `http://127.0.0.1:PORT/r4/<tenant>` with a tenant.
     pub fn fhir_base_url(&self) -> Url {
         self.state.fhir_base_url()
     }
@@ -265,6 +279,34 @@ impl FakeFhirServer {
             .lock()
             .client_jkus
             .insert(client_id.to_string(), jku.to_string());
+    }
+
+    /// Issues an access token out of band, as a server's administrators do for clients that
+    /// authenticate with a static bearer token: valid for a day, for the read scopes given.
+    pub fn issue_static_token(&self, client_id: &str, scopes: &[&str]) -> String {
+        let token = auth::random_token();
+        let mut inner = self.state.lock();
+        inner.tokens.insert(
+            token.clone(),
+            state::IssuedToken {
+                client_id: client_id.to_string(),
+                scopes: scopes.iter().map(|s| s.to_string()).collect(),
+                expires_at: time::OffsetDateTime::now_utc() + time::Duration::days(1),
+            },
+        );
+        inner.issued_tokens.push(token.clone());
+        token
+    }
+
+    /// Registers a client by its JWKS URL, as Epic backend apps are: the fake fetches the key
+    /// set from `url` at every token request, so a key the client publishes there later (a
+    /// rotation) is accepted without registering it again. Assertions may carry `url` as `jku`.
+    pub fn register_jwks_url(&self, client_id: &str, url: &Url) {
+        let mut inner = self.state.lock();
+        inner.jwks_urls.insert(client_id.to_string(), url.clone());
+        inner
+            .client_jkus
+            .insert(client_id.to_string(), url.to_string());
     }
 
     /// Starts serving the same endpoints and state on another port of 127.0.0.1: another
@@ -398,31 +440,33 @@ impl Drop for OtherOrigin {
 }
 
 fn router(state: Arc<ServerState>) -> Router {
-    Router::new()
+    let fhir = Router::new()
         .route(
-            "/fhir/.well-known/smart-configuration",
+            "/.well-known/smart-configuration",
             get(discovery::smart_configuration),
         )
-        .route("/fhir/metadata", get(discovery::metadata))
-        .route("/auth/token", post(auth::token))
+        .route("/metadata", get(discovery::metadata))
         .route(
-            "/fhir/$export",
+            "/$export",
             get(export::kick_off).post(export::post_kick_off),
         )
         .route(
-            "/fhir/Patient/$export",
+            "/Patient/$export",
             get(export::kick_off).post(export::post_kick_off),
         )
         .route(
-            "/fhir/Group/{id}/$export",
+            "/Group/{id}/$export",
             get(export::group_kick_off).post(export::group_post_kick_off),
         )
         .route(
-            "/fhir/bulkstatus/{id}",
+            "/bulkstatus/{id}",
             get(export::status).delete(export::delete),
         )
-        .route("/fhir/bulkfiles/{id}/{file}", get(export::file))
-        .route("/fhir/{resource_type}", get(auth::search_probe))
+        .route("/bulkfiles/{id}/{file}", get(export::file))
+        .route("/{resource_type}", get(auth::search_probe));
+    Router::new()
+        .nest(&state.base_path(), fhir)
+        .route("/auth/token", post(auth::token))
         .fallback(not_found)
         .layer(middleware::from_fn_with_state(
             state.clone(),

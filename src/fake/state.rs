@@ -54,6 +54,10 @@ pub(crate) struct Inner {
     pub(crate) kick_offs: Vec<RecordedKickOff>,
     /// Scripted-fault counters and the open-file gauge.
     pub(crate) faults: FaultState,
+    /// Clients registered by JWKS URL (fetched at each token request).
+    pub(crate) jwks_urls: HashMap<String, Url>,
+    /// Each client's last export's transactionTime (AB2D's default `_since`).
+    pub(crate) last_exports: HashMap<String, OffsetDateTime>,
 }
 
 #[derive(Clone, Debug)]
@@ -82,9 +86,17 @@ impl ServerState {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// `http://127.0.0.1:PORT/fhir`, without a trailing slash.
+    /// `http://127.0.0.1:PORT/fhir` (or `.../r4/<tenant>`), without a trailing slash.
     pub(crate) fn fhir_base_url(&self) -> Url {
-        self.url("/fhir")
+        self.url(&self.base_path())
+    }
+
+    /// The path the FHIR endpoints live under: `/fhir`, or `/r4/<tenant>` with a tenant.
+    pub(crate) fn base_path(&self) -> String {
+        match &self.options.tenant {
+            Some(tenant) => format!("/r4/{tenant}"),
+            None => "/fhir".to_string(),
+        }
     }
 
     pub(crate) fn token_url(&self) -> Url {

@@ -74,11 +74,14 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
 
     // Discovery, reported on its own so that a token_url override does not hide a broken
     // discovery document.
-    let discovered = if matches!(job.auth.method, AuthMethod::None) {
+    let discovered = if matches!(
+        job.auth.method,
+        AuthMethod::None | AuthMethod::BearerToken(_)
+    ) {
         report.push(check(
             "discovery",
             Verdict::Skip,
-            "auth.method = \"none\": no token endpoint needed",
+            "no token endpoint needed for this auth.method",
         ));
         None
     } else {
@@ -193,16 +196,14 @@ pub async fn run(http: &reqwest::Client, job: &JobConfig) -> Vec<Check> {
     }
 
     let authorized = if prepared.token_url.is_none() {
-        report.push(check(
-            "token request",
-            Verdict::Skip,
-            "auth.method = \"none\"",
-        ));
-        report.push(check(
-            "granted scopes",
-            Verdict::Skip,
-            "auth.method = \"none\"",
-        ));
+        let why = match job.auth.method {
+            AuthMethod::BearerToken(_) => {
+                "auth.method = \"bearer_token\": the static token is used as is"
+            }
+            _ => "auth.method = \"none\"",
+        };
+        report.push(check("token request", Verdict::Skip, why));
+        report.push(check("granted scopes", Verdict::Skip, why));
         None
     } else {
         match prepared.tokens.token().await {
@@ -351,7 +352,8 @@ fn fix_for(error: &AuthError) -> String {
         AuthError::Key(_) => {
             "check auth.private_key_file / auth.private_key_env and auth.algorithm".into()
         }
-        AuthError::Secret(_) => "check auth.client_secret_file / auth.client_secret_env".into(),
+        AuthError::Secret(_) => "check auth.client_secret_file / auth.client_secret_env (or auth.token_file / auth.token_env)".into(),
+        AuthError::StaticTokenRefused => "replace the static token".into(),
         e if e.is_retryable() => "the server or network failed; try again later".into(),
         _ => "see the message".into(),
     }

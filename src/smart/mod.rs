@@ -46,12 +46,16 @@ pub enum AuthError {
     Sign(String),
     #[error("cannot load the job's private key")]
     Key(#[from] KeyError),
-    #[error("cannot read the client secret: {0}")]
+    #[error("cannot read the client secret or token: {0}")]
     Secret(String),
     #[error(
         "the server requires an access token but the job has auth.method = \"none\" (hint: set auth.method to private_key_jwt or client_secret_basic)"
     )]
     Unauthenticated,
+    #[error(
+        "the static token was refused; replace it (hint: get a new token from the server's administrators and put it where auth.token_file or auth.token_env points)"
+    )]
+    StaticTokenRefused,
     #[error(
         "the server granted {granted:?}, which does not cover {missing:?} (hint: ask the EHR to grant read access to these types, remove them from export.types, or set auth.on_missing_scope = \"drop\")"
     )]
@@ -74,6 +78,7 @@ impl AuthError {
             | AuthError::Key(_)
             | AuthError::Secret(_)
             | AuthError::Unauthenticated
+            | AuthError::StaticTokenRefused
             | AuthError::ScopeNotGranted { .. } => false,
         }
     }

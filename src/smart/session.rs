@@ -75,6 +75,20 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             ),
         });
     }
+    // A token issued out of band needs no discovery and no token endpoint.
+    if let AuthMethod::BearerToken(source) = &job.auth.method {
+        let token = read_secret(source, "token")?;
+        return Ok(Prepared {
+            discovered: None,
+            token_url: None,
+            signing: None,
+            notes: Vec::new(),
+            scope_style: job.auth.scope_style,
+            tokens: Arc::new(
+                TokenManager::with_static_token(base.clone(), token).for_job(&job.name),
+            ),
+        });
+    }
     let mut notes = Vec::new();
     let (discovered, token_url) = match &job.fhir.token_url {
         None => {
@@ -148,7 +162,7 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             (manager, Some(signing))
         }
         AuthMethod::ClientSecretBasic(source) => {
-            let secret = read_secret(source)?;
+            let secret = read_secret(source, "client secret")?;
             let manager = TokenManager::with_client_secret(
                 token_http.clone(),
                 token_url.clone(),
@@ -158,7 +172,7 @@ pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared
             );
             (manager, None)
         }
-        AuthMethod::None => unreachable!("handled above"),
+        AuthMethod::None | AuthMethod::BearerToken(_) => unreachable!("handled above"),
     };
     Ok(Prepared {
         discovered,
@@ -199,7 +213,8 @@ fn choose_key(
     keys.swap_remove(0)
 }
 
-fn read_secret(source: &SecretSource) -> Result<SecretString, AuthError> {
+/// Reads a secret (`what`: "client secret", "token") from its file or environment variable.
+fn read_secret(source: &SecretSource, what: &str) -> Result<SecretString, AuthError> {
     let text = match source {
         SecretSource::File(path) => std::fs::read_to_string(path)
             .map_err(|e| AuthError::Secret(format!("cannot read {}: {e}", path.display())))?,
@@ -209,7 +224,7 @@ fn read_secret(source: &SecretSource) -> Result<SecretString, AuthError> {
     // A trailing newline from `echo secret > file` is not part of the secret.
     let secret = text.trim_end_matches(['\r', '\n']).to_string();
     if secret.is_empty() {
-        return Err(AuthError::Secret("the client secret is empty".into()));
+        return Err(AuthError::Secret(format!("the {what} is empty")));
     }
     Ok(SecretString::from(secret))
 }

@@ -59,6 +59,8 @@ enum Credentials {
     Assertion(Box<SigningKey>),
     /// `client_secret_basic`: HTTP Basic with the client id and secret.
     Secret(SecretString),
+    /// A static bearer token issued out of band: handed out as is, never renewed.
+    Static(SecretString),
     /// No token at all.
     None,
 }
@@ -135,6 +137,21 @@ impl TokenManager {
         }
     }
 
+    /// A manager that hands out one static bearer token issued out of band (`auth.method =
+    /// "bearer_token"`). It never contacts a token endpoint; a refusal of the token is
+    /// [`AuthError::StaticTokenRefused`], fatal.
+    pub fn with_static_token(base: Url, token: SecretString) -> Self {
+        TokenManager {
+            http: reqwest::Client::new(),
+            token_url: base,
+            client_id: String::new(),
+            credentials: Credentials::Static(token),
+            scopes: Vec::new(),
+            state: tokio::sync::Mutex::new(State::default()),
+            job: String::new(),
+        }
+    }
+
     /// A manager for servers that need no authorisation: every request goes without a token.
     pub fn without_authorization(http: reqwest::Client, base: Url) -> Self {
         TokenManager {
@@ -167,11 +184,20 @@ impl TokenManager {
 
     /// A token valid for a while yet, renewing first if the cached one is near expiry.
     pub async fn token(&self) -> Result<AccessToken, AuthError> {
-        if matches!(self.credentials, Credentials::None) {
-            return Ok(AccessToken {
-                secret: None,
-                generation: 0,
-            });
+        match &self.credentials {
+            Credentials::None => {
+                return Ok(AccessToken {
+                    secret: None,
+                    generation: 0,
+                });
+            }
+            Credentials::Static(token) => {
+                return Ok(AccessToken {
+                    secret: Some(token.clone()),
+                    generation: 1,
+                });
+            }
+            Credentials::Assertion(_) | Credentials::Secret(_) => {}
         }
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
@@ -192,8 +218,11 @@ impl TokenManager {
         &self,
         refused: &AccessToken,
     ) -> Result<AccessToken, AuthError> {
-        if matches!(self.credentials, Credentials::None) {
-            return Err(AuthError::Unauthenticated);
+        match self.credentials {
+            Credentials::None => return Err(AuthError::Unauthenticated),
+            // Nothing can renew a token issued out of band: asking again gets the same refusal.
+            Credentials::Static(_) => return Err(AuthError::StaticTokenRefused),
+            Credentials::Assertion(_) | Credentials::Secret(_) => {}
         }
         let mut state = self.state.lock().await;
         if let Some(cached) = &state.cached
@@ -299,7 +328,9 @@ impl TokenManager {
                         ("scope", scope.as_str()),
                     ])
             }
-            Credentials::None => unreachable!("a manager without credentials never requests"),
+            Credentials::None | Credentials::Static(_) => {
+                unreachable!("token() returns before requesting for these credentials")
+            }
         };
         let started = Instant::now();
         let response = request.send().await;

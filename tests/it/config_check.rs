@@ -154,3 +154,51 @@ fn view_files_are_checked_with_file_and_element_path() {
         "{text}"
     );
 }
+
+#[test]
+fn warns_about_jobs_that_contradict_their_vendor_and_refuses_unknown_vendors() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("config")).unwrap();
+    std::fs::create_dir_all(dir.path().join("jobs")).unwrap();
+    let job = |vendor: &str, export: &str| {
+        format!(
+            "[fhir]\nbase_url = \"https://ehr.example.org/fhir\"\nvendor = \"{vendor}\"\n[auth]\nclient_id = \"abc\"\nmethod = \"none\"\n[export]\ntypes = [\"Patient\"]\n{export}"
+        )
+    };
+    std::fs::write(
+        dir.path().join("jobs/epic.toml"),
+        job("epic", "level = \"system\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("jobs/ab2d.toml"),
+        job("ab2d", "since = \"2026-01-01T00:00:00+00:00\"\n"),
+    )
+    .unwrap();
+    let (ok, text) = check(dir.path());
+    assert!(ok, "warnings do not fail the check:\n{text}");
+    let epic = dir.path().join("jobs/epic.toml").display().to_string();
+    let ab2d = dir.path().join("jobs/ab2d.toml").display().to_string();
+    for expected in [
+        format!(
+            "warning: {epic}: export.level: epic does not offer \"system\" exports, only group"
+        ),
+        format!(
+            "warning: {ab2d}: export.since: ab2d reads a missing _since as \"since your last export\""
+        ),
+    ] {
+        assert!(text.contains(&expected), "missing {expected:?} in:\n{text}");
+    }
+
+    std::fs::write(
+        dir.path().join("jobs/epic.toml"),
+        job("cerner", "level = \"group\"\ngroup_id = \"g\"\n"),
+    )
+    .unwrap();
+    let (ok, text) = check(dir.path());
+    assert!(!ok, "an unknown vendor is an error:\n{text}");
+    assert!(
+        text.contains(&format!("{epic}: fhir.vendor: \"cerner\" is not one of")),
+        "{text}"
+    );
+}

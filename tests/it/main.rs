@@ -43,6 +43,7 @@ mod queue;
 mod queue_edges;
 mod secrets;
 mod sync;
+mod vendors;
 mod views;
 mod views_conformance;
 mod views_sync;
