@@ -249,9 +249,7 @@ pub struct CaptureGuard {
 /// hits it first: another test's thread would cache "never" and this test would miss those
 /// events. A second live dispatcher makes tracing ask every dispatcher each time, and the
 /// rebuild clears what was cached before this test started.
-pub fn capture_with(
-    subscriber: impl tracing::Subscriber + Send + Sync + 'static,
-) -> CaptureGuard {
+pub fn capture_with(subscriber: impl tracing::Subscriber + Send + Sync + 'static) -> CaptureGuard {
     let second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
     let default = tracing::subscriber::set_default(subscriber);
     tracing::callsite::rebuild_interest_cache();

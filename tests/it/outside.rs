@@ -280,13 +280,13 @@ fn sekmet_job(server: &Sekmet, key_pem: secrecy::SecretString) -> JobConfig {
     job
 }
 
-fn ctx(db: &TestDb) -> SyncContext {
-    SyncContext {
-        pool: db.pool.clone(),
-        settings: sync_settings(),
-        queue: queue_settings(),
-        views: Default::default(),
-    }
+fn ctx(db: &TestDb) -> std::sync::Arc<SyncContext> {
+    SyncContext::new(
+        db.pool.clone(),
+        sync_settings(),
+        queue_settings(),
+        Vec::new(),
+    )
 }
 
 /// Live (not deleted) rows per type in the warehouse.

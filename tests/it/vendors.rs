@@ -63,13 +63,13 @@ impl VendorEnv {
         }
     }
 
-    fn ctx(&self) -> SyncContext {
-        SyncContext {
-            pool: self.db.pool.clone(),
-            settings: sync_settings(),
-            queue: queue_settings(),
-            views: Default::default(),
-        }
+    fn ctx(&self) -> std::sync::Arc<SyncContext> {
+        SyncContext::new(
+            self.db.pool.clone(),
+            sync_settings(),
+            queue_settings(),
+            Vec::new(),
+        )
     }
 
     async fn run(&self, job: &JobConfig, full: bool) -> Result<RunReport, RunFailed> {
@@ -205,7 +205,7 @@ async fn epic_fetches_the_jwks_from_its_url_so_a_rotated_key_is_accepted() {
     let (addr, server) = fhir_sync::ops::http::serve(
         "127.0.0.1:0".parse().unwrap(),
         fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
-            steps: fhir_sync::sync::StepContext::new(
+            steps: fhir_sync::sync::SyncContext::new(
                 env.db.pool.clone(),
                 Default::default(),
                 Default::default(),
