@@ -342,3 +342,69 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
 }
+
+/// How long a run may go without any sign of progress before [`until_run_ends`] calls it
+/// stranded. Generous: on a machine whose cores are busy a single step can take many seconds;
+/// a run that is stuck never moves again.
+pub const STRANDED_AFTER: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for a spawned run (`run_job` in a task) to end, for as long as it makes progress: its
+/// status, its files' checkpoints and statuses, and its queue steps. A run whose record and
+/// steps stay unchanged for [`STRANDED_AFTER`] is stranded: the test fails with what the run,
+/// its files and its steps looked like, instead of with a bare timeout. A slow machine makes a
+/// run slower, never stuck.
+pub async fn until_run_ends<T>(
+    pool: &PgPool,
+    run_id: i64,
+    mut run: tokio::task::JoinHandle<T>,
+) -> T {
+    let mut last: Option<String> = None;
+    let mut unchanged_since = tokio::time::Instant::now();
+    loop {
+        match tokio::time::timeout(std::time::Duration::from_secs(2), &mut run).await {
+            Ok(ended) => return ended.expect("the run task does not panic"),
+            Err(_) => {
+                // A read that fails (the database is away) is no progress, nor a verdict.
+                let Ok(now) = run_fingerprint(pool, run_id).await else {
+                    continue;
+                };
+                if last.as_deref() != Some(now.as_str()) {
+                    last = Some(now);
+                    unchanged_since = tokio::time::Instant::now();
+                }
+                assert!(
+                    unchanged_since.elapsed() < STRANDED_AFTER,
+                    "run {run_id} is stranded: nothing moved for {STRANDED_AFTER:?}:\n{}",
+                    last.unwrap_or_default()
+                );
+            }
+        }
+    }
+}
+
+/// The run row, its files and its queue steps, as text: equal texts, no progress.
+async fn run_fingerprint(pool: &PgPool, run_id: i64) -> sqlx::Result<String> {
+    let run: Option<(String, Option<String>, i64)> =
+        sqlx::query_as("SELECT status, error, retries FROM fhir_sync.run WHERE id = $1")
+            .bind(run_id)
+            .fetch_optional(pool)
+            .await?;
+    let files: Vec<(i64, String, i64, i32, Option<String>)> = sqlx::query_as(
+        "SELECT id, status, lines_committed, attempts, lease_owner FROM fhir_sync.run_file
+         WHERE run_id = $1 ORDER BY id",
+    )
+    .bind(run_id)
+    .fetch_all(pool)
+    .await?;
+    let steps: Vec<(String, String, i32, Option<String>)> = sqlx::query_as(
+        "SELECT status, convert_from(job, 'UTF8'), attempts, lock_by FROM apalis.jobs
+         WHERE convert_from(job, 'UTF8') ~ ('\"run_id\": ?' || $1 || '[,}]')
+         ORDER BY run_at, id",
+    )
+    .bind(run_id.to_string())
+    .fetch_all(pool)
+    .await?;
+    Ok(format!(
+        "run: {run:?}\nfiles: {files:#?}\nsteps: {steps:#?}"
+    ))
+}
