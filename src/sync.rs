@@ -41,10 +41,15 @@ pub struct SyncContext {
     pub views: Arc<ViewSet>,
 }
 
-/// What a successful run did.
+/// What a finished run did: a run that `succeeded`, or one that ended `partial` (everything it
+/// got is loaded, but the export was not complete; `warning` says why).
 #[derive(Debug, Clone)]
 pub struct RunReport {
     pub run_id: i64,
+    /// `Succeeded` or `Partial`.
+    pub status: RunStatus,
+    /// Why a partial run is partial, and what to look at; `None` for a succeeded run.
+    pub warning: Option<String>,
     pub transaction_time: String,
     /// The `_since` the run exported from; `None` for a full export.
     pub since: Option<String>,
@@ -154,7 +159,7 @@ pub struct RunOptions {
 
 /// Queues a run of `job` now and drives it to its end with workers in this process (other
 /// processes serving the same database may take some of its steps). Returns when the run has
-/// succeeded or failed.
+/// ended: `Ok` when it succeeded or ended partial (the report says which), `Err` otherwise.
 pub async fn run_job(
     ctx: &SyncContext,
     job: &JobConfig,
@@ -208,7 +213,7 @@ pub async fn run_job_with(
         Err(e) => tracing::warn!(error = %e, "queue workers panicked"),
     }
     let run = ended.map_err(|e| failed(Some(run_id), e.into()))?;
-    if run.status != RunStatus::Succeeded {
+    if !matches!(run.status, RunStatus::Succeeded | RunStatus::Partial) {
         let error = run
             .error
             .unwrap_or_else(|| format!("the run ended {}", run.status));
@@ -227,8 +232,17 @@ pub async fn run_job_with(
     let (output_files, error_files, bytes) = runs::file_totals(&ctx.pool, run_id)
         .await
         .map_err(|e| failed(Some(run_id), e.into()))?;
+    let warning = (run.status == RunStatus::Partial).then(|| {
+        let reason = run.error.unwrap_or_else(|| "the export was not complete".into());
+        match run.hint {
+            Some(hint) => format!("{reason} ({hint})"),
+            None => reason,
+        }
+    });
     Ok(RunReport {
         run_id,
+        status: run.status,
+        warning,
         transaction_time: run.transaction_time.unwrap_or_default(),
         since: run.since,
         types,

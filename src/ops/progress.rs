@@ -193,7 +193,7 @@ pub fn phase_message(run: &RunSummary, files: &[FileDetail]) -> String {
             Some(progress) => format!("exporting (server says: {progress})"),
             None => "exporting (waiting for the server)".into(),
         },
-        "loading" | "completing" | "succeeded" => {
+        "loading" | "completing" | "succeeded" | "partial" => {
             let loaded = files.iter().filter(|f| f.status == "loaded").count();
             let resources: i64 = files.iter().map(|f| f.resources_loaded).sum();
             let rejected: i64 = files.iter().map(|f| f.lines_rejected).sum();

@@ -25,13 +25,14 @@ pub const ACTIVE_STATUSES: [&str; 5] = [
 ];
 
 /// Every run status, in the order a run moves through them.
-pub const ALL_STATUSES: [&str; 9] = [
+pub const ALL_STATUSES: [&str; 10] = [
     "queued",
     "kicking_off",
     "exporting",
     "loading",
     "completing",
     "succeeded",
+    "partial",
     "failed",
     "cancelled",
     "skipped",
@@ -217,7 +218,7 @@ impl RunDetail {
             ("skipped", _, _) => "the tick was skipped, so no export was started",
             (_, true, false) => "the export has not been kicked off yet",
             (_, true, true) => "the export has not finished on the server",
-            ("succeeded", false, _) => "the export listed no files",
+            ("succeeded" | "partial", false, _) => "the export listed no files",
             (_, false, false) => "the run ended before an export was started",
             (_, false, true) => "the run ended before the export finished on the server",
         }

@@ -566,11 +566,14 @@ async fn commit(
 }
 
 /// Compares the manifest's count with what the file's attempts loaded and rejected in total,
-/// and records the verdict on the file.
+/// and records the verdict on the file. Not for error files: their `count` (when a server
+/// sends one) is of the resources that failed, not of the OperationOutcome lines, and what
+/// they report already makes the run partial.
 async fn check_count(pool: &PgPool, file_id: i64) -> Result<Option<String>, LoadError> {
     let mismatch: Option<String> = sqlx::query_scalar(
         "UPDATE fhir_sync.run_file SET count_mismatch =
-             CASE WHEN manifest_count IS NOT NULL AND manifest_count <> resources_loaded + lines_rejected
+             CASE WHEN manifest_count IS NOT NULL AND kind <> 'error'
+                       AND manifest_count <> resources_loaded + lines_rejected
                   THEN format('the manifest counts %s lines, but %s loaded and %s were rejected',
                               manifest_count, resources_loaded, lines_rejected)
              END

@@ -6,10 +6,14 @@
 //! step that runs twice, or late, changes nothing:
 //!
 //! ```text
-//! queued → kicking_off → exporting → loading → completing → succeeded
+//! queued → kicking_off → exporting → loading → completing → succeeded | partial
 //!    └──────────┴────────────┴──────────┴───────────┴──────→ failed | cancelled
 //! (a tick that finds the job busy records a 'skipped' run instead)
 //! ```
+//!
+//! A `partial` run finished and loaded everything it got, but its export was not complete
+//! (error files, an empty full export, a Patient count past the job's gate): the watermark
+//! stays where it was unless the job says otherwise. It is terminal, like `succeeded`.
 //!
 //! These rows are the history ops people read (through `ops::report`); they outlive any queue
 //! entry. URLs are stored without query strings (the signed download link only until the file
@@ -138,6 +142,8 @@ pub enum RunStatus {
     Loading,
     Completing,
     Succeeded,
+    /// Finished, but the export was not complete; see the run's `error` and `hint`.
+    Partial,
     Failed,
     Cancelled,
     Skipped,
@@ -150,6 +156,7 @@ text_enum!(RunStatus {
     Loading => "loading",
     Completing => "completing",
     Succeeded => "succeeded",
+    Partial => "partial",
     Failed => "failed",
     Cancelled => "cancelled",
     Skipped => "skipped",
@@ -157,8 +164,9 @@ text_enum!(RunStatus {
 
 impl RunStatus {
     /// Statuses after which nothing more happens to a run.
-    pub const TERMINAL: [RunStatus; 4] = [
+    pub const TERMINAL: [RunStatus; 5] = [
         RunStatus::Succeeded,
+        RunStatus::Partial,
         RunStatus::Failed,
         RunStatus::Cancelled,
         RunStatus::Skipped,
@@ -755,27 +763,62 @@ const TOTALS: &str =
                       coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
                FROM fhir_sync.run_file WHERE run_id = $1";
 
+/// How a run that got through its files ends: `succeeded`, or `partial` with the reason and
+/// what to look at, and whether the watermark moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub hint: Option<String>,
+    pub advance_watermark: bool,
+}
+
+impl Completion {
+    pub fn succeeded() -> Completion {
+        Completion {
+            status: RunStatus::Succeeded,
+            error: None,
+            hint: None,
+            advance_watermark: true,
+        }
+    }
+}
+
 /// Moves `completing` → `succeeded`, totals the counts and advances the job's watermark, in one
 /// transaction: the watermark never moves unless every file of the run is loaded.
 pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    complete(pool, run_id, &Completion::succeeded()).await
+}
+
+/// Moves `completing` → `succeeded` or `partial` (`end.status`), totals the counts and, when
+/// `end.advance_watermark`, advances the job's watermark, in one transaction: the watermark
+/// never moves unless every file of the run is loaded, and a held watermark keeps pointing at
+/// the last run that moved it (the next incremental run's `_since`).
+pub async fn complete(pool: &PgPool, run_id: i64, end: &Completion) -> sqlx::Result<bool> {
+    debug_assert!(matches!(
+        end.status,
+        RunStatus::Succeeded | RunStatus::Partial
+    ));
     let mut tx = pool.begin().await?;
     let row: Option<(String, Option<String>, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE fhir_sync.run r SET status = $2, finished_at = now(), updated_at = now(), progress = NULL,
-             error = NULL, error_retryable = NULL, hint = NULL,
+             error = $4, error_retryable = NULL, hint = $5,
              resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
          FROM ({TOTALS}) t
          WHERE r.id = $1 AND r.status = $3
          RETURNING r.job, r.transaction_time, extract(epoch FROM r.finished_at - r.started_at)::float8",
     )))
     .bind(run_id)
-    .bind(RunStatus::Succeeded)
+    .bind(end.status)
     .bind(RunStatus::Completing)
+    .bind(end.error.as_deref())
+    .bind(end.hint.as_deref())
     .fetch_optional(&mut *tx)
     .await?;
     let Some((job, transaction_time, duration)) = row else {
         return Ok(false);
     };
-    if let Some(transaction_time) = transaction_time {
+    if let Some(transaction_time) = transaction_time.filter(|_| end.advance_watermark) {
         sqlx::query(
             "INSERT INTO fhir_sync.watermark (job, transaction_time, run_id) VALUES ($1, $2, $3)
              ON CONFLICT (job) DO UPDATE SET transaction_time = EXCLUDED.transaction_time,
@@ -789,8 +832,43 @@ pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
     }
     tx.commit().await?;
     // After the commit: a rolled-back success is no success.
-    metrics::run_finished(&job, RunStatus::Succeeded.as_str(), duration);
+    metrics::run_finished(&job, end.status.as_str(), duration);
     Ok(true)
+}
+
+/// What the finish step weighs before it lets the watermark move: the run's error and output
+/// files, and its Patients against the previous complete full run's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct CompletenessFacts {
+    pub full_export: bool,
+    pub output_files: i64,
+    pub error_files: i64,
+    /// Patients this run loaded.
+    pub patients: i64,
+    /// Patients the job's last full run that ended `succeeded` loaded, if there was one.
+    pub previous_full_patients: Option<i64>,
+}
+
+pub async fn completeness_facts(pool: &PgPool, run_id: i64) -> sqlx::Result<CompletenessFacts> {
+    sqlx::query_as(
+        "SELECT r.full_export,
+                (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $2) AS output_files,
+                (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $3) AS error_files,
+                (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f
+                 WHERE f.run_id = r.id AND f.kind = $2 AND f.resource_type = 'Patient') AS patients,
+                (SELECT (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f
+                         WHERE f.run_id = p.id AND f.kind = $2 AND f.resource_type = 'Patient')
+                 FROM fhir_sync.run p
+                 WHERE p.job = r.job AND p.id < r.id AND p.full_export AND p.status = $4
+                 ORDER BY p.id DESC LIMIT 1) AS previous_full_patients
+         FROM fhir_sync.run r WHERE r.id = $1",
+    )
+    .bind(run_id)
+    .bind(FileKind::Output)
+    .bind(FileKind::Error)
+    .bind(RunStatus::Succeeded)
+    .fetch_one(pool)
+    .await
 }
 
 /// Fails a run that is not finished yet, with the reason and the operator's hint. The
@@ -909,6 +987,7 @@ pub async fn abandoned_exports(
     .bind(include_running)
     .bind(vec![
         RunStatus::Succeeded,
+        RunStatus::Partial,
         RunStatus::Failed,
         RunStatus::Cancelled,
     ])
@@ -962,20 +1041,21 @@ pub async fn file_totals(pool: &PgPool, run_id: i64) -> sqlx::Result<(i64, i64, 
     .await
 }
 
-/// Failed runs of the last `within_hours` whose `run_failed` alert nobody claimed yet (the
-/// process that failed them died before it could, or it was never sent), oldest first.
+/// Failed and partial runs of the last `within_hours` whose `run_failed` alert nobody claimed
+/// yet (the process that ended them died before it could, or it was never sent), oldest first.
+/// A partial run alerts like a failed one: its data is incomplete until someone looks.
 pub async fn failed_runs_without_alert(
     pool: &PgPool,
     within_hours: i64,
 ) -> sqlx::Result<Vec<(i64, String)>> {
     sqlx::query_as(
         "SELECT r.id, r.job FROM fhir_sync.run r
-         WHERE r.status = $1 AND r.finished_at > now() - make_interval(hours => $2::int)
+         WHERE r.status = ANY($1) AND r.finished_at > now() - make_interval(hours => $2::int)
            AND NOT EXISTS (SELECT 1 FROM fhir_sync.alert_sent a
                            WHERE a.job = r.job AND a.kind = 'run_failed' AND a.episode = r.id)
          ORDER BY r.id",
     )
-    .bind(RunStatus::Failed)
+    .bind(vec![RunStatus::Failed, RunStatus::Partial])
     .bind(within_hours as i32)
     .fetch_all(pool)
     .await

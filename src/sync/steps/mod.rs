@@ -193,9 +193,11 @@ pub fn next_for(status: RunStatus) -> Next {
         RunStatus::Exporting => Next::Poll,
         RunStatus::Loading => Next::LoadFiles,
         RunStatus::Completing => Next::RefreshViews,
-        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Skipped => {
-            Next::Nothing
-        }
+        RunStatus::Succeeded
+        | RunStatus::Partial
+        | RunStatus::Failed
+        | RunStatus::Cancelled
+        | RunStatus::Skipped => Next::Nothing,
     }
 }
 
@@ -692,6 +694,7 @@ mod tests {
             (RunStatus::Loading, Next::LoadFiles),
             (RunStatus::Completing, Next::RefreshViews),
             (RunStatus::Succeeded, Next::Nothing),
+            (RunStatus::Partial, Next::Nothing),
             (RunStatus::Failed, Next::Nothing),
             (RunStatus::Cancelled, Next::Nothing),
             (RunStatus::Skipped, Next::Nothing),
