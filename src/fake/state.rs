@@ -54,6 +54,12 @@ pub(crate) struct Inner {
     pub(crate) kick_offs: Vec<RecordedKickOff>,
     /// Scripted-fault counters and the open-file gauge.
     pub(crate) faults: FaultState,
+    /// Groups whose members a test set (patient indices); [`super::ALL_PATIENTS_GROUP_ID`]
+    /// not set here has every patient.
+    pub(crate) groups: HashMap<String, Vec<usize>>,
+    /// Resources deleted on the server, (type, index): absent from every later export, and
+    /// listed in no `deleted[]` (a server that does not track deletions).
+    pub(crate) removed: HashSet<(String, usize)>,
 }
 
 #[derive(Clone, Debug)]

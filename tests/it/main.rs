@@ -13,6 +13,7 @@ mod auth_origin;
 mod auth_support;
 mod auth_tokens;
 mod bench;
+mod completeness;
 mod config_check;
 mod demo_serve;
 mod export_cleanup;
