@@ -842,7 +842,13 @@ pub async fn complete(pool: &PgPool, run_id: i64, end: &Completion) -> sqlx::Res
 pub struct CompletenessFacts {
     pub full_export: bool,
     pub output_files: i64,
+    /// Every file of the manifest's `error[]`.
     pub error_files: i64,
+    /// Error files that report a failure: an OperationOutcome with an issue that is not a
+    /// `warning` or `information` (or with no issue at all), or a line that is no
+    /// OperationOutcome. Error files of warnings only (a lenient server's notes on parameters
+    /// it ignored) do not make a run partial.
+    pub failing_error_files: i64,
     /// Patients this run loaded.
     pub patients: i64,
     /// Patients the job's last full run that ended `succeeded` loaded, if there was one.
@@ -854,6 +860,17 @@ pub async fn completeness_facts(pool: &PgPool, run_id: i64) -> sqlx::Result<Comp
         "SELECT r.full_export,
                 (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $2) AS output_files,
                 (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $3) AS error_files,
+                (SELECT count(*) FROM fhir_sync.run_file f
+                 WHERE f.run_id = r.id AND f.kind = $3
+                   AND (f.lines_rejected > 0 OR EXISTS (
+                        SELECT 1 FROM fhir_sync.export_error e
+                        WHERE e.file_id = f.id
+                          AND NOT coalesce((
+                              SELECT bool_and(i->>'severity' IN ('warning', 'information'))
+                              FROM jsonb_array_elements(CASE jsonb_typeof(e.outcome->'issue')
+                                                        WHEN 'array' THEN e.outcome->'issue'
+                                                        ELSE '[]'::jsonb END) AS i), false)))
+                ) AS failing_error_files,
                 (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f
                  WHERE f.run_id = r.id AND f.kind = $2 AND f.resource_type = 'Patient') AS patients,
                 (SELECT (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f

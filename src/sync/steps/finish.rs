@@ -4,7 +4,9 @@
 //! complete, with the watermark held unless the job says otherwise.
 //!
 //! Completeness is judged here, before the watermark can move, from what the run recorded:
-//! error files in the manifest (the server failed to export some resources), a full export
+//! error files in the manifest that report failures (the server failed to export some
+//! resources; error files of warnings only, such as a lenient server's notes on parameters it
+//! ignored, do not count), a full export
 //! that listed no files at all (what a mistyped `group_id` looks like), and the job's optional
 //! Patient-drop gate. A partial run's data is real and stays loaded; only the watermark waits,
 //! so the next incremental run asks again from the last complete run's transactionTime.
@@ -57,11 +59,11 @@ pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError>
 fn completion(facts: &CompletenessFacts, export: &ExportConfig, run_id: i64) -> Completion {
     let mut reasons = Vec::new();
     let mut hints = Vec::new();
-    if facts.error_files > 0 {
+    if facts.failing_error_files > 0 {
         reasons.push(format!(
             "the export reported {} error file{}",
-            facts.error_files,
-            if facts.error_files == 1 { "" } else { "s" }
+            facts.failing_error_files,
+            if facts.failing_error_files == 1 { "" } else { "s" }
         ));
         hints.push(format!(
             "see the export issues of `fhir-sync runs show {run_id}` (fhir_sync.export_error); \
@@ -129,6 +131,7 @@ mod tests {
             full_export: true,
             output_files: 4,
             error_files: 0,
+            failing_error_files: 0,
             patients: 100,
             previous_full_patients: Some(100),
         }
@@ -155,6 +158,7 @@ mod tests {
         let end = completion(
             &CompletenessFacts {
                 error_files: 12,
+                failing_error_files: 12,
                 full_export: false,
                 ..facts()
             },
@@ -176,6 +180,7 @@ mod tests {
         let end = completion(
             &CompletenessFacts {
                 error_files: 1,
+                failing_error_files: 1,
                 ..facts()
             },
             &job(None, true),
@@ -183,6 +188,18 @@ mod tests {
         );
         assert_eq!(end.status, RunStatus::Partial);
         assert!(end.advance_watermark);
+    }
+
+    #[test]
+    fn error_files_of_warnings_only_do_not_hold_the_watermark() {
+        let warned = CompletenessFacts {
+            error_files: 1,
+            ..facts()
+        };
+        assert_eq!(
+            completion(&warned, &job(None, false), 1),
+            Completion::succeeded()
+        );
     }
 
     #[test]
