@@ -233,7 +233,9 @@ pub async fn run_job_with(
         .await
         .map_err(|e| failed(Some(run_id), e.into()))?;
     let warning = (run.status == RunStatus::Partial).then(|| {
-        let reason = run.error.unwrap_or_else(|| "the export was not complete".into());
+        let reason = run
+            .error
+            .unwrap_or_else(|| "the export was not complete".into());
         match run.hint {
             Some(hint) => format!("{reason} ({hint})"),
             None => reason,
@@ -451,6 +453,20 @@ pub enum CancelOutcome {
     NeverStarted,
 }
 
+/// Records, once, that the server will never delete run `run_id`'s export (it answered
+/// `status`: 403, 405, 501), so that no later clean-up asks again; logs it the one time.
+pub(crate) async fn record_delete_refused(pool: &PgPool, run_id: i64, status: u16) {
+    match runs::export_delete_refused(pool, run_id, status).await {
+        Ok(true) => tracing::warn!(
+            export.run_id = run_id,
+            http.status = status,
+            "the server does not allow deleting this export; recorded, it will not be asked again"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "could not record the refused export deletion"),
+    }
+}
+
 /// How `job`'s status polls are paced.
 pub fn poll_policy(job: &JobConfig) -> PollPolicy {
     PollPolicy {
@@ -532,9 +548,12 @@ pub async fn delete_abandoned_exports(
                 }
                 deleted += 1;
             }
-            Err(e) => {
-                tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export");
-            }
+            Err(e) => match e.refused_for_good() {
+                Some(status) => record_delete_refused(pool, run_id, status).await,
+                None => {
+                    tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export")
+                }
+            },
         }
     }
     deleted

@@ -95,6 +95,22 @@ pub enum ExportError {
 }
 
 impl ExportError {
+    /// The status of a refusal that asking again will not change: the server does not allow
+    /// this request at all (403 Forbidden, 405 Method Not Allowed, 501 Not Implemented), as
+    /// servers that never let a client delete its exports answer a `DELETE`.
+    pub fn refused_for_good(&self) -> Option<u16> {
+        match self {
+            ExportError::Status { status, .. }
+            | ExportError::Refused { status, .. }
+            | ExportError::Failed { status, .. }
+                if matches!(status, 403 | 405 | 501) =>
+            {
+                Some(*status)
+            }
+            _ => None,
+        }
+    }
+
     /// Retryable failures may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         match self {

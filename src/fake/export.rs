@@ -6,8 +6,8 @@
 //! yields. Files are generated chunk by chunk while streaming; this module must never build a
 //! whole file, or the whole data set, in memory.
 
-use std::io::Write;
 use std::collections::HashSet;
+use std::io::Write;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
@@ -343,15 +343,15 @@ async fn start_export(
     })
     .await
     {
-            Ok(files) => files,
-            Err(_) => {
-                return outcome::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exception",
-                    "planning the export failed",
-                );
-            }
-        };
+        Ok(files) => files,
+        Err(_) => {
+            return outcome::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "planning the export failed",
+            );
+        }
+    };
 
     let id = uuid::Uuid::new_v4().simple().to_string();
     let origin = state.origin.as_str().trim_end_matches('/');
@@ -568,7 +568,8 @@ fn plan_kept_files(
             }
             since => {
                 for index in 0..total {
-                    if since.is_some_and(|since| dataset.last_updated(resource_type, index) <= since)
+                    if since
+                        .is_some_and(|since| dataset.last_updated(resource_type, index) <= since)
                         || !keep.keeps(dataset, resource_type, index)
                     {
                         continue;
@@ -895,7 +896,10 @@ pub(crate) async fn read_group(
     });
     (
         StatusCode::OK,
-        [(header::CONTENT_TYPE, HeaderValue::from_static(outcome::FHIR_JSON))],
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(outcome::FHIR_JSON),
+        )],
         body.to_string(),
     )
         .into_response()

@@ -97,7 +97,15 @@ impl Alert {
         started_at: OffsetDateTime,
         finished_at: Option<OffsetDateTime>,
     ) -> Alert {
-        Self::run_ended(job, run_id, "ended partial", error, false, started_at, finished_at)
+        Self::run_ended(
+            job,
+            run_id,
+            "ended partial",
+            error,
+            false,
+            started_at,
+            finished_at,
+        )
     }
 
     fn run_ended(

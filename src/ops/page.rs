@@ -230,7 +230,11 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
     let failed_jobs: Vec<&JobOverview> = view
         .jobs
         .iter()
-        .filter(|j| j.last_run.as_ref().is_some_and(|r| needs_attention(&r.status)))
+        .filter(|j| {
+            j.last_run
+                .as_ref()
+                .is_some_and(|r| needs_attention(&r.status))
+        })
         .collect();
     let overdue_jobs: Vec<&JobOverview> = view
         .jobs

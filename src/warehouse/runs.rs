@@ -517,6 +517,34 @@ pub async fn export_deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
         .map(drop)
 }
 
+/// Records that the server refused for good (`status`: 403, 405, 501) to delete the run's
+/// export: later runs' clean-up leaves it alone instead of asking, and warning, every time.
+/// `true` the first time.
+pub async fn export_delete_refused(pool: &PgPool, run_id: i64, status: u16) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET export_delete_refused = $2
+         WHERE id = $1 AND export_delete_refused IS NULL",
+    )
+    .bind(run_id)
+    .bind(i32::from(status))
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Records how many rows the run's reconciliation marked deleted.
+pub async fn deletions_reconciled(pool: &PgPool, run_id: i64, rows: u64) -> sqlx::Result<()> {
+    // Added up: a retried step finds nothing more to mark and must not erase the count.
+    sqlx::query(
+        "UPDATE fhir_sync.run SET deletions_reconciled = coalesce(deletions_reconciled, 0) + $2 WHERE id = $1",
+    )
+        .bind(run_id)
+        .bind(rows as i64)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
 /// Registers the manifest's files and moves `exporting` → `loading`, in one transaction.
 /// Every entry is a file of its own, identified by its place in the manifest (never by its
 /// URL, which is stored without its query string). Returns the registered files, or `None`
@@ -986,7 +1014,7 @@ pub async fn schedule_history(
 
 /// (run id, status URL) of this job's exports that were started and never deleted: runs that
 /// ended, and (when `include_running`) older runs still marked active, which is what a killed
-/// process leaves.
+/// process leaves. Exports whose deletion the server refused for good are not listed.
 pub async fn abandoned_exports(
     pool: &PgPool,
     job: &str,
@@ -996,6 +1024,7 @@ pub async fn abandoned_exports(
     sqlx::query_as(
         "SELECT id, status_url FROM fhir_sync.run
          WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
+           AND export_delete_refused IS NULL
            AND (status = ANY($4) OR ($3 AND status = ANY($5) AND id < $2))
          ORDER BY id",
     )

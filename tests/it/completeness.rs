@@ -72,7 +72,9 @@ async fn error_files_end_the_run_partial_hold_the_watermark_and_the_next_run_ask
     let first = run(&env, true).await;
     assert_eq!(first.status, RunStatus::Succeeded);
     assert_eq!(first.warning, None);
-    let (w1, w1_run) = watermark(&env).await.expect("a complete run sets the watermark");
+    let (w1, w1_run) = watermark(&env)
+        .await
+        .expect("a complete run sets the watermark");
     assert_eq!(w1_run, first.run_id);
 
     let second = run(&env, false).await;
@@ -125,7 +127,9 @@ async fn error_files_end_the_run_partial_hold_the_watermark_and_the_next_run_ask
         detail.run.hint
     );
     // A partial run alerts like a failed one.
-    let unalerted = runs::failed_runs_without_alert(&env.db.pool, 24).await.unwrap();
+    let unalerted = runs::failed_runs_without_alert(&env.db.pool, 24)
+        .await
+        .unwrap();
     assert_eq!(unalerted, [(second.run_id, env.job.name.clone())]);
 
     // The next incremental run asks again from the last complete run's transactionTime.
@@ -180,7 +184,11 @@ async fn a_full_export_that_lists_no_files_is_flagged_not_green() {
         "{warning}"
     );
     assert!(warning.contains("export.group_id"), "{warning}");
-    assert_eq!(watermark(&env).await, None, "nothing complete, no watermark");
+    assert_eq!(
+        watermark(&env).await,
+        None,
+        "nothing complete, no watermark"
+    );
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod auth_tokens;
 mod bench;
 mod completeness;
 mod config_check;
+mod deletions;
 mod demo_serve;
 mod export_cleanup;
 mod export_download;

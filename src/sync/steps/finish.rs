@@ -14,7 +14,7 @@
 use super::{StepContext, job_of, load_run};
 use crate::config::ExportConfig;
 use crate::sync::{SyncError, error_chain};
-use crate::warehouse::runs::{self, Completion, CompletenessFacts, RunStatus};
+use crate::warehouse::runs::{self, CompletenessFacts, Completion, RunStatus};
 
 pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError> {
     let run = load_run(ctx, run_id).await?;
@@ -28,14 +28,25 @@ pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError>
         .and_then(|u| url::Url::parse(u).ok())
     {
         let deleted = match ctx.session(&job, run_id).await {
-            Ok(session) => session.bulk.delete(&status_url).await.map_err(Into::into),
+            Ok(session) => session
+                .bulk
+                .delete(&status_url)
+                .await
+                .map_err(SyncError::from),
             Err(e) => Err(e),
         };
         match deleted {
             Ok(()) => runs::export_deleted(&ctx.pool, run_id).await?,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server")
-            }
+            Err(e) => match &e {
+                // Recorded once: later runs' clean-up will not ask again.
+                SyncError::Export(refusal) if refusal.refused_for_good().is_some() => {
+                    let status = refusal.refused_for_good().unwrap_or(405);
+                    crate::sync::record_delete_refused(&ctx.pool, run_id, status).await;
+                }
+                _ => {
+                    tracing::warn!(error = %error_chain(&e), "could not delete the finished export on the server")
+                }
+            },
         }
     }
     let facts = runs::completeness_facts(&ctx.pool, run_id).await?;
@@ -56,14 +67,22 @@ pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError>
 
 /// How a run whose files all loaded ends, given what it recorded: every reason it is not
 /// complete, or `succeeded`.
-fn completion(facts: &CompletenessFacts, export: &ExportConfig, run_id: i64) -> Completion {
+pub(super) fn completion(
+    facts: &CompletenessFacts,
+    export: &ExportConfig,
+    run_id: i64,
+) -> Completion {
     let mut reasons = Vec::new();
     let mut hints = Vec::new();
     if facts.failing_error_files > 0 {
         reasons.push(format!(
             "the export reported {} error file{}",
             facts.failing_error_files,
-            if facts.failing_error_files == 1 { "" } else { "s" }
+            if facts.failing_error_files == 1 {
+                ""
+            } else {
+                "s"
+            }
         ));
         hints.push(format!(
             "see the export issues of `fhir-sync runs show {run_id}` (fhir_sync.export_error); \
@@ -231,11 +250,17 @@ mod tests {
             ..facts()
         };
         let gate = job(Some(10.0), false);
-        assert_eq!(completion(&dropped(90, true), &gate, 1).status, RunStatus::Succeeded);
+        assert_eq!(
+            completion(&dropped(90, true), &gate, 1).status,
+            RunStatus::Succeeded
+        );
         let end = completion(&dropped(89, true), &gate, 1);
         assert_eq!(end.status, RunStatus::Partial);
         assert!(end.error.unwrap().contains("11.0% fewer"));
-        assert_eq!(completion(&dropped(50, false), &gate, 1).status, RunStatus::Succeeded);
+        assert_eq!(
+            completion(&dropped(50, false), &gate, 1).status,
+            RunStatus::Succeeded
+        );
         assert_eq!(
             completion(&dropped(50, true), &job(None, false), 1).status,
             RunStatus::Succeeded,
