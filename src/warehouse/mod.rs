@@ -8,6 +8,7 @@
 //! deletions; analysts read the per-type views in schema `fhir`. This module
 //! knows nothing of HTTP or FHIR servers: it reads bytes from whatever stream it is given.
 
+pub mod cohort;
 mod jsonb;
 mod loader;
 pub mod reconcile;

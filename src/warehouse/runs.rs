@@ -243,6 +243,8 @@ pub struct RunRow {
     pub requires_access_token: Option<bool>,
     pub transaction_time: Option<String>,
     pub started_at: time::OffsetDateTime,
+    /// The run is in (or past) its second export, of a group's new members.
+    pub member_export: bool,
 }
 
 impl RunRow {
@@ -300,7 +302,8 @@ const FILE_COLUMNS: &str =
 
 pub async fn load(pool: &PgPool, run_id: i64) -> sqlx::Result<RunRow> {
     sqlx::query_as(
-        "SELECT id, job, status, status_url, since, full_export, requires_access_token, transaction_time, started_at
+        "SELECT id, job, status, status_url, since, full_export, requires_access_token, transaction_time, started_at,
+                member_export
          FROM fhir_sync.run WHERE id = $1",
     )
     .bind(run_id)
@@ -517,6 +520,30 @@ pub async fn export_deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
         .map(drop)
 }
 
+/// Moves `completing` → `exporting` for the run's second export, of its group's new members
+/// (the first export is deleted on the server already): the new status URL is polled, its
+/// files load beside the first export's. Once per run. `true` for the caller that moved it.
+pub async fn start_member_export(
+    pool: &PgPool,
+    run_id: i64,
+    request_url: &str,
+    status_url: &str,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET status = $4, member_export = true, export_request = $2,
+             status_url = $3, export_deleted_at = NULL, progress = NULL, updated_at = now()
+         WHERE id = $1 AND status = $5 AND NOT member_export",
+    )
+    .bind(run_id)
+    .bind(request_url)
+    .bind(status_url)
+    .bind(RunStatus::Exporting)
+    .bind(RunStatus::Completing)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
 /// Records that the server refused for good (`status`: 403, 405, 501) to delete the run's
 /// export: later runs' clean-up leaves it alone instead of asking, and warning, every time.
 /// `true` the first time.
@@ -557,9 +584,12 @@ pub async fn manifest_ready(
     files: &[NewFile<'_>],
 ) -> sqlx::Result<Option<Vec<FileRow>>> {
     let mut tx = pool.begin().await?;
+    // A member export's transactionTime is not the run's: the watermark takes the first
+    // export's, which covered the other members' changes only up to then.
     let moved = sqlx::query(
-        "UPDATE fhir_sync.run SET status = $4, transaction_time = $2, requires_access_token = $3,
-             progress = NULL, updated_at = now()
+        "UPDATE fhir_sync.run SET status = $4,
+             transaction_time = CASE WHEN member_export THEN transaction_time ELSE $2 END,
+             requires_access_token = $3, progress = NULL, updated_at = now()
          WHERE id = $1 AND status = $5",
     )
     .bind(run_id)
@@ -574,13 +604,25 @@ pub async fn manifest_ready(
     }
     let mut kinds = Vec::with_capacity(files.len());
     let mut positions = Vec::with_capacity(files.len());
+    // A member export's files follow the first export's: positions go on where they ended.
+    let ends: Vec<(FileKind, i32)> = sqlx::query_as(
+        "SELECT kind, max(position) + 1 FROM fhir_sync.run_file
+         WHERE run_id = $1 AND position IS NOT NULL GROUP BY kind",
+    )
+    .bind(run_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let slot_of = |kind: FileKind| match kind {
+        FileKind::Output => 0,
+        FileKind::Error => 1,
+        FileKind::Deleted => 2,
+    };
     let mut next = [0i32; 3];
+    for (kind, end) in ends {
+        next[slot_of(kind)] = end;
+    }
     for file in files {
-        let slot = match file.kind {
-            FileKind::Output => 0,
-            FileKind::Error => 1,
-            FileKind::Deleted => 2,
-        };
+        let slot = slot_of(file.kind);
         kinds.push(file.kind.as_str());
         positions.push(next[slot]);
         next[slot] += 1;

@@ -13,6 +13,7 @@ mod auth_origin;
 mod auth_support;
 mod auth_tokens;
 mod bench;
+mod cohorts;
 mod completeness;
 mod config_check;
 mod deletions;

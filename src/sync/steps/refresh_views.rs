@@ -29,6 +29,11 @@ pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError>
     if run.status != RunStatus::Completing {
         return Ok(());
     }
+    // A group that gained members: their history is exported first, and this step comes
+    // again once those files are loaded.
+    if super::members::check(ctx, &*job_of(ctx, &run)?, &run).await? {
+        return Ok(());
+    }
     reconcile_deletions(ctx, &run).await?;
     let views = ctx.views();
     if !views.views.is_empty() {
