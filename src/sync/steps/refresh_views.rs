@@ -31,7 +31,8 @@ pub(super) async fn run(ctx: &StepContext, run_id: i64) -> Result<(), SyncError>
     }
     // A group that gained members: their history is exported first, and this step comes
     // again once those files are loaded.
-    if super::members::check(ctx, &*job_of(ctx, &run)?, &run).await? {
+    let job = job_of(ctx, &run)?;
+    if super::members::check(ctx, &job, &run).await? {
         return Ok(());
     }
     reconcile_deletions(ctx, &run).await?;
