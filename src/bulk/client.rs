@@ -895,6 +895,28 @@ pub(crate) fn retry_after(response: &Response) -> Option<Duration> {
     )
 }
 
+/// The Patient ids of a Group resource's active members; `None` when the body is no Group.
+fn group_member_ids(body: &[u8]) -> Option<Vec<String>> {
+    let group: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if group.get("resourceType")?.as_str()? != "Group" {
+        return None;
+    }
+    let members = match group.get("member") {
+        None => return Some(Vec::new()),
+        Some(members) => members.as_array()?,
+    };
+    Some(
+        members
+            .iter()
+            .filter(|m| m.get("inactive").and_then(|v| v.as_bool()) != Some(true))
+            .filter_map(|m| m.pointer("/entity/reference")?.as_str())
+            .filter_map(|r| r.strip_prefix("Patient/"))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1005,33 +1027,6 @@ mod tests {
         );
         assert_eq!(request.prefer(), "respond-async, handling=lenient");
     }
-}
-
-/// The Patient ids of a Group resource's active members; `None` when the body is no Group.
-fn group_member_ids(body: &[u8]) -> Option<Vec<String>> {
-    let group: serde_json::Value = serde_json::from_slice(body).ok()?;
-    if group.get("resourceType")?.as_str()? != "Group" {
-        return None;
-    }
-    let members = match group.get("member") {
-        None => return Some(Vec::new()),
-        Some(members) => members.as_array()?,
-    };
-    Some(
-        members
-            .iter()
-            .filter(|m| m.get("inactive").and_then(|v| v.as_bool()) != Some(true))
-            .filter_map(|m| m.pointer("/entity/reference")?.as_str())
-            .filter_map(|r| r.strip_prefix("Patient/"))
-            .filter(|id| !id.is_empty() && !id.contains('/'))
-            .map(str::to_string)
-            .collect(),
-    )
-}
-
-#[cfg(test)]
-mod group_tests {
-    use super::group_member_ids;
 
     #[test]
     fn a_groups_active_patient_members_are_read() {

@@ -155,4 +155,22 @@ mod tests {
         ));
         assert!(!outcome_is_transient(b"not json"));
     }
+
+    #[test]
+    fn only_a_refusal_asking_again_cannot_change_is_for_good() {
+        let status = |status| ExportError::Status {
+            context: "export delete",
+            status,
+        };
+        for (error, for_good) in [
+            (status(405), Some(405)),
+            (status(403), Some(403)),
+            (status(501), Some(501)),
+            (status(500), None),
+            (status(429), None),
+            (status(400), None),
+        ] {
+            assert_eq!(error.refused_for_good(), for_good, "{error}");
+        }
+    }
 }
