@@ -5,11 +5,15 @@
 
 use fhir_sync::config::ExportLevel;
 use fhir_sync::fake::{FakeOptions, Faults};
-use fhir_sync::sync::{self, RunOptions, RunReport};
+use std::sync::Arc;
+
+use fhir_sync::sync::{self, RunOptions, RunReport, SyncContext};
+use fhir_sync::views::ViewSet;
 use fhir_sync::warehouse::runs::{self, RunStatus};
 
 use crate::export_env::{ctx, retry_fast_settings};
 use crate::helpers::TestEnv;
+use crate::views::shipped_views;
 
 /// 10 patients in files of 10: 1 Patient, 3 Encounter, 12 Observation and 2 Condition files.
 async fn env(faults: Faults) -> TestEnv {
@@ -27,13 +31,17 @@ async fn env(faults: Faults) -> TestEnv {
 }
 
 async fn run(env: &TestEnv, full: bool) -> RunReport {
-    sync::run_job(
-        &ctx(env, retry_fast_settings()),
-        &env.job,
-        RunOptions { full },
-    )
-    .await
-    .expect("the run finishes (succeeded or partial)")
+    run_with_views(env, full, &ViewSet::default()).await
+}
+
+async fn run_with_views(env: &TestEnv, full: bool, views: &ViewSet) -> RunReport {
+    let ctx = SyncContext {
+        views: Arc::new(views.clone()),
+        ..ctx(env, retry_fast_settings())
+    };
+    sync::run_job(&ctx, &env.job, RunOptions { full })
+        .await
+        .expect("the run finishes (succeeded or partial)")
 }
 
 /// (transaction_time, run_id) of the job's watermark.
@@ -77,8 +85,16 @@ async fn error_files_end_the_run_partial_hold_the_watermark_and_the_next_run_ask
         .expect("a complete run sets the watermark");
     assert_eq!(w1_run, first.run_id);
 
-    let second = run(&env, false).await;
+    let views = shipped_views();
+    let second = run_with_views(&env, false, &views).await;
     assert_eq!(second.status, RunStatus::Partial, "{:?}", second.warning);
+    // The data it loaded is real: the views took it in.
+    let refreshed: Vec<Option<i64>> =
+        sqlx::query_scalar("SELECT last_run_id FROM fhir_sync.view_state ORDER BY name")
+            .fetch_all(&env.db.pool)
+            .await
+            .unwrap();
+    assert_eq!(refreshed, vec![Some(second.run_id); views.views.len()]);
     assert_eq!(second.error_files, 3);
     // What the export did deliver is loaded.
     assert_eq!(second.resources_loaded(), total - 30);
