@@ -61,6 +61,7 @@ pub(super) async fn check(
         group.members = members.len(),
         group.joined = membership.new.len(),
         group.left = membership.left,
+        group.known_before = membership.known_before,
         "group membership read"
     );
     if run.full_export || membership.new.is_empty() {
