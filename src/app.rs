@@ -192,19 +192,35 @@ pub async fn run(
         let _ = progress.await;
     }
     // The failure alert of this run, from this process (a serving process's sweep would send
-    // it too, once: whichever claims it first).
-    if let Err(sync::RunFailed {
-        run_id: Some(run_id),
-        ..
-    }) = &result
-    {
-        if let Err(e) = crate::ops::alert::notify_run_failed(&ctx, *run_id).await {
-            tracing::warn!(error = %e, "cannot send the run failure alert");
+    // it too, once: whichever claims it first). A partial run alerts like a failed one.
+    let alert_for = match &result {
+        Err(sync::RunFailed {
+            run_id: Some(run_id),
+            ..
+        }) => Some(*run_id),
+        Ok(report) if report.status == crate::warehouse::runs::RunStatus::Partial => {
+            Some(report.run_id)
         }
+        _ => None,
+    };
+    if let Some(run_id) = alert_for
+        && let Err(e) = crate::ops::alert::notify_run_failed(&ctx, run_id).await
+    {
+        tracing::warn!(error = %e, "cannot send the run failure alert");
     }
     crate::ops::alert::flush(crate::ops::alert::FLUSH_LIMIT).await;
-    print_report(&job.name, &result?);
-    Ok(())
+    let report = result?;
+    print_report(&job.name, &report);
+    // A partial run printed what it loaded; the exit status still tells a script it is not
+    // complete.
+    match report.warning {
+        Some(warning) => anyhow::bail!(
+            "run {} of job {} ended partial: {warning}",
+            report.run_id,
+            job.name
+        ),
+        None => Ok(()),
+    }
 }
 
 /// `fhir-sync serve`: the scheduler and the queue workers, until SIGTERM or Ctrl-C. Several
@@ -379,6 +395,9 @@ pub fn print_report(job: &str, report: &sync::RunReport) {
         report.transaction_time,
         report.since.as_deref().unwrap_or("the beginning")
     );
+    if let Some(warning) = &report.warning {
+        println!("  the run ended {}: {warning}", report.status);
+    }
 }
 
 /// Writes a command's output to stdout and flushes it. A reader that has gone away (`| head`)

@@ -141,6 +141,8 @@ pub enum Endpoint {
     File,
     /// The DELETE of an export.
     Delete,
+    /// The read of a Group's members (`GET Group/{id}`).
+    Group,
 }
 
 impl Endpoint {
@@ -153,6 +155,7 @@ impl Endpoint {
             Endpoint::Manifest => "manifest",
             Endpoint::File => "file",
             Endpoint::Delete => "delete",
+            Endpoint::Group => "group",
         }
     }
 }

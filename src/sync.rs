@@ -28,10 +28,15 @@ pub mod steps;
 pub use crate::warehouse::runs::{RunEnd, Trigger};
 pub use steps::{Step, SyncContext};
 
-/// What a successful run did.
+/// What a finished run did: a run that `succeeded`, or one that ended `partial` (everything it
+/// got is loaded, but the export was not complete; `warning` says why).
 #[derive(Debug, Clone)]
 pub struct RunReport {
     pub run_id: i64,
+    /// `Succeeded` or `Partial`.
+    pub status: RunStatus,
+    /// Why a partial run is partial, and what to look at; `None` for a succeeded run.
+    pub warning: Option<String>,
     pub transaction_time: String,
     /// The `_since` the run exported from; `None` for a full export.
     pub since: Option<String>,
@@ -141,7 +146,7 @@ pub struct RunOptions {
 
 /// Queues a run of `job` now and drives it to its end with workers in this process (other
 /// processes serving the same database may take some of its steps). Returns when the run has
-/// succeeded or failed.
+/// ended: `Ok` when it succeeded or ended partial (the report says which), `Err` otherwise.
 pub async fn run_job(
     ctx: &SyncContext,
     job: &JobConfig,
@@ -188,7 +193,7 @@ pub async fn run_job_with(
         Err(e) => tracing::warn!(error = %e, "queue workers panicked"),
     }
     let run = ended.map_err(|e| failed(Some(run_id), e.into()))?;
-    if run.status != RunStatus::Succeeded {
+    if !matches!(run.status, RunStatus::Succeeded | RunStatus::Partial) {
         let error = run
             .error
             .unwrap_or_else(|| format!("the run ended {}", run.status));
@@ -207,8 +212,19 @@ pub async fn run_job_with(
     let (output_files, error_files, bytes) = runs::file_totals(&ctx.pool, run_id)
         .await
         .map_err(|e| failed(Some(run_id), e.into()))?;
+    let warning = (run.status == RunStatus::Partial).then(|| {
+        let reason = run
+            .error
+            .unwrap_or_else(|| "the export was not complete".into());
+        match run.hint {
+            Some(hint) => format!("{reason} ({hint})"),
+            None => reason,
+        }
+    });
     Ok(RunReport {
         run_id,
+        status: run.status,
+        warning,
         transaction_time: run.transaction_time.unwrap_or_default(),
         since: run.since,
         types,
@@ -425,6 +441,20 @@ pub enum CancelOutcome {
     NeverStarted,
 }
 
+/// Records, once, that the server will never delete run `run_id`'s export (it answered
+/// `status`: 403, 405, 501), so that no later clean-up asks again; logs it the one time.
+pub(crate) async fn record_delete_refused(pool: &PgPool, run_id: i64, status: u16) {
+    match runs::export_delete_refused(pool, run_id, status).await {
+        Ok(true) => tracing::warn!(
+            export.run_id = run_id,
+            http.status = status,
+            "the server does not allow deleting this export; recorded, it will not be asked again"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "could not record the refused export deletion"),
+    }
+}
+
 /// How `job`'s status polls are paced.
 pub fn poll_policy(job: &JobConfig) -> PollPolicy {
     PollPolicy {
@@ -506,9 +536,12 @@ pub async fn delete_abandoned_exports(
                 }
                 deleted += 1;
             }
-            Err(e) => {
-                tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export");
-            }
+            Err(e) => match e.refused_for_good() {
+                Some(status) => record_delete_refused(pool, run_id, status).await,
+                None => {
+                    tracing::warn!(abandoned.run_id = run_id, error = %error_chain(&e), "could not delete an abandoned export")
+                }
+            },
         }
     }
     deleted

@@ -206,6 +206,12 @@ pub struct Profile {
     /// Whether `_since` finds every changed resource. False when resources lack
     /// `meta.lastUpdated`: schedule periodic `--full` runs.
     pub since_trusted: Sourced<bool>,
+    /// Whether the server is known to list deleted resources in the manifest's `deleted[]`.
+    /// Where it is not (its documentation never mentions `deleted[]`), full runs default to
+    /// reconciling deletions (`export.reconcile_deletes`): rows the full export no longer
+    /// contains are marked deleted. CMS claims exports keep this true: claims are history
+    /// that is replaced (adjusted), not removed, and a full export is not run to find gaps.
+    pub lists_deletions: Sourced<bool>,
     /// `export.since` default: a "full" run must send this explicit early `_since`, because a
     /// missing one means something else (AB2D: "since your last export").
     pub full_run_since: Sourced<Option<&'static str>>,
@@ -238,6 +244,7 @@ const GENERIC: Profile = Profile {
     type_encoding: sourced(TypeEncoding::Comma, SPEC),
     concurrency: sourced(Concurrency::Unlimited, SPEC),
     since_with_offset: sourced(false, SPEC),
+    lists_deletions: sourced(true, SPEC),
     since_trusted: sourced(true, SPEC),
     full_run_since: sourced(None, SPEC),
     files_redirect: sourced(false, SPEC),
@@ -270,6 +277,7 @@ const EPIC: Profile = Profile {
     concurrency: sourced(Concurrency::OnePerClientAndGroup, SMART_FETCH),
     since_with_offset: sourced(false, EPIC_BULK),
     // Many resources carry no meta.lastUpdated, so `_since` can miss changes.
+    lists_deletions: sourced(false, EPIC_BULK),
     since_trusted: sourced(
         false,
         "https://github.com/smart-on-fhir/smart-fetch/blob/main/docs/since.md",
@@ -301,6 +309,7 @@ const ORACLE: Profile = Profile {
     type_encoding: sourced(TypeEncoding::Comma, SMART_FETCH),
     concurrency: sourced(Concurrency::OnePerClientAndTenant, ORACLE_GROUP),
     since_with_offset: sourced(false, ORACLE_GROUP),
+    lists_deletions: sourced(false, ORACLE_BULK),
     since_trusted: sourced(true, ORACLE_GROUP),
     full_run_since: sourced(None, ORACLE_GROUP),
     files_redirect: sourced(true, "https://github.com/cerner/fhir.cerner.com/issues/899"),
@@ -322,6 +331,7 @@ const VERADIGM: Profile = Profile {
     type_encoding: sourced(TypeEncoding::Comma, VERADIGM_BULK),
     concurrency: sourced(Concurrency::Unlimited, VERADIGM_BULK),
     since_with_offset: sourced(false, VERADIGM_BULK),
+    lists_deletions: sourced(false, VERADIGM_BULK),
     since_trusted: sourced(true, VERADIGM_BULK),
     full_run_since: sourced(None, VERADIGM_BULK),
     files_redirect: sourced(false, VERADIGM_BULK),
@@ -345,6 +355,7 @@ const ATHENAHEALTH: Profile = Profile {
     type_encoding: sourced(TypeEncoding::Comma, ATHENA_WORKFLOW),
     concurrency: sourced(Concurrency::Unlimited, ATHENA_WORKFLOW),
     since_with_offset: sourced(false, ATHENA_WORKFLOW),
+    lists_deletions: sourced(false, ATHENA_WORKFLOW),
     since_trusted: sourced(true, ATHENA_WORKFLOW),
     full_run_since: sourced(None, ATHENA_WORKFLOW),
     files_redirect: sourced(false, ATHENA_WORKFLOW),
@@ -373,6 +384,7 @@ const BCDA: Profile = Profile {
     // 429 for a duplicate job of the same client.
     concurrency: sourced(Concurrency::OnePerClient, BCDA_BUILD),
     since_with_offset: sourced(true, BCDA_FILTER),
+    lists_deletions: sourced(true, BCDA_FILTER),
     since_trusted: sourced(true, BCDA_FILTER),
     full_run_since: sourced(None, BCDA_FILTER),
     files_redirect: sourced(false, BCDA_BUILD),
@@ -396,6 +408,7 @@ const AB2D: Profile = Profile {
     type_encoding: sourced(TypeEncoding::Comma, AB2D_PARAMS),
     concurrency: sourced(Concurrency::OnePerClient, AB2D_ACCESS),
     since_with_offset: sourced(true, AB2D_PARAMS),
+    lists_deletions: sourced(true, AB2D_PARAMS),
     since_trusted: sourced(true, AB2D_PARAMS),
     // A missing `_since` means "since your last successful export"; the earliest data is
     // from 2020-01-01, so a full run asks from then.

@@ -617,6 +617,38 @@ impl BulkClient {
         Ok(())
     }
 
+    /// `GET [base]/Group/{id}`: the ids of the group's current members (`member.entity`
+    /// references to Patients, members marked `inactive` left out). The body is read up to
+    /// `sync.max_manifest_bytes`, like a manifest.
+    pub async fn group_members(&self, group_id: &str) -> Result<Vec<String>, ExportError> {
+        let context = "group read";
+        let url = transport::append_path(&self.base, &format!("Group/{group_id}"));
+        let response = self
+            .send(
+                Method::GET,
+                &url,
+                Bearer::FhirOrigin,
+                context,
+                Endpoint::Group,
+                |r| r.header(ACCEPT, "application/fhir+json"),
+            )
+            .await?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(ExportError::Status {
+                context,
+                status: status.as_u16(),
+            });
+        }
+        let body = self.read_manifest(response, context, &url).await?;
+        group_member_ids(&body).ok_or_else(|| {
+            ExportError::BadResponse(format!(
+                "the Group at {} is not a FHIR Group resource",
+                transport::endpoint(&url)
+            ))
+        })
+    }
+
     /// Reads a manifest (or manifest page) body, refusing one over `sync.max_manifest_bytes`.
     async fn read_manifest(
         &self,
@@ -893,6 +925,28 @@ pub(crate) fn retry_after(response: &Response) -> Option<Duration> {
     )
 }
 
+/// The Patient ids of a Group resource's active members; `None` when the body is no Group.
+fn group_member_ids(body: &[u8]) -> Option<Vec<String>> {
+    let group: serde_json::Value = serde_json::from_slice(body).ok()?;
+    if group.get("resourceType")?.as_str()? != "Group" {
+        return None;
+    }
+    let members = match group.get("member") {
+        None => return Some(Vec::new()),
+        Some(members) => members.as_array()?,
+    };
+    Some(
+        members
+            .iter()
+            .filter(|m| m.get("inactive").and_then(|v| v.as_bool()) != Some(true))
+            .filter_map(|m| m.pointer("/entity/reference")?.as_str())
+            .filter_map(|r| r.strip_prefix("Patient/"))
+            .filter(|id| !id.is_empty() && !id.contains('/'))
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1002,5 +1056,22 @@ mod tests {
             "Patient/1"
         );
         assert_eq!(request.prefer(), "respond-async, handling=lenient");
+    }
+
+    #[test]
+    fn a_groups_active_patient_members_are_read() {
+        let body = br#"{"resourceType":"Group","member":[
+            {"entity":{"reference":"Patient/a"}},
+            {"entity":{"reference":"Patient/b"},"inactive":true},
+            {"entity":{"reference":"Practitioner/c"}},
+            {"entity":{"reference":"Patient/d/_history/2"}},
+            {"entity":{}}]}"#;
+        assert_eq!(group_member_ids(body), Some(vec!["a".to_string()]));
+        assert_eq!(
+            group_member_ids(br#"{"resourceType":"Group"}"#),
+            Some(vec![])
+        );
+        assert_eq!(group_member_ids(br#"{"resourceType":"Patient"}"#), None);
+        assert_eq!(group_member_ids(b"not json"), None);
     }
 }

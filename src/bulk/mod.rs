@@ -95,6 +95,22 @@ pub enum ExportError {
 }
 
 impl ExportError {
+    /// The status of a refusal that asking again will not change: the server does not allow
+    /// this request at all (403 Forbidden, 405 Method Not Allowed, 501 Not Implemented), as
+    /// servers that never let a client delete its exports answer a `DELETE`.
+    pub fn refused_for_good(&self) -> Option<u16> {
+        match self {
+            ExportError::Status { status, .. }
+            | ExportError::Refused { status, .. }
+            | ExportError::Failed { status, .. }
+                if matches!(status, 403 | 405 | 501) =>
+            {
+                Some(*status)
+            }
+            _ => None,
+        }
+    }
+
     /// Retryable failures may succeed later without anyone changing anything.
     pub fn is_retryable(&self) -> bool {
         match self {
@@ -138,5 +154,23 @@ mod tests {
             br#"{"issue":[{"code":"transient"},{"code":"exception"}]}"#
         ));
         assert!(!outcome_is_transient(b"not json"));
+    }
+
+    #[test]
+    fn only_a_refusal_asking_again_cannot_change_is_for_good() {
+        let status = |status| ExportError::Status {
+            context: "export delete",
+            status,
+        };
+        for (error, for_good) in [
+            (status(405), Some(405)),
+            (status(403), Some(403)),
+            (status(501), Some(501)),
+            (status(500), None),
+            (status(429), None),
+            (status(400), None),
+        ] {
+            assert_eq!(error.refused_for_good(), for_good, "{error}");
+        }
     }
 }

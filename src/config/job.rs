@@ -318,6 +318,30 @@ pub struct ExportConfig {
     /// instead of refusing the export. Default false.
     #[serde(default)]
     pub lenient: bool,
+    /// Whether a `partial` run (the export reported error files, a full export listed no
+    /// files, or the Patient count fell past `max_patient_drop_percent`) still moves the
+    /// watermark. Default false: the next incremental run asks again from where the last
+    /// complete run left off, so what the server failed to export is asked for again.
+    #[serde(default)]
+    pub advance_watermark_on_partial: bool,
+    /// Hold the watermark (the run ends `partial`) when a full run loads more than this
+    /// percentage fewer Patients than the previous full run that ended `succeeded`. Between
+    /// 0 and 100. Default none: no such gate.
+    pub max_patient_drop_percent: Option<f64>,
+    /// Whether a full run whose export reported no error files marks deleted the rows of the
+    /// exported types (of the group's members, for a group export) that the export no longer
+    /// contains, for servers that never list deletions in `deleted[]`. Default: the vendor
+    /// profile's choice (see [`ExportConfig::reconciles_deletes`]); false for a generic server.
+    pub reconcile_deletes: Option<bool>,
+}
+
+impl ExportConfig {
+    /// Whether full runs of this export reconcile deletions: the job's `reconcile_deletes`
+    /// when set, else `profile_default` (a vendor profile's default for servers that send no
+    /// `deleted[]`; false for a generic server).
+    pub fn reconciles_deletes(&self, profile_default: bool) -> bool {
+        self.reconcile_deletes.unwrap_or(profile_default)
+    }
 }
 
 /// How the `$export` kick-off is sent.
@@ -355,6 +379,9 @@ impl Default for ExportConfig {
             include_associated_data: Vec::new(),
             extra_params: Default::default(),
             lenient: false,
+            advance_watermark_on_partial: false,
+            max_patient_drop_percent: None,
+            reconcile_deletes: None,
         }
     }
 }
@@ -497,6 +524,9 @@ fn apply_vendor(file: &mut JobFile, table: &toml::Table) {
     }
     if !is_set(table, "export", "since_with_offset") {
         export.since_with_offset = profile.since_with_offset.value;
+    }
+    if !is_set(table, "export", "reconcile_deletes") {
+        export.reconcile_deletes = Some(!profile.lists_deletions.value);
     }
     if !is_set(table, "export", "since")
         && let Some(since) = profile.full_run_since.value
@@ -828,6 +858,14 @@ fn validate(
         problem(
             "export.timeout_seconds".into(),
             "must be greater than 0".into(),
+        );
+    }
+    if let Some(percent) = export.max_patient_drop_percent
+        && !(0.0..=100.0).contains(&percent)
+    {
+        problem(
+            "export.max_patient_drop_percent".into(),
+            format!("{percent} is not a percentage between 0 and 100"),
         );
     }
     for (field, value) in [

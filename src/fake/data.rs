@@ -116,6 +116,26 @@ impl Dataset {
         format!("{prefix}-{:x}-{index}", self.seed)
     }
 
+    /// The index of the Patient whose compartment the `index`-th resource of `resource_type` is
+    /// in (the Patient itself for a Patient); `None` for a type outside [`RESOURCE_TYPES`].
+    pub fn patient_of(&self, resource_type: &str, index: usize) -> Option<usize> {
+        let index = self.base_index(index);
+        match resource_type {
+            "Patient" => Some(index),
+            "Encounter" => Some(index / ENCOUNTERS_PER_PATIENT),
+            "Observation" => Some(index / OBSERVATIONS_PER_PATIENT),
+            "Condition" => Some(index / CONDITIONS_PER_PATIENT),
+            _ => None,
+        }
+    }
+
+    /// The index of the Patient with logical id `id` (as [`Dataset::id`] makes them), if it
+    /// is one of this data set's.
+    pub fn patient_index(&self, id: &str) -> Option<usize> {
+        let index: usize = id.rsplit('-').next()?.parse().ok()?;
+        (index < self.patients && self.id("Patient", index) == id).then_some(index)
+    }
+
     /// `meta.lastUpdated` of a resource, without building the rest of it. The export planner
     /// uses this to apply `_since` over millions of resources cheaply.
     pub fn last_updated(&self, resource_type: &str, index: usize) -> OffsetDateTime {

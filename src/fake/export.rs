@@ -6,6 +6,7 @@
 //! yields. Files are generated chunk by chunk while streaming; this module must never build a
 //! whole file, or the whole data set, in memory.
 
+use std::collections::HashSet;
 use std::io::Write;
 use std::sync::Arc;
 
@@ -47,6 +48,37 @@ pub(crate) struct Export {
     pub(crate) group: Option<String>,
     pub(crate) status_polls: u32,
     pub(crate) files: Vec<ExportFile>,
+    /// Which resources the export holds besides `_since`: its patients' compartments (a
+    /// group's members, the `patient` parameter) minus resources deleted on the server.
+    pub(crate) keep: Arc<Keep>,
+    /// The first this many of `files` were moved to `error[]` (`Faults::failed_files_in_export`).
+    pub(crate) failed_files: usize,
+}
+
+/// Which resources an export holds, besides `_since`.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Keep {
+    /// Patient indices whose compartments are exported; `None`: every patient's.
+    pub(crate) patients: Option<HashSet<usize>>,
+    /// Resources deleted on the server, (type, index).
+    pub(crate) removed: HashSet<(String, usize)>,
+}
+
+impl Keep {
+    fn everything(&self) -> bool {
+        self.patients.is_none() && self.removed.is_empty()
+    }
+
+    fn keeps(&self, dataset: &Dataset, resource_type: &str, index: usize) -> bool {
+        if self.removed.contains(&(resource_type.to_string(), index)) {
+            return false;
+        }
+        match (&self.patients, dataset.patient_of(resource_type, index)) {
+            (None, _) => true,
+            (Some(patients), Some(patient)) => patients.contains(&patient),
+            (Some(_), None) => false,
+        }
+    }
 }
 
 /// One output file: `count` resources of one type that pass the export's `_since`, starting the
@@ -176,16 +208,23 @@ async fn start_export(
     pairs: Vec<(String, String)>,
 ) -> Response {
     let vendor = state.options.vendor;
-    if group
-        .as_ref()
-        .is_some_and(|g| !personality::group_ids(vendor).contains(&g.as_str()))
-    {
+    // The group's members, when a test set them; every patient for the personality's groups.
+    let members: Option<Option<Vec<usize>>> = match &group {
+        None => Some(None),
+        Some(g) => match state.lock().groups.get(g) {
+            Some(members) => Some(Some(members.clone())),
+            None if personality::group_ids(vendor).contains(&g.as_str()) => Some(None),
+            None if state.options.faults.unknown_groups_empty => Some(Some(Vec::new())),
+            None => None,
+        },
+    };
+    let Some(members) = members else {
         return outcome::error(
             StatusCode::NOT_FOUND,
             "not-found",
             "no Group with this id exists",
         );
-    }
+    };
     if let Err(diagnostics) = check_kick_off_headers(&headers) {
         return outcome::error(StatusCode::BAD_REQUEST, "invalid", diagnostics);
     }
@@ -274,6 +313,37 @@ async fn start_export(
             return response;
         }
     }
+    // `patient` references narrow the export to those patients (of the group's members, for
+    // a group export).
+    let mut patients: Option<HashSet<usize>> = members.map(|m| m.into_iter().collect());
+    if !params.patients.is_empty() {
+        let mut asked = HashSet::new();
+        for reference in &params.patients {
+            let index = reference
+                .strip_prefix("Patient/")
+                .and_then(|id| state.dataset.patient_index(id));
+            match index {
+                Some(index) => {
+                    asked.insert(index);
+                }
+                None => {
+                    return outcome::error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        &format!("patient {reference:?} is not a known Patient reference"),
+                    );
+                }
+            }
+        }
+        patients = Some(match patients {
+            Some(members) => asked.intersection(&members).copied().collect(),
+            None => asked,
+        });
+    }
+    let keep = Arc::new(Keep {
+        patients,
+        removed: state.lock().removed.clone(),
+    });
     let types = match authorised_types(&token, params.types) {
         Ok(types) => types,
         Err(diagnostics) => {
@@ -294,19 +364,21 @@ async fn start_export(
     let per_file = state.options.resources_per_file.max(1);
     // With `_since` the planner reads every resource's lastUpdated, which is CPU work
     // proportional to the data set; keep it off the async worker threads.
-    let files =
-        match tokio::task::spawn_blocking(move || plan_files(&dataset, &types, since, per_file))
-            .await
-        {
-            Ok(files) => files,
-            Err(_) => {
-                return outcome::error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "exception",
-                    "planning the export failed",
-                );
-            }
-        };
+    let planned = keep.clone();
+    let files = match tokio::task::spawn_blocking(move || {
+        plan_kept_files(&dataset, &types, since, per_file, &planned)
+    })
+    .await
+    {
+        Ok(files) => files,
+        Err(_) => {
+            return outcome::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "exception",
+                "planning the export failed",
+            );
+        }
+    };
 
     let id = uuid::Uuid::new_v4().simple().to_string();
     let origin = state.origin.as_str().trim_end_matches('/');
@@ -315,7 +387,15 @@ async fn start_export(
         None => format!("{origin}{}", uri.path()),
     };
     let file_count = files.len();
-    state.lock().exports.insert(
+    let mut inner = state.lock();
+    inner.faults.exports_started += 1;
+    let (failing_export, failing_files) = state.options.faults.failed_files_in_export;
+    let failed_files = if inner.faults.exports_started == failing_export {
+        failing_files.min(files.len())
+    } else {
+        0
+    };
+    inner.exports.insert(
         id.clone(),
         Export {
             client_id: token.client_id,
@@ -325,8 +405,11 @@ async fn start_export(
             group,
             status_polls: 0,
             files,
+            keep,
+            failed_files,
         },
     );
+    drop(inner);
     tracing::debug!(
         export.files = file_count,
         "fake fhir server accepted an export kick-off"
@@ -374,6 +457,8 @@ struct KickOffParams {
     /// `None` when `_type` was absent: every type the token may read.
     types: Option<Vec<String>>,
     since: Option<OffsetDateTime>,
+    /// `patient` references (`Patient/123`), in the order sent.
+    patients: Vec<String>,
 }
 
 impl KickOffParams {
@@ -391,6 +476,7 @@ impl KickOffParams {
     fn parse_pairs(pairs: &[(String, String)]) -> Result<Self, String> {
         let mut types: Option<Vec<String>> = None;
         let mut since = None;
+        let mut patients = Vec::new();
         for (name, value) in pairs {
             let value = value.as_str();
             match name.as_str() {
@@ -434,10 +520,15 @@ impl KickOffParams {
                     }
                     since = Some(parsed);
                 }
+                "patient" => patients.push(value.to_string()),
                 _ => {}
             }
         }
-        Ok(KickOffParams { types, since })
+        Ok(KickOffParams {
+            types,
+            since,
+            patients,
+        })
     }
 }
 
@@ -473,27 +564,42 @@ fn authorised_types(
 
 /// Splits each type's matching resources into files of at most `per_file`, in type order.
 /// Types with no matching resources get no file.
+#[cfg(test)]
 fn plan_files(
     dataset: &Dataset,
     types: &[String],
     since: Option<OffsetDateTime>,
     per_file: usize,
 ) -> Vec<ExportFile> {
+    plan_kept_files(dataset, types, since, per_file, &Keep::default())
+}
+
+/// [`plan_files`] of the resources `keep` keeps.
+fn plan_kept_files(
+    dataset: &Dataset,
+    types: &[String],
+    since: Option<OffsetDateTime>,
+    per_file: usize,
+    keep: &Keep,
+) -> Vec<ExportFile> {
     let mut files = Vec::new();
     for resource_type in types {
         let total = dataset.count(resource_type);
         let mut runs: Vec<(usize, usize)> = Vec::new();
         match since {
-            None => {
+            None if keep.everything() => {
                 runs.extend(
                     (0..total)
                         .step_by(per_file)
                         .map(|first| (first, per_file.min(total - first))),
                 );
             }
-            Some(since) => {
+            since => {
                 for index in 0..total {
-                    if dataset.last_updated(resource_type, index) <= since {
+                    if since
+                        .is_some_and(|since| dataset.last_updated(resource_type, index) <= since)
+                        || !keep.keeps(dataset, resource_type, index)
+                    {
                         continue;
                     }
                     match runs.last_mut() {
@@ -654,10 +760,11 @@ fn manifest(
         }
     };
     let page_size = faults.manifest_page_size.unwrap_or(usize::MAX);
-    let pages = export.files.len().div_ceil(page_size).max(1);
+    // Files moved to `error[]` are not in `output`.
+    let listed = &export.files[export.failed_files..];
+    let pages = listed.len().div_ceil(page_size).max(1);
     let page = page.clamp(1, pages);
-    let mut output: Vec<serde_json::Value> = export
-        .files
+    let mut output: Vec<serde_json::Value> = listed
         .iter()
         .skip((page - 1).saturating_mul(page_size))
         .take(page_size)
@@ -677,11 +784,17 @@ fn manifest(
             output.push(json!({ "type": resource_type, "url": url }));
         }
     }
-    let error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
+    let mut error: Vec<serde_json::Value> = if faults.error_file && page == 1 {
         vec![json!({ "type": "OperationOutcome", "url": link(ERROR_FILE) })]
     } else {
         Vec::new()
     };
+    if page == 1 {
+        error.extend(
+            (0..export.failed_files)
+                .map(|n| json!({ "type": "OperationOutcome", "url": link(&failed_file_name(n)) })),
+        );
+    }
     let deleted: Vec<serde_json::Value> =
         if (faults.deleted_resources > 0 || faults.deleted_body.is_some()) && page == 1 {
             vec![json!({ "type": "Bundle", "url": link(DELETED_FILE) })]
@@ -710,6 +823,27 @@ fn manifest(
         let next = state.url(&format!("{}/bulkstatus/{id}", state.base_path()));
         body["link"] = json!([{ "relation": "next", "url": format!("{next}?page={}", page + 1) }]);
     }
+    body
+}
+
+/// The name of the error file that stands for the `n`th output file moved to `error[]`.
+fn failed_file_name(n: usize) -> String {
+    format!("failed-{n}.ndjson")
+}
+
+/// The error file of an output file moved to `error[]`: one OperationOutcome, as the
+/// reference server writes it.
+fn failed_file_lines(file: &ExportFile) -> Vec<u8> {
+    let line = json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{
+            "severity": "error",
+            "code": "processing",
+            "diagnostics": format!("Failed to export {} ({} resources)", file.name, file.count),
+        }],
+    });
+    let mut body = line.to_string().into_bytes();
+    body.push(b'\n');
     body
 }
 
@@ -758,6 +892,49 @@ fn error_lines(export: &Export) -> Vec<u8> {
     body
 }
 
+/// `GET /fhir/Group/{id}`: the Group with its members (every patient for the built-in group),
+/// for a client that compares a group's membership between runs.
+pub(crate) async fn read_group(
+    State(state): State<Arc<ServerState>>,
+    Bearer(_token): Bearer,
+    Path(id): Path<String>,
+) -> Response {
+    let members: Vec<usize> = match state.lock().groups.get(&id) {
+        Some(members) => members.clone(),
+        None if personality::group_ids(state.options.vendor).contains(&id.as_str()) => {
+            (0..state.dataset.patients).collect()
+        }
+        None => {
+            return outcome::error(
+                StatusCode::NOT_FOUND,
+                "not-found",
+                "no Group with this id exists",
+            );
+        }
+    };
+    let member: Vec<serde_json::Value> = members
+        .iter()
+        .map(|&i| json!({ "entity": { "reference": format!("Patient/{}", state.dataset.id("Patient", i)) } }))
+        .collect();
+    let body = json!({
+        "resourceType": "Group",
+        "id": id,
+        "type": "person",
+        "actual": true,
+        "quantity": member.len(),
+        "member": member,
+    });
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(outcome::FHIR_JSON),
+        )],
+        body.to_string(),
+    )
+        .into_response()
+}
+
 /// `DELETE /fhir/bulkstatus/{id}`: cancel, or clean up after a completed export.
 pub(crate) async fn delete(
     State(state): State<Arc<ServerState>>,
@@ -771,6 +948,14 @@ pub(crate) async fn delete(
         .is_some_and(|e| e.client_id == token.client_id);
     if !owned {
         return unknown_export();
+    }
+    if let Some(status) = state.options.faults.delete_status {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::METHOD_NOT_ALLOWED);
+        return outcome::error(
+            status,
+            "not-supported",
+            "exports cannot be deleted on this server",
+        );
     }
     inner.exports.remove(&id);
     outcome::operation_outcome(
@@ -832,8 +1017,11 @@ pub(crate) async fn file(
             return no_such_file();
         };
         let extra = (0..faults.extra_files.len()).find(|n| extra_file_name(*n) == name);
+        let failed = (0..export.failed_files).find(|n| failed_file_name(*n) == name);
         let source = if faults.error_file && name == ERROR_FILE {
             FileSource::Fixed(Some(Bytes::from(error_lines(export))))
+        } else if let Some(n) = failed {
+            FileSource::Fixed(Some(Bytes::from(failed_file_lines(&export.files[n]))))
         } else if let Some(n) = extra {
             FileSource::Fixed(Some(Bytes::from(faults.extra_files[n].1.clone())))
         } else if let Some(body) = faults
@@ -853,6 +1041,7 @@ pub(crate) async fn file(
                 file: file.clone(),
                 since: export.since,
                 last_updated: personality::sends_last_updated(state.options.vendor),
+                keep: export.keep.clone(),
                 next_index: 0,
                 written: 0,
                 stop_after: None,
@@ -1123,6 +1312,7 @@ struct FileLines {
     since: Option<OffsetDateTime>,
     /// Whether lines carry `meta.lastUpdated` (Epic's personality leaves it out).
     last_updated: bool,
+    keep: Arc<Keep>,
     /// Offset from `file.first_index` of the next resource to consider.
     next_index: usize,
     written: usize,
@@ -1146,7 +1336,9 @@ impl FileLines {
             self.next_index += 1;
             let wanted = self.since.is_none_or(|since| {
                 self.dataset.last_updated(&self.file.resource_type, index) > since
-            });
+            }) && self
+                .keep
+                .keeps(&self.dataset, &self.file.resource_type, index);
             if wanted && !self.last_updated {
                 let mut resource = self.dataset.resource(&self.file.resource_type, index);
                 if let Some(meta) = resource.get_mut("meta").and_then(|m| m.as_object_mut()) {
@@ -1675,6 +1867,7 @@ mod tests {
                     file: file.clone(),
                     since,
                     last_updated: true,
+                    keep: Default::default(),
                     next_index: 0,
                     written: 0,
                     stop_after: None,
@@ -1714,7 +1907,8 @@ mod tests {
             KickOffParams::parse("").unwrap(),
             KickOffParams {
                 types: None,
-                since: None
+                since: None,
+                patients: Vec::new(),
             }
         );
         for bad in [

@@ -78,6 +78,16 @@ pub struct Faults {
     /// Token requests answered `307 Temporary Redirect` to the fake's own token endpoint
     /// (a client that follows would re-send its assertion or secret).
     pub token_redirects: u32,
+    /// The export kicked off `n`-th (1-based; 0: none) moves its first `files` output files
+    /// to `error[]`, one OperationOutcome file each ("Failed to export ..."), as the reference
+    /// server does when file generation fails: the manifest completes, the data is missing.
+    pub failed_files_in_export: (u32, usize),
+    /// A Group id the server does not know is exported as an empty group (a manifest with no
+    /// files), as the reference server does, instead of answered 404.
+    pub unknown_groups_empty: bool,
+    /// Every `DELETE` of an export is answered with this status (403, 405: a server that never
+    /// lets a client delete its exports), and the export stays.
+    pub delete_status: Option<u16>,
 }
 
 impl Faults {
@@ -210,6 +220,20 @@ impl Faults {
         self.token_redirects = n;
         self
     }
+    /// The `nth` export (1-based) moves its first `files` output files to `error[]`.
+    pub fn failed_files_in_export(mut self, nth: u32, files: usize) -> Self {
+        self.failed_files_in_export = (nth, files);
+        self
+    }
+    pub fn unknown_groups_empty(mut self) -> Self {
+        self.unknown_groups_empty = true;
+        self
+    }
+    /// Every export `DELETE` is answered `status`.
+    pub fn delete_status(mut self, status: u16) -> Self {
+        self.delete_status = Some(status);
+        self
+    }
 }
 
 /// How many times each fault has fired, and the file-connection gauge.
@@ -226,6 +250,8 @@ pub(crate) struct FaultState {
     pub(crate) trickle_file: u32,
     pub(crate) expire_files: u32,
     pub(crate) token_redirects: u32,
+    /// Exports accepted so far (for `failed_files_in_export`).
+    pub(crate) exports_started: u32,
     /// Bumped by each expiry; file links carry it and stale ones are answered 410.
     pub(crate) link_generation: u32,
     /// File bodies being streamed right now, and the most ever streamed at once.

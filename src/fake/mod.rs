@@ -382,6 +382,25 @@ impl FakeFhirServer {
         self.state.lock().faults.deflated_files
     }
 
+    /// Sets the members of Group `id` (patient indices of the data set), creating it: the
+    /// group's exports hold only these patients' compartments, and `GET Group/{id}` lists
+    /// them. Groups change between runs as patients join and leave.
+    pub fn set_group(&self, id: &str, patients: impl IntoIterator<Item = usize>) {
+        self.state
+            .lock()
+            .groups
+            .insert(id.to_string(), patients.into_iter().collect());
+    }
+
+    /// Deletes the `index`-th resource of `resource_type` on the server: later exports leave
+    /// it out and list it in no `deleted[]`, as many servers do.
+    pub fn delete_resource(&self, resource_type: &str, index: usize) {
+        self.state
+            .lock()
+            .removed
+            .insert((resource_type.to_string(), index));
+    }
+
     /// How many exports are known (kicked off and not deleted).
     pub fn export_count(&self) -> usize {
         self.state.lock().exports.len()
@@ -454,6 +473,7 @@ fn router(state: Arc<ServerState>) -> Router {
             "/Patient/$export",
             get(export::kick_off).post(export::post_kick_off),
         )
+        .route("/fhir/Group/{id}", get(export::read_group))
         .route(
             "/Group/{id}/$export",
             get(export::group_kick_off).post(export::group_post_kick_off),

@@ -58,6 +58,12 @@ pub(crate) struct Inner {
     pub(crate) jwks_urls: HashMap<String, Url>,
     /// Each client's last export's transactionTime (AB2D's default `_since`).
     pub(crate) last_exports: HashMap<String, OffsetDateTime>,
+    /// Groups whose members a test set (patient indices); [`super::ALL_PATIENTS_GROUP_ID`]
+    /// not set here has every patient.
+    pub(crate) groups: HashMap<String, Vec<usize>>,
+    /// Resources deleted on the server, (type, index): absent from every later export, and
+    /// listed in no `deleted[]` (a server that does not track deletions).
+    pub(crate) removed: HashSet<(String, usize)>,
 }
 
 #[derive(Clone, Debug)]

@@ -79,12 +79,45 @@ impl Alert {
         started_at: OffsetDateTime,
         finished_at: Option<OffsetDateTime>,
     ) -> Alert {
-        let error: String = error.chars().take(MAX_ERROR_CHARS).collect();
         let kind = if retryable {
             "failed (may pass on a retry)"
         } else {
             "failed"
         };
+        Self::run_ended(job, run_id, kind, error, retryable, started_at, finished_at)
+    }
+
+    /// The `run_failed` alert of a run that ended `partial`: it finished, but its export was
+    /// not complete and the watermark was held. Same event, so a receiver that pages on
+    /// failures pages on this too; the text says "ended partial".
+    pub fn run_partial(
+        job: &str,
+        run_id: i64,
+        error: &str,
+        started_at: OffsetDateTime,
+        finished_at: Option<OffsetDateTime>,
+    ) -> Alert {
+        Self::run_ended(
+            job,
+            run_id,
+            "ended partial",
+            error,
+            false,
+            started_at,
+            finished_at,
+        )
+    }
+
+    fn run_ended(
+        job: &str,
+        run_id: i64,
+        kind: &str,
+        error: &str,
+        retryable: bool,
+        started_at: OffsetDateTime,
+        finished_at: Option<OffsetDateTime>,
+    ) -> Alert {
+        let error: String = error.chars().take(MAX_ERROR_CHARS).collect();
         Alert::RunFailed {
             // The error quotes server text: escaped, it cannot mention @channel or forge a link.
             text: format!(
@@ -180,14 +213,15 @@ pub async fn sweep_failed_runs(ctx: &SyncContext) -> sqlx::Result<Vec<i64>> {
 /// this call claimed the alert; `false` when the job wants no such alert or the alert was
 /// already claimed (by another process, or an earlier call).
 pub async fn notify_run_failed(ctx: &SyncContext, run_id: i64) -> sqlx::Result<bool> {
-    let (job, error, retryable, started_at, finished_at): (
+    let (job, status, error, retryable, started_at, finished_at): (
         String,
+        RunStatus,
         Option<String>,
         Option<bool>,
         OffsetDateTime,
         Option<OffsetDateTime>,
     ) = sqlx::query_as(
-        "SELECT job, error, error_retryable, started_at, finished_at FROM fhir_sync.run WHERE id = $1",
+        "SELECT job, status, error, error_retryable, started_at, finished_at FROM fhir_sync.run WHERE id = $1",
     )
     .bind(run_id)
     .fetch_one(&ctx.pool)
@@ -198,14 +232,18 @@ pub async fn notify_run_failed(ctx: &SyncContext, run_id: i64) -> sqlx::Result<b
     let Some(webhook) = config.alert.failure_webhook() else {
         return Ok(false);
     };
-    let alert = Alert::run_failed(
-        &job,
-        run_id,
-        error.as_deref().unwrap_or("no reason recorded"),
-        retryable.unwrap_or(false),
-        started_at,
-        finished_at,
-    );
+    let error = error.as_deref().unwrap_or("no reason recorded");
+    let alert = match status {
+        RunStatus::Partial => Alert::run_partial(&job, run_id, error, started_at, finished_at),
+        _ => Alert::run_failed(
+            &job,
+            run_id,
+            error,
+            retryable.unwrap_or(false),
+            started_at,
+            finished_at,
+        ),
+    };
     let Some(claim) = claim(&ctx.pool, &job, &alert, run_id, webhook).await? else {
         return Ok(false);
     };

@@ -78,16 +78,16 @@ impl StatusView {
             .map(|r| r.id)
             .collect();
         let running = details(pool, &active).await?;
-        // The failed last run of every job, even one older than the recent list, then recent
-        // runs that failed or whose server reported issues.
+        // The failed (or partial) last run of every job, even one older than the recent list,
+        // then recent runs that failed or whose server reported issues.
         let mut failure_ids: Vec<i64> = jobs
             .iter()
             .filter_map(|j| j.last_run.as_ref())
-            .filter(|r| r.status == RunStatus::Failed)
+            .filter(|r| needs_attention(r.status))
             .map(|r| r.id)
             .collect();
         for run in &recent {
-            if (run.status == RunStatus::Failed || run.export_errors > 0)
+            if (needs_attention(run.status) || run.export_errors > 0)
                 && !failure_ids.contains(&run.id)
             {
                 failure_ids.push(run.id);
@@ -193,6 +193,7 @@ th{background:#f6f8fa;font-weight:600}td.n,th.n{text-align:right;font-variant-nu
 .badge{display:inline-block;padding:0 .45rem;border-radius:.6rem;font-size:.8rem;font-weight:600;white-space:nowrap}
 .s-succeeded,.s-loaded{background:#dafbe1;color:#116329}
 .s-failed{background:#cf222e;color:#fff}
+.s-partial{background:#fff8c5;color:#7d4e00}
 .s-running,.s-queued,.s-kicking_off,.s-exporting,.s-loading,.s-completing{background:#ddf4ff;color:#0550ae}
 .s-cancelled,.s-skipped,.s-pending,.s-idle,.s-disabled{background:#eaeef2;color:#424a53}
 .s-overdue{background:#bc4c00;color:#fff}
@@ -222,6 +223,12 @@ fn layout(title: &str, body: Markup) -> Markup {
     }
 }
 
+/// A run status a person should look at: failed, or partial (its data is incomplete).
+/// A run an operator should look at: it failed, or ended with part of its data.
+fn needs_attention(status: RunStatus) -> bool {
+    matches!(status, RunStatus::Failed | RunStatus::Partial)
+}
+
 fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
     let failed_jobs: Vec<&JobOverview> = view
         .jobs
@@ -229,7 +236,7 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
         .filter(|j| {
             j.last_run
                 .as_ref()
-                .is_some_and(|r| r.status == RunStatus::Failed)
+                .is_some_and(|r| needs_attention(r.status))
         })
         .collect();
     let overdue_jobs: Vec<&JobOverview> = view
@@ -254,7 +261,8 @@ fn render_index(view: &StatusView, now: OffsetDateTime) -> Markup {
                         @if let Some(run) = &job.last_run {
                             li {
                                 "Job " strong { (job.name) } ": last run "
-                                a href={ "/runs/" (run.id) } { "#" (run.id) } " failed "
+                                a href={ "/runs/" (run.id) } { "#" (run.id) }
+                                (if run.status == RunStatus::Partial { " ended partial " } else { " failed " })
                                 (relative(run.finished_at.unwrap_or(run.updated_at), now))
                                 @if let Some(error) = &run.error { ": " (excerpt(error, ERROR_EXCERPT_CHARS)) }
                             }
@@ -353,7 +361,7 @@ fn jobs_table(jobs: &[JobOverview], now: OffsetDateTime) -> Markup {
                 } }
                 tbody {
                     @for job in jobs {
-                        @let failed = job.last_run.as_ref().is_some_and(|r| r.status == RunStatus::Failed);
+                        @let failed = job.last_run.as_ref().is_some_and(|r| needs_attention(r.status));
                         tr.failed[failed].overdue[job.overdue_since.is_some()] data-job=(job.name) {
                             td {
                                 strong { (job.name) }
@@ -555,7 +563,7 @@ fn runs_table(runs: &[RunSummary], now: OffsetDateTime) -> Markup {
                 } }
                 tbody {
                     @for run in runs {
-                        tr.failed[run.status == RunStatus::Failed] data-run=(run.id) {
+                        tr.failed[needs_attention(run.status)] data-run=(run.id) {
                             td { a href={ "/runs/" (run.id) } { "#" (run.id) } }
                             td { (run.job) }
                             td { (status_badge(run.status.as_str())) }

@@ -196,7 +196,7 @@ pub fn phase_message(run: &RunSummary, files: &[FileDetail]) -> String {
             Some(progress) => format!("exporting (server says: {progress})"),
             None => "exporting (waiting for the server)".into(),
         },
-        RunStatus::Loading | RunStatus::Completing | RunStatus::Succeeded => {
+        RunStatus::Loading | RunStatus::Completing | RunStatus::Succeeded | RunStatus::Partial => {
             let loaded = files
                 .iter()
                 .filter(|f| f.status == FileStatus::Loaded)

@@ -198,7 +198,7 @@ impl RunDetail {
             (RunStatus::Skipped, _, _) => "the tick was skipped, so no export was started",
             (_, true, false) => "the export has not been kicked off yet",
             (_, true, true) => "the export has not finished on the server",
-            (RunStatus::Succeeded, false, _) => "the export listed no files",
+            (RunStatus::Succeeded | RunStatus::Partial, false, _) => "the export listed no files",
             (_, false, false) => "the run ended before an export was started",
             (_, false, true) => "the run ended before the export finished on the server",
         }

@@ -4,11 +4,14 @@
 //! staging table merged set-wise, newer wins) into `fhir_sync.resource`, partitioned by resource
 //! type, one transaction per batch that also advances the file's checkpoint, so a load
 //! interrupted at any point resumes without duplicating or skipping lines. Deletion Bundles mark
-//! rows deleted; analysts read the per-type views in schema `fhir`. This module
+//! rows deleted, and so does a full run's reconciliation (`reconcile`) for servers that list no
+//! deletions; analysts read the per-type views in schema `fhir`. This module
 //! knows nothing of HTTP or FHIR servers: it reads bytes from whatever stream it is given.
 
+pub mod cohort;
 mod jsonb;
 mod loader;
+pub mod reconcile;
 pub mod runs;
 
 pub use loader::{FileKind, FileTarget, LoadLimits, LoadStats, load_ndjson};

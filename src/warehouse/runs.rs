@@ -6,10 +6,14 @@
 //! step that runs twice, or late, changes nothing:
 //!
 //! ```text
-//! queued → kicking_off → exporting → loading → completing → succeeded
+//! queued → kicking_off → exporting → loading → completing → succeeded | partial
 //!    └──────────┴────────────┴──────────┴───────────┴──────→ failed | cancelled
 //! (a tick that finds the job busy records a 'skipped' run instead)
 //! ```
+//!
+//! A `partial` run finished and loaded everything it got, but its export was not complete
+//! (error files, an empty full export, a Patient count past the job's gate): the watermark
+//! stays where it was unless the job says otherwise. It is terminal, like `succeeded`.
 //!
 //! These rows are the history ops people read (through `ops::report`); they outlive any queue
 //! entry. URLs are stored without query strings (the signed download link only until the file
@@ -143,6 +147,8 @@ pub enum RunStatus {
     Loading,
     Completing,
     Succeeded,
+    /// Finished, but the export was not complete; see the run's `error` and `hint`.
+    Partial,
     Failed,
     Cancelled,
     Skipped,
@@ -155,6 +161,7 @@ text_enum!(RunStatus {
     Loading => "loading",
     Completing => "completing",
     Succeeded => "succeeded",
+    Partial => "partial",
     Failed => "failed",
     Cancelled => "cancelled",
     Skipped => "skipped",
@@ -162,8 +169,9 @@ text_enum!(RunStatus {
 
 impl RunStatus {
     /// Statuses after which nothing more happens to a run.
-    pub const TERMINAL: [RunStatus; 4] = [
+    pub const TERMINAL: [RunStatus; 5] = [
         RunStatus::Succeeded,
+        RunStatus::Partial,
         RunStatus::Failed,
         RunStatus::Cancelled,
         RunStatus::Skipped,
@@ -249,6 +257,8 @@ pub struct RunRow {
     pub requires_access_token: Option<bool>,
     pub transaction_time: Option<String>,
     pub started_at: time::OffsetDateTime,
+    /// The run is in (or past) its second export, of a group's new members.
+    pub member_export: bool,
 }
 
 impl RunRow {
@@ -306,7 +316,8 @@ const FILE_COLUMNS: &str =
 
 pub async fn load(pool: &PgPool, run_id: i64) -> sqlx::Result<RunRow> {
     sqlx::query_as(
-        "SELECT id, job, status, status_url, since, full_export, requires_access_token, transaction_time, started_at
+        "SELECT id, job, status, status_url, since, full_export, requires_access_token, transaction_time, started_at,
+                member_export
          FROM fhir_sync.run WHERE id = $1",
     )
     .bind(run_id)
@@ -417,17 +428,21 @@ pub async fn create_local(
 
 /// Compares the manifest's count with what the file's attempts loaded and rejected in total,
 /// and records the verdict on the file: the mismatch, or `None` when the counts agree (or the
-/// manifest gave none).
+/// manifest gave none). Not for error files: their `count` (when a server sends one) is of
+/// the resources that failed, not of the OperationOutcome lines, and what they report already
+/// makes the run partial.
 pub async fn check_count(pool: &PgPool, file_id: i64) -> sqlx::Result<Option<String>> {
     sqlx::query_scalar(
         "UPDATE fhir_sync.run_file SET count_mismatch =
-             CASE WHEN manifest_count IS NOT NULL AND manifest_count <> resources_loaded + lines_rejected
+             CASE WHEN manifest_count IS NOT NULL AND kind <> $2
+                       AND manifest_count <> resources_loaded + lines_rejected
                   THEN format('the manifest counts %s lines, but %s loaded and %s were rejected',
                               manifest_count, resources_loaded, lines_rejected)
              END
          WHERE id = $1 RETURNING count_mismatch",
     )
     .bind(file_id)
+    .bind(FileKind::Error)
     .fetch_one(pool)
     .await
 }
@@ -580,6 +595,58 @@ pub async fn export_deleted(pool: &PgPool, run_id: i64) -> sqlx::Result<()> {
         .map(drop)
 }
 
+/// Moves `completing` → `exporting` for the run's second export, of its group's new members
+/// (the first export is deleted on the server already): the new status URL is polled, its
+/// files load beside the first export's. Once per run. `true` for the caller that moved it.
+pub async fn start_member_export(
+    pool: &PgPool,
+    run_id: i64,
+    request_url: &str,
+    status_url: &str,
+) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET status = $4, member_export = true, export_request = $2,
+             status_url = $3, export_deleted_at = NULL, progress = NULL, updated_at = now()
+         WHERE id = $1 AND status = $5 AND NOT member_export",
+    )
+    .bind(run_id)
+    .bind(request_url)
+    .bind(status_url)
+    .bind(RunStatus::Exporting)
+    .bind(RunStatus::Completing)
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Records that the server refused for good (`status`: 403, 405, 501) to delete the run's
+/// export: later runs' clean-up leaves it alone instead of asking, and warning, every time.
+/// `true` the first time.
+pub async fn export_delete_refused(pool: &PgPool, run_id: i64, status: u16) -> sqlx::Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE fhir_sync.run SET export_delete_refused = $2
+         WHERE id = $1 AND export_delete_refused IS NULL",
+    )
+    .bind(run_id)
+    .bind(i32::from(status))
+    .execute(pool)
+    .await?;
+    Ok(updated.rows_affected() == 1)
+}
+
+/// Records how many rows the run's reconciliation marked deleted.
+pub async fn deletions_reconciled(pool: &PgPool, run_id: i64, rows: u64) -> sqlx::Result<()> {
+    // Added up: a retried step finds nothing more to mark and must not erase the count.
+    sqlx::query(
+        "UPDATE fhir_sync.run SET deletions_reconciled = coalesce(deletions_reconciled, 0) + $2 WHERE id = $1",
+    )
+        .bind(run_id)
+        .bind(rows as i64)
+        .execute(pool)
+        .await
+        .map(drop)
+}
+
 /// Registers the manifest's files and moves `exporting` → `loading`, in one transaction.
 /// Every entry is a file of its own, identified by its place in the manifest (never by its
 /// URL, which is stored without its query string). Returns the registered files, or `None`
@@ -592,9 +659,12 @@ pub async fn manifest_ready(
     files: &[NewFile<'_>],
 ) -> sqlx::Result<Option<Vec<FileRow>>> {
     let mut tx = pool.begin().await?;
+    // A member export's transactionTime is not the run's: the watermark takes the first
+    // export's, which covered the other members' changes only up to then.
     let moved = sqlx::query(
-        "UPDATE fhir_sync.run SET status = $4, transaction_time = $2, requires_access_token = $3,
-             progress = NULL, updated_at = now()
+        "UPDATE fhir_sync.run SET status = $4,
+             transaction_time = CASE WHEN member_export THEN transaction_time ELSE $2 END,
+             requires_access_token = $3, progress = NULL, updated_at = now()
          WHERE id = $1 AND status = $5",
     )
     .bind(run_id)
@@ -609,13 +679,25 @@ pub async fn manifest_ready(
     }
     let mut kinds = Vec::with_capacity(files.len());
     let mut positions = Vec::with_capacity(files.len());
+    // A member export's files follow the first export's: positions go on where they ended.
+    let ends: Vec<(FileKind, i32)> = sqlx::query_as(
+        "SELECT kind, max(position) + 1 FROM fhir_sync.run_file
+         WHERE run_id = $1 AND position IS NOT NULL GROUP BY kind",
+    )
+    .bind(run_id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let slot_of = |kind: FileKind| match kind {
+        FileKind::Output => 0,
+        FileKind::Error => 1,
+        FileKind::Deleted => 2,
+    };
     let mut next = [0i32; 3];
+    for (kind, end) in ends {
+        next[slot_of(kind)] = end;
+    }
     for file in files {
-        let slot = match file.kind {
-            FileKind::Output => 0,
-            FileKind::Error => 1,
-            FileKind::Deleted => 2,
-        };
+        let slot = slot_of(file.kind);
         kinds.push(file.kind.as_str());
         positions.push(next[slot]);
         next[slot] += 1;
@@ -826,27 +908,62 @@ const TOTALS: &str =
                       coalesce(sum(resources_loaded) FILTER (WHERE kind = 'error'), 0) AS outcomes
                FROM fhir_sync.run_file WHERE run_id = $1";
 
+/// How a run that got through its files ends: `succeeded`, or `partial` with the reason and
+/// what to look at, and whether the watermark moves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub status: RunStatus,
+    pub error: Option<String>,
+    pub hint: Option<String>,
+    pub advance_watermark: bool,
+}
+
+impl Completion {
+    pub fn succeeded() -> Completion {
+        Completion {
+            status: RunStatus::Succeeded,
+            error: None,
+            hint: None,
+            advance_watermark: true,
+        }
+    }
+}
+
 /// Moves `completing` → `succeeded`, totals the counts and advances the job's watermark, in one
 /// transaction: the watermark never moves unless every file of the run is loaded.
 pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
+    complete(pool, run_id, &Completion::succeeded()).await
+}
+
+/// Moves `completing` → `succeeded` or `partial` (`end.status`), totals the counts and, when
+/// `end.advance_watermark`, advances the job's watermark, in one transaction: the watermark
+/// never moves unless every file of the run is loaded, and a held watermark keeps pointing at
+/// the last run that moved it (the next incremental run's `_since`).
+pub async fn complete(pool: &PgPool, run_id: i64, end: &Completion) -> sqlx::Result<bool> {
+    debug_assert!(matches!(
+        end.status,
+        RunStatus::Succeeded | RunStatus::Partial
+    ));
     let mut tx = pool.begin().await?;
     let row: Option<(String, Option<String>, f64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
         "UPDATE fhir_sync.run r SET status = $2, finished_at = now(), updated_at = now(), progress = NULL,
-             error = NULL, error_retryable = NULL, hint = NULL,
+             error = $4, error_retryable = NULL, hint = $5,
              resources_loaded = t.loaded, lines_rejected = t.rejected, export_errors = t.outcomes
          FROM ({TOTALS}) t
          WHERE r.id = $1 AND r.status = $3
          RETURNING r.job, r.transaction_time, extract(epoch FROM r.finished_at - r.started_at)::float8",
     )))
     .bind(run_id)
-    .bind(RunStatus::Succeeded)
+    .bind(end.status)
     .bind(RunStatus::Completing)
+    .bind(end.error.as_deref())
+    .bind(end.hint.as_deref())
     .fetch_optional(&mut *tx)
     .await?;
     let Some((job, transaction_time, duration)) = row else {
         return Ok(false);
     };
-    if let Some(transaction_time) = transaction_time {
+    if let Some(transaction_time) = transaction_time.filter(|_| end.advance_watermark) {
         sqlx::query(
             "INSERT INTO fhir_sync.watermark (job, transaction_time, run_id) VALUES ($1, $2, $3)
              ON CONFLICT (job) DO UPDATE SET transaction_time = EXCLUDED.transaction_time,
@@ -860,8 +977,60 @@ pub async fn succeed(pool: &PgPool, run_id: i64) -> sqlx::Result<bool> {
     }
     tx.commit().await?;
     // After the commit: a rolled-back success is no success.
-    metrics::run_finished(&job, RunStatus::Succeeded.as_str(), duration);
+    metrics::run_finished(&job, end.status.as_str(), duration);
     Ok(true)
+}
+
+/// What the finish step weighs before it lets the watermark move: the run's error and output
+/// files, and its Patients against the previous complete full run's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub struct CompletenessFacts {
+    pub full_export: bool,
+    pub output_files: i64,
+    /// Every file of the manifest's `error[]`.
+    pub error_files: i64,
+    /// Error files that report a failure: an OperationOutcome with an issue that is not a
+    /// `warning` or `information` (or with no issue at all), or a line that is no
+    /// OperationOutcome. Error files of warnings only (a lenient server's notes on parameters
+    /// it ignored) do not make a run partial.
+    pub failing_error_files: i64,
+    /// Patients this run loaded.
+    pub patients: i64,
+    /// Patients the job's last full run that ended `succeeded` loaded, if there was one.
+    pub previous_full_patients: Option<i64>,
+}
+
+pub async fn completeness_facts(pool: &PgPool, run_id: i64) -> sqlx::Result<CompletenessFacts> {
+    sqlx::query_as(
+        "SELECT r.full_export,
+                (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $2) AS output_files,
+                (SELECT count(*) FROM fhir_sync.run_file f WHERE f.run_id = r.id AND f.kind = $3) AS error_files,
+                (SELECT count(*) FROM fhir_sync.run_file f
+                 WHERE f.run_id = r.id AND f.kind = $3
+                   AND (f.lines_rejected > 0 OR EXISTS (
+                        SELECT 1 FROM fhir_sync.export_error e
+                        WHERE e.file_id = f.id
+                          AND NOT coalesce((
+                              SELECT bool_and(i->>'severity' IN ('warning', 'information'))
+                              FROM jsonb_array_elements(CASE jsonb_typeof(e.outcome->'issue')
+                                                        WHEN 'array' THEN e.outcome->'issue'
+                                                        ELSE '[]'::jsonb END) AS i), false)))
+                ) AS failing_error_files,
+                (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f
+                 WHERE f.run_id = r.id AND f.kind = $2 AND f.resource_type = 'Patient') AS patients,
+                (SELECT (SELECT coalesce(sum(f.resources_loaded), 0)::bigint FROM fhir_sync.run_file f
+                         WHERE f.run_id = p.id AND f.kind = $2 AND f.resource_type = 'Patient')
+                 FROM fhir_sync.run p
+                 WHERE p.job = r.job AND p.id < r.id AND p.full_export AND p.status = $4
+                 ORDER BY p.id DESC LIMIT 1) AS previous_full_patients
+         FROM fhir_sync.run r WHERE r.id = $1",
+    )
+    .bind(run_id)
+    .bind(FileKind::Output)
+    .bind(FileKind::Error)
+    .bind(RunStatus::Succeeded)
+    .fetch_one(pool)
+    .await
 }
 
 /// Fails a run that is not finished yet, with the reason and the operator's hint. The
@@ -962,7 +1131,7 @@ pub async fn schedule_history(
 
 /// (run id, status URL) of this job's exports that were started and never deleted: runs that
 /// ended, and (when `include_running`) older runs still marked active, which is what a killed
-/// process leaves.
+/// process leaves. Exports whose deletion the server refused for good are not listed.
 pub async fn abandoned_exports(
     pool: &PgPool,
     job: &str,
@@ -972,6 +1141,7 @@ pub async fn abandoned_exports(
     sqlx::query_as(
         "SELECT id, status_url FROM fhir_sync.run
          WHERE job = $1 AND id <> $2 AND status_url IS NOT NULL AND export_deleted_at IS NULL
+           AND export_delete_refused IS NULL
            AND (status = ANY($4) OR ($3 AND status = ANY($5) AND id < $2))
          ORDER BY id",
     )
@@ -980,6 +1150,7 @@ pub async fn abandoned_exports(
     .bind(include_running)
     .bind(vec![
         RunStatus::Succeeded,
+        RunStatus::Partial,
         RunStatus::Failed,
         RunStatus::Cancelled,
     ])
@@ -1033,20 +1204,21 @@ pub async fn file_totals(pool: &PgPool, run_id: i64) -> sqlx::Result<(i64, i64, 
     .await
 }
 
-/// Failed runs of the last `within_hours` whose `run_failed` alert nobody claimed yet (the
-/// process that failed them died before it could, or it was never sent), oldest first.
+/// Failed and partial runs of the last `within_hours` whose `run_failed` alert nobody claimed
+/// yet (the process that ended them died before it could, or it was never sent), oldest first.
+/// A partial run alerts like a failed one: its data is incomplete until someone looks.
 pub async fn failed_runs_without_alert(
     pool: &PgPool,
     within_hours: i64,
 ) -> sqlx::Result<Vec<(i64, String)>> {
     sqlx::query_as(
         "SELECT r.id, r.job FROM fhir_sync.run r
-         WHERE r.status = $1 AND r.finished_at > now() - make_interval(hours => $2::int)
+         WHERE r.status = ANY($1) AND r.finished_at > now() - make_interval(hours => $2::int)
            AND NOT EXISTS (SELECT 1 FROM fhir_sync.alert_sent a
                            WHERE a.job = r.job AND a.kind = 'run_failed' AND a.episode = r.id)
          ORDER BY r.id",
     )
-    .bind(RunStatus::Failed)
+    .bind(vec![RunStatus::Failed, RunStatus::Partial])
     .bind(within_hours as i32)
     .fetch_all(pool)
     .await

@@ -12,6 +12,13 @@ async fn error_files_are_downloaded_stored_and_counted() {
         .expect("errors in the manifest do not fail the run");
     assert_exactly_the_data_set(&env, report.run_id).await;
     assert_eq!(report.error_files, 1);
+    // Its outcomes are warnings: the export is complete, the watermark moves.
+    assert_eq!(
+        report.status,
+        fhir_sync::warehouse::RunStatus::Succeeded,
+        "{:?}",
+        report.warning
+    );
     // One OperationOutcome per exported type.
     assert_eq!(report.export_errors, 4);
     let (counted, stored): (i64, i64) = sqlx::query_as(

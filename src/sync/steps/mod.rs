@@ -8,7 +8,8 @@
 //! after a crash, does no harm. Retries are new tasks with a delay, never back-to-back re-runs.
 //!
 //! The chain: kick-off → poll (re-queued until the manifest) → one load-file per file →
-//! refresh-views → finish.
+//! refresh-views → finish. A group run whose group gained members goes once more from
+//! refresh-views back to poll, for the export of the new members' history (`members`).
 //!
 //! Adding a step: add a variant
 //! to [`Step`] (with its `key`, `name` and attempt limit), a file beside this one with its
@@ -38,6 +39,7 @@ use crate::warehouse::runs::{self, FileKind, RunRow, RunStatus};
 mod finish;
 mod kick_off;
 mod load_file;
+mod members;
 mod poll;
 mod refresh_views;
 
@@ -193,9 +195,11 @@ pub fn next_for(status: RunStatus) -> Next {
         RunStatus::Exporting => Next::Poll,
         RunStatus::Loading => Next::LoadFiles,
         RunStatus::Completing => Next::RefreshViews,
-        RunStatus::Succeeded | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Skipped => {
-            Next::Nothing
-        }
+        RunStatus::Succeeded
+        | RunStatus::Partial
+        | RunStatus::Failed
+        | RunStatus::Cancelled
+        | RunStatus::Skipped => Next::Nothing,
     }
 }
 
@@ -564,6 +568,7 @@ async fn queue_next(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<(), Sync
             .await
         }
         Next::Poll => {
+            let seq = phase_seq(ctx, run_id, seq).await?;
             ctx.push(
                 Step::Poll {
                     run_id,
@@ -589,6 +594,20 @@ async fn queue_next(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<(), Sync
     }
 }
 
+/// Where the `seq` of a run's member export's polls and views refresh starts: far past any
+/// first export's, so their idempotency keys (`poll:{run}:{seq}`, `views:{run}:{seq}`) are
+/// new, not duplicates of the first export's steps that the queue would drop.
+const MEMBER_EXPORT_SEQ: u32 = 1 << 30;
+
+/// `seq` for the run's current export: moved past the first export's in a member export.
+async fn phase_seq(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<u32, SyncError> {
+    Ok(if runs::load(&ctx.pool, run_id).await?.member_export {
+        seq.saturating_add(MEMBER_EXPORT_SEQ)
+    } else {
+        seq
+    })
+}
+
 async fn push_load(
     ctx: &SyncContext,
     run_id: i64,
@@ -612,6 +631,7 @@ async fn push_load(
 async fn finish_if_done(ctx: &SyncContext, run_id: i64, seq: u32) -> Result<(), SyncError> {
     runs::all_files_loaded(&ctx.pool, run_id).await?;
     if runs::status(&ctx.pool, run_id).await? == Some(RunStatus::Completing) {
+        let seq = phase_seq(ctx, run_id, seq).await?;
         ctx.push(
             Step::RefreshViews {
                 run_id,
@@ -712,6 +732,7 @@ mod tests {
             (RunStatus::Loading, Next::LoadFiles),
             (RunStatus::Completing, Next::RefreshViews),
             (RunStatus::Succeeded, Next::Nothing),
+            (RunStatus::Partial, Next::Nothing),
             (RunStatus::Failed, Next::Nothing),
             (RunStatus::Cancelled, Next::Nothing),
             (RunStatus::Skipped, Next::Nothing),
