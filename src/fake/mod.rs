@@ -17,6 +17,7 @@ mod auth;
 pub mod data;
 mod discovery;
 mod export;
+mod exports;
 mod faults;
 mod outcome;
 mod personality;
@@ -473,7 +474,7 @@ fn router(state: Arc<ServerState>) -> Router {
             "/Patient/$export",
             get(export::kick_off).post(export::post_kick_off),
         )
-        .route("/fhir/Group/{id}", get(export::read_group))
+        .route("/Group/{id}", get(export::read_group))
         .route(
             "/Group/{id}/$export",
             get(export::group_kick_off).post(export::group_post_kick_off),

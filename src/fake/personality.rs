@@ -11,11 +11,14 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use time::OffsetDateTime;
 
-use super::export::ALL_PATIENTS_GROUP_ID;
 use super::outcome;
 use super::state::{Inner, IssuedToken};
 use super::{ExpiresIn, FakeOptions};
 use crate::vendor::{Concurrency, Level, Vendor};
+
+/// The Group every personality without its own group ids exports: every patient in the data
+/// set.
+pub const ALL_PATIENTS_GROUP_ID: &str = "all-patients";
 
 /// The athenahealth-style practice Group the athenahealth personality serves.
 pub const ATHENAHEALTH_GROUP_ID: &str = "a-1.c-195900";

@@ -15,7 +15,7 @@ use time::OffsetDateTime;
 use url::Url;
 
 use super::data::Dataset;
-use super::export::Export;
+use super::exports::Export;
 use super::faults::FaultState;
 use super::{FakeOptions, RecordedKickOff, RecordedRequest, TokenAttempt};
 
