@@ -330,17 +330,16 @@ pub struct ExportConfig {
     pub max_patient_drop_percent: Option<f64>,
     /// Whether a full run whose export reported no error files marks deleted the rows of the
     /// exported types (of the group's members, for a group export) that the export no longer
-    /// contains, for servers that never list deletions in `deleted[]`. Default: the vendor
-    /// profile's choice (see [`ExportConfig::reconciles_deletes`]); false for a generic server.
+    /// contains, for servers that never list deletions in `deleted[]`. Unset in the file, the
+    /// vendor profile fills it at load (`lists_deletions`); unset in a job built in code: off.
     pub reconcile_deletes: Option<bool>,
 }
 
 impl ExportConfig {
-    /// Whether full runs of this export reconcile deletions: the job's `reconcile_deletes`
-    /// when set, else `profile_default` (a vendor profile's default for servers that send no
-    /// `deleted[]`; false for a generic server).
-    pub fn reconciles_deletes(&self, profile_default: bool) -> bool {
-        self.reconcile_deletes.unwrap_or(profile_default)
+    /// Whether full runs of this export reconcile deletions (`reconcile_deletes`, off when
+    /// unset).
+    pub fn reconciles_deletes(&self) -> bool {
+        self.reconcile_deletes.unwrap_or(false)
     }
 }
 

@@ -248,15 +248,7 @@ async fn start_export(
                 .values()
                 .any(|e| e.client_id == token.client_id)
         {
-            let mut response = outcome::error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too-costly",
-                "an export for this client is already in progress; delete it before starting another",
-            );
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(0));
-            return response;
+            return outcome::export_in_progress();
         }
     }
     // `patient` references narrow the export to those patients (of the group's members, for

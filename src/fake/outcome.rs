@@ -29,6 +29,20 @@ pub(crate) fn error(status: StatusCode, code: &str, diagnostics: &str) -> Respon
     operation_outcome(status, "error", code, diagnostics)
 }
 
+/// The 429 a server that runs one export at a time per client answers a second kick-off with
+/// (`Retry-After: 0`: the client may try again as soon as it deleted the first).
+pub(crate) fn export_in_progress() -> Response {
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too-costly",
+        "an export for this client is already in progress; delete it before starting another",
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(0));
+    response
+}
+
 /// A body with `Content-Type: application/fhir+json`.
 pub(crate) fn fhir_json(status: StatusCode, body: String) -> Response {
     (

@@ -7,7 +7,7 @@
 //! would refuse, with the status and OperationOutcome it would send. Every refusal is a
 //! deterministic function of the request and the server's state; nothing here sleeps.
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use time::OffsetDateTime;
 
@@ -165,15 +165,7 @@ pub(crate) fn check_kick_off(
             }
     });
     if busy {
-        let mut response = outcome::error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too-costly",
-            "an export for this client is already in progress; delete it before starting another",
-        );
-        response
-            .headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from(0));
-        return Err(Box::new(response));
+        return Err(Box::new(outcome::export_in_progress()));
     }
     Ok(())
 }
@@ -220,7 +212,7 @@ mod tests {
     fn answer(vendor: Vendor, level: Level, query: &[(&str, &str)], client_header: bool) -> u16 {
         let mut headers = HeaderMap::new();
         if client_header {
-            headers.insert("Epic-Client-ID", header::HeaderValue::from_static("c"));
+            headers.insert("Epic-Client-ID", axum::http::HeaderValue::from_static("c"));
         }
         let pairs = pairs(query);
         let request = KickOffRequest {

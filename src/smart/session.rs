@@ -63,31 +63,30 @@ pub fn job_keys(job: &JobConfig) -> Result<Vec<SigningKey>, KeyError> {
 pub async fn prepare(http: &reqwest::Client, job: &JobConfig) -> Result<Prepared, AuthError> {
     let allow_insecure_http = job.fhir.allow_insecure_http;
     let base = &job.fhir.base_url;
-    if matches!(job.auth.method, AuthMethod::None) {
-        return Ok(Prepared {
-            discovered: None,
-            token_url: None,
-            signing: None,
-            notes: Vec::new(),
-            scope_style: job.auth.scope_style,
-            tokens: Arc::new(
-                TokenManager::without_authorization(http.clone(), base.clone()).for_job(&job.name),
-            ),
-        });
-    }
-    // A token issued out of band needs no discovery and no token endpoint.
-    if let AuthMethod::BearerToken(source) = &job.auth.method {
-        let token = read_secret(source, "token")?;
-        return Ok(Prepared {
-            discovered: None,
-            token_url: None,
-            signing: None,
-            notes: Vec::new(),
-            scope_style: job.auth.scope_style,
-            tokens: Arc::new(
-                TokenManager::with_static_token(base.clone(), token).for_job(&job.name),
-            ),
-        });
+    // No authorization, or a token issued out of band: no discovery and no token endpoint.
+    let without_endpoint = |tokens: TokenManager| Prepared {
+        discovered: None,
+        token_url: None,
+        signing: None,
+        notes: Vec::new(),
+        scope_style: job.auth.scope_style,
+        tokens: Arc::new(tokens.for_job(&job.name)),
+    };
+    match &job.auth.method {
+        AuthMethod::None => {
+            return Ok(without_endpoint(TokenManager::without_authorization(
+                http.clone(),
+                base.clone(),
+            )));
+        }
+        AuthMethod::BearerToken(source) => {
+            let token = read_secret(source, "token")?;
+            return Ok(without_endpoint(TokenManager::with_static_token(
+                base.clone(),
+                token,
+            )));
+        }
+        _ => {}
     }
     let mut notes = Vec::new();
     let (discovered, token_url) = match &job.fhir.token_url {

@@ -408,3 +408,49 @@ async fn run_fingerprint(pool: &PgPool, run_id: i64) -> sqlx::Result<String> {
         "run: {run:?}\nfiles: {files:#?}\nsteps: {steps:#?}"
     ))
 }
+
+/// The ops server publishing `jwks` at `/.well-known/jwks.json` on a free loopback port, as
+/// `serve` does, until [`JwksServer::stop`].
+pub struct JwksServer {
+    pub addr: std::net::SocketAddr,
+    shutdown: tokio_util::sync::CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl JwksServer {
+    pub async fn start(pool: &PgPool, jwks: jsonwebtoken::jwk::JwkSet) -> JwksServer {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (addr, server) = fhir_sync::ops::http::serve(
+            "127.0.0.1:0".parse().unwrap(),
+            fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
+                steps: SyncContext::new(
+                    pool.clone(),
+                    Default::default(),
+                    Default::default(),
+                    Vec::new(),
+                ),
+                settings: Arc::new(Default::default()),
+                jwks: Arc::new(jwks),
+            }),
+            shutdown.clone(),
+        )
+        .await
+        .unwrap();
+        JwksServer {
+            addr,
+            shutdown,
+            server,
+        }
+    }
+
+    /// Where the keys are published.
+    pub fn url(&self) -> url::Url {
+        url::Url::parse(&format!("http://{}/.well-known/jwks.json", self.addr)).unwrap()
+    }
+
+    /// Stops the server and waits for it to end.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.server.await.unwrap();
+    }
+}

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use fhir_sync::config::{KeyConfig, KeySource};
 use fhir_sync::smart::{self, SigningAlgorithm, SigningKey};
-use tokio_util::sync::CancellationToken;
 
 use crate::helpers::TestEnv;
 
@@ -25,23 +24,8 @@ async fn every_key_of_every_signing_job_is_published_anonymously_with_a_cache_li
     twin.name = "twin".into();
     let jwks = fhir_sync::ops::http::jwks_of(&[Arc::new(job), Arc::new(twin)]).unwrap();
 
-    let shutdown = CancellationToken::new();
-    let (addr, server) = fhir_sync::ops::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
-            steps: fhir_sync::sync::SyncContext::new(
-                env.db.pool.clone(),
-                Default::default(),
-                Default::default(),
-                Vec::new(),
-            ),
-            settings: Arc::new(Default::default()),
-            jwks: Arc::new(jwks),
-        }),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let ops = crate::helpers::JwksServer::start(&env.db.pool, jwks).await;
+    let addr = ops.addr;
     let response = reqwest::get(format!("http://{addr}/.well-known/jwks.json"))
         .await
         .unwrap();
@@ -69,8 +53,7 @@ async fn every_key_of_every_signing_job_is_published_anonymously_with_a_cache_li
             .unwrap(),
         "ok"
     );
-    shutdown.cancel();
-    server.await.unwrap();
+    ops.stop().await;
 }
 
 #[tokio::test]

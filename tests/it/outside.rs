@@ -182,53 +182,49 @@ impl Sekmet {
             resource["resourceType"].as_str().unwrap(),
             resource["id"].as_str().unwrap()
         );
-        let response = self
-            .http
-            .put(format!("{}/{path}", self.base_url))
-            .bearer_auth(&self.seed_token)
-            .header("content-type", "application/fhir+json")
-            .json(&resource)
-            .send()
-            .await
-            .unwrap();
-        let status = response.status();
-        assert!(
-            status.is_success(),
-            "PUT {path}: {status}: {}",
-            response.text().await.unwrap_or_default()
-        );
+        self.send(reqwest::Method::PUT, &path, Some(&resource))
+            .await;
     }
 
     /// The stored resource, as sekmet serves it (with its `meta`).
     async fn get(&self, path: &str) -> Value {
-        let response = self
-            .http
-            .get(format!("{}/{path}", self.base_url))
-            .bearer_auth(&self.seed_token)
-            .send()
+        self.send(reqwest::Method::GET, path, None)
             .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "GET {path}: {}",
-            response.status()
-        );
-        response.json().await.unwrap()
+            .json()
+            .await
+            .unwrap()
     }
 
     async fn delete(&self, path: &str) {
-        let response = self
+        self.send(reqwest::Method::DELETE, path, None).await;
+    }
+
+    /// One request with the seeding token; anything but a success fails the test, quoting what
+    /// sekmet said.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut request = self
             .http
-            .delete(format!("{}/{path}", self.base_url))
-            .bearer_auth(&self.seed_token)
-            .send()
-            .await
-            .unwrap();
-        assert!(
-            response.status().is_success(),
-            "DELETE {path}: {}",
-            response.status()
-        );
+            .request(method.clone(), format!("{}/{path}", self.base_url))
+            .bearer_auth(&self.seed_token);
+        if let Some(body) = body {
+            request = request
+                .header("content-type", "application/fhir+json")
+                .json(body);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        if !status.is_success() {
+            panic!(
+                "{method} {path}: {status}: {}",
+                response.text().await.unwrap_or_default()
+            );
+        }
+        response
     }
 }
 

@@ -169,18 +169,28 @@ async fn epic_runs_one_export_per_client_and_group_until_delete() {
     let settings = sync_settings();
     let bulk = sync::connect_bulk(&settings, &env.job).await.unwrap();
     let request = fhir_sync::bulk::ExportRequest::from_config(&env.job.export);
-    let first = bulk.kick_off(&request).await.unwrap();
-    let second = bulk.kick_off(&request).await;
+    refused_until_deleted(&bulk, &request, &request).await;
+}
+
+/// Kicks `first` off, checks that `second` is then refused with a 429 (one export at a time),
+/// deletes the first export and checks that `second` is taken now.
+async fn refused_until_deleted(
+    bulk: &fhir_sync::bulk::BulkClient,
+    first: &fhir_sync::bulk::ExportRequest,
+    second: &fhir_sync::bulk::ExportRequest,
+) {
+    let started = bulk.kick_off(first).await.unwrap();
+    let refused = bulk.kick_off(second).await;
     assert!(
         matches!(
-            second,
+            refused,
             Err(fhir_sync::bulk::ExportError::Busy { status: 429, .. })
         ),
-        "{second:?}"
+        "{refused:?}"
     );
-    bulk.delete(&first.status_url).await.unwrap();
-    let third = bulk.kick_off(&request).await.unwrap();
-    bulk.delete(&third.status_url).await.unwrap();
+    bulk.delete(&started.status_url).await.unwrap();
+    let taken = bulk.kick_off(second).await.unwrap();
+    bulk.delete(&taken.status_url).await.unwrap();
 }
 
 #[tokio::test]
@@ -201,24 +211,8 @@ async fn epic_fetches_the_jwks_from_its_url_so_a_rotated_key_is_accepted() {
     });
     // The next key is published before it signs, as the rotation procedure says.
     let jwks = fhir_sync::ops::http::jwks_of(&[Arc::new(job.clone())]).unwrap();
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let (addr, server) = fhir_sync::ops::http::serve(
-        "127.0.0.1:0".parse().unwrap(),
-        fhir_sync::ops::http::router(fhir_sync::ops::http::OpsState {
-            steps: fhir_sync::sync::SyncContext::new(
-                env.db.pool.clone(),
-                Default::default(),
-                Default::default(),
-                Vec::new(),
-            ),
-            settings: Arc::new(Default::default()),
-            jwks: Arc::new(jwks),
-        }),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
-    let url = url::Url::parse(&format!("http://{addr}/.well-known/jwks.json")).unwrap();
+    let ops = crate::helpers::JwksServer::start(&env.db.pool, jwks).await;
+    let url = ops.url();
     fake.register_jwks_url("fhir-sync-demo", &url);
 
     let first = env.run(&job, true).await.expect("the active key signs");
@@ -244,8 +238,7 @@ async fn epic_fetches_the_jwks_from_its_url_so_a_rotated_key_is_accepted() {
         .map(|a| a.kid)
         .collect();
     assert_eq!(kids.last().unwrap().as_deref(), Some(next.kid()));
-    shutdown.cancel();
-    let _ = server.await;
+    ops.stop().await;
 }
 
 #[tokio::test]
@@ -310,19 +303,8 @@ async fn oracle_runs_one_export_per_client_and_tenant_whatever_the_level() {
     let mut patient = group.clone();
     patient.level = fhir_sync::config::ExportLevel::Patient;
     patient.group_id = None;
-    let first = bulk.kick_off(&group).await.unwrap();
     // Another level (so another group) on the same tenant is refused too, unlike Epic.
-    let second = bulk.kick_off(&patient).await;
-    assert!(
-        matches!(
-            second,
-            Err(fhir_sync::bulk::ExportError::Busy { status: 429, .. })
-        ),
-        "{second:?}"
-    );
-    bulk.delete(&first.status_url).await.unwrap();
-    let third = bulk.kick_off(&patient).await.unwrap();
-    bulk.delete(&third.status_url).await.unwrap();
+    refused_until_deleted(&bulk, &group, &patient).await;
 }
 
 #[tokio::test]
@@ -443,18 +425,10 @@ async fn ab2d_full_runs_send_an_explicit_early_since() {
 }
 
 // The default current-thread runtime, so the subscriber set for this thread sees the client and
-// the fake server alike (see auth_logs.rs for the second dispatcher).
+// the fake server alike.
 #[tokio::test]
 async fn a_static_bearer_token_is_sent_as_is_and_a_refused_one_is_a_clear_fatal_error() {
-    let captured = crate::helpers::Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _second = tracing::Dispatch::new(tracing::subscriber::NoSubscriber::default());
-    let _guard = tracing::subscriber::set_default(subscriber);
-    tracing::callsite::rebuild_interest_cache();
+    let (captured, _logs) = crate::helpers::Captured::start(tracing::Level::TRACE);
 
     let env = VendorEnv::new(Vendor::Generic).await;
     let token = env

@@ -87,8 +87,7 @@ pub(super) async fn run(ctx: &SyncContext, run_id: i64) -> Result<(), SyncError>
 /// Marks deleted what a full, complete export no longer contained, when the job asks for it.
 async fn reconcile_deletions(ctx: &SyncContext, run: &RunRow) -> Result<(), SyncError> {
     let job = job_of(ctx, run)?;
-    // A generic server's default; a vendor profile may default it on.
-    if !run.full_export || !job.export.reconciles_deletes(false) {
+    if !run.full_export || !job.export.reconciles_deletes() {
         return Ok(());
     }
     if let Some(narrowed) = narrowed_by(&job.export) {
